@@ -1,0 +1,64 @@
+# kickq developer tasks. Everything runs from the local virtualenv .venv.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EXTRAS := test,hiredis,cron
+PYTEST_ARGS ?=
+
+# Interpreters tox looks for (python3.10 ... python3.13). Their real bin dirs
+# go first on PATH for `make tox`, ahead of pyenv's shims (which refuse to run
+# a version that is not selected). Missing ones are simply left out.
+PYENV_ROOT ?= /root/.pyenv
+PYENV_VERSIONS := 3.10.13 3.11.7 3.12.1 3.13.0
+PYENV_BINS := $(strip $(foreach v,$(PYENV_VERSIONS),$(wildcard $(PYENV_ROOT)/versions/$(v)/bin)))
+empty :=
+space := $(empty) $(empty)
+TOX_PATH := $(if $(PYENV_BINS),$(subst $(space),:,$(PYENV_BINS)):)$(PATH)
+
+.PHONY: help venv test faults demo bench tox lint clean distclean
+
+help:
+	@echo "make venv | test | faults | demo | bench | tox | lint | clean | distclean"
+	@echo "  PYTEST_ARGS='-k foo -x' make test"
+
+venv: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-install whenever the packaging metadata changes.
+$(STAMP): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[$(EXTRAS)]'
+	touch $@
+
+# The test session starts its own redis-server (see tests/conftest.py).
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# addopts has -m "not fault"; this later -m wins.
+faults: venv
+	$(PY) -m pytest -m fault -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) examples/demo.py
+
+bench: venv
+	$(PY) -m bench
+
+tox: venv
+	$(PY) -m pip install --quiet 'tox>=4'
+	PATH="$(TOX_PATH)" $(PY) -m tox -e py310,py313 $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
+
+lint: venv
+	$(PY) -m pip install --quiet ruff
+	$(PY) -m ruff check kickq supervisor tests bench
+
+clean:
+	rm -rf build dist .eggs *.egg-info .pytest_cache .mypy_cache .ruff_cache .tox .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,174 @@
+"""Test helpers: polling, free ports and private redis-server processes."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# Override the redis-server binary with KICKQ_REDIS_SERVER=/path/to/redis-server.
+REDIS_SERVER_ENV = "KICKQ_REDIS_SERVER"
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    interval: float = 0.01,
+    message: str = "",
+) -> T:
+    """Poll ``predicate`` until it returns something truthy; return that value.
+
+    Raises AssertionError (with ``message``) if ``timeout`` seconds pass first.
+    The predicate is always called at least once, and once more at the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(
+                f"timed out after {timeout:.2f}s waiting for condition"
+                + (f": {message}" if message else "")
+            )
+        time.sleep(min(interval, remaining))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (bind to port 0, then close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def new_namespace() -> str:
+    """A unique key namespace like ``kt-1a2b3c4d``."""
+    return f"kt-{uuid.uuid4().hex[:8]}"
+
+
+def redis_server_binary() -> str | None:
+    """Path of the redis-server binary, or None if there is none."""
+    explicit = os.environ.get(REDIS_SERVER_ENV)
+    if explicit:
+        return explicit
+    return shutil.which("redis-server")
+
+
+def ping(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True if a Redis server at host:port answers PING with PONG.
+
+    Uses a raw socket so it works without redis-py; a server that is still
+    loading its dataset answers -LOADING, which counts as not ready.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(b"PING\r\n")
+            data = b""
+            while not data.endswith(b"\r\n"):
+                chunk = s.recv(64)
+                if not chunk:
+                    break
+                data += chunk
+            return data.startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "<no log>"
+
+
+def stop_redis(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Terminate a redis-server started by start_redis (SIGTERM, then SIGKILL)."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
+def start_redis(
+    tmpdir: str | os.PathLike[str],
+    *extra_args: str,
+    host: str = "127.0.0.1",
+    startup_timeout: float = 10.0,
+    attempts: int = 5,
+) -> tuple[subprocess.Popen, int]:
+    """Start a private redis-server on a free port of ``host``; return (proc, port).
+
+    The server runs in the foreground with no persistence
+    (``--save "" --appendonly no``) and its working dir (RDB/AOF files) in
+    ``tmpdir``; its log goes to ``tmpdir/redis-<port>.log``. ``extra_args``
+    are appended after the defaults, so later settings win, e.g.
+    ``start_redis(d, "--appendonly", "yes", "--appendfsync", "always")``.
+
+    If the port turns out to be taken (another process grabbed it between
+    choosing and binding), a new port is tried, up to ``attempts`` times.
+    Stop the server with stop_redis(proc).
+    """
+    binary = redis_server_binary()
+    if binary is None:
+        raise RuntimeError(
+            "redis-server not found on PATH (install it, e.g. apt-get install redis-server, "
+            f"or set {REDIS_SERVER_ENV})"
+        )
+    workdir = Path(tmpdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    for _ in range(attempts):
+        port = free_port(host)
+        logfile = workdir / f"redis-{port}.log"
+        cmd = [
+            binary,
+            "--bind", host,
+            "--port", str(port),
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(workdir),
+            "--daemonize", "no",
+            *extra_args,
+        ]
+        with open(logfile, "ab") as log:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+            )
+        deadline = time.monotonic() + startup_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break  # exited: most likely the port was taken
+            if ping(host, port):
+                # Make sure the PONG came from our process, not a squatter.
+                if proc.poll() is None:
+                    return proc, port
+                break
+            time.sleep(0.01)
+        else:
+            stop_redis(proc)
+            raise RuntimeError(
+                f"redis-server on {host}:{port} did not answer PING within "
+                f"{startup_timeout}s; log tail:\n{_log_tail(logfile)}"
+            )
+        stop_redis(proc)
+        errors.append(f"port {port}: exit code {proc.returncode}\n{_log_tail(logfile, 5)}")
+    raise RuntimeError(
+        f"could not start redis-server after {attempts} attempts:\n" + "\n".join(errors)
+    )
