@@ -1,0 +1,252 @@
+"""`Kickq`: the client that web apps and scripts use to create, read and delete jobs."""
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import redis
+
+from . import config as _config
+from . import payload, registry, scripts
+from .connection import check_version, connect, redis_errors
+from .errors import JobNotFound, KickqError
+from .hotjob import HotjobWaiter
+from .job import Job
+from .keys import Keys, validate_name
+
+Callback = Callable[[BaseException | None, "Job | None", Any], Any]
+_CREATE_CHUNK = 1000
+_clients: "weakref.WeakSet[Kickq]" = weakref.WeakSet()
+
+
+class Prepared:
+    """A job checked and encoded, ready for the create script; nothing written yet."""
+    __slots__ = ("name", "data", "opts", "stored", "delay_ms")
+
+    def __init__(self, name: str, data: str, opts: dict[str, Any], stored: str, delay_ms: int | None):
+        self.name, self.data, self.opts, self.stored, self.delay_ms = name, data, opts, stored, delay_ms
+
+    def script_item(self) -> tuple[str, str, str, int | None]:
+        return (self.name, self.data, self.stored, self.delay_ms)
+
+    def fields(self, create_time: int) -> dict[str, str]:
+        """The hash the create script wrote, so create needs no second round trip to build the Job."""
+        fields = {"name": self.name, "create_time": str(create_time), "update_time": str(create_time),
+                  "state": "new" if self.delay_ms is None else "delayed"}
+        if self.data:
+            fields["data"] = self.data
+        if self.stored:
+            fields["opts"] = self.stored
+        if self.delay_ms is not None:
+            fields["scheduled_for"] = str(create_time + self.delay_ms)
+        return fields
+
+
+def prepare(settings: Mapping[str, Any], name: Any, data: Any, opts: Any) -> Prepared:
+    """Validate and encode one job: every error a bad input can cause is raised here."""
+    name = validate_name(name)
+    if opts is not None and not isinstance(opts, Mapping):
+        raise _config.ConfigError(f"opts must be a dict of job options, not {type(opts).__name__}")
+    resolved = _config.resolve_job_options(settings, name, opts)
+    data_json = "" if data is None else payload.encode(data, limit=settings["max_payload_bytes"])
+    stored = _config.stored_options(resolved)
+    delay = resolved["delay"]
+    return Prepared(name, data_json, resolved, payload.encode(stored) if stored else "",
+                    None if delay is None else int(round(delay * 1000)))
+
+
+class Kickq:
+    """A client. `Kickq(**overrides)` takes any global config key; the global config is read at each
+    call, so `kickq.config()` changes made later apply too."""
+
+    def __init__(self, **overrides: Any) -> None:
+        self._overrides = _config.validate_settings(overrides)
+        self._lock = threading.Lock()
+        self._redis: redis.Redis | None = None
+        self._redis_key: tuple[Any, ...] | None = None
+        self._scripts: scripts.Scripts | None = None
+        self._waiter: HotjobWaiter | None = None
+        _clients.add(self)
+
+    # --- plumbing ----------------------------------------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        return _config.merge_settings(_config.current(), self._overrides)
+
+    def keys(self, settings: Mapping[str, Any] | None = None) -> Keys:
+        return Keys((settings or self.settings())["redis_namespace"])
+
+    def _connection(self, settings: Mapping[str, Any]) -> tuple[redis.Redis, scripts.Scripts]:
+        ident = tuple(repr(settings[k]) for k in ("redis_url", "redis_host", "redis_port", "redis_password",
+                                                  "redis_options", "redis_timeout"))
+        with self._lock:
+            if self._redis is None or self._redis_key != ident:
+                self._close_locked()
+                client = connect(settings)
+                with redis_errors(settings):
+                    check_version(client.info("server"))
+                self._redis, self._redis_key, self._scripts = client, ident, scripts.Scripts(client)
+            assert self._scripts is not None
+            return self._redis, self._scripts
+
+    @property
+    def redis(self) -> redis.Redis:
+        """The underlying redis-py client (decode_responses=True)."""
+        return self._connection(self.settings())[0]
+
+    def _hotjob_waiter(self, settings: Mapping[str, Any]) -> HotjobWaiter:
+        with self._lock:
+            if self._waiter is None:
+                self._waiter = HotjobWaiter(lambda: connect(settings), Keys(settings["redis_namespace"]),
+                                            float(settings["redis_timeout"]))
+            return self._waiter
+
+    def _close_locked(self) -> None:
+        if self._waiter is not None:
+            self._waiter.close()
+            self._waiter = None
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+            self._scripts = None
+
+    def close(self) -> None:
+        """Close connections; pending hotjob futures are cancelled. The client can be used again."""
+        with self._lock:
+            self._close_locked()
+
+    def __enter__(self) -> "Kickq":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- create ------------------------------------------------------------------------------------
+
+    def create(self, name: str, data: Any = None, opts: Mapping[str, Any] | None = None,
+               callback: Callback | None = None) -> Job | None:
+        """Create a job. A numeric `delay` (0 included) makes it `delayed`, else `new`.
+
+        With `callback(err, job, hotjob_promise)`, errors go to the callback and None is returned.
+        As in the original, a function in the data or opts slot is taken as the callback.
+        """
+        if callback is None and callable(opts):
+            callback, opts = opts, None
+        if callback is None and callable(data) and opts is None:
+            callback, data = data, None
+        if callback is None:
+            return self._create_one(name, data, opts)
+        try:
+            job = self._create_one(name, data, opts)
+        except (KickqError, TypeError, ValueError) as err:
+            callback(err, None, None)
+            return None
+        callback(None, job, job.hotjob_promise)
+        return job
+
+    def _create_one(self, name: Any, data: Any, opts: Any) -> Job:
+        return self._create([(name, data, opts)])[0]
+
+    def create_many(self, items: Iterable[Sequence[Any]]) -> list[Job]:
+        """Create many jobs in one round trip: items are (name,), (name, data) or (name, data, opts).
+
+        Every item is checked first: one bad item raises and nothing is written. The batch is
+        written atomically (one MULTI of create scripts).
+        """
+        triples = []
+        for index, item in enumerate(items):
+            if isinstance(item, str) or not isinstance(item, Sequence) or not 1 <= len(item) <= 3:
+                raise TypeError(f"item {index}: expected (name,), (name, data) or (name, data, opts), got {item!r}")
+            triples.append((item[0], item[1] if len(item) > 1 else None, item[2] if len(item) > 2 else None))
+        return self._create(triples) if triples else []
+
+    def _create(self, triples: Sequence[tuple[Any, Any, Any]]) -> list[Job]:
+        settings = self.settings()
+        prepared = [prepare(settings, name, data, opts) for name, data, opts in triples]
+        client, scr = self._connection(settings)
+        keys = Keys(settings["redis_namespace"])
+        hot = [p for p in prepared if p.opts["hotjob"]]
+        waiter = self._hotjob_waiter(settings) if hot else None
+        generations = [waiter.ensure_subscribed() for _ in hot] if waiter else []
+        started = time.monotonic()
+        try:
+            with redis_errors(settings):
+                if len(prepared) == 1:
+                    created = scripts.parse_create(scr.run("create", scripts.create_args(
+                        keys, [prepared[0].script_item()])))
+                else:
+                    pipe = client.pipeline(transaction=True)
+                    for start in range(0, len(prepared), _CREATE_CHUNK):
+                        chunk = [p.script_item() for p in prepared[start:start + _CREATE_CHUNK]]
+                        scr.run("create", scripts.create_args(keys, chunk), client=pipe)
+                    created = [pair for reply in pipe.execute() for pair in scripts.parse_create(reply)]
+        except BaseException:
+            for _ in generations:
+                assert waiter is not None
+                waiter.abandon()
+            raise
+        jobs = []
+        for p, (job_id, create_time) in zip(prepared, created):
+            promise = None
+            if p.opts["hotjob"]:
+                assert waiter is not None
+                promise = waiter.watch(job_id, float(p.opts["hotjob_timeout"]), started,
+                                       generations.pop(), client)
+            jobs.append(Job.from_fields(job_id, p.fields(create_time), promise))
+        return jobs
+
+    # --- read and delete ---------------------------------------------------------------------------
+
+    def get(self, job_id: str | int) -> Job:
+        settings = self.settings()
+        client, _ = self._connection(settings)
+        job_id = str(job_id)
+        with redis_errors(settings):
+            fields = client.hgetall(Keys(settings["redis_namespace"]).job(job_id))
+        if not fields:
+            raise JobNotFound(job_id)
+        return Job.from_fields(job_id, fields)
+
+    def delete(self, job_id: str | int) -> bool:
+        """Remove the job from every structure. True if it existed. A worker still running it
+        cannot bring it back: its finish is rejected."""
+        settings = self.settings()
+        _, scr = self._connection(settings)
+        with redis_errors(settings):
+            return scr.delete(Keys(settings["redis_namespace"]), str(job_id))
+
+    # --- handlers ----------------------------------------------------------------------------------
+
+    def process(self, names: str | list[str], options: Mapping[str, Any] | Callable[..., Any] | None = None,
+                handler: Callable[..., Any] | None = None) -> Any:
+        """Register `handler` for `names` (priority order). Without a handler, returns a decorator.
+
+        options: {"concurrent_jobs": N} (alias concurrentJobs): N worker processes for these names.
+        """
+        if handler is None and callable(options):
+            handler, options = options, None
+        job_names = registry.normalise_names(names)
+        opts = registry.normalise_options(options)  # type: ignore[arg-type]
+
+        def register(func: Callable[..., Any]) -> Callable[..., Any]:
+            if not callable(func):
+                raise TypeError("process() needs a callable handler")
+            registry.register(registry.Registration(job_names, opts["concurrent_jobs"], func,
+                                                    dict(self._overrides)))
+            return func
+
+        if handler is None:
+            return register
+        register(handler)
+        return None
+
+
+def close_all() -> None:
+    for client in list(_clients):
+        client.close()
+    registry.clear()
+
+
+_config.on_reset(close_all)

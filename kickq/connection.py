@@ -1,0 +1,79 @@
+"""Connections to Redis: options from the config, the version check, and error translation."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator, Mapping
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .errors import KickqError, RedisUnavailable, RedisVersionError
+
+#: Redis 6.0 brought ACL users and TLS, both of which kickq supports; the scripts rely on
+#: effect replication of scripts that read TIME, the default since 5.0.
+MIN_REDIS_VERSION = (6, 0, 0)
+
+
+def redis_url(settings: Mapping[str, Any]) -> str | None:
+    return settings.get("redis_url") or os.environ.get("KICKQ_REDIS_URL") or None
+
+
+def describe(settings: Mapping[str, Any]) -> str:
+    """Where Redis is, for messages: never the password."""
+    url = redis_url(settings)
+    if url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}"
+    return f"redis://{settings['redis_host']}:{settings['redis_port']}"
+
+
+def connect(settings: Mapping[str, Any], **overrides: Any) -> redis.Redis:
+    """A client with bounded waits and no automatic retries.
+
+    No retries, because a create whose reply was lost may have been applied: retrying it would
+    make a second job. Long-lived processes (workers, reaper) retry whole steps themselves.
+    """
+    timeout = float(settings["redis_timeout"])
+    kwargs: dict[str, Any] = {
+        "decode_responses": True,
+        "encoding_errors": "replace",
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 30,
+    }
+    kwargs.update(settings.get("redis_options") or {})
+    kwargs.update(overrides)
+    url = redis_url(settings)
+    if url:
+        return redis.Redis.from_url(url, **kwargs)
+    return redis.Redis(host=settings["redis_host"], port=settings["redis_port"],
+                       password=settings["redis_password"], **kwargs)
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
+
+
+def check_version(info: Mapping[str, Any]) -> None:
+    version = str(info.get("redis_version", "0"))
+    if parse_version(version) < MIN_REDIS_VERSION:
+        need = ".".join(map(str, MIN_REDIS_VERSION))
+        raise RedisVersionError(f"kickq needs Redis >= {need} (ACL users, TLS, script effect "
+                                f"replication); this server is {version}")
+
+
+@contextlib.contextmanager
+def redis_errors(settings: Mapping[str, Any]) -> Iterator[None]:
+    """Turn redis-py's errors into kickq's, with where Redis is and without the password."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise RedisUnavailable(f"Redis at {describe(settings)} is unavailable: {exc}") from exc
+    except redis.exceptions.ResponseError as exc:
+        if str(exc).startswith("OOM"):
+            raise KickqError(f"Redis at {describe(settings)} is out of memory (maxmemory): "
+                             "nothing was written") from exc
+        raise

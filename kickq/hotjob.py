@@ -1,0 +1,198 @@
+"""Waiting for hotjobs: one subscriber thread and one timer thread per client, however many wait.
+
+Every hotjob's final state is published on the namespace's `done` channel with the whole job
+(see finalise in lua/_lib.lua). The waiter subscribes *before* the job is created, so a completion
+cannot slip past; a completion that arrives before the creator registered its future is kept for
+a while in `_early`; after a reconnect every pending job is re-read from Redis, because messages
+sent while disconnected are gone. Deadlines are kept by the timer thread, so no future outlives
+its hotjob_timeout whatever the subscriber is doing.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable
+
+import redis
+
+from .errors import HotjobTimeout, JobNotFound, RedisUnavailable
+from .job import TERMINAL_STATES, Job
+from .keys import Keys
+
+log = logging.getLogger("kickq.hotjob")
+
+EARLY_KEEP_SECONDS = 60.0
+
+
+class HotjobWaiter:
+    def __init__(self, connect: Callable[[], redis.Redis], keys: Keys, timeout: float) -> None:
+        self._connect = connect
+        self._keys = keys
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self._stopping = threading.Event()
+        self._pending: dict[str, tuple[Future[Job], float]] = {}
+        self._early: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._deadlines: list[tuple[float, str]] = []
+        self._deadline_changed = threading.Condition(self._lock)
+        self._threads: list[threading.Thread] = []
+        self._creating = 0  # creates between ensure_subscribed() and watch()/abandon()
+        self._generation = 0  # bumped at every (re)subscription
+
+    # --- used by the creating thread --------------------------------------------------------------
+
+    def ensure_subscribed(self) -> int:
+        """Block until the subscription is live; returns its generation, to be given to watch()."""
+        with self._lock:
+            if not self._threads:
+                for target, name in ((self._listen, "kickq-hotjob-listener"), (self._expire, "kickq-hotjob-timer")):
+                    thread = threading.Thread(target=target, name=name, daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
+        if not self._subscribed.wait(self._timeout):
+            raise RedisUnavailable("could not subscribe for hotjob results within redis_timeout")
+        with self._lock:
+            self._creating += 1
+            return self._generation
+
+    def abandon(self) -> None:
+        """The create that ensure_subscribed() prepared for did not happen."""
+        with self._lock:
+            self._creating = max(0, self._creating - 1)
+            if not self._creating:
+                self._early.clear()
+
+    def watch(self, job_id: str, timeout: float, started: float, generation: int,
+              client: redis.Redis) -> Future[Job]:
+        """A future for `job_id`, failing with HotjobTimeout at `started + timeout` (monotonic)."""
+        future: Future[Job] = Future()
+        deadline = started + timeout
+        with self._lock:
+            self._creating = max(0, self._creating - 1)
+            resubscribed = generation != self._generation
+            early = self._early.pop(job_id, None)
+            if not self._creating:
+                self._early.clear()
+            if early is None:
+                self._pending[job_id] = (future, timeout)
+                heapq.heappush(self._deadlines, (deadline, job_id))
+                self._deadline_changed.notify()
+        if early is not None:
+            self._settle(future, job_id, early[1])
+        elif resubscribed:
+            # The subscription was lost while the job was being created: its message may be gone.
+            self._recheck(client, [job_id])
+        return future
+
+    def pending_count(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def close(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            self._deadline_changed.notify()
+            pending = list(self._pending.items())
+            self._pending.clear()
+        for job_id, (future, _) in pending:
+            if not future.done():
+                future.cancel()
+        for thread in self._threads:
+            thread.join(timeout=2)
+
+    # --- outcomes ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _settle(future: Future[Job], job_id: str, message: dict[str, Any]) -> None:
+        if future.done():
+            return
+        if message.get("deleted") or message.get("job") is None:
+            future.set_exception(JobNotFound(job_id))
+        else:
+            try:
+                future.set_result(Job.from_fields(job_id, message["job"]))
+            except Exception as exc:  # a corrupt record must fail only this waiter
+                future.set_exception(exc)
+
+    def _deliver(self, job_id: str, message: dict[str, Any]) -> None:
+        with self._lock:
+            entry = self._pending.pop(job_id, None)
+            if entry is None:
+                if self._creating:  # maybe a job whose creator has not called watch() yet
+                    now = time.monotonic()
+                    self._early[job_id] = (now, message)
+                    if len(self._early) > 10000:
+                        self._early = {k: v for k, v in self._early.items() if now - v[0] < EARLY_KEEP_SECONDS}
+                return
+        self._settle(entry[0], job_id, message)
+
+    # --- the timer thread ----------------------------------------------------------------------------
+
+    def _expire(self) -> None:
+        with self._lock:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                while self._deadlines and self._deadlines[0][0] <= now:
+                    _, job_id = heapq.heappop(self._deadlines)
+                    entry = self._pending.pop(job_id, None)
+                    if entry and not entry[0].done():
+                        entry[0].set_exception(HotjobTimeout(job_id, entry[1]))
+                wait = self._deadlines[0][0] - now if self._deadlines else None
+                self._deadline_changed.wait(wait)
+
+    # --- the subscriber thread -----------------------------------------------------------------------
+
+    def _listen(self) -> None:
+        backoff = 0.05
+        while not self._stopping.is_set():
+            pubsub = None
+            try:
+                client = self._connect()
+                pubsub = client.pubsub()
+                pubsub.subscribe(self._keys.done)
+                # The confirmation must be read before anyone relies on the subscription.
+                confirmed = None
+                while confirmed is None or confirmed.get("type") != "subscribe":
+                    confirmed = pubsub.get_message(timeout=self._timeout)
+                    if confirmed is None:
+                        raise redis.exceptions.TimeoutError("no subscribe confirmation")
+                with self._lock:
+                    self._generation += 1
+                    ids = list(self._pending)
+                self._recheck(client, ids)
+                self._subscribed.set()
+                backoff = 0.05
+                while not self._stopping.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and message.get("type") == "message":
+                        body = json.loads(message["data"])
+                        self._deliver(str(body["id"]), body)
+            except Exception as exc:  # never let the only subscriber thread die
+                self._subscribed.clear()
+                log.warning("hotjob subscriber lost Redis (%s); reconnecting", exc)
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:
+                        pass
+
+    def _recheck(self, client: redis.Redis, ids: list[str]) -> None:
+        """Settle each of `ids` that finished (or vanished) while we could not hear about it."""
+        if not ids:
+            return
+        pipe = client.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(self._keys.job(job_id))
+        for job_id, fields in zip(ids, pipe.execute()):
+            if not fields:
+                self._deliver(job_id, {"id": job_id, "deleted": True})
+            elif fields.get("state") in TERMINAL_STATES:
+                self._deliver(job_id, {"id": job_id, "job": fields})

@@ -1,0 +1,110 @@
+"""The Job: a read-only snapshot of one job as stored in Redis. No I/O here."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from . import payload
+from .config import JOB_OPTION_DEFAULTS
+
+STATES = ("new", "delayed", "queued", "processing", "retry", "ghost", "success", "fail")
+TERMINAL_STATES = frozenset({"success", "fail"})
+
+FIELDS = (
+    "id", "name", "complete", "success", "create_time", "update_time", "finish_time",
+    "total_process_time", "state", *JOB_OPTION_DEFAULTS, "data", "result", "last_error",
+    "scheduled_for", "runs",
+)
+
+
+def _int(value: str | None) -> int | None:
+    return None if value is None else int(float(value))
+
+
+class Job:
+    """One job. Attributes are read-only; `to_dict()` gives them all but the hotjob promise.
+
+    Timestamps are epoch milliseconds; `runs` lists each processing run as a dict with
+    count (1-based), start (ms), time (ms or None), state (processing|success|fail|ghost), error.
+    """
+
+    __slots__ = ("_values", "hotjob_promise")
+
+    id: str
+    name: str
+    complete: bool
+    success: bool
+    create_time: int
+    update_time: int
+    finish_time: int | None
+    total_process_time: int | None
+    state: str
+    delay: float | None
+    process_timeout: float
+    retry: bool
+    retry_count: int
+    retry_interval: float | list[float]
+    ghost_retry: bool
+    ghost_count: int
+    ghost_interval: float
+    hotjob: bool
+    hotjob_timeout: float
+    purge_timeout: float
+    data: Any
+    result: Any
+    last_error: str | None
+    scheduled_for: int | None
+    runs: list[dict[str, Any]]
+
+    def __init__(self, values: Mapping[str, Any], hotjob_promise: Any = None) -> None:
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "hotjob_promise", hotjob_promise)
+
+    @classmethod
+    def from_fields(cls, job_id: str, fields: Mapping[str, str], hotjob_promise: Any = None) -> "Job":
+        """Build a Job from its Redis hash (missing fields take their defaults)."""
+        opts = dict(JOB_OPTION_DEFAULTS)
+        if fields.get("opts"):
+            opts.update(payload.decode(fields["opts"]))
+        state = fields.get("state", "new")
+        values: dict[str, Any] = {
+            "id": str(job_id),
+            "name": fields.get("name", ""),
+            "complete": state in TERMINAL_STATES,
+            "success": state == "success",
+            "create_time": _int(fields.get("create_time")),
+            "update_time": _int(fields.get("update_time")),
+            "finish_time": _int(fields.get("finish_time")),
+            "total_process_time": _int(fields.get("total_process_time")),
+            "state": state,
+            **opts,
+            "data": payload.decode(fields.get("data")),
+            "result": payload.decode(fields.get("result")),
+            "last_error": fields.get("last_error"),
+            "scheduled_for": _int(fields.get("scheduled_for")),
+            "runs": payload.decode(fields.get("runs")) or [],
+        }
+        return cls(values, hotjob_promise)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"Job has no attribute {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Job attributes are read-only")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("Job attributes are read-only")
+
+    def to_dict(self) -> dict[str, Any]:
+        import copy
+        return {key: copy.deepcopy(self._values[key]) for key in FIELDS}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Job) and self._values == other._values
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.name!r} {self.state}>"

@@ -1,0 +1,72 @@
+"""The only place Redis key names are built.
+
+Every key of a namespace starts with the hash tag "{ns}:" so that all of them share one Redis
+Cluster slot and the Lua scripts may derive keys from the prefix. Job names are validated before
+they become part of a key (see validate_name); a name is always the last part of its key, so two
+different names can never give the same key.
+"""
+from __future__ import annotations
+
+import unicodedata
+
+MAX_NAME_LENGTH = 256
+
+
+def validate_name(name: object) -> str:
+    """A job name: a non-empty str of at most 256 characters without control characters."""
+    if not isinstance(name, str):
+        raise TypeError(f"job name must be a str, not {type(name).__name__}")
+    if not name:
+        raise ValueError("job name must not be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"job name must be at most {MAX_NAME_LENGTH} characters, got {len(name)}")
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in name):
+        raise ValueError(f"job name must not contain control characters: {name!r}")
+    return name
+
+
+class Keys:
+    __slots__ = ("namespace", "prefix")
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.prefix = "{" + namespace + "}:"
+
+    @property
+    def id(self) -> str:
+        return self.prefix + "id"
+
+    def job(self, job_id: str) -> str:
+        return self.prefix + "job:" + job_id
+
+    def queue(self, name: str) -> str:
+        return self.prefix + "queue:" + name
+
+    def wake(self, name: str) -> str:
+        return self.prefix + "wake:" + name
+
+    @property
+    def delayed(self) -> str:
+        return self.prefix + "delayed"
+
+    @property
+    def processing(self) -> str:
+        return self.prefix + "processing"
+
+    @property
+    def finished(self) -> str:
+        return self.prefix + "finished"
+
+    @property
+    def names(self) -> str:
+        return self.prefix + "names"
+
+    @property
+    def reaper(self) -> str:
+        """A list whose tokens wake a sleeping reaper when a job becomes due earlier than it planned."""
+        return self.prefix + "reaper"
+
+    @property
+    def done(self) -> str:
+        """Pub/sub channel: ids of hotjobs that reached success or fail, or were deleted."""
+        return self.prefix + "done"

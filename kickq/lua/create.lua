@@ -1,0 +1,32 @@
+--[[ create: new jobs, as one atomic step for the whole batch.
+  KEYS[1]  P.."id"            (routing only; all keys derive from P)
+  ARGV[1]  P                  namespace prefix "{ns}:"
+  ARGV[2]  now                epoch ms, or "" for Redis' clock
+  ARGV[3]  n                  number of jobs
+  ARGV[4+5i .. 8+5i]  per job: name, data JSON ("" = null), stored opts JSON ("" = defaults),
+                      delay ms ("" = no delay), unused (reserved)
+  Returns  {id1, create_time, id2, ...}; state is 'delayed' when a delay was given, else 'new'.
+  Transitions: (none) -> new (queue + wake token), (none) -> delayed (zset 'delayed').
+]]
+local P = ARGV[1]
+local now = clock(ARGV[2])
+local n = tonumber(ARGV[3])
+local out = {}
+for i = 0, n - 1 do
+  local base = 4 + 5 * i
+  local name, data, opts, delay = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  local id = tostring(rcall('INCR', P .. 'id'))
+  local jk = P .. 'job:' .. id
+  rcall('HSET', jk, 'name', name, 'create_time', now, 'update_time', now)
+  if data ~= '' then rcall('HSET', jk, 'data', data) end
+  if opts ~= '' then rcall('HSET', jk, 'opts', opts) end
+  rcall('SADD', P .. 'names', name)
+  if delay ~= '' then
+    schedule(P, id, 'delayed', now + tonumber(delay), now)
+  else
+    enqueue(P, id, name, 'new', now)
+  end
+  out[#out + 1] = id
+  out[#out + 1] = now
+end
+return out

@@ -1,0 +1,40 @@
+--[[ finish: processing -> success | retry | ghost | fail, checked against the attempt token;
+  optionally claims the caller's next job in the same step (one round trip per job under load).
+  KEYS[1]  P.."id"   (routing only)
+  ARGV[1]  P
+  ARGV[2]  now (epoch ms, or "" for Redis' clock)
+  ARGV[3]  job id
+  ARGV[4]  attempt token given by claim
+  ARGV[5]  outcome: success | fail | ghost
+  ARGV[6]  result JSON (success) or error text (fail, ghost); "" = none
+  ARGV[7..] job names to claim the next job from (none: no claim)
+  Returns  {status, new_state, next_claim}: status 'ok'; 'stale' (another attempt owns the job, or it
+           is no longer processing: the late finish changes nothing); 'missing' (deleted or purged).
+]]
+local P = ARGV[1]
+local now = clock(ARGV[2])
+local id, token, outcome, payload = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local jk = P .. 'job:' .. id
+local state, attempt = unpack(rcall('HMGET', jk, 'state', 'attempt'))
+local status, new_state
+if not state then
+  status, new_state = 'missing', ''
+elseif state ~= 'processing' or attempt ~= token then
+  status, new_state = 'stale', state
+else
+  status = 'ok'
+  local result, err = false, false
+  if outcome == 'success' then
+    if payload ~= '' then result = payload end
+  else
+    err = payload
+  end
+  new_state = end_run(P, id, now, outcome, result, err)
+end
+local nxt = false
+if #ARGV >= 7 then
+  local names = {}
+  for i = 7, #ARGV do names[#names + 1] = ARGV[i] end
+  nxt = claim(P, names, now) or false
+end
+return {status, new_state, nxt}

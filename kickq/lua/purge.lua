@@ -1,0 +1,16 @@
+--[[ purge: finished (success | fail) jobs past their purge time -> deleted.
+  KEYS[1]  P.."id"   (routing only)
+  ARGV[1]  P
+  ARGV[2]  now (epoch ms, or "" for Redis' clock)
+  ARGV[3]  at most this many jobs
+  Returns  {purged count, earliest remaining purge time or -1}
+]]
+local P = ARGV[1]
+local now = clock(ARGV[2])
+local fk = P .. 'finished'
+local ids = rcall('ZRANGEBYSCORE', fk, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do
+  rcall('ZREM', fk, id)
+  rcall('DEL', P .. 'job:' .. id)
+end
+return {#ids, next_score(fk)}

@@ -1,0 +1,25 @@
+"""JSON encoding of job data and results. JSON only: nothing read from Redis can run code."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import InvalidPayload, PayloadTooLarge
+
+
+def encode(value: Any, *, what: str = "job data", limit: int | None = None) -> str:
+    try:
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidPayload(f"{what} must be JSON-serialisable: {exc}") from None
+    if limit is not None:
+        size = len(text.encode("utf-8"))
+        if size > limit:
+            raise PayloadTooLarge(f"{what} is {size} bytes as JSON, over max_payload_bytes={limit}")
+    return text
+
+
+def decode(text: str | None) -> Any:
+    if text is None or text == "":
+        return None
+    return json.loads(text)
