@@ -8,7 +8,7 @@ import copy
 import math
 import re
 import threading
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .errors import ConfigError
 
@@ -120,6 +120,8 @@ def normalise_job_options(opts: Mapping[str, Any] | None, *, allow_callable: boo
         if key not in JOB_OPTIONS:
             raise ConfigError(f"{where}: unknown job option {raw_key!r}; "
                               f"per-job options are {', '.join(sorted(JOB_OPTIONS))}")
+        if key in out:
+            raise ConfigError(f"{where}: option {key!r} given twice (snake_case and camelCase)")
         out[key] = _check_job_option(key, value, allow_callable=allow_callable)
     return out
 
@@ -164,15 +166,19 @@ def _check_global(key: str, value: Any) -> Any:
     raise ConfigError(f"unknown config option {key!r}")
 
 
-def validate_settings(changes: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a batch of global settings; return them with snake_case keys. Raises before any change."""
+def validate_settings(changes: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """Check a batch of global settings; return them with snake_case keys. Raises before any change.
+
+    A key given twice (also as snake_case and camelCase) is an error, not "the last one wins"."""
     out: dict[str, Any] = {}
-    for raw_key, value in changes.items():
+    for raw_key, value in (changes.items() if isinstance(changes, Mapping) else changes):
         if not isinstance(raw_key, str):
             raise ConfigError(f"config keys must be strings, got {raw_key!r}")
         key = snake_case(raw_key)
         if key not in GLOBAL_DEFAULTS:
             raise ConfigError(f"unknown config option {raw_key!r}")
+        if key in out:
+            raise ConfigError(f"config option {key!r} given twice (snake_case and camelCase)")
         out[key] = _check_global(key, value)
     return out
 
@@ -246,11 +252,7 @@ def config(*args: Any, **kwargs: Any) -> dict[str, Any]:
         changes = {}
     else:
         raise ConfigError("config() takes a mapping, keyword arguments, or a key and a value")
-    overlap = set(changes) & set(kwargs)
-    if overlap:
-        raise ConfigError(f"option given twice: {sorted(overlap)}")
-    changes.update(kwargs)
-    valid = validate_settings(changes)
+    valid = validate_settings([*changes.items(), *kwargs.items()])
     with _lock:
         if valid:
             _settings = merge_settings(_settings, valid)
@@ -262,6 +264,8 @@ def current() -> dict[str, Any]:
     with _lock:
         snapshot = dict(_settings)
         snapshot["job_flags"] = {k: dict(v) for k, v in _settings["job_flags"].items()}
+        if snapshot["redis_options"] is not None:
+            snapshot["redis_options"] = dict(snapshot["redis_options"])
         return snapshot
 
 
