@@ -23,6 +23,11 @@ local function clock(arg)
   return tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
 end
 
+-- Seconds (stored options may be fractional) to whole ms, rounded like the Python side does.
+local function ms(seconds)
+  return math.floor(seconds * 1000 + 0.5)
+end
+
 local function job_options(jk)
   local o = {}
   for k, v in pairs(DEFAULTS) do o[k] = v end
@@ -91,7 +96,7 @@ local function finalise(P, id, state, now, opts, runs)
   for _, run in ipairs(runs) do
     if type(run.time) == 'number' then total = total + run.time end
   end
-  local purge_at = now + math.floor(opts.purge_timeout * 1000)
+  local purge_at = now + ms(opts.purge_timeout)
   rcall('HSET', jk, 'state', state, 'finish_time', now, 'update_time', now,
         'total_process_time', total, 'scheduled_for', purge_at)
   rcall('ZADD', P .. 'finished', purge_at, id)
@@ -138,7 +143,7 @@ local function end_run(P, id, now, outcome, result, err)
       local interval = opts.retry_interval
       if type(interval) == 'table' then interval = interval[math.min(failed, #interval)] or 0 end
       new_state = 'retry'
-      schedule(P, id, new_state, now + math.floor(interval * 1000), now)
+      schedule(P, id, new_state, now + ms(interval), now)
     else
       new_state = 'fail'
       finalise(P, id, new_state, now, opts, runs)
@@ -147,7 +152,7 @@ local function end_run(P, id, now, outcome, result, err)
     local ghosts = count_runs(runs, 'ghost')
     if opts.ghost_retry and ghosts <= opts.ghost_count then
       new_state = 'ghost'
-      schedule(P, id, new_state, now + math.floor(opts.ghost_interval * 1000), now)
+      schedule(P, id, new_state, now + ms(opts.ghost_interval), now)
     else
       new_state = 'fail'
       finalise(P, id, new_state, now, opts, runs)
@@ -173,7 +178,7 @@ local function claim(P, names, now)
         runs[#runs + 1] = {count = #runs + 1, start = now, time = cjson.null, state = 'processing',
                            error = cjson.null}
         rcall('HSET', jk, 'state', 'processing', 'update_time', now, 'runs', encode_runs(runs))
-        rcall('ZADD', P .. 'processing', now + math.floor(opts.process_timeout * 1000) + LEASE_GRACE_MS, id)
+        rcall('ZADD', P .. 'processing', now + ms(opts.process_timeout) + LEASE_GRACE_MS, id)
         reconcile_wake(P, names)
         local reply = {id, attempt}
         local fields = rcall('HGETALL', jk)

@@ -1,0 +1,111 @@
+"""Test helpers that look at a namespace's Redis state directly (SCAN is fine here, not in kickq)."""
+from __future__ import annotations
+
+from typing import Any
+
+#: Where a job of each state must be (see kickq/lua/_lib.lua).
+STRUCTURE_OF_STATE = {
+    "new": "queue", "queued": "queue",
+    "delayed": "delayed", "retry": "delayed", "ghost": "delayed",
+    "processing": "processing",
+    "success": "finished", "fail": "finished",
+}
+
+
+def prefix(ns: str) -> str:
+    return "{" + ns + "}:"
+
+
+def namespace_keys(r: Any, ns: str) -> list[str]:
+    # "{" is not special in SCAN patterns; "[" in a namespace never happens (validated).
+    return sorted(r.scan_iter(match=prefix(ns) + "*", count=1000))
+
+
+def structures_of(r: Any, ns: str, job_id: str) -> list[str]:
+    """Every structure that holds `job_id`: "queue:<name>", "delayed", "processing", "finished".
+
+    Queue lists are found by SCAN, not through the names set, so a stray entry cannot hide.
+    """
+    p = prefix(ns)
+    found = []
+    for key in namespace_keys(r, ns):
+        if key.startswith(p + "queue:") and r.type(key) == "list":
+            count = r.lrange(key, 0, -1).count(job_id)
+            found += [key[len(p):]] * count
+    for zset in ("delayed", "processing", "finished"):
+        if r.zscore(p + zset, job_id) is not None:
+            found.append(zset)
+    return found
+
+
+def assert_one_structure(r: Any, ns: str, job_id: str) -> str:
+    """The job exists, sits in exactly one structure, and that structure matches its state."""
+    p = prefix(ns)
+    state, name = r.hmget(p + "job:" + job_id, "state", "name")
+    assert state is not None, f"job {job_id} has no hash"
+    where = structures_of(r, ns, job_id)
+    expected = STRUCTURE_OF_STATE[state]
+    if expected == "queue":
+        expected = "queue:" + name
+    assert where == [expected], f"job {job_id} in state {state} is in {where}, expected [{expected}]"
+    return state
+
+
+def assert_gone(r: Any, ns: str, job_id: str) -> None:
+    assert not r.exists(prefix(ns) + "job:" + job_id), f"job {job_id} still has a hash"
+    assert structures_of(r, ns, job_id) == [], f"job {job_id} still in {structures_of(r, ns, job_id)}"
+
+
+def assert_consistent(r: Any, ns: str) -> None:
+    """Every job hash is in exactly its state's structure; every structure entry has a hash.
+
+    One SCAN and one pipeline: cheap enough to run after every step of a test."""
+    p = prefix(ns)
+    keys = namespace_keys(r, ns)
+    job_ids = [key[len(p) + 4:] for key in keys if key.startswith(p + "job:")]
+    queues = [key for key in keys if key.startswith(p + "queue:")]
+    pipe = r.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hmget(p + "job:" + job_id, "state", "name")
+    for key in queues:
+        pipe.lrange(key, 0, -1)
+    for zset in ("delayed", "processing", "finished"):
+        pipe.zrange(p + zset, 0, -1)
+    replies = pipe.execute()
+    where: dict[str, list[str]] = {}
+    for key, members in zip(queues, replies[len(job_ids):len(job_ids) + len(queues)]):
+        for member in members:
+            where.setdefault(member, []).append(key[len(p):])
+    for zset, members in zip(("delayed", "processing", "finished"), replies[len(job_ids) + len(queues):]):
+        for member in members:
+            where.setdefault(member, []).append(zset)
+    for job_id, (state, name) in zip(job_ids, replies[:len(job_ids)]):
+        assert state in STRUCTURE_OF_STATE, f"job {job_id} has state {state!r}"
+        expected = STRUCTURE_OF_STATE[state]
+        if expected == "queue":
+            expected = "queue:" + name
+        assert where.get(job_id, []) == [expected], (
+            f"job {job_id} in state {state} is in {where.get(job_id, [])}, expected [{expected}]")
+    orphans = set(where) - set(job_ids)
+    assert not orphans, f"structures hold ids without a hash: {sorted(orphans)}"
+
+
+def snapshot(r: Any, ns: str) -> dict[str, tuple[str, Any]]:
+    """Every key of the namespace with its type and whole content (and whether it expires)."""
+    out: dict[str, tuple[str, Any]] = {}
+    for key in namespace_keys(r, ns):
+        kind = r.type(key)
+        if kind == "string":
+            content: Any = r.get(key)
+        elif kind == "list":
+            content = r.lrange(key, 0, -1)
+        elif kind == "hash":
+            content = r.hgetall(key)
+        elif kind == "set":
+            content = sorted(r.smembers(key))
+        elif kind == "zset":
+            content = r.zrange(key, 0, -1, withscores=True)
+        else:
+            content = None
+        out[key] = (kind, content, r.ttl(key) >= 0)
+    return out
