@@ -45,6 +45,11 @@ class Keys:
     def wake(self, name: str) -> str:
         return self.prefix + "wake:" + name
 
+    def claim(self, claimer: str) -> str:
+        """The last job a worker claimed ("<id> <attempt>"), for recovery after a lost reply.
+        `claimer` is a worker's own generated hex id, never user input."""
+        return self.prefix + "claim:" + claimer
+
     @property
     def delayed(self) -> str:
         return self.prefix + "delayed"
@@ -63,7 +68,7 @@ class Keys:
 
     @property
     def reaper(self) -> str:
-        """A list whose tokens wake a sleeping reaper when a job becomes due earlier than it planned."""
+        """Pub/sub channel that wakes sleeping reapers when a job becomes due earlier than they planned."""
         return self.prefix + "reaper"
 
     @property

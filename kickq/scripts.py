@@ -7,7 +7,7 @@ share them; only `Scripts` (sync) and its async twin touch a connection. Every t
 from __future__ import annotations
 
 import json
-from importlib import resources
+import os
 from typing import Any, Iterable, Sequence
 
 from .config import JOB_OPTION_DEFAULTS
@@ -19,8 +19,13 @@ LEASE_GRACE_MS = 1000
 NAMES = ("create", "claim", "finish", "recover", "promote", "purge", "delete")
 
 
+_LUA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lua")
+
+
 def _read(name: str) -> str:
-    return resources.files("kickq").joinpath("lua", name + ".lua").read_text(encoding="utf-8")
+    # A plain path, not importlib.resources: the latter trips over some editable installs.
+    with open(os.path.join(_LUA_DIR, name + ".lua"), encoding="utf-8") as f:
+        return f.read()
 
 
 def source(name: str) -> str:
@@ -49,15 +54,20 @@ def create_args(keys: Keys, items: Sequence[tuple[str, str, str, int | None]],
     return [keys.id], args
 
 
-def claim_args(keys: Keys, names: Sequence[str], now: int | None = None) -> tuple[list[str], list[Any]]:
-    return [keys.id], [keys.prefix, _now(now), *names]
+def claim_args(keys: Keys, names: Sequence[str], now: int | None = None,
+               claimer: str = "") -> tuple[list[str], list[Any]]:
+    return [keys.id], [keys.prefix, _now(now), claimer, *names]
 
 
 def finish_args(keys: Keys, job_id: str, token: int | str, outcome: str, payload: str = "",
-                claim_names: Sequence[str] = (), now: int | None = None) -> tuple[list[str], list[Any]]:
+                claim_names: Sequence[str] = (), now: int | None = None,
+                claimer: str = "") -> tuple[list[str], list[Any]]:
     if outcome not in ("success", "fail", "ghost"):
         raise ValueError(f"outcome must be success, fail or ghost, not {outcome!r}")
-    return [keys.id], [keys.prefix, _now(now), job_id, str(token), outcome, payload, *claim_names]
+    args = [keys.prefix, _now(now), job_id, str(token), outcome, payload]
+    if claim_names:
+        args += [claimer, *claim_names]
+    return [keys.id], args
 
 
 def sweep_args(keys: Keys, limit: int, now: int | None = None, *extra: str) -> tuple[list[str], list[Any]]:
@@ -102,14 +112,15 @@ class Scripts:
         return self._scripts[name](keys=keys, args=args, client=client)
 
     # Convenience wrappers used by the supervisor, the reaper and tests (time moved by argument).
-    def claim(self, keys: Keys, names: Iterable[str], now: int | None = None) -> tuple[str, int, dict[str, str]] | None:
-        return parse_claim(self.run("claim", claim_args(keys, list(names), now)))
+    def claim(self, keys: Keys, names: Iterable[str], now: int | None = None,
+              claimer: str = "") -> tuple[str, int, dict[str, str]] | None:
+        return parse_claim(self.run("claim", claim_args(keys, list(names), now, claimer)))
 
     def finish(self, keys: Keys, job_id: str, token: int | str, outcome: str, payload: str = "",
-               claim_names: Sequence[str] = (), now: int | None = None
+               claim_names: Sequence[str] = (), now: int | None = None, claimer: str = ""
                ) -> tuple[str, str, tuple[str, int, dict[str, str]] | None]:
         return parse_finish(self.run("finish", finish_args(keys, job_id, token, outcome, payload,
-                                                           claim_names, now)))
+                                                           claim_names, now, claimer)))
 
     def promote(self, keys: Keys, now: int | None = None, limit: int = 500) -> tuple[int, int, int]:
         count, next_due, at = self.run("promote", sweep_args(keys, limit, now))

@@ -111,13 +111,21 @@ def test_create_new_goes_to_its_queue_with_a_wake_token(m):
 
 
 def test_create_delayed_goes_to_the_delayed_zset(m):
+    pubsub = m.r.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(m.keys.reaper)
+    pubsub.get_message(timeout=1)  # the subscribe confirmation
     job_id = m.create("a", delay_ms=5000)
     assert structures_of(m.r, m.ns, job_id) == ["delayed"]
     assert m.r.zscore(m.keys.delayed, job_id) == T0 + 5000
     assert m.job(job_id).state == "delayed"
     assert m.job(job_id).scheduled_for == T0 + 5000
     assert m.r.llen(m.keys.wake("a")) == 0
-    assert m.r.llen(m.keys.reaper) == 1  # a sleeping reaper is told about the earlier due time
+    # A sleeping reaper is told about the earlier due time; a later one does not wake it again.
+    message = pubsub.get_message(timeout=1)
+    assert message is not None and message["data"] == str(T0 + 5000)
+    m.create("a", delay_ms=9000)
+    assert pubsub.get_message(timeout=0.2) is None
+    pubsub.close()
 
 
 def test_create_delay_zero_is_delayed_and_due_at_once(m):

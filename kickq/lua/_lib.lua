@@ -76,9 +76,9 @@ end
 local function schedule(P, id, state, due, now)
   local dk = P .. 'delayed'
   local first = rcall('ZRANGE', dk, 0, 0, 'WITHSCORES')
-  if (first[2] == nil or due < tonumber(first[2])) and rcall('LLEN', P .. 'reaper') == 0 then
-    -- Wake a sleeping reaper: this job is due before anything it is waiting for.
-    rcall('RPUSH', P .. 'reaper', '1')
+  if first[2] == nil or due < tonumber(first[2]) then
+    -- Wake sleeping reapers: this job is due before anything they are waiting for.
+    rcall('PUBLISH', P .. 'reaper', due)
   end
   rcall('ZADD', dk, due, id)
   rcall('HSET', P .. 'job:' .. id, 'state', state, 'scheduled_for', due, 'update_time', now)
@@ -162,8 +162,10 @@ local function end_run(P, id, now, outcome, result, err)
 end
 
 -- Take the first waiting job of the first non-empty queue, in the priority order of `names`.
+-- `claimer` (optional) names the caller: its last claim is kept in P.."claim:"..claimer, so a
+-- caller whose reply was lost (a timeout after Redis ran the script) can find the job it now owns.
 -- Returns {id, attempt token, HGETALL fields...} or nil.
-local function claim(P, names, now)
+local function claim(P, names, now, claimer)
   for _, name in ipairs(names) do
     local q = P .. 'queue:' .. name
     while true do
@@ -180,6 +182,7 @@ local function claim(P, names, now)
         rcall('HSET', jk, 'state', 'processing', 'update_time', now, 'runs', encode_runs(runs))
         rcall('ZADD', P .. 'processing', now + ms(opts.process_timeout) + LEASE_GRACE_MS, id)
         reconcile_wake(P, names)
+        if claimer ~= '' then rcall('SET', P .. 'claim:' .. claimer, id .. ' ' .. attempt, 'EX', 86400) end
         local reply = {id, attempt}
         local fields = rcall('HGETALL', jk)
         for i = 1, #fields do reply[#reply + 1] = fields[i] end

@@ -7,7 +7,8 @@
   ARGV[4]  attempt token given by claim
   ARGV[5]  outcome: success | fail | ghost
   ARGV[6]  result JSON (success) or error text (fail, ghost); "" = none
-  ARGV[7..] job names to claim the next job from (none: no claim)
+  ARGV[7]  claimer id for the next claim ("" = none), as in claim.lua
+  ARGV[8..] job names to claim the next job from (none: no claim)
   Returns  {status, new_state, next_claim}: status 'ok'; 'stale' (another attempt owns the job, or it
            is no longer processing: the late finish changes nothing); 'missing' (deleted or purged).
 ]]
@@ -32,9 +33,9 @@ else
   new_state = end_run(P, id, now, outcome, result, err)
 end
 local nxt = false
-if #ARGV >= 7 then
+if #ARGV >= 8 then
   local names = {}
-  for i = 7, #ARGV do names[#names + 1] = ARGV[i] end
-  nxt = claim(P, names, now) or false
+  for i = 8, #ARGV do names[#names + 1] = ARGV[i] end
+  nxt = claim(P, names, now, ARGV[7]) or false
 end
 return {status, new_state, nxt}

@@ -1,0 +1,341 @@
+"""The master: owns the worker processes and the reaper, and enforces every job's deadline.
+
+Modelled on gunicorn's arbiter: signal handlers only queue the signal and wake the loop; the loop
+dispatches `handle_<sig>`, reads the workers' pipes, reaps dead children, kills workers whose job
+passed its deadline, and refills the pool. All process operations and the clock go through `ops`
+and Redis work goes through `lost_job`, so every decision is unit-tested with fakes. The master
+never blocks on Redis: a job it must ghost is handed to `lost_job`, which runs it elsewhere.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+from .osapi import describe_exit
+
+log = logging.getLogger("kickq.master")
+
+TIMED_OUT = "processing timed out"
+QUICK_STOP = "supervisor stopped quickly (second INT) while the job ran"
+FATAL_EXIT = 3  # a worker exiting with this code makes the master halt: retrying cannot help
+CRASH_WINDOW = 1.0  # a worker that dies younger than this counts towards crash-loop backoff
+MAX_BACKOFF = 10.0
+
+
+class Ops(Protocol):
+    def monotonic(self) -> float: ...
+    def kill_group(self, pid: int, sig: int) -> None: ...
+    def kill(self, pid: int, sig: int) -> None: ...
+    def reap(self) -> list[tuple[int, int]]: ...
+
+
+@dataclass
+class Run:
+    job_id: str
+    token: str
+    deadline: float
+    handler_returned: bool = False
+
+
+@dataclass
+class Slot:
+    number: int  # 1-based, shown in titles and logs
+    spec: int  # index of the registration it serves
+    pid: int | None = None
+    fd: int | None = None
+    run: Run | None = None
+    term_at: float | None = None
+    kill_sent: bool = False
+    kill_reason: str = ""
+    spawned_at: float = 0.0
+    failures: int = 0  # consecutive early deaths
+    respawn_at: float = 0.0
+    buffer: bytes = b""
+
+
+@dataclass
+class Arbiter:
+    """Decisions only. `spawn_worker(slot) -> (pid, read fd)`, `spawn_reaper() -> pid`,
+    `lost_job(slot, job_id, token, error)` ghosts a job (token-checked, so a repeat is harmless),
+    `can_reload()` says whether the handler modules still import (checked before a HUP reload)."""
+
+    slot_specs: Sequence[int]
+    ops: Ops
+    spawn_worker: Callable[[Slot], tuple[int, int | None]]
+    spawn_reaper: Callable[[], int] | None
+    lost_job: Callable[[Slot, str, str, str], None]
+    kill_grace: float = 0.3
+    can_reload: Callable[[], bool] = lambda: True
+    close_fd: Callable[[int], None] = os.close
+    drain: Callable[[Slot], None] | None = None  # read what a dead worker still had in its pipe
+    slots: list[Slot] = field(default_factory=list)
+    reaper_pid: int | None = None
+    reaper_failures: int = 0
+    reaper_respawn_at: float = 0.0
+    reaper_spawned_at: float = 0.0
+    stopping: bool = False  # graceful: no new workers, workers finish their job and exit
+    quick: bool = False
+    reload_requested: bool = False
+    exit_code: int | None = None
+    halt_reason: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.slots:
+            self.slots = [Slot(number=i + 1, spec=spec) for i, spec in enumerate(self.slot_specs)]
+
+    # --- signals: dispatched from the loop, never from the handler ---------------------------------
+
+    def handle_term(self) -> None:
+        self.begin_graceful_stop("TERM")
+
+    def handle_int(self) -> None:
+        if self.stopping:
+            self.quick_stop()
+        else:
+            self.begin_graceful_stop("INT")
+
+    def handle_quit(self) -> None:
+        self.quick_stop()
+
+    def handle_hup(self) -> None:
+        if self.stopping or not self.can_reload():
+            return
+        log.info("HUP: replacing the workers with freshly imported handler code")
+        self.reload_requested = True
+        self.begin_graceful_stop("HUP")
+
+    def handle_chld(self) -> None:
+        """Only wakes the loop, which reaps every tick anyway."""
+
+    def begin_graceful_stop(self, why: str) -> None:
+        if self.stopping:
+            return
+        log.info("%s: stopping gracefully; running jobs may finish within their process_timeout", why)
+        self.stopping = True
+        for slot in self.slots:
+            if slot.pid is not None:
+                self.ops.kill(slot.pid, signal.SIGUSR1)
+        self._stop_reaper()
+
+    def quick_stop(self) -> None:
+        log.warning("quick stop: killing every worker; their jobs are ghosted")
+        self.stopping = self.quick = True
+        self.reload_requested = False
+        for slot in self.slots:
+            if slot.pid is not None:
+                if slot.run is not None and not slot.kill_reason:
+                    slot.kill_reason = QUICK_STOP
+                self.ops.kill_group(slot.pid, signal.SIGKILL)
+                slot.kill_sent = True
+        self._stop_reaper()
+
+    def _stop_reaper(self) -> None:
+        if self.reaper_pid is not None:
+            self.ops.kill_group(self.reaper_pid, signal.SIGTERM)
+
+    # --- what workers tell us ------------------------------------------------------------------------
+
+    def on_data(self, slot: Slot, data: bytes) -> None:
+        slot.buffer += data
+        *lines, slot.buffer = slot.buffer.split(b"\n")
+        for line in lines:
+            self.on_message(slot, line.decode("utf-8", "replace"))
+
+    def on_message(self, slot: Slot, line: str) -> None:
+        parts = line.split()
+        if not parts:
+            return
+        if parts[0] == "S" and len(parts) == 5:
+            job_id, token, started, timeout = parts[1], parts[2], float(parts[3]), float(parts[4])
+            slot.run = Run(job_id, token, started + timeout)
+        elif parts[0] == "F" and slot.run is not None and slot.run.job_id == parts[1]:
+            slot.run.handler_returned = True
+
+    # --- children that ended ---------------------------------------------------------------------------
+
+    def on_exit(self, pid: int, status: int) -> None:
+        now = self.ops.monotonic()
+        if pid == self.reaper_pid:
+            self.reaper_pid = None
+            if not self.stopping:
+                young = now - self.reaper_spawned_at < CRASH_WINDOW
+                self.reaper_failures = self.reaper_failures + 1 if young else 0
+                self.reaper_respawn_at = now + _backoff(self.reaper_failures)
+                log.warning("reaper %s; restarting", describe_exit(status))
+            return
+        slot = next((s for s in self.slots if s.pid == pid), None)
+        if slot is None:
+            return  # a grandchild re-parented to us, or an already-forgotten child
+        if self.drain is not None and slot.fd is not None:
+            self.drain(slot)
+        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        run = slot.run
+        if run is not None and not (clean and run.handler_returned):
+            error = slot.kill_reason or f"worker died: {describe_exit(status)}"
+            if run.handler_returned and not slot.kill_reason:
+                error = f"worker died while saving the outcome: {describe_exit(status)}"
+            log.warning("worker %d (pid %d) %s during job %s: %s", slot.number, pid,
+                        describe_exit(status), run.job_id, error)
+            self.lost_job(slot, run.job_id, run.token, error)
+        elif not clean:
+            log.warning("worker %d (pid %d) %s", slot.number, pid, describe_exit(status))
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == FATAL_EXIT and not self.stopping:
+            self.halt(f"worker {slot.number} exited with code {FATAL_EXIT} (fatal configuration error)")
+        young = now - slot.spawned_at < CRASH_WINDOW and not clean
+        slot.failures = slot.failures + 1 if young else 0
+        slot.respawn_at = now + _backoff(slot.failures)
+        if slot.fd is not None:
+            self.close_fd(slot.fd)
+        slot.pid = slot.fd = slot.run = slot.term_at = None
+        slot.kill_sent, slot.kill_reason, slot.buffer = False, "", b""
+
+    def halt(self, reason: str) -> None:
+        log.error("halting: %s", reason)
+        self.halt_reason = reason
+        self.quick_stop()
+
+    # --- deadlines --------------------------------------------------------------------------------------
+
+    def enforce_deadlines(self) -> None:
+        now = self.ops.monotonic()
+        for slot in self.slots:
+            if slot.pid is None:
+                continue
+            run = slot.run
+            if (run is not None and not run.handler_returned and slot.term_at is None
+                    and now >= run.deadline):
+                log.warning("worker %d (pid %d): job %s passed its process_timeout by %.3fs; killing it",
+                            slot.number, slot.pid, run.job_id, now - run.deadline)
+                slot.kill_reason = TIMED_OUT
+                slot.term_at = now
+                self.ops.kill_group(slot.pid, signal.SIGTERM)
+            if slot.term_at is not None and not slot.kill_sent and now >= slot.term_at + self.kill_grace:
+                self.ops.kill_group(slot.pid, signal.SIGKILL)
+                slot.kill_sent = True
+
+    def next_wakeup(self, cap: float = 1.0) -> float:
+        """Seconds until the next deadline, kill escalation or respawn (at most `cap`)."""
+        now = self.ops.monotonic()
+        times = []
+        for slot in self.slots:
+            if slot.pid is None:
+                if not self.stopping:
+                    times.append(slot.respawn_at)
+                continue
+            if slot.run is not None and not slot.run.handler_returned and slot.term_at is None:
+                times.append(slot.run.deadline)
+            if slot.term_at is not None and not slot.kill_sent:
+                times.append(slot.term_at + self.kill_grace)
+        if self.reaper_pid is None and not self.stopping and self.spawn_reaper is not None:
+            times.append(self.reaper_respawn_at)
+        if not times:
+            return cap
+        return max(0.0, min(cap, min(times) - now))
+
+    # --- keeping the pool full -------------------------------------------------------------------------
+
+    def manage(self) -> None:
+        if self.stopping:
+            if all(slot.pid is None for slot in self.slots) and self.reaper_pid is None:
+                self.exit_code = 1 if (self.quick or self.halt_reason) else 0
+            return
+        now = self.ops.monotonic()
+        for slot in self.slots:
+            if slot.pid is None and now >= slot.respawn_at:
+                slot.pid, slot.fd = self.spawn_worker(slot)
+                slot.spawned_at = now
+        if self.spawn_reaper is not None and self.reaper_pid is None and now >= self.reaper_respawn_at:
+            self.reaper_pid = self.spawn_reaper()
+            self.reaper_spawned_at = now
+
+    def reap(self) -> None:
+        for pid, status in self.ops.reap():
+            self.on_exit(pid, status)
+
+    def tick(self) -> None:
+        self.reap()
+        self.enforce_deadlines()
+        self.manage()
+
+
+def _backoff(failures: int) -> float:
+    return 0.0 if failures == 0 else min(MAX_BACKOFF, 0.1 * 2 ** (failures - 1))
+
+
+class MasterLoop:
+    """The I/O around an Arbiter: signals, the workers' pipes, and sleeping until something happens."""
+
+    SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
+               signal.SIGHUP: "hup", signal.SIGCHLD: "chld"}
+
+    def __init__(self, arbiter: Arbiter) -> None:
+        self.arbiter = arbiter
+        arbiter.drain = self.drain
+        self.queue: list[str] = []
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+
+    def install_signals(self) -> None:
+        signal.set_wakeup_fd(self.wake_w)
+        for sig, name in self.SIGNALS.items():
+            signal.signal(sig, self._queue_signal)
+
+    def _queue_signal(self, signum: int, frame: object) -> None:
+        # Only queue it: the loop does the work, outside the handler.
+        if len(self.queue) < 16:
+            self.queue.append(self.SIGNALS[signal.Signals(signum)])
+
+    def dispatch_signals(self) -> None:
+        while self.queue:
+            getattr(self.arbiter, "handle_" + self.queue.pop(0))()
+
+    def read_pipes(self, timeout: float) -> None:
+        fds = [self.wake_r] + [s.fd for s in self.arbiter.slots if s.fd is not None]
+        try:
+            ready, _, _ = select.select(fds, [], [], timeout)
+        except InterruptedError:
+            return
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                return
+            raise
+        for fd in ready:
+            if fd == self.wake_r:
+                try:
+                    while os.read(self.wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                continue
+            slot = next((s for s in self.arbiter.slots if s.fd == fd), None)
+            if slot is not None:
+                self.drain(slot)
+
+    def drain(self, slot: Slot) -> None:
+        assert slot.fd is not None
+        while True:
+            try:
+                data = os.read(slot.fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                return
+            if not data:
+                return
+            self.arbiter.on_data(slot, data)
+
+    def run(self) -> int:
+        self.install_signals()
+        arbiter = self.arbiter
+        while True:
+            self.dispatch_signals()
+            arbiter.tick()
+            if arbiter.exit_code is not None:
+                return arbiter.exit_code
+            self.read_pipes(arbiter.next_wakeup())

@@ -1,0 +1,229 @@
+"""`kickq-supervisor [options] MODULE [MODULE ...]`: import the handlers, then run the master."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+from typing import Any, Sequence
+
+import redis
+
+import kickq
+from kickq import registry
+from kickq.config import current, merge_settings, validate_settings
+from kickq.connection import check_version, connect, describe
+
+from . import embedded, loader, pidfile
+from .arbiter import Arbiter, MasterLoop, Slot
+from .ghoster import Ghoster
+from .osapi import ProcessOps, set_title
+from .reaper import Reaper
+from .worker import Worker
+
+log = logging.getLogger("kickq.supervisor")
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G, 1048576)")
+    number, unit = float(match.group(1)), (match.group(2) or "b").lower()[:1]
+    return int(number * {"b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[unit])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kickq-supervisor",
+        description="Run kickq handlers in a pool of worker processes. Each MODULE (dotted name or "
+                    "path to a .py file) registers handlers with Kickq().process(...). Workers whose "
+                    "job passes its process_timeout are killed and replaced; a reaper process "
+                    "promotes delayed jobs, recovers lost ones and purges finished ones.",
+        epilog="Signals: TERM/INT graceful stop (a second INT: quick), HUP reload handlers, "
+               "QUIT quick stop. Config from kickq.config() in MODULE applies; flags win.")
+    p.add_argument("modules", nargs="+", metavar="MODULE", help="handler module or .py file")
+    p.add_argument("--redis-url", help="redis://, rediss:// or unix:// URL (default: config, "
+                                       "then $KICKQ_REDIS_URL, then 127.0.0.1:6379)")
+    p.add_argument("--redis-namespace", help="key namespace (default: config, 'kickq')")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--embedded-redis", metavar="DIR",
+                   help="start and own a private redis-server with AOF in DIR (single host)")
+    p.add_argument("--max-jobs-per-worker", type=int, default=0, metavar="N",
+                   help="replace a worker after N jobs (0: never)")
+    p.add_argument("--max-memory-per-worker", type=parse_size, default=0, metavar="SIZE",
+                   help="replace a worker whose RSS passes SIZE after a job (e.g. 512M)")
+    p.add_argument("--kill-grace", type=float, default=0.3, metavar="SECONDS",
+                   help="after TERM, wait this long before KILL (default 0.3)")
+    p.add_argument("--reaper-interval", type=float, default=1.0, metavar="SECONDS",
+                   help="longest sleep of the reaper between passes (default 1)")
+    p.add_argument("--no-reaper", action="store_true", help="run no reaper in this supervisor")
+    p.add_argument("--pidfile", metavar="PATH")
+    p.add_argument("--check-import", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    for target in args.modules:
+        try:
+            loader.load(target)
+        except loader.HandlerImportError as exc:
+            print(f"kickq-supervisor: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+    if args.check_import:
+        return 0
+    registrations = registry.registrations()
+    if not registrations:
+        print(f"kickq-supervisor: no handlers registered by {' '.join(args.modules)} "
+              "(call Kickq().process(names, handler) at import)", file=sys.stderr)
+        return EXIT_USAGE
+    cli_settings: dict[str, Any] = {}
+    if args.redis_url:
+        cli_settings["redis_url"] = args.redis_url
+    if args.redis_namespace:
+        cli_settings["redis_namespace"] = args.redis_namespace
+    try:
+        validate_settings(cli_settings)
+    except kickq.ConfigError as exc:
+        print(f"kickq-supervisor: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    redis_proc_pid = None
+    inherited = os.environ.get("KICKQ_EMBEDDED_REDIS")  # set across a HUP re-exec
+    if inherited:
+        pid_text, url = inherited.split(" ", 1)
+        redis_proc_pid = int(pid_text)
+        cli_settings["redis_url"] = url
+    elif args.embedded_redis:
+        try:
+            proc, url = embedded.start(args.embedded_redis)
+        except embedded.EmbeddedRedisError as exc:
+            print(f"kickq-supervisor: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        redis_proc_pid = proc.pid
+        cli_settings["redis_url"] = url
+        os.environ["KICKQ_EMBEDDED_REDIS"] = f"{proc.pid} {url}"
+        log.info("embedded redis-server (pid %d) at %s, AOF in %s", proc.pid, url, args.embedded_redis)
+
+    if args.pidfile:
+        try:
+            pidfile.create(args.pidfile)
+        except pidfile.PidfileError as exc:
+            print(f"kickq-supervisor: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+    code, reload = EXIT_FAILURE, False
+    try:
+        code, reload = run_master(args, registrations, cli_settings)
+    finally:
+        if args.pidfile and not reload:
+            pidfile.remove(args.pidfile)
+    if reload:
+        log.info("re-executing with freshly imported handlers")
+        os.execv(sys.executable, [sys.executable, "-m", "kickq_supervisor", *sys.argv[1:]])
+    if redis_proc_pid:
+        embedded.stop(redis_proc_pid)
+    return code
+
+
+def settings_for(registration: registry.Registration, cli_settings: dict[str, Any]) -> dict[str, Any]:
+    """Global config (set by the modules) < the registering client's overrides < command-line flags."""
+    settings = merge_settings(current(), registration.overrides)
+    return merge_settings(settings, cli_settings)
+
+
+def check_redis(settings: dict[str, Any]) -> str | None:
+    """A reason to refuse to start (bad password, old server), or None; an outage is not one."""
+    client = connect(settings)
+    try:
+        check_version(client.info("server"))
+    except redis.exceptions.AuthenticationError as exc:
+        return f"Redis at {describe(settings)} refused the credentials: {exc}"
+    except redis.exceptions.ResponseError as exc:
+        return f"Redis at {describe(settings)} refused: {exc}"
+    except kickq.RedisVersionError as exc:
+        return str(exc)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        log.warning("Redis at %s is unavailable (%s); workers will keep retrying", describe(settings), exc)
+    finally:
+        client.close()
+    return None
+
+
+def run_master(args: argparse.Namespace, registrations: list[registry.Registration],
+               cli_settings: dict[str, Any]) -> tuple[int, bool]:
+    per_registration = [settings_for(reg, cli_settings) for reg in registrations]
+    for settings in {describe(s): s for s in per_registration}.values():
+        problem = check_redis(settings)
+        if problem:
+            print(f"kickq-supervisor: {problem}", file=sys.stderr)
+            return EXIT_FAILURE, False
+    namespaces = sorted({s["redis_namespace"] for s in per_registration})
+    set_title(f"kickq-supervisor: master [{' '.join(namespaces)}]")
+    ops = ProcessOps()
+    ghosters = {describe(s): Ghoster(s) for s in per_registration}
+
+    def lost_job(slot: Slot, job_id: str, token: str, error: str) -> None:
+        settings = per_registration[slot.spec]
+        ghosters[describe(settings)].submit(settings["redis_namespace"], job_id, token, error)
+
+    def spawn_worker(slot: Slot) -> tuple[int, int]:
+        read_fd, write_fd = os.pipe()
+        registration, settings = registrations[slot.spec], per_registration[slot.spec]
+
+        def target() -> int:
+            os.close(read_fd)
+            signal.set_wakeup_fd(-1)
+            return Worker(slot.number, registration, settings, write_fd, max_jobs=args.max_jobs_per_worker,
+                          max_memory=args.max_memory_per_worker).run()
+        pid = ops.spawn(target)
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        log.info("worker %d (pid %d) serving %s", slot.number, pid, ", ".join(registration.names))
+        return pid, read_fd
+
+    def spawn_reaper() -> int:
+        by_redis: dict[str, list[str]] = {}
+        for s in per_registration:
+            by_redis.setdefault(describe(s), []).append(s["redis_namespace"])
+        settings = per_registration[0]
+
+        def target() -> int:
+            signal.set_wakeup_fd(-1)
+            return Reaper(settings, sorted(set(by_redis[describe(settings)])),
+                          interval=args.reaper_interval).run()
+        pid = ops.spawn(target)
+        log.info("reaper (pid %d) for %s", pid, ", ".join(namespaces))
+        return pid
+
+    slot_specs = [index for index, reg in enumerate(registrations) for _ in range(reg.concurrent_jobs)]
+    arbiter = Arbiter(slot_specs, ops, spawn_worker, None if args.no_reaper else spawn_reaper,
+                      lost_job=lost_job, kill_grace=args.kill_grace,
+                      can_reload=lambda: _imports_cleanly(args.modules))
+    log.info("kickq-supervisor %s: %d worker(s) for %s on %s", kickq.__version__, len(slot_specs),
+             ", ".join(namespaces), describe(per_registration[0]))
+    code = MasterLoop(arbiter).run()
+    for ghoster in ghosters.values():
+        ghoster.flush(timeout=2.0)
+    log.info("supervisor exiting with code %d", code)
+    return code, arbiter.reload_requested and not arbiter.quick
+
+
+def _imports_cleanly(modules: Sequence[str]) -> bool:
+    result = subprocess.run([sys.executable, "-m", "kickq_supervisor", "--check-import", *modules],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        log.error("HUP ignored: the handlers no longer import: %s", result.stderr.strip()[-2000:])
+        return False
+    return True

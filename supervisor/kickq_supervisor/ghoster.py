@@ -1,0 +1,59 @@
+"""Ghosting lost runs for the master, in a thread, so the master loop never waits on Redis."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+import redis
+
+from kickq import scripts
+from kickq.connection import connect
+from kickq.keys import Keys
+
+log = logging.getLogger("kickq.master")
+
+
+class Ghoster:
+    """`submit(namespace, job_id, token, error)` ghosts the run with that token (a no-op if the job
+    moved on). Runs that cannot be ghosted because Redis is down are retried; if the supervisor
+    exits first, the reaper recovers them when their lease expires."""
+
+    def __init__(self, settings: Mapping[str, Any], connector: Callable[..., Any] = connect) -> None:
+        self.settings = dict(settings)
+        self.connector = connector
+        self.pending: queue.Queue[tuple[str, str, str, str] | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="kickq-ghoster", daemon=True)
+        self.thread.start()
+
+    def submit(self, namespace: str, job_id: str, token: str, error: str) -> None:
+        self.pending.put((namespace, job_id, token, error))
+
+    def flush(self, timeout: float) -> None:
+        """Wait (at most `timeout`) until every submitted run has been ghosted."""
+        deadline = time.monotonic() + timeout
+        while self.pending.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _run(self) -> None:
+        client = self.connector(self.settings)
+        scr = scripts.Scripts(client)
+        while True:
+            item = self.pending.get()
+            if item is None:
+                return
+            namespace, job_id, token, error = item
+            delay = 0.05
+            while True:
+                try:
+                    status, state, _ = scr.finish(Keys(namespace), job_id, token, "ghost", error)
+                    log.info("job %s attempt %s: %s -> %s", job_id, token, error,
+                             state if status == "ok" else f"unchanged ({status})")
+                    break
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                    log.warning("cannot ghost job %s yet (%s); retrying", job_id, exc)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+            self.pending.task_done()

@@ -1,0 +1,98 @@
+"""Every process-level system call the master makes, behind one object that tests replace."""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+from typing import Callable
+
+try:
+    import setproctitle as _setproctitle
+except ImportError:  # pragma: no cover - setproctitle is a dependency; titles are a nicety
+    _setproctitle = None
+
+
+def set_title(title: str) -> None:
+    if _setproctitle is not None:
+        _setproctitle.setproctitle(title)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies (no orphaned workers)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: workers also watch getppid() between jobs
+        pass
+
+
+class ProcessOps:
+    """The real thing. `spawn(target)` forks; the child runs target() in its own process group
+    and never returns into the master's code."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def spawn(self, target: Callable[[], int]) -> int:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                os.setpgid(0, 0)
+                code = target()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        try:
+            os.setpgid(pid, pid)  # both sides set it, so a kill right after fork hits the group
+        except OSError:
+            pass
+        return pid
+
+    def kill_group(self, pid: int, sig: int) -> None:
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            self.kill(pid, sig)
+
+    def kill(self, pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def reap(self) -> list[tuple[int, int]]:
+        """(pid, wait status) of every child that has exited, without blocking."""
+        out = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return out
+            if pid == 0:
+                return out
+            out.append((pid, status))
+
+
+def describe_exit(status: int) -> str:
+    """'killed by SIGKILL' / 'exited with code 3', from a waitpid status."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        hint = " (out of memory?)" if sig == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    if os.WIFEXITED(status):
+        return f"exited with code {os.WEXITSTATUS(status)}"
+    return f"ended with status {status}"

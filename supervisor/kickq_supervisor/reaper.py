@@ -1,0 +1,88 @@
+"""The reaper process: promotes due jobs, recovers jobs whose lease expired, purges finished jobs.
+
+It keeps nothing in memory that matters: every step is one atomic script over Redis state, so any
+number of reapers on any number of hosts may run at once and a reaper may die at any moment.
+It sleeps until the earliest due time it knows of (Redis' clock), or until a producer pushes a
+token on the namespace's reaper list because it scheduled something earlier, or `interval`.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Any, Mapping, Sequence
+
+import redis
+
+from kickq import scripts
+from kickq.connection import connect
+from kickq.keys import Keys
+
+from .osapi import die_with_parent, set_title
+
+log = logging.getLogger("kickq.reaper")
+
+BATCH = 500
+
+
+class Reaper:
+    def __init__(self, settings: Mapping[str, Any], namespaces: Sequence[str], *, interval: float = 1.0) -> None:
+        self.settings = dict(settings)
+        self.keys = [Keys(ns) for ns in namespaces]
+        self.interval = interval
+        self.client: redis.Redis | None = None
+        self.scripts: scripts.Scripts | None = None
+
+    def tick(self, keys: Keys, now: int | None = None) -> float:
+        """One pass over one namespace; returns seconds until something may be due (0 = go again)."""
+        assert self.scripts is not None and self.client is not None
+        pipe = self.client.pipeline(transaction=False)
+        self.scripts.run("promote", scripts.sweep_args(keys, BATCH, now), client=pipe)
+        self.scripts.run("recover", scripts.sweep_args(keys, BATCH, now, "lease expired: its worker or "
+                                                       "supervisor was lost"), client=pipe)
+        self.scripts.run("purge", scripts.sweep_args(keys, BATCH, now), client=pipe)
+        (promoted, next_due, redis_now), (recovered, next_lease), (purged, next_purge) = pipe.execute()
+        if recovered:
+            log.warning("recovered %d job(s) whose lease expired in %s", recovered, keys.namespace)
+        if promoted or purged:
+            log.debug("promoted %d, purged %d in %s", promoted, purged, keys.namespace)
+        if BATCH in (promoted, recovered, purged):
+            return 0.0
+        upcoming = [t for t in (next_due, next_lease, next_purge) if t >= 0]
+        if not upcoming:
+            return self.interval
+        return max(0.0, min(self.interval, (min(upcoming) - int(redis_now)) / 1000))
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        die_with_parent()
+        set_title("kickq-supervisor: reaper")
+        self.client = connect(self.settings)
+        self.scripts = scripts.Scripts(self.client)
+        delay = 0.05
+        pubsub = None
+        while True:
+            try:
+                if pubsub is None:
+                    pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(*[k.reaper for k in self.keys])
+                wait = min(self.tick(keys) for keys in self.keys)
+                delay = 0.05
+                # Sleep on the subscription: a producer that schedules something earlier wakes us,
+                # and the timeout is kept by the client, to the millisecond (a blocking Redis
+                # command would only time out on the server's 100 ms cron).
+                deadline = time.monotonic() + wait
+                while (left := deadline - time.monotonic()) > 0:
+                    if pubsub.get_message(timeout=left) is not None:
+                        while pubsub.get_message(timeout=0) is not None:
+                            pass
+                        break
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                log.warning("reaper: Redis unavailable (%s); retrying in %.2fs", exc, delay)
+                if pubsub is not None:
+                    pubsub.close()
+                    pubsub = None
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
