@@ -176,9 +176,9 @@ class Arbiter:
         clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         run = slot.run
         if run is not None and not (clean and run.handler_returned):
-            error = slot.kill_reason or f"worker died: {describe_exit(status)}"
+            error = slot.kill_reason or f"worker died: {describe_exit(status, hint=False)}"
             if run.handler_returned and not slot.kill_reason:
-                error = f"worker died while saving the outcome: {describe_exit(status)}"
+                error = f"worker died while saving the outcome: {describe_exit(status, hint=False)}"
             log.warning("worker %d (pid %d) %s during job %s: %s", slot.number, pid,
                         describe_exit(status), run.job_id, error)
             self.lost_job(slot, run.job_id, run.token, error)
@@ -186,7 +186,9 @@ class Arbiter:
             log.warning("worker %d (pid %d) %s", slot.number, pid, describe_exit(status))
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == FATAL_EXIT and not self.stopping:
             self.halt(f"worker {slot.number} exited with code {FATAL_EXIT} (fatal configuration error)")
-        young = now - slot.spawned_at < CRASH_WINDOW and not clean
+        # Only a worker that dies young *between* jobs is crash-looping; deaths during a job are
+        # the job's doing, and its ghost_count already bounds how often it can do that.
+        young = now - slot.spawned_at < CRASH_WINDOW and not clean and run is None
         slot.failures = slot.failures + 1 if young else 0
         slot.respawn_at = now + _backoff(slot.failures)
         if slot.fd is not None:

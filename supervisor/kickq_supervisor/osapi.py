@@ -83,7 +83,7 @@ class ProcessOps:
             out.append((pid, status))
 
 
-def describe_exit(status: int) -> str:
+def describe_exit(status: int, hint: bool = True) -> str:
     """'killed by SIGKILL' / 'exited with code 3', from a waitpid status."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
@@ -91,8 +91,8 @@ def describe_exit(status: int) -> str:
             name = signal.Signals(sig).name
         except ValueError:
             name = f"signal {sig}"
-        hint = " (out of memory?)" if sig == signal.SIGKILL else ""
-        return f"killed by {name}{hint}"
+        suffix = " (out of memory?)" if hint and sig == signal.SIGKILL else ""
+        return f"killed by {name}{suffix}"
     if os.WIFEXITED(status):
         return f"exited with code {os.WEXITSTATUS(status)}"
     return f"ended with status {status}"

@@ -1,0 +1,272 @@
+"""The master's decisions, tick by tick, with a fake clock and fake process operations: no fork,
+no Redis, no sleeping."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from kickq_supervisor.arbiter import QUICK_STOP, TIMED_OUT, Arbiter, Slot
+
+
+def exited(code: int) -> int:
+    return code << 8  # a waitpid status for a normal exit
+
+
+def signalled(sig: int) -> int:
+    return int(sig)
+
+
+class FakeOps:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sent: list[tuple[str, int, int]] = []  # (kind, pid, signal)
+        self.exits: list[tuple[int, int]] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def kill_group(self, pid: int, sig: int) -> None:
+        self.sent.append(("group", pid, sig))
+
+    def kill(self, pid: int, sig: int) -> None:
+        self.sent.append(("pid", pid, sig))
+
+    def reap(self) -> list[tuple[int, int]]:
+        out, self.exits = self.exits, []
+        return out
+
+
+class Harness:
+    def __init__(self, slots: int = 2, reaper: bool = True, kill_grace: float = 0.3) -> None:
+        self.ops = FakeOps()
+        self.next_pid = 1000
+        self.lost: list[tuple[int, str, str, str]] = []
+        self.spawned: list[int] = []
+        self.closed: list[int] = []
+        self.arbiter = Arbiter(
+            [0] * slots, self.ops, self.spawn_worker, self.spawn_reaper if reaper else None,
+            lost_job=lambda slot, job_id, token, error: self.lost.append((slot.number, job_id, token, error)),
+            kill_grace=kill_grace, close_fd=self.closed.append)
+
+    def spawn_worker(self, slot: Slot) -> tuple[int, int]:
+        self.next_pid += 1
+        self.spawned.append(self.next_pid)
+        return self.next_pid, self.next_pid + 50000
+
+    def spawn_reaper(self) -> int:
+        self.next_pid += 1
+        return self.next_pid
+
+    def start(self, slot: Slot, job_id: str, token: str = "1", timeout: float = 1.0) -> None:
+        self.arbiter.on_data(slot, f"S {job_id} {token} {self.ops.now:.6f} {timeout}\n".encode())
+
+    def die(self, pid: int, status: int) -> None:
+        self.ops.exits.append((pid, status))
+        self.arbiter.tick()
+
+
+@pytest.fixture
+def h() -> Harness:
+    harness = Harness()
+    harness.arbiter.tick()
+    return harness
+
+
+def test_first_tick_fills_every_slot_and_starts_the_reaper(h):
+    assert [s.pid for s in h.arbiter.slots] == [1001, 1002]
+    assert h.arbiter.reaper_pid == 1003
+
+
+def test_a_job_is_killed_at_its_deadline_not_before(h):
+    slot = h.arbiter.slots[0]
+    h.start(slot, "7", timeout=1.0)
+    h.ops.now += 0.999
+    h.arbiter.tick()
+    assert h.ops.sent == []
+    assert h.arbiter.next_wakeup() == pytest.approx(0.001)
+    h.ops.now += 0.001
+    h.arbiter.tick()
+    assert h.ops.sent == [("group", slot.pid, signal.SIGTERM)]
+
+
+def test_term_escalates_to_kill_after_the_grace_and_the_run_is_ghosted_as_timed_out(h):
+    slot = h.arbiter.slots[0]
+    pid = slot.pid
+    h.start(slot, "7", token="3", timeout=1.0)
+    h.ops.now += 1.0
+    h.arbiter.tick()
+    h.ops.now += 0.29
+    h.arbiter.tick()
+    assert ("group", pid, signal.SIGKILL) not in h.ops.sent
+    assert h.arbiter.next_wakeup() == pytest.approx(0.01)
+    h.ops.now += 0.01
+    h.arbiter.tick()
+    assert h.ops.sent[-1] == ("group", pid, signal.SIGKILL)
+    h.die(pid, signalled(signal.SIGKILL))
+    assert h.lost == [(1, "7", "3", TIMED_OUT)]
+    assert slot.pid not in (None, pid)  # replaced in the same tick
+
+
+def test_a_job_that_returned_is_not_killed_while_its_outcome_is_saved(h):
+    slot = h.arbiter.slots[0]
+    h.start(slot, "7", timeout=1.0)
+    h.arbiter.on_data(slot, b"F 7\n")
+    h.ops.now += 5
+    h.arbiter.tick()
+    assert h.ops.sent == []
+
+
+def test_worker_death_mid_job_is_ghosted_at_once_naming_the_signal(h):
+    slot = h.arbiter.slots[1]
+    pid = slot.pid
+    h.start(slot, "9", token="2")
+    h.die(pid, signalled(signal.SIGKILL))
+    assert len(h.lost) == 1
+    number, job_id, token, error = h.lost[0]
+    assert (number, job_id, token) == (2, "9", "2")
+    assert "SIGKILL" in error and error.startswith("worker died")
+    assert slot.pid is not None and slot.pid != pid
+    assert h.closed == [pid + 50000]
+
+
+def test_exit_zero_mid_job_is_a_death_too(h):
+    slot = h.arbiter.slots[0]
+    h.start(slot, "4")
+    h.die(slot.pid, exited(0))
+    assert h.lost and "exited with code 0" in h.lost[0][3]
+
+
+def test_clean_exit_after_a_finished_job_loses_nothing(h):
+    slot = h.arbiter.slots[0]
+    h.start(slot, "4")
+    h.arbiter.on_data(slot, b"F 4\n")
+    h.die(slot.pid, exited(0))
+    assert h.lost == []
+
+
+def test_death_after_the_handler_returned_is_ghosted_in_case_the_outcome_was_not_saved(h):
+    slot = h.arbiter.slots[0]
+    h.start(slot, "4", token="5")
+    h.arbiter.on_data(slot, b"F 4\n")
+    h.die(slot.pid, signalled(signal.SIGKILL))
+    assert h.lost and h.lost[0][1:3] == ("4", "5") and "saving the outcome" in h.lost[0][3]
+
+
+def test_messages_split_across_reads_are_reassembled(h):
+    slot = h.arbiter.slots[0]
+    h.arbiter.on_data(slot, b"S 12 1 ")
+    assert slot.run is None
+    h.arbiter.on_data(slot, f"{h.ops.now:.6f} 2.5\nF 1".encode())
+    assert slot.run is not None and slot.run.job_id == "12" and slot.run.deadline == h.ops.now + 2.5
+    assert not slot.run.handler_returned
+
+
+def test_a_worker_dying_young_again_and_again_is_respawned_with_growing_backoff(h):
+    slot = h.arbiter.slots[0]
+    delays = []
+    for _ in range(5):
+        h.die(slot.pid, exited(1))
+        assert slot.pid is None or len(delays) == 0
+        delays.append(slot.respawn_at - h.ops.now)
+        h.ops.now = slot.respawn_at
+        h.arbiter.tick()
+        assert slot.pid is not None
+    assert delays == sorted(delays) and delays[-1] > delays[0] > 0
+
+
+def test_a_worker_that_lived_long_is_respawned_at_once(h):
+    slot = h.arbiter.slots[0]
+    h.ops.now += 60
+    h.die(slot.pid, exited(1))
+    assert slot.pid is not None
+
+
+def test_graceful_stop_asks_workers_to_finish_and_exits_zero_when_all_are_gone(h):
+    pids = [s.pid for s in h.arbiter.slots]
+    reaper = h.arbiter.reaper_pid
+    h.start(h.arbiter.slots[0], "1")
+    h.arbiter.handle_term()
+    assert [("pid", p, signal.SIGUSR1) for p in pids] == [e for e in h.ops.sent if e[2] == signal.SIGUSR1]
+    assert ("group", reaper, signal.SIGTERM) in h.ops.sent
+    h.die(pids[1], exited(0))
+    h.die(reaper, signalled(signal.SIGTERM))
+    assert h.arbiter.exit_code is None  # a job is still running
+    assert h.arbiter.slots[1].pid is None  # not replaced while stopping
+    h.arbiter.on_data(h.arbiter.slots[0], b"F 1\n")
+    h.die(pids[0], exited(0))
+    assert h.arbiter.exit_code == 0 and h.lost == []
+
+
+def test_graceful_stop_still_kills_a_job_past_its_deadline(h):
+    slot = h.arbiter.slots[0]
+    h.start(slot, "1", timeout=1.0)
+    h.arbiter.handle_term()
+    h.ops.now += 1.0
+    h.arbiter.tick()
+    assert ("group", slot.pid, signal.SIGTERM) in h.ops.sent
+
+
+def test_second_int_is_a_quick_stop_that_kills_and_ghosts_and_exits_nonzero(h):
+    slot = h.arbiter.slots[0]
+    h.start(slot, "1", token="4")
+    h.arbiter.handle_int()
+    assert h.arbiter.stopping and not h.arbiter.quick
+    h.arbiter.handle_int()
+    assert h.arbiter.quick
+    assert ("group", slot.pid, signal.SIGKILL) in h.ops.sent
+    for s in h.arbiter.slots:
+        h.ops.exits.append((s.pid, signalled(signal.SIGKILL)))
+    h.ops.exits.append((h.arbiter.reaper_pid, signalled(signal.SIGTERM)))
+    h.arbiter.tick()
+    assert h.lost == [(1, "1", "4", QUICK_STOP)]
+    assert h.arbiter.exit_code == 1
+
+
+def test_hup_is_ignored_when_the_handlers_no_longer_import(h):
+    h.arbiter.can_reload = lambda: False
+    h.arbiter.handle_hup()
+    assert not h.arbiter.stopping and not h.arbiter.reload_requested
+
+
+def test_hup_drains_the_workers_for_a_reload(h):
+    h.arbiter.handle_hup()
+    assert h.arbiter.stopping and h.arbiter.reload_requested
+
+
+def test_fatal_exit_code_halts_the_master(h):
+    slot = h.arbiter.slots[0]
+    h.die(slot.pid, exited(3))
+    assert h.arbiter.stopping and h.arbiter.halt_reason
+    for s in h.arbiter.slots:
+        if s.pid is not None:
+            h.ops.exits.append((s.pid, signalled(signal.SIGKILL)))
+    h.ops.exits.append((h.arbiter.reaper_pid, signalled(signal.SIGTERM)))
+    h.arbiter.tick()
+    assert h.arbiter.exit_code == 1
+
+
+def test_a_dead_reaper_is_restarted(h):
+    old = h.arbiter.reaper_pid
+    h.ops.now += 10
+    h.die(old, signalled(signal.SIGKILL))
+    assert h.arbiter.reaper_pid not in (None, old)
+
+
+def test_unknown_children_are_ignored(h):
+    h.die(4242, exited(0))
+    assert h.lost == [] and all(s.pid for s in h.arbiter.slots)
+
+
+def test_next_wakeup_is_capped_and_never_negative(h):
+    assert h.arbiter.next_wakeup(cap=1.0) == 1.0
+    slot = h.arbiter.slots[0]
+    h.start(slot, "1", timeout=0.5)
+    h.ops.now += 2
+    assert h.arbiter.next_wakeup() == 0.0
+
+
+def test_waitpid_status_helpers_match_the_os():
+    assert os.WIFEXITED(exited(5)) and os.WEXITSTATUS(exited(5)) == 5
+    assert os.WIFSIGNALED(signalled(signal.SIGKILL))
