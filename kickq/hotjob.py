@@ -26,6 +26,9 @@ from .keys import Keys
 log = logging.getLogger("kickq.hotjob")
 
 EARLY_KEEP_SECONDS = 60.0
+#: How long the subscriber blocks for a message before it checks whether it should stop: the bound
+#: on how long close() (and kickq.reset()) waits for it.
+POLL_SECONDS = 0.1
 
 
 class HotjobWaiter:
@@ -50,7 +53,8 @@ class HotjobWaiter:
         """Block until the subscription is live; returns its generation, to be given to watch()."""
         with self._lock:
             if not self._threads:
-                for target, name in ((self._listen, "kickq-hotjob-listener"), (self._expire, "kickq-hotjob-timer")):
+                for target, name in ((self._listen, "kickq-hotjob-listener"),
+                                     (self._expire, "kickq-hotjob-timer")):
                     thread = threading.Thread(target=target, name=name, daemon=True)
                     thread.start()
                     self._threads.append(thread)
@@ -99,7 +103,7 @@ class HotjobWaiter:
             self._deadline_changed.notify()
             pending = list(self._pending.items())
             self._pending.clear()
-        for job_id, (future, _) in pending:
+        for _job_id, (future, _) in pending:
             if not future.done():
                 future.cancel()
         for thread in self._threads:
@@ -127,7 +131,8 @@ class HotjobWaiter:
                     now = time.monotonic()
                     self._early[job_id] = (now, message)
                     if len(self._early) > 10000:
-                        self._early = {k: v for k, v in self._early.items() if now - v[0] < EARLY_KEEP_SECONDS}
+                        self._early = {k: v for k, v in self._early.items()
+                                       if now - v[0] < EARLY_KEEP_SECONDS}
                 return
         self._settle(entry[0], job_id, message)
 
@@ -168,7 +173,7 @@ class HotjobWaiter:
                 self._subscribed.set()
                 backoff = 0.05
                 while not self._stopping.is_set():
-                    message = pubsub.get_message(timeout=1.0)
+                    message = pubsub.get_message(timeout=POLL_SECONDS)
                     if message and message.get("type") == "message":
                         body = json.loads(message["data"])
                         self._deliver(str(body["id"]), body)
@@ -191,7 +196,7 @@ class HotjobWaiter:
         pipe = client.pipeline(transaction=False)
         for job_id in ids:
             pipe.hgetall(self._keys.job(job_id))
-        for job_id, fields in zip(ids, pipe.execute()):
+        for job_id, fields in zip(ids, pipe.execute(), strict=True):
             if not fields:
                 self._deliver(job_id, {"id": job_id, "deleted": True})
             elif fields.get("state") in TERMINAL_STATES:

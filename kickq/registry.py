@@ -28,7 +28,9 @@ _registrations: list[Registration] = []
 def normalise_names(names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     if isinstance(names, str):
         names = [names]
-    if not isinstance(names, (list, tuple)) or not names:
+    if not isinstance(names, (list, tuple)):
+        raise TypeError(f"process() needs a job name (str) or a list of them, not {type(names).__name__}")
+    if not names:
         raise ValueError("process() needs a job name or a non-empty list of job names")
     out = tuple(validate_name(name) for name in names)
     if len(set(out)) != len(out):
