@@ -94,8 +94,8 @@ def _check_job_option(key: str, value: Any, *, allow_callable: bool) -> Any:
     if key == "retry_interval":
         if callable(value):
             if not allow_callable:
-                raise ConfigError("retry_interval in per-job opts must be a number: jobs are stored in Redis, "
-                                  "callables belong in kickq.config() or job_flags")
+                raise ConfigError("retry_interval in per-job opts must be a number: jobs are stored in "
+                                  "Redis, callables belong in kickq.config() or job_flags")
             return value
         return _number(key, value)
     if key in ("retry_count", "ghost_count"):
@@ -227,7 +227,8 @@ def expand_retry_interval(func: Callable[[int], Any], retry_count: int) -> list[
 
 def stored_options(resolved: Mapping[str, Any]) -> dict[str, Any]:
     """Only the options that differ from the library defaults: a smaller hash for each job."""
-    return {k: v for k, v in resolved.items() if JOB_OPTION_DEFAULTS[k] != v or type(JOB_OPTION_DEFAULTS[k]) is not type(v)}
+    return {k: v for k, v in resolved.items()
+            if JOB_OPTION_DEFAULTS[k] != v or type(JOB_OPTION_DEFAULTS[k]) is not type(v)}
 
 
 # --- module-level global config ---------------------------------------------------------------

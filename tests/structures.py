@@ -73,13 +73,14 @@ def assert_consistent(r: Any, ns: str) -> None:
         pipe.zrange(p + zset, 0, -1)
     replies = pipe.execute()
     where: dict[str, list[str]] = {}
-    for key, members in zip(queues, replies[len(job_ids):len(job_ids) + len(queues)]):
+    for key, members in zip(queues, replies[len(job_ids):len(job_ids) + len(queues)], strict=True):
         for member in members:
             where.setdefault(member, []).append(key[len(p):])
-    for zset, members in zip(("delayed", "processing", "finished"), replies[len(job_ids) + len(queues):]):
+    zsets = ("delayed", "processing", "finished")
+    for zset, members in zip(zsets, replies[len(job_ids) + len(queues):], strict=True):
         for member in members:
             where.setdefault(member, []).append(zset)
-    for job_id, (state, name) in zip(job_ids, replies[:len(job_ids)]):
+    for job_id, (state, name) in zip(job_ids, replies[:len(job_ids)], strict=True):
         assert state in STRUCTURE_OF_STATE, f"job {job_id} has state {state!r}"
         expected = STRUCTURE_OF_STATE[state]
         if expected == "queue":

@@ -108,8 +108,8 @@ def test_camel_case_aliases_globally():
 
 
 def test_camel_case_aliases_in_per_job_opts():
-    assert normalise_job_options({"processTimeout": 4, "retryCount": 2, "hotjob": True},
-                                 allow_callable=False) == {"process_timeout": 4, "retry_count": 2, "hotjob": True}
+    opts = normalise_job_options({"processTimeout": 4, "retryCount": 2, "hotjob": True}, allow_callable=False)
+    assert opts == {"process_timeout": 4, "retry_count": 2, "hotjob": True}
 
 
 def test_alias_and_snake_case_of_the_same_key_at_once_is_an_error():

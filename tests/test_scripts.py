@@ -14,7 +14,8 @@ import pytest
 from kickq.job import Job
 from kickq.keys import Keys
 from kickq.scripts import LEASE_GRACE_MS, NAMES, Scripts, create_args, finish_args, parse_create
-from tests.structures import assert_consistent, assert_gone, assert_one_structure, namespace_keys, structures_of
+from tests.structures import (assert_consistent, assert_gone, assert_one_structure, namespace_keys,
+                              structures_of)
 
 T0 = 1_700_000_000_000  # epoch ms; every test moves time by argument from here
 
@@ -136,8 +137,8 @@ def test_create_delay_zero_is_delayed_and_due_at_once(m):
 
 
 def test_create_batch_gives_consecutive_ids(m):
-    assert m.create_many([("a", None, None, None), ("b", None, 10, [1]), ("a", {"retry": True}, None, "x")]) == [
-        "1", "2", "3"]
+    items = [("a", None, None, None), ("b", None, 10, [1]), ("a", {"retry": True}, None, "x")]
+    assert m.create_many(items) == ["1", "2", "3"]
     assert m.r.lrange(m.keys.queue("a"), 0, -1) == ["1", "3"]
     assert m.job("3").retry is True and m.job("1").retry is False
 
@@ -236,7 +237,8 @@ def drive(m, job_id, outcomes, step=100_000, name="a"):
     states = []
     now = T0
     for outcome in outcomes:
-        state = m.run_once(job_id, outcome, now, payload="" if outcome == "success" else "boom", names=(name,))
+        payload = "" if outcome == "success" else "boom"
+        state = m.run_once(job_id, outcome, now, payload=payload, names=(name,))
         states.append(state)
         if state in ("success", "fail"):
             break
