@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import random
 import re
-from importlib import resources
 
 import pytest
 
 from kickq.job import Job
 from kickq.keys import Keys
-from kickq.scripts import LEASE_GRACE_MS, NAMES, Scripts, create_args, finish_args, parse_create
+from kickq.scripts import LEASE_GRACE_MS, NAMES, Scripts, _read, create_args, finish_args, parse_create
 from tests.structures import (assert_consistent, assert_gone, assert_one_structure, namespace_keys,
                               structures_of)
 
@@ -191,6 +190,20 @@ def test_fractional_seconds_become_whole_milliseconds_like_in_python(m, seconds)
     assert m.r.zscore(m.keys.processing, job_id) == T0 + round(seconds * 1000) + LEASE_GRACE_MS
     m.finish(job_id, 1, "success", now=T0 + 1)
     assert m.r.zscore(m.keys.finished, job_id) == T0 + 1 + round(seconds * 1000)
+
+
+def test_claim_records_the_claimers_last_claim(m):
+    first, second = m.create("a"), m.create("a")
+    _, token, _ = m.s.claim(m.keys, ["a"], now=T0, claimer="w1")
+    assert m.r.get(m.keys.claim("w1")) == f"{first} {token}"
+    assert 0 < m.r.ttl(m.keys.claim("w1")) <= 86400
+    _, _, (next_id, next_token, _) = m.s.finish(m.keys, first, token, "success", claim_names=["a"],
+                                                claimer="w1", now=T0 + 1)
+    assert m.r.get(m.keys.claim("w1")) == f"{second} {next_token}" and next_id == second
+    m.create("a")
+    m.claim("a")  # no claimer: nothing recorded
+    assert m.r.keys(m.keys.prefix + "claim:*") == [m.keys.claim("w1")]
+    m.check()
 
 
 def test_claim_never_takes_a_delayed_job(m):
@@ -574,7 +587,7 @@ def test_random_walk_keeps_every_job_in_exactly_one_structure(m):
 # --- the scripts themselves ----------------------------------------------------------------------------
 
 def _lua(name):
-    return resources.files("kickq").joinpath("lua", name + ".lua").read_text(encoding="utf-8")
+    return _read(name)
 
 
 @pytest.mark.parametrize("name", NAMES)
