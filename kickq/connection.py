@@ -29,28 +29,41 @@ def describe(settings: Mapping[str, Any]) -> str:
     return f"redis://{settings['redis_host']}:{settings['redis_port']}"
 
 
-def connect(settings: Mapping[str, Any], **overrides: Any) -> redis.Redis:
-    """A client with bounded waits and no automatic retries.
-
-    No retries, because a create whose reply was lost may have been applied: retrying it would
-    make a second job. Long-lived processes (workers, reaper) retry whole steps themselves.
-    """
+def client_options(settings: Mapping[str, Any], retry: Any, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for a redis-py client, sync or asyncio (which differ only in `retry`):
+    bounded waits, decoded replies, then `redis_options`, then `overrides`."""
     timeout = float(settings["redis_timeout"])
     kwargs: dict[str, Any] = {
         "decode_responses": True,
         "encoding_errors": "replace",
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
-        "retry": Retry(NoBackoff(), 0),
+        "retry": retry,
         "health_check_interval": 30,
     }
     kwargs.update(settings.get("redis_options") or {})
     kwargs.update(overrides)
+    return kwargs
+
+
+def make_client(cls: Any, settings: Mapping[str, Any], kwargs: Mapping[str, Any]) -> Any:
+    """`cls` (redis.Redis or redis.asyncio.Redis) for the configured URL, else host/port/password."""
     url = redis_url(settings)
     if url:
-        return redis.Redis.from_url(url, **kwargs)
-    return redis.Redis(host=settings["redis_host"], port=settings["redis_port"],
-                       password=settings["redis_password"], **kwargs)
+        return cls.from_url(url, **kwargs)
+    return cls(host=settings["redis_host"], port=settings["redis_port"],
+               password=settings["redis_password"], **kwargs)
+
+
+def connect(settings: Mapping[str, Any], **overrides: Any) -> redis.Redis:
+    """A client with bounded waits and no automatic retries.
+
+    No retries, because a create whose reply was lost may have been applied: retrying it would
+    make a second job. Long-lived processes (workers, reaper) retry whole steps themselves.
+    """
+    client: redis.Redis = make_client(redis.Redis, settings,
+                                      client_options(settings, Retry(NoBackoff(), 0), **overrides))
+    return client
 
 
 def parse_version(text: str) -> tuple[int, ...]:

@@ -31,6 +31,31 @@ EARLY_KEEP_SECONDS = 60.0
 POLL_SECONDS = 0.1
 
 
+# --- pure helpers, shared with the asyncio waiter (kickq/aio_hotjob.py) ---------------------------
+
+def parse_message(data: str) -> tuple[str, dict[str, Any]]:
+    """A `done` channel message: (job id, body); body is {"id", "job": {hash}} or {"id", "deleted": true}."""
+    body = json.loads(data)
+    return str(body["id"]), body
+
+
+def final_job(job_id: str, message: dict[str, Any]) -> Job:
+    """The Job a waiter resolves to; JobNotFound when the message says the job was deleted."""
+    if message.get("deleted") or message.get("job") is None:
+        raise JobNotFound(job_id)
+    return Job.from_fields(job_id, message["job"])
+
+
+def recheck_message(job_id: str, fields: dict[str, str]) -> dict[str, Any] | None:
+    """What the `done` channel would have said about a job read from Redis (its HGETALL), or None
+    while it still runs: after a reconnect, when messages may have been missed."""
+    if not fields:
+        return {"id": job_id, "deleted": True}
+    if fields.get("state") in TERMINAL_STATES:
+        return {"id": job_id, "job": fields}
+    return None
+
+
 class HotjobWaiter:
     def __init__(self, connect: Callable[[], redis.Redis], keys: Keys, timeout: float) -> None:
         self._connect = connect
@@ -115,13 +140,10 @@ class HotjobWaiter:
     def _settle(future: Future[Job], job_id: str, message: dict[str, Any]) -> None:
         if future.done():
             return
-        if message.get("deleted") or message.get("job") is None:
-            future.set_exception(JobNotFound(job_id))
-        else:
-            try:
-                future.set_result(Job.from_fields(job_id, message["job"]))
-            except Exception as exc:  # a corrupt record must fail only this waiter
-                future.set_exception(exc)
+        try:
+            future.set_result(final_job(job_id, message))
+        except Exception as exc:  # JobNotFound; a corrupt record must fail only this waiter
+            future.set_exception(exc)
 
     def _deliver(self, job_id: str, message: dict[str, Any]) -> None:
         with self._lock:
@@ -175,8 +197,7 @@ class HotjobWaiter:
                 while not self._stopping.is_set():
                     message = pubsub.get_message(timeout=POLL_SECONDS)
                     if message and message.get("type") == "message":
-                        body = json.loads(message["data"])
-                        self._deliver(str(body["id"]), body)
+                        self._deliver(*parse_message(message["data"]))
             except Exception as exc:  # never let the only subscriber thread die
                 self._subscribed.clear()
                 log.warning("hotjob subscriber lost Redis (%s); reconnecting", exc)
@@ -197,7 +218,6 @@ class HotjobWaiter:
         for job_id in ids:
             pipe.hgetall(self._keys.job(job_id))
         for job_id, fields in zip(ids, pipe.execute(), strict=True):
-            if not fields:
-                self._deliver(job_id, {"id": job_id, "deleted": True})
-            elif fields.get("state") in TERMINAL_STATES:
-                self._deliver(job_id, {"id": job_id, "job": fields})
+            message = recheck_message(job_id, fields)
+            if message is not None:
+                self._deliver(job_id, message)
