@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import redis
 
 from . import config as _config
+from . import cron as cron_rules
 from . import payload, registry, scripts
 from .connection import check_version, connect, redis_errors
 from .errors import JobNotFound, KickqError
@@ -147,6 +148,12 @@ class Kickq:
         return job
 
     def _create_one(self, name: Any, data: Any, opts: Any) -> Job:
+        if isinstance(opts, Mapping) and ("cron" in opts or "every" in opts):
+            # The original API sketch: create(name, data, {"cron": ...}) registers a schedule whose
+            # id is the job name, and returns its first (delayed) tick job.
+            rest = {k: v for k, v in opts.items() if k not in ("cron", "every")}
+            _, pending = self._schedule(name, opts.get("cron"), opts.get("every"), data, rest, None, "UTC", "one")
+            return self.get(pending)
         return self._create([(name, data, opts)])[0]
 
     def create_many(self, items: Iterable[Sequence[Any]]) -> list[Job]:
@@ -216,6 +223,78 @@ class Kickq:
         _, scr = self._connection(settings)
         with redis_errors(settings):
             return scr.delete(Keys(settings["redis_namespace"]), str(job_id))
+
+    # --- schedules ---------------------------------------------------------------------------------
+
+    def schedule(self, name: str, cron: str | None = None, every: float | None = None, data: Any = None,
+                 opts: Mapping[str, Any] | None = None, schedule_id: str | None = None,
+                 timezone: str = "UTC", catch_up: str = "one") -> str:
+        """Create or replace a schedule; returns its id (default: the job name).
+
+        Exactly one of `cron` (5 fields, or 6 with seconds as croniter reads them) and `every`
+        (seconds). Each tick's job is an ordinary delayed job created ahead, due at the tick, with
+        `scheduled_for` = the tick; promoting it creates the next tick's job in the same atomic step,
+        so any number of reapers make exactly one job per tick. `catch_up` decides what happens to
+        ticks missed while no reaper ran: "one" (run once, late), "skip", or "all" (at most 100).
+        """
+        return self._schedule(name, cron, every, data, opts, schedule_id, timezone, catch_up)[0]
+
+    def _schedule(self, name: Any, cron: Any, every: Any, data: Any, opts: Any, schedule_id: Any,
+                  timezone: Any, catch_up: Any) -> tuple[str, str]:
+        settings = self.settings()
+        sid = validate_name(name if schedule_id is None else schedule_id)
+        cron_rules.validate(cron, every, timezone, catch_up)
+        if isinstance(opts, Mapping) and any(_config.snake_case(str(k)) == "delay" for k in opts):
+            raise _config.ConfigError("delay does not apply to scheduled jobs: each tick is their due time")
+        prepared = prepare(settings, name, data, opts)
+        stored = _config.stored_options({**prepared.opts, "delay": None})
+        record: dict[str, Any] = {"name": prepared.name, "data": prepared.data,
+                                  "opts": payload.encode(stored) if stored else "",
+                                  "timezone": timezone, "catch_up": catch_up}
+        client, scr = self._connection(settings)
+        keys = Keys(settings["redis_namespace"])
+        ticks: list[int] = []
+        with redis_errors(settings):
+            if cron is not None:
+                record["cron"] = cron
+                seconds, micros = client.time()  # Redis' clock: every host computes the same ticks
+                ticks = cron_rules.ticks_after(cron, timezone, seconds * 1000 + micros // 1000,
+                                               cron_rules.TICKS_AHEAD)
+            else:
+                record["every"] = every
+                record["every_ms"] = max(1, int(round(every * 1000)))
+            pending, _ = scr.run("schedule", scripts.schedule_args(keys, sid, payload.encode(record), ticks))
+        return sid, str(pending)
+
+    def unschedule(self, schedule_id: str) -> bool:
+        """Remove a schedule and its pending tick job. True if it existed."""
+        settings = self.settings()
+        _, scr = self._connection(settings)
+        with redis_errors(settings):
+            return bool(scr.run("unschedule", scripts.unschedule_args(Keys(settings["redis_namespace"]),
+                                                                      validate_name(schedule_id))))
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """Every schedule: id, name, cron or every, timezone, catch_up, next_run (epoch ms, None when
+        the reaper has yet to compute it), last_job_id, pending_job_id."""
+        settings = self.settings()
+        client, _ = self._connection(settings)
+        with redis_errors(settings):
+            raw = client.hgetall(Keys(settings["redis_namespace"]).schedules)
+        out = []
+        for sid, text in sorted(raw.items()):
+            record = payload.decode(text)
+            entry = {"id": sid, "name": record["name"], "timezone": record["timezone"],
+                     "catch_up": record["catch_up"],
+                     "next_run": None if record.get("next_run", -1) < 0 else int(record["next_run"]),
+                     "last_job_id": record.get("last_job_id") or None,
+                     "pending_job_id": record.get("pending") or None}
+            if "cron" in record:
+                entry["cron"] = record["cron"]
+            else:
+                entry["every"] = record["every"]
+            out.append(entry)
+        return out
 
     # --- handlers ----------------------------------------------------------------------------------
 

@@ -142,6 +142,8 @@ def _check_global(key: str, value: Any) -> Any:
     if key == "redis_options":
         if value is not None and not isinstance(value, Mapping):
             raise ConfigError("redis_options must be a dict of redis client keyword arguments, or None")
+        if value is not None and value.get("decode_responses", True) is not True:
+            raise ConfigError("redis_options cannot turn off decode_responses: kickq reads str replies")
         return None if value is None else dict(value)
     if key == "redis_namespace":
         if not isinstance(value, str) or not _NAMESPACE_RE.match(value):

@@ -51,6 +51,15 @@ class Keys:
         return self.prefix + "claim:" + claimer
 
     @property
+    def schedules(self) -> str:
+        """Hash: schedule id -> JSON record (name, cron or every_ms, pending job, next_run, ...)."""
+        return self.prefix + "schedules"
+
+    def ticks(self, schedule_id: str) -> str:
+        """Zset of a cron schedule's upcoming ticks (epoch ms), computed ahead by croniter."""
+        return self.prefix + "ticks:" + schedule_id
+
+    @property
     def delayed(self) -> str:
         return self.prefix + "delayed"
 

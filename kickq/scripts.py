@@ -16,7 +16,7 @@ from .keys import Keys
 #: Extra time past process_timeout before the reaper may recover a run: the supervisor that owns
 #: the run kills it at process_timeout and ghosts it itself; the reaper is for lost supervisors.
 LEASE_GRACE_MS = 1000
-NAMES = ("create", "claim", "finish", "recover", "promote", "purge", "delete")
+NAMES = ("create", "claim", "finish", "recover", "promote", "purge", "delete", "schedule", "unschedule", "extend")
 
 
 _LUA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lua")
@@ -76,6 +76,20 @@ def sweep_args(keys: Keys, limit: int, now: int | None = None, *extra: str) -> t
 
 def delete_args(keys: Keys, job_id: str) -> tuple[list[str], list[Any]]:
     return [keys.id], [keys.prefix, job_id]
+
+
+def schedule_args(keys: Keys, schedule_id: str, record_json: str, ticks: Sequence[int] = (),
+                  now: int | None = None) -> tuple[list[str], list[Any]]:
+    return [keys.id], [keys.prefix, _now(now), schedule_id, record_json, *ticks]
+
+
+def unschedule_args(keys: Keys, schedule_id: str) -> tuple[list[str], list[Any]]:
+    return [keys.id], [keys.prefix, schedule_id]
+
+
+def extend_args(keys: Keys, schedule_id: str, ticks: Sequence[int],
+                now: int | None = None) -> tuple[list[str], list[Any]]:
+    return [keys.id], [keys.prefix, _now(now), schedule_id, *ticks]
 
 
 # --- reply parsers --------------------------------------------------------------------------------

@@ -65,10 +65,21 @@ local function reconcile_wake(P, names)
   end
 end
 
-local function enqueue(P, id, name, state, now)
+local function new_job(P, name, data, opts, now)
+  local id = tostring(rcall('INCR', P .. 'id'))
+  local jk = P .. 'job:' .. id
+  rcall('HSET', jk, 'name', name, 'create_time', now, 'update_time', now)
+  if data and data ~= '' then rcall('HSET', jk, 'data', data) end
+  if opts and opts ~= '' then rcall('HSET', jk, 'opts', opts) end
+  rcall('SADD', P .. 'names', name)
+  return id
+end
+
+-- keep_due: a schedule's tick job keeps scheduled_for = its tick; others drop it once queued.
+local function enqueue(P, id, name, state, now, keep_due)
   local jk = P .. 'job:' .. id
   rcall('HSET', jk, 'state', state, 'update_time', now)
-  rcall('HDEL', jk, 'scheduled_for')
+  if not keep_due then rcall('HDEL', jk, 'scheduled_for') end
   rcall('RPUSH', P .. 'queue:' .. name, id)
   rcall('RPUSH', P .. 'wake:' .. name, '1')
 end
@@ -82,6 +93,91 @@ local function schedule(P, id, state, due, now)
   end
   rcall('ZADD', dk, due, id)
   rcall('HSET', P .. 'job:' .. id, 'state', state, 'scheduled_for', due, 'update_time', now)
+end
+
+-- Remove a job from whichever structure its state puts it in, and its hash. Returns 1 or 0.
+local function remove_job(P, id)
+  local jk = P .. 'job:' .. id
+  local state, name = unpack(rcall('HMGET', jk, 'state', 'name'))
+  if not state then return 0 end
+  if state == 'new' or state == 'queued' then
+    rcall('LREM', P .. 'queue:' .. name, 1, id)
+  elseif state == 'delayed' or state == 'retry' or state == 'ghost' then
+    rcall('ZREM', P .. 'delayed', id)
+  elseif state == 'processing' then
+    rcall('ZREM', P .. 'processing', id)
+  else
+    rcall('ZREM', P .. 'finished', id)
+  end
+  local hot = job_options(jk).hotjob
+  rcall('DEL', jk)
+  if hot then rcall('PUBLISH', P .. 'done', cjson.encode({id = id, deleted = true})) end
+  return 1
+end
+
+-- Schedules (cron / every). A schedule is a JSON record in the hash P.."schedules"; its `pending`
+-- job is an ordinary delayed job due at the next tick, with a 'schedule' field. Cron ticks are
+-- computed by Python (croniter) ahead of time into the zset P.."ticks:"..id; `every` ticks are
+-- arithmetic. When the pending job is promoted, the next tick's job is created in the same step.
+local MISSED_AFTER_MS = 1000  -- a tick promoted later than this was missed (catch_up decides)
+local CATCH_UP_CAP = 100  -- catch_up 'all' runs at most this many missed ticks
+
+local function tick_job(P, s, due, now)
+  local id = new_job(P, s.name, s.data, s.opts, now)
+  rcall('HSET', P .. 'job:' .. id, 'schedule', s.id)
+  schedule(P, id, 'delayed', due, now)
+  return id
+end
+
+local function next_tick(P, s, after)
+  if s.every_ms then return after + s.every_ms end
+  local found = rcall('ZRANGEBYSCORE', P .. 'ticks:' .. s.id, '(' .. after, '+inf', 'LIMIT', 0, 1)
+  if found[1] then return tonumber(found[1]) end
+  return nil
+end
+
+-- The pending job `id` of schedule `sid`, due at `tick`, is being promoted: create the next tick's
+-- job. Returns false when the job itself must not run (catch_up 'skip' and the tick was missed).
+local function advance_schedule(P, sid, id, tick, now)
+  local sk = P .. 'schedules'
+  local raw = rcall('HGET', sk, sid)
+  if not raw then return true end
+  local s = cjson.decode(raw)
+  if s.pending ~= id then return true end  -- a re-run (retry/ghost) of an earlier tick's job
+  local run = not (s.catch_up == 'skip' and now - tick > MISSED_AFTER_MS)
+  local t = next_tick(P, s, tick)
+  if s.catch_up == 'all' then
+    local made = 0
+    while t and t <= now and made < CATCH_UP_CAP do
+      local missed = new_job(P, s.name, s.data, s.opts, now)
+      rcall('HSET', P .. 'job:' .. missed, 'schedule', sid, 'scheduled_for', t)
+      enqueue(P, missed, s.name, 'queued', now, true)
+      made = made + 1
+      t = next_tick(P, s, t)
+    end
+  end
+  if t and t <= now then  -- the rest of the missed ticks are coalesced into this run, or skipped
+    if s.every_ms then
+      t = tick + s.every_ms * (math.floor((now - tick) / s.every_ms) + 1)
+    else
+      t = next_tick(P, s, now)
+    end
+  end
+  local tk = P .. 'ticks:' .. sid
+  if not s.every_ms then
+    if t then rcall('ZREMRANGEBYSCORE', tk, '-inf', '(' .. t) else rcall('DEL', tk) end
+  end
+  if t then
+    s.pending = tick_job(P, s, t, now)
+    s.next_run = t
+  else  -- cron ticks ran out (reapers were away): the reaper's refill creates the next one
+    s.pending = ''
+    s.next_run = -1
+  end
+  if run then s.last_job_id = id end
+  s.last_tick = tick
+  rcall('HSET', sk, sid, cjson.encode(s))
+  return run
 end
 
 local function next_score(key)

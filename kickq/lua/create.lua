@@ -15,12 +15,7 @@ local out = {}
 for i = 0, n - 1 do
   local base = 4 + 5 * i
   local name, data, opts, delay = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
-  local id = tostring(rcall('INCR', P .. 'id'))
-  local jk = P .. 'job:' .. id
-  rcall('HSET', jk, 'name', name, 'create_time', now, 'update_time', now)
-  if data ~= '' then rcall('HSET', jk, 'data', data) end
-  if opts ~= '' then rcall('HSET', jk, 'opts', opts) end
-  rcall('SADD', P .. 'names', name)
+  local id = new_job(P, name, data, opts, now)
   if delay ~= '' then
     schedule(P, id, 'delayed', now + tonumber(delay), now)
   else

@@ -1,4 +1,5 @@
---[[ promote: delayed | retry | ghost jobs that are due -> queued.
+--[[ promote: delayed | retry | ghost jobs that are due -> queued. A schedule's pending tick job
+  also creates the next tick's job here, in the same step (see advance_schedule in _lib.lua).
   KEYS[1]  P.."id"   (routing only)
   ARGV[1]  P
   ARGV[2]  now (epoch ms, or "" for Redis' clock)
@@ -11,7 +12,12 @@ local dk = P .. 'delayed'
 local ids = rcall('ZRANGEBYSCORE', dk, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
 for _, id in ipairs(ids) do
   rcall('ZREM', dk, id)
-  local name = rcall('HGET', P .. 'job:' .. id, 'name')
-  if name then enqueue(P, id, name, 'queued', now) end
+  local jk = P .. 'job:' .. id
+  local name, sid, due = unpack(rcall('HMGET', jk, 'name', 'schedule', 'scheduled_for'))
+  if name then
+    local run = true
+    if sid then run = advance_schedule(P, sid, id, tonumber(due), now) end
+    if run then enqueue(P, id, name, 'queued', now, sid ~= false) else rcall('DEL', jk) end
+  end
 end
 return {#ids, next_score(dk), now}

@@ -7,6 +7,7 @@ token on the namespace's reaper list because it scheduled something earlier, or 
 """
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import time
@@ -14,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import redis
 
-from kickq import scripts
+from kickq import cron, scripts
 from kickq.connection import connect
 from kickq.keys import Keys
 
@@ -23,6 +24,34 @@ from .osapi import die_with_parent, set_title
 log = logging.getLogger("kickq.reaper")
 
 BATCH = 500
+REFILL_EVERY_MS = 1000
+
+
+def refill_schedules(client: redis.Redis, scr: scripts.Scripts, keys: Keys, now: int) -> int:
+    """Compute more ticks for every cron schedule running low, or whose pending job is gone."""
+    records = client.hgetall(keys.schedules)
+    crons = {sid: json.loads(text) for sid, text in records.items()}
+    crons = {sid: rec for sid, rec in crons.items() if "cron" in rec}
+    if not crons:
+        return 0
+    pipe = client.pipeline(transaction=False)
+    for sid, rec in crons.items():
+        pipe.zcard(keys.ticks(sid))
+        pipe.zrange(keys.ticks(sid), -1, -1, withscores=True)
+        if rec.get("pending"):
+            pipe.exists(keys.job(rec["pending"]))
+        else:
+            pipe.echo("0")
+    replies = pipe.execute()
+    extended = 0
+    for index, (sid, rec) in enumerate(crons.items()):
+        held, newest, pending_exists = replies[3 * index: 3 * index + 3]
+        if held >= cron.REFILL_BELOW and int(pending_exists):
+            continue
+        ticks = cron.refill_ticks(rec, held, int(newest[0][1]) if newest else None, now)
+        scr.run("extend", scripts.extend_args(keys, sid, ticks))
+        extended += 1
+    return extended
 
 
 class Reaper:
@@ -32,6 +61,7 @@ class Reaper:
         self.interval = interval
         self.client: redis.Redis | None = None
         self.scripts: scripts.Scripts | None = None
+        self._refilled: dict[str, int] = {}
 
     def tick(self, keys: Keys, now: int | None = None) -> float:
         """One pass over one namespace; returns seconds until something may be due (0 = go again)."""
@@ -42,6 +72,7 @@ class Reaper:
                                                        "supervisor was lost"), client=pipe)
         self.scripts.run("purge", scripts.sweep_args(keys, BATCH, now), client=pipe)
         (promoted, next_due, redis_now), (recovered, next_lease), (purged, next_purge) = pipe.execute()
+        self._maybe_refill(keys, int(redis_now))
         if recovered:
             log.warning("recovered %d job(s) whose lease expired in %s", recovered, keys.namespace)
         if promoted or purged:
@@ -52,6 +83,12 @@ class Reaper:
         if not upcoming:
             return self.interval
         return max(0.0, min(self.interval, (min(upcoming) - int(redis_now)) / 1000))
+
+    def _maybe_refill(self, keys: Keys, now: int) -> None:
+        if now - self._refilled.get(keys.namespace, 0) < REFILL_EVERY_MS:
+            return
+        self._refilled[keys.namespace] = now
+        refill_schedules(self.client, self.scripts, keys, now)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
