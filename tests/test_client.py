@@ -613,3 +613,76 @@ def test_reset_clears_registrations(kq):
     assert registry.registrations() == []
     kickq.Kickq().process("a", handler=handler)  # the name is free again
     assert len(registry.registrations()) == 1
+
+
+# --- AUTH, ACL users, unix sockets, concurrent producers ------------------------------------------------
+
+def test_acl_user_limited_to_its_namespace(kq_config, r, namespace, worker):
+    user, password = f"user-{namespace}", "acl-pw"
+    pattern = "{" + namespace + "}:*"
+    r.acl_setuser(user, enabled=True, passwords=["+" + password], keys=[pattern], channels=[pattern],
+                  commands=["+@all"])
+    try:
+        kickq.config(redis_url=f"redis://{user}:{password}@{r.connection_pool.connection_kwargs['host']}:"
+                               f"{r.connection_pool.connection_kwargs['port']}/0")
+        with kickq.Kickq() as client:
+            job = client.create("a", {"x": 1}, HOT)
+            worker.run("success", '"via acl"')
+            assert job.hotjob_promise.result(timeout=5).result == "via acl"
+            assert client.get(job.id).state == "success"
+            assert client.delete(job.id) is True
+    finally:
+        r.acl_deluser(user)
+
+
+def test_requirepass_and_unix_socket(kq_config, tmp_path, namespace):
+    from tests.helpers import start_redis, stop_redis
+
+    sock = tmp_path / "redis.sock"
+    proc, port = start_redis(tmp_path, "--unixsocket", str(sock))
+    try:
+        admin = redis.Redis(port=port)
+        admin.config_set("requirepass", "s3cret-pw")
+        kickq.config(redis_url=None, redis_port=port, redis_password="s3cret-pw")
+        with kickq.Kickq() as client:
+            assert client.create("a").id == "1"
+        with kickq.Kickq(redis_url=f"unix://:s3cret-pw@{sock}?db=0") as client:
+            assert client.create("a").id == "2"
+        kickq.config(redis_password="wrong-pw")
+        with pytest.raises(kickq.RedisUnavailable) as info:
+            kickq.Kickq().create("a")
+        assert "wrong-pw" not in "".join(traceback.format_exception(info.value))
+        admin.close()
+    finally:
+        stop_redis(proc)
+
+
+def test_concurrent_producers_of_hotjobs(kq, r, namespace):
+    stop = threading.Event()
+
+    def work():
+        w = Worker(r, namespace)
+        while not stop.is_set():
+            got = w.scripts.claim(w.keys, ["a"])
+            if got:
+                w.scripts.finish(w.keys, got[0], got[1], "success", json.dumps(got[0]))
+
+    def produce(out):
+        out.extend(kq.create("a", None, HOT) for _ in range(50))
+
+    workers = [threading.Thread(target=work) for _ in range(2)]
+    results: list[list] = [[] for _ in range(4)]
+    producers = [threading.Thread(target=produce, args=(out,)) for out in results]
+    for t in workers + producers:
+        t.start()
+    for t in producers:
+        t.join()
+    try:
+        jobs = [job for out in results for job in out]
+        assert len({job.id for job in jobs}) == 200
+        assert all(job.hotjob_promise.result(timeout=10).result == job.id for job in jobs)
+    finally:
+        stop.set()
+        for t in workers:
+            t.join()
+    assert_consistent(r, namespace)

@@ -220,6 +220,7 @@ BAD_SETTINGS = [
     {"redis_namespace": "has space"},
     {"redis_namespace": ""},
     {"redis_options": "x"},
+    {"redis_options": {"decode_responses": False}},
     {"redis_url": 5},
     {"process_timeout": "10"},
     {"process_timeout": 0},
