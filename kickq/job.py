@@ -12,7 +12,7 @@ TERMINAL_STATES = frozenset({"success", "fail"})
 FIELDS = (
     "id", "name", "complete", "success", "create_time", "update_time", "finish_time",
     "total_process_time", "state", *JOB_OPTION_DEFAULTS, "data", "result", "last_error",
-    "scheduled_for", "runs",
+    "scheduled_for", "runs", "schedule_id", "tick",
 )
 
 
@@ -54,6 +54,8 @@ class Job:
     last_error: str | None
     scheduled_for: int | None
     runs: list[dict[str, Any]]
+    schedule_id: str | None  # the schedule that made this job, if any
+    tick: int | None  # and the tick (epoch ms) it runs for
 
     def __init__(self, values: Mapping[str, Any], hotjob_promise: Any = None) -> None:
         object.__setattr__(self, "_values", dict(values))
@@ -82,6 +84,8 @@ class Job:
             "last_error": fields.get("last_error"),
             "scheduled_for": _int(fields.get("scheduled_for")),
             "runs": payload.decode(fields.get("runs")) or [],
+            "schedule_id": fields.get("schedule"),
+            "tick": _int(fields.get("tick")),
         }
         return cls(values, hotjob_promise)
 

@@ -124,7 +124,7 @@ local CATCH_UP_CAP = 100  -- catch_up 'all' runs at most this many missed ticks
 
 local function tick_job(P, s, due, now)
   local id = new_job(P, s.name, s.data, s.opts, now)
-  rcall('HSET', P .. 'job:' .. id, 'schedule', s.id)
+  rcall('HSET', P .. 'job:' .. id, 'schedule', s.id, 'tick', due)
   schedule(P, id, 'delayed', due, now)
   return id
 end
@@ -150,7 +150,7 @@ local function advance_schedule(P, sid, id, tick, now)
     local made = 0
     while t and t <= now and made < CATCH_UP_CAP do
       local missed = new_job(P, s.name, s.data, s.opts, now)
-      rcall('HSET', P .. 'job:' .. missed, 'schedule', sid, 'scheduled_for', t)
+      rcall('HSET', P .. 'job:' .. missed, 'schedule', sid, 'tick', t, 'scheduled_for', t)
       enqueue(P, missed, s.name, 'queued', now, true)
       made = made + 1
       t = next_tick(P, s, t)

@@ -1,0 +1,449 @@
+"""`kickq.aio.Kickq`: the client for asyncio applications (FastAPI, aiohttp, Starlette, ...).
+
+Same constructor and config as `kickq.Kickq`, and the same storage: validation and encoding are
+`kickq.client.prepare()`, keys are `Keys`, every transition is one of `scripts.SOURCES` run through
+redis.asyncio's `register_script` with the argument builders and reply parsers of kickq.scripts,
+and errors are translated by `connection.redis_errors`. A job made by either client can be read,
+deleted and awaited by the other.
+
+    async with Kickq() as kq:
+        job = await kq.create("email", {"to": "a@example.com"}, {"hotjob": True})
+        final = await job.hotjob_promise          # the finished Job, or HotjobTimeout
+
+One client belongs to one event loop at a time (redis.asyncio's connections do); after that loop
+has stopped, the next call quietly starts afresh in the current one.
+
+Creates issued in the same loop iteration (`asyncio.gather(*(kq.create(...) ...))`) are sent as
+one create script call (at most 1000 jobs; more go in one MULTI), exactly as `create_many` sends
+them: one round trip, and atomic.
+
+Cancellation, exactly:
+- `create()` / `create_many()`: cancelled before its jobs are committed to a script call (while
+  connecting, while subscribing for hotjob results, or queued for the current loop iteration's
+  batch), nothing is written. Once committed, the call runs to its end whatever happens to the
+  caller: the jobs exist (all of them, it is one atomic script) and the cancelled caller simply
+  never sees them (their ids are logged at INFO on "kickq.aio"). Either way, never part of a batch.
+  The one case left open is the event loop being torn down (or the connection lost) while the
+  command is on the wire: like any lost reply, it may or may not have been applied, never partly.
+- `delete()`: once called (after connecting) it runs to its end, shielded from the caller's
+  cancellation.
+- Awaiting `job.hotjob_promise` (or `wait()`): cancelling the awaiting task cancels that future
+  only: the waiting stops, nothing is written, the job goes on, other waiters are unaffected.
+  Several tasks awaiting the *same* promise share its cancellation, as with any asyncio Future:
+  `await asyncio.shield(job.hotjob_promise)` in each of them avoids it.
+- `close()` lets committed creates finish, then cancels pending hotjob promises.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from typing import Any, Iterable, Mapping, Sequence
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+
+from . import scripts
+from .aio_hotjob import AsyncHotjobWaiter, aclose_client
+from .client import _CREATE_CHUNK, Prepared, prepare
+from .config import current, merge_settings, normalise_job_options, on_reset, validate_settings
+from .connection import check_version, client_options, make_client, redis_errors
+from .errors import JobNotFound, KickqError
+from .hotjob import recheck_message
+from .job import Job
+from .keys import Keys
+
+__all__ = ["Kickq", "AsyncScripts", "connect"]
+
+log = logging.getLogger("kickq.aio")
+
+#: Jobs per create script call; larger batches are several calls in one MULTI (as create_many).
+CREATE_CHUNK = _CREATE_CHUNK
+_clients: "weakref.WeakSet[Kickq]" = weakref.WeakSet()
+_closing: set["asyncio.Task[None]"] = set()
+
+
+def connect(settings: Mapping[str, Any], **overrides: Any) -> aioredis.Redis:
+    """A redis.asyncio client made exactly like `kickq.connection.connect()`: no automatic
+    retries, redis_timeout for connect and replies, decoded replies, then redis_options."""
+    client: aioredis.Redis = make_client(aioredis.Redis, settings,
+                                         client_options(settings, AsyncRetry(NoBackoff(), 0), **overrides))
+    return client
+
+
+def _ident(settings: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(repr(settings[k]) for k in ("redis_url", "redis_host", "redis_port", "redis_password",
+                                             "redis_options", "redis_timeout"))
+
+
+class AsyncScripts:
+    """The async twin of `kickq.scripts.Scripts`: the same sources, registered on a redis.asyncio
+    client (which reloads a script after NOSCRIPT, in plain calls and pipelines alike)."""
+
+    def __init__(self, client: Any) -> None:
+        self._scripts = {name: client.register_script(text) for name, text in scripts.SOURCES.items()}
+
+    async def run(self, name: str, keys_and_args: tuple[list[str], list[Any]], client: Any = None) -> Any:
+        keys, args = keys_and_args
+        return await self._scripts[name](keys=keys, args=args, client=client)
+
+    async def delete(self, keys: Keys, job_id: str) -> bool:
+        return bool(await self.run("delete", scripts.delete_args(keys, job_id)))
+
+
+# --- per-loop state ---------------------------------------------------------------------------------
+
+class _Group:
+    """One create()/create_many() call inside a batch."""
+    __slots__ = ("prepared", "future")
+
+    def __init__(self, prepared: list[Prepared], future: "asyncio.Future[list[Job]]") -> None:
+        self.prepared, self.future = prepared, future
+
+
+class _Batch:
+    """Creates of one loop iteration for one Redis and namespace: one script call (or one MULTI)."""
+    __slots__ = ("key", "settings", "client", "scripts", "keys", "waiter", "groups", "size", "started")
+
+    def __init__(self, key: tuple[Any, ...], settings: Mapping[str, Any], client: Any, scr: AsyncScripts,
+                 keys: Keys) -> None:
+        self.key, self.settings, self.client, self.scripts, self.keys = key, settings, client, scr, keys
+        self.waiter: AsyncHotjobWaiter | None = None
+        self.groups: list[_Group] = []
+        self.size = 0
+        self.started = False
+
+
+class _State:
+    """Everything bound to one event loop: the connection, the hotjob waiters, the batches."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = asyncio.Lock()
+        self.redis: Any = None
+        self.ident: tuple[str, ...] | None = None
+        self.scripts: AsyncScripts | None = None
+        self.waiters: dict[str, AsyncHotjobWaiter] = {}
+        self.batches: dict[tuple[Any, ...], _Batch] = {}
+        self.inflight: set[asyncio.Task[Any]] = set()
+        self.closed = False
+
+    def track(self, task: "asyncio.Task[Any]") -> "asyncio.Task[Any]":
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+        return task
+
+    async def release(self) -> None:
+        """Send the batches still queued, wait for every committed command, then close the
+        waiters (cancelling their promises) and the connection."""
+        for batch in list(self.batches.values()):
+            _start(self, batch)
+        while self.inflight:
+            await asyncio.wait(set(self.inflight))
+        waiters, self.waiters = list(self.waiters.values()), {}
+        for waiter in waiters:
+            await waiter.close()
+        client, self.redis, self.scripts, self.ident = self.redis, None, None, None
+        if client is not None:
+            await aclose_client(client)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self.release()
+
+
+def _start(state: _State, batch: _Batch) -> None:
+    """Commit a batch: from here on its surviving groups are created whatever their callers do."""
+    if batch.started:
+        return
+    batch.started = True
+    if state.batches.get(batch.key) is batch:
+        del state.batches[batch.key]
+    state.track(state.loop.create_task(_run_batch(batch)))
+
+
+async def _run_batch(batch: _Batch) -> None:
+    groups = [g for g in batch.groups if not g.future.done()]  # callers cancelled before the commit
+    if not groups:
+        return
+    items = [p for g in groups for p in g.prepared]
+    waiter = batch.waiter if any(p.opts["hotjob"] for p in items) else None
+    generation = waiter.begin() if waiter is not None else 0
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        try:
+            with redis_errors(batch.settings):
+                if len(items) <= CREATE_CHUNK:
+                    reply = await batch.scripts.run("create", scripts.create_args(
+                        batch.keys, [p.script_item() for p in items]))
+                    created = scripts.parse_create(reply)
+                else:
+                    async with batch.client.pipeline(transaction=True) as pipe:
+                        for start in range(0, len(items), CREATE_CHUNK):
+                            chunk = [p.script_item() for p in items[start:start + CREATE_CHUNK]]
+                            args = scripts.create_args(batch.keys, chunk)
+                            await batch.scripts.run("create", args, client=pipe)
+                        replies = await pipe.execute()
+                    created = [pair for reply in replies for pair in scripts.parse_create(reply)]
+        except asyncio.CancelledError:  # the loop is being torn down: the outcome is unknown
+            for group in groups:
+                group.future.cancel()
+            raise
+        except Exception as exc:
+            for group in groups:
+                if not group.future.done():
+                    group.future.set_exception(exc)
+            return
+        pairs = iter(created)
+        for group in groups:
+            alive = not group.future.done()
+            jobs = []
+            for p in group.prepared:
+                job_id, create_time = next(pairs)
+                promise = None
+                if alive and p.opts["hotjob"]:
+                    assert waiter is not None
+                    timeout = float(p.opts["hotjob_timeout"])
+                    promise = waiter.watch(job_id, timeout, started + timeout, generation, batch.client)
+                jobs.append(Job.from_fields(job_id, p.fields(create_time), promise))
+            if alive:
+                group.future.set_result(jobs)
+            else:
+                log.info("create cancelled by its caller after it was sent: created job(s) %s",
+                         ", ".join(j.id for j in jobs))
+    finally:
+        if waiter is not None:
+            waiter.end()
+
+
+def _item_triples(items: Iterable[Sequence[Any]]) -> list[tuple[Any, Any, Any]]:
+    triples = []
+    for index, item in enumerate(items):
+        if isinstance(item, str) or not isinstance(item, Sequence) or not 1 <= len(item) <= 3:
+            raise TypeError(f"item {index}: expected (name,), (name, data) or (name, data, opts), "
+                            f"got {item!r}")
+        triples.append((item[0], item[1] if len(item) > 1 else None, item[2] if len(item) > 2 else None))
+    return triples
+
+
+# --- the client -------------------------------------------------------------------------------------
+
+class Kickq:
+    """An asyncio client. `Kickq(**overrides)` takes any global config key; the global config is
+    read at each call, so `kickq.config()` changes made later apply too."""
+
+    def __init__(self, **overrides: Any) -> None:
+        self._overrides = validate_settings(overrides)
+        self._state: _State | None = None
+        _clients.add(self)
+
+    # --- plumbing ----------------------------------------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        return merge_settings(current(), self._overrides)
+
+    def keys(self, settings: Mapping[str, Any] | None = None) -> Keys:
+        return Keys((settings or self.settings())["redis_namespace"])
+
+    def _bind(self) -> _State:
+        loop = asyncio.get_running_loop()
+        state = self._state
+        if state is not None and state.loop is not loop:
+            if state.loop.is_running():
+                raise KickqError("this kickq.aio.Kickq is in use by another running event loop: "
+                                 "use one client per event loop")
+            state = None  # its loop has stopped: its connections cannot be used (or awaited) any more
+        if state is None:
+            state = self._state = _State(loop)
+        return state
+
+    async def _connection(self, settings: Mapping[str, Any]) -> tuple[_State, Any, AsyncScripts]:
+        state = self._bind()
+        ident = _ident(settings)
+        if state.redis is None or state.ident != ident:
+            async with state.lock:
+                if state.redis is not None and state.ident != ident:
+                    await state.release()  # the connection settings changed: retire the old ones
+                if state.redis is None:
+                    client = connect(settings)
+                    try:
+                        with redis_errors(settings):
+                            check_version(await client.info("server"))
+                    except BaseException:
+                        await aclose_client(client)
+                        raise
+                    if state.closed:
+                        await aclose_client(client)
+                        raise KickqError("this kickq.aio.Kickq was closed while connecting")
+                    state.redis, state.ident, state.scripts = client, ident, AsyncScripts(client)
+        assert state.scripts is not None
+        return state, state.redis, state.scripts
+
+    async def connection(self) -> aioredis.Redis:
+        """The underlying redis.asyncio client (decode_responses=True)."""
+        client: aioredis.Redis = (await self._connection(self.settings()))[1]
+        return client
+
+    def _waiter(self, state: _State, settings: Mapping[str, Any]) -> AsyncHotjobWaiter:
+        namespace = settings["redis_namespace"]
+        waiter = state.waiters.get(namespace)
+        if waiter is None:
+            waiter = state.waiters[namespace] = AsyncHotjobWaiter(
+                lambda: connect(settings), Keys(namespace), float(settings["redis_timeout"]))
+        return waiter
+
+    async def close(self) -> None:
+        """Close connections: creates already sent complete first; pending hotjob promises are
+        cancelled. The client can be used again."""
+        state, self._state = self._state, None
+        if state is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if state.loop is running:
+            await state.aclose()
+        elif state.loop.is_running():
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(state.aclose(), state.loop))
+        # else: its loop has stopped; nothing of it can be awaited any more
+
+    async def __aenter__(self) -> "Kickq":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    def _detach(self) -> None:
+        """kickq.reset(): close this client's connections without awaiting (reset is sync)."""
+        state, self._state = self._state, None
+        if state is None or state.loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if state.loop is running:
+            _spawn_closing(state)
+        elif state.loop.is_running():
+            state.loop.call_soon_threadsafe(_spawn_closing, state)
+
+    # --- create ------------------------------------------------------------------------------------
+
+    async def create(self, name: str, data: Any = None, opts: Mapping[str, Any] | None = None) -> Job:
+        """Create a job. A numeric `delay` (0 included) makes it `delayed`, else `new`. With
+        `hotjob`, `job.hotjob_promise` is an asyncio Future of the finished Job."""
+        return (await self._create([(name, data, opts)]))[0]
+
+    async def create_many(self, items: Iterable[Sequence[Any]]) -> list[Job]:
+        """Create many jobs in one round trip: items are (name,), (name, data) or (name, data, opts).
+
+        Every item is checked first: one bad item raises and nothing is written. The batch is
+        written atomically."""
+        triples = _item_triples(items)
+        return await self._create(triples) if triples else []
+
+    async def _create(self, triples: Sequence[tuple[Any, Any, Any]]) -> list[Job]:
+        settings = self.settings()
+        prepared = [prepare(settings, name, data, opts) for name, data, opts in triples]
+        state, client, scr = await self._connection(settings)
+        waiter = None
+        if any(p.opts["hotjob"] for p in prepared):
+            waiter = self._waiter(state, settings)
+            await waiter.ensure_subscribed()  # subscribed before the create: no completion is missed
+        group = _Group(prepared, state.loop.create_future())
+        key = (state.ident, settings["redis_namespace"])
+        batch = state.batches.get(key)
+        if batch is not None and batch.size and batch.size + len(prepared) > CREATE_CHUNK:
+            _start(state, batch)  # full: send it now, start another
+            batch = None
+        if batch is None:
+            batch = state.batches[key] = _Batch(key, settings, client, scr, Keys(settings["redis_namespace"]))
+            state.loop.call_soon(_start, state, batch)
+        if waiter is not None:
+            batch.waiter = waiter
+        batch.groups.append(group)
+        batch.size += len(prepared)
+        # Cancelling this await cancels group.future: before the commit the group is dropped,
+        # after it the jobs are created anyway (see the module docstring).
+        return await group.future
+
+    # --- read, delete, wait --------------------------------------------------------------------------
+
+    async def get(self, job_id: str | int) -> Job:
+        settings = self.settings()
+        _, client, _ = await self._connection(settings)
+        job_id = str(job_id)
+        with redis_errors(settings):
+            fields = await client.hgetall(Keys(settings["redis_namespace"]).job(job_id))
+        if not fields:
+            raise JobNotFound(job_id)
+        return Job.from_fields(job_id, fields)
+
+    async def delete(self, job_id: str | int) -> bool:
+        """Remove the job from every structure. True if it existed. A worker still running it
+        cannot bring it back: its finish is rejected. Hotjob waiters get JobNotFound."""
+        settings = self.settings()
+        state, _, scr = await self._connection(settings)
+        keys = Keys(settings["redis_namespace"])
+
+        async def delete() -> bool:
+            with redis_errors(settings):
+                return await scr.delete(keys, str(job_id))
+
+        task = state.track(state.loop.create_task(delete()))
+        task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
+
+    async def wait(self, job_id: str | int, timeout: float | None = None) -> Job:
+        """The finished Job of an existing hotjob, whoever created it (a sync client, another
+        process): at once if it already finished; JobNotFound if it is or gets deleted;
+        HotjobTimeout after `timeout` seconds from now (default: the job's hotjob_timeout).
+        Only hotjobs announce their completion: waiting for another job raises KickqError."""
+        if timeout is not None:
+            timeout = normalise_job_options({"hotjob_timeout": timeout}, allow_callable=False,
+                                                    where="wait()")["hotjob_timeout"]
+        settings = self.settings()
+        state, client, _ = await self._connection(settings)
+        job_id = str(job_id)
+        waiter = self._waiter(state, settings)
+        await waiter.ensure_subscribed()
+        future = waiter.watch(job_id, None, None, waiter.generation, client)
+        try:
+            with redis_errors(settings):
+                fields = await client.hgetall(Keys(settings["redis_namespace"]).job(job_id))
+            message = recheck_message(job_id, fields)
+            if message is not None:
+                waiter.deliver(job_id, message, keep_early=False)
+            elif not future.done():
+                job = Job.from_fields(job_id, fields)
+                if not job.hotjob:
+                    raise KickqError(f"job {job_id} is not a hotjob: its completion is not announced "
+                                     "(read it with get())")
+                waiter.arm(job_id, future, float(job.hotjob_timeout if timeout is None else timeout))
+            return await future
+        finally:
+            if not future.done():
+                future.cancel()
+
+
+def _retrieve(task: "asyncio.Task[Any]") -> None:
+    """Mark a shielded task's exception as seen: its caller may have been cancelled."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _spawn_closing(state: _State) -> None:
+    task = state.loop.create_task(state.aclose())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+def _reset_all() -> None:
+    for client in list(_clients):
+        client._detach()
+
+
+on_reset(_reset_all)
