@@ -70,6 +70,8 @@ def run_jobs(url: str, namespace: str, supervisor: subprocess.Popen) -> int:
     wait_for(lambda: _ping(kq), 15, "Redis")
 
     jobs = {}
+    kq.schedule("heartbeat", every=1)
+    say("schedule: 'heartbeat' every second (one job per tick, whatever the number of reapers)")
     say("create: 5 x email:send (2 workers serve them)")
     for i, job in enumerate(kq.create_many([("email:send", {"to": f"user{i}@example.com"}) for i in range(5)])):
         jobs[f"email #{i}"] = job.id
@@ -92,6 +94,10 @@ def run_jobs(url: str, namespace: str, supervisor: subprocess.Popen) -> int:
     def all_done():
         return all(kq.get(job_id).complete for job_id in jobs.values())
     wait_for(all_done, 30, "every job to complete")
+    beats = [kq.get(i) for i in _schedule_runs(kq)]
+    kq.unschedule("heartbeat")
+    say(f"schedule: {len(beats)} heartbeat ticks ran, at "
+        + ", ".join(f"+{(b.runs[0]['start'] - b.tick)} ms" for b in beats if b.runs) + " after their tick; unscheduled")
     if supervisor.poll() is not None:
         raise SystemExit("demo: the supervisor died; see its log")
 
@@ -116,6 +122,21 @@ def run_jobs(url: str, namespace: str, supervisor: subprocess.Popen) -> int:
     ok = all((kq.get(i).state == "fail") == (i in expected_fail) for i in jobs.values())
     say("demo finished: every job reached the state it should" if ok else "demo: unexpected states!")
     return 0 if ok else 1
+
+
+def _schedule_runs(kq: kickq.Kickq) -> list[str]:
+    """Ids of the heartbeat jobs that ran: the schedule's last job and the ones before it."""
+    entry = next(s for s in kq.schedules() if s["id"] == "heartbeat")
+    last = int(entry["last_job_id"] or 0)
+    out = []
+    for job_id in range(1, last + 1):
+        try:
+            job = kq.get(str(job_id))
+        except kickq.JobNotFound:
+            continue
+        if job.schedule_id == "heartbeat" and job.complete:
+            out.append(job.id)
+    return out
 
 
 def _ping(kq: kickq.Kickq) -> bool:

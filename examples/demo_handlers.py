@@ -29,3 +29,8 @@ def runaway(job, data):
 @kq.process("resize", {"concurrent_jobs": 1})
 async def resize(job, data):
     return {"width": data["width"] // 2, "height": data["height"] // 2}
+
+
+@kq.process("heartbeat")
+def heartbeat(job, data):
+    return {"tick": job.tick}  # the tick (epoch ms) this run belongs to

@@ -22,6 +22,35 @@ _CREATE_CHUNK = 1000
 _clients: "weakref.WeakSet[Kickq]" = weakref.WeakSet()
 
 
+class _Waiters:
+    """Every hotjob waiter with live threads, held strongly: a client dropped without close()
+    must not leave threads that reset() cannot reach."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: set[HotjobWaiter] = set()
+
+    def add_new(self, *args: Any) -> HotjobWaiter:
+        waiter = HotjobWaiter(*args)
+        with self._lock:
+            self._open.add(waiter)
+        return waiter
+
+    def close(self, waiter: HotjobWaiter) -> None:
+        with self._lock:
+            self._open.discard(waiter)
+        waiter.close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            waiters, self._open = self._open, set()
+        for waiter in waiters:
+            waiter.close()
+
+
+_open_waiters = _Waiters()
+
+
 class Prepared:
     """A job checked and encoded, ready for the create script; nothing written yet."""
     __slots__ = ("name", "data", "opts", "stored", "delay_ms")
@@ -100,13 +129,13 @@ class Kickq:
     def _hotjob_waiter(self, settings: Mapping[str, Any]) -> HotjobWaiter:
         with self._lock:
             if self._waiter is None:
-                self._waiter = HotjobWaiter(lambda: connect(settings), Keys(settings["redis_namespace"]),
+                self._waiter = _open_waiters.add_new(lambda: connect(settings), Keys(settings["redis_namespace"]),
                                             float(settings["redis_timeout"]))
             return self._waiter
 
     def _close_locked(self) -> None:
         if self._waiter is not None:
-            self._waiter.close()
+            _open_waiters.close(self._waiter)
             self._waiter = None
         if self._redis is not None:
             self._redis.close()
@@ -325,6 +354,7 @@ class Kickq:
 def close_all() -> None:
     for client in list(_clients):
         client.close()
+    _open_waiters.close_all()
     registry.clear()
 
 
