@@ -4,13 +4,13 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import redis
 
 from . import config as _config
 from . import cron as cron_rules
-from . import payload, registry, scripts
+from . import observe, payload, registry, scripts
 from .connection import check_version, connect, redis_errors
 from .errors import JobNotFound, KickqError
 from .hotjob import HotjobWaiter
@@ -117,6 +117,8 @@ class Kickq:
                 client = connect(settings)
                 with redis_errors(settings):
                     check_version(client.info("server"))
+                    client.hset(Keys(settings["redis_namespace"]).meta, "events_maxlen",
+                                int(settings["events_maxlen"]))
                 self._redis, self._redis_key, self._scripts = client, ident, scripts.Scripts(client)
             assert self._scripts is not None
             return self._redis, self._scripts
@@ -324,6 +326,65 @@ class Kickq:
                 entry["every"] = record["every"]
             out.append(entry)
         return out
+
+    # --- seeing inside ------------------------------------------------------------------------------
+
+    def stats(self, name: str | None = None) -> dict[str, Any]:
+        """Counts by state and a recent window of activity, per job name and in total.
+
+        Shape: {"window_seconds": s, "names": {name: {"states": {state: n, ...}, "window": {...}}},
+        "total": {"states": ..., "window": ...}}; a window holds created, processed, success, fail,
+        retry, ghost (counts), throughput (runs per second) and processing_time {mean, p50, p95,
+        max} in ms. Cheap: no job is read, only counters the transitions keep.
+        """
+        settings = self.settings()
+        client, _ = self._connection(settings)
+        keys = Keys(settings["redis_namespace"])
+        if name is not None:
+            validate_name(name)
+        window = float(settings["stats_window"])
+        with redis_errors(settings):
+            seconds, micros = client.time()
+            buckets = observe.window_buckets(seconds * 1000 + micros // 1000, window)
+            pipe = client.pipeline(transaction=False)
+            observe.queue_commands(pipe, keys, buckets)
+            replies = pipe.execute()
+        return observe.build_stats(replies, window, only=name)
+
+    def events(self, names: str | Iterable[str] | None = None, since: str = "$",
+               timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Iterate transitions as they happen: dicts with id, name, event, state, time (epoch ms)
+        and stream_id. `since` is a stream id, "0" for everything kept, or "$" for new ones only.
+        Survives reconnects (it resumes after the last id it yielded). With `timeout`, stops after
+        that many seconds without an event."""
+        wanted_names = {names} if isinstance(names, str) else (set(names) if names is not None else None)
+        settings = self.settings()
+        keys = Keys(settings["redis_namespace"])
+        block_ms = int(max(0.05, min(1.0, float(settings["redis_timeout"]) / 2)) * 1000)
+        last = since
+        idle_since = time.monotonic()
+        delay = 0.05
+        while True:
+            try:
+                client, _ = self._connection(settings)
+                if last == "$":  # pin "$" to an id, so that a reconnect cannot skip anything
+                    newest = client.xrevrange(keys.events, count=1)
+                    last = newest[0][0] if newest else "0-0"
+                reply = client.xread({keys.events: last}, count=500, block=block_ms)
+                delay = 0.05
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                reply = None
+            for _, entries in reply or ():
+                for stream_id, fields in entries:
+                    last = stream_id
+                    event = observe.event_dict(stream_id, fields)
+                    if observe.wanted(event, wanted_names):
+                        idle_since = time.monotonic()
+                        yield event
+            if timeout is not None and time.monotonic() - idle_since > timeout:
+                return
 
     # --- handlers ----------------------------------------------------------------------------------
 

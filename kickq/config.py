@@ -39,6 +39,10 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
     "redis_timeout": 5,
     "max_payload_bytes": 512 * 1024,
     "vitals_interval": 300,
+    # Seconds of history in kq.stats()["...]["window"] (10 s resolution, at most 3600).
+    "stats_window": 300,
+    # Length of the namespace's event stream (approximate, XADD MAXLEN ~); 0 turns events off.
+    "events_maxlen": 10000,
     "job_flags": {},
     **JOB_OPTION_DEFAULTS,
 }
@@ -152,6 +156,13 @@ def _check_global(key: str, value: Any) -> Any:
         return value
     if key in ("redis_timeout", "vitals_interval"):
         return _number(key, value, positive=True)
+    if key == "stats_window":
+        value = _number(key, value, positive=True)
+        if not 10 <= value <= 3600:
+            raise ConfigError(f"stats_window must be between 10 and 3600 seconds, got {value!r}")
+        return value
+    if key == "events_maxlen":
+        return _count(key, value)
     if key == "max_payload_bytes":
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"max_payload_bytes must be a positive int, got {value!r}")

@@ -60,6 +60,27 @@ class Keys:
         return self.prefix + "ticks:" + schedule_id
 
     @property
+    def counts(self) -> str:
+        """Hash "<state>:<name>" -> number of jobs in that state, kept by the transitions."""
+        return self.prefix + "counts"
+
+    @property
+    def events(self) -> str:
+        """Stream of every transition: id, name, event, state, time."""
+        return self.prefix + "events"
+
+    @property
+    def meta(self) -> str:
+        """Hash of namespace settings the scripts read (events_maxlen)."""
+        return self.prefix + "meta"
+
+    def stats_bucket(self, bucket_ms: int) -> str:
+        return self.prefix + "stats:" + str(bucket_ms)
+
+    def times_bucket(self, bucket_ms: int) -> str:
+        return self.prefix + "times:" + str(bucket_ms)
+
+    @property
     def delayed(self) -> str:
         return self.prefix + "delayed"
 

@@ -110,3 +110,9 @@ def snapshot(r: Any, ns: str) -> dict[str, tuple[str, Any]]:
             content = None
         out[key] = (kind, content, r.ttl(key) >= 0)
     return out
+
+
+def bookkeeping(key: str, ns: str) -> bool:
+    """Namespace-wide, bounded observability keys (counts, events, stats buckets), not any job's."""
+    rest = key[len(prefix(ns)):]
+    return rest in ("counts", "events", "meta") or rest.startswith(("stats:", "times:"))

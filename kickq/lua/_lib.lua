@@ -36,6 +36,53 @@ local function job_options(jk)
   return o
 end
 
+-- Observability, kept by the transitions themselves so that reading it never scans jobs:
+--   P.."counts"          hash  "<state>:<name>" -> jobs in that state now
+--   P.."events"          stream of every transition (MAXLEN ~ meta.events_maxlen, default below)
+--   P.."stats:"..bucket  hash  per 10 s bucket: "<event>:<name>" counts, "time:<name>" (sum of
+--                              run ms) and "max:<name>" (longest run ms)
+--   P.."times:"..bucket  list  a bounded sample of "<run ms>:<name>" for percentiles
+local EVENTS_MAXLEN = 10000
+local BUCKET_MS = 10000
+local BUCKET_TTL = 3700  -- seconds: longer than the longest stats window (1 h)
+local SAMPLES_PER_BUCKET = 1000
+
+local function bump(P, bucket, field, by)
+  local bk = P .. 'stats:' .. bucket
+  rcall('HINCRBY', bk, field, by)
+  rcall('EXPIRE', bk, BUCKET_TTL)
+end
+
+-- Record a transition of job `id` (name `name`) from state `from` to `to` (either may be false).
+-- `event` names it; `run_ms` is the processing time of a run that just ended.
+local function note(P, id, name, from, to, event, now, run_ms)
+  name = name or '?'
+  local counts = P .. 'counts'
+  if from then
+    if rcall('HINCRBY', counts, from .. ':' .. name, -1) <= 0 then rcall('HDEL', counts, from .. ':' .. name) end
+  end
+  if to then rcall('HINCRBY', counts, to .. ':' .. name, 1) end
+  local maxlen = tonumber(rcall('HGET', P .. 'meta', 'events_maxlen') or EVENTS_MAXLEN)
+  if maxlen and maxlen > 0 then
+    rcall('XADD', P .. 'events', 'MAXLEN', '~', maxlen, '*', 'id', id, 'name', name, 'event', event,
+          'state', to or '', 'time', now)
+  end
+  local bucket = now - now % BUCKET_MS
+  if event == 'create' or event == 'success' or event == 'fail' or event == 'retry' or event == 'ghost' then
+    bump(P, bucket, (event == 'create' and 'created' or event) .. ':' .. name, 1)
+  end
+  if run_ms then
+    bump(P, bucket, 'processed:' .. name, 1)
+    bump(P, bucket, 'time:' .. name, run_ms)
+    local bk = P .. 'stats:' .. bucket
+    if run_ms > (tonumber(rcall('HGET', bk, 'max:' .. name)) or -1) then rcall('HSET', bk, 'max:' .. name, run_ms) end
+    local tk = P .. 'times:' .. bucket
+    rcall('LPUSH', tk, run_ms .. ':' .. name)
+    rcall('LTRIM', tk, 0, SAMPLES_PER_BUCKET - 1)
+    rcall('EXPIRE', tk, BUCKET_TTL)
+  end
+end
+
 local function decode_runs(jk)
   local raw = rcall('HGET', jk, 'runs')
   if raw then return cjson.decode(raw) end
@@ -78,7 +125,9 @@ end
 -- keep_due: a schedule's tick job keeps scheduled_for = its tick; others drop it once queued.
 local function enqueue(P, id, name, state, now, keep_due)
   local jk = P .. 'job:' .. id
+  local from = rcall('HGET', jk, 'state')
   rcall('HSET', jk, 'state', state, 'update_time', now)
+  note(P, id, name, from, state, from and 'queued' or 'create', now)
   if not keep_due then rcall('HDEL', jk, 'scheduled_for') end
   rcall('RPUSH', P .. 'queue:' .. name, id)
   rcall('RPUSH', P .. 'wake:' .. name, '1')
@@ -92,11 +141,14 @@ local function schedule(P, id, state, due, now)
     rcall('PUBLISH', P .. 'reaper', due)
   end
   rcall('ZADD', dk, due, id)
-  rcall('HSET', P .. 'job:' .. id, 'state', state, 'scheduled_for', due, 'update_time', now)
+  local jk = P .. 'job:' .. id
+  local from, name = unpack(rcall('HMGET', jk, 'state', 'name'))
+  rcall('HSET', jk, 'state', state, 'scheduled_for', due, 'update_time', now)
+  if state == 'delayed' then note(P, id, name, from, state, 'create', now) end
 end
 
 -- Remove a job from whichever structure its state puts it in, and its hash. Returns 1 or 0.
-local function remove_job(P, id)
+local function remove_job(P, id, now)
   local jk = P .. 'job:' .. id
   local state, name = unpack(rcall('HMGET', jk, 'state', 'name'))
   if not state then return 0 end
@@ -111,6 +163,7 @@ local function remove_job(P, id)
   end
   local hot = job_options(jk).hotjob
   rcall('DEL', jk)
+  note(P, id, name, state, false, 'delete', now)
   if hot then rcall('PUBLISH', P .. 'done', cjson.encode({id = id, deleted = true})) end
   return 1
 end
@@ -230,6 +283,7 @@ local function end_run(P, id, now, outcome, result, err)
   end
   rcall('HSET', jk, 'runs', encode_runs(runs))
   local new_state
+  local name = rcall('HGET', jk, 'name')
   if outcome == 'success' then
     new_state = 'success'
     finalise(P, id, new_state, now, opts, runs)
@@ -253,7 +307,10 @@ local function end_run(P, id, now, outcome, result, err)
       new_state = 'fail'
       finalise(P, id, new_state, now, opts, runs)
     end
+    -- every ghosted run counts as a ghost, whatever comes of the job
+    if new_state == 'fail' then bump(P, now - now % BUCKET_MS, 'ghost:' .. name, 1) end
   end
+  note(P, id, name, 'processing', new_state, new_state, now, run and run.time or 0)
   return new_state
 end
 
@@ -276,6 +333,7 @@ local function claim(P, names, now, claimer)
         runs[#runs + 1] = {count = #runs + 1, start = now, time = cjson.null, state = 'processing',
                            error = cjson.null}
         rcall('HSET', jk, 'state', 'processing', 'update_time', now, 'runs', encode_runs(runs))
+        note(P, id, name, state, 'processing', 'processing', now)
         rcall('ZADD', P .. 'processing', now + ms(opts.process_timeout) + LEASE_GRACE_MS, id)
         reconcile_wake(P, names)
         if claimer ~= '' then rcall('SET', P .. 'claim:' .. claimer, id .. ' ' .. attempt, 'EX', 86400) end

@@ -4,4 +4,4 @@
   ARGV[2]  job id
   Returns  1 when the job existed, else 0. Hotjob waiters are told through P.."done".
 ]]
-return remove_job(ARGV[1], ARGV[2])
+return remove_job(ARGV[1], ARGV[2], clock(''))

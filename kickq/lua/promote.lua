@@ -17,7 +17,13 @@ for _, id in ipairs(ids) do
   if name then
     local run = true
     if sid then run = advance_schedule(P, sid, id, tonumber(due), now) end
-    if run then enqueue(P, id, name, 'queued', now, sid ~= false) else rcall('DEL', jk) end
+    if run then
+      enqueue(P, id, name, 'queued', now, sid ~= false)
+    else  -- a missed tick with catch_up 'skip'
+      local from = rcall('HGET', jk, 'state')
+      rcall('DEL', jk)
+      note(P, id, name, from, false, 'delete', now)
+    end
   end
 end
 return {#ids, next_score(dk), now}

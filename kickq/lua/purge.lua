@@ -11,6 +11,9 @@ local fk = P .. 'finished'
 local ids = rcall('ZRANGEBYSCORE', fk, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
 for _, id in ipairs(ids) do
   rcall('ZREM', fk, id)
-  rcall('DEL', P .. 'job:' .. id)
+  local jk = P .. 'job:' .. id
+  local state, name = unpack(rcall('HMGET', jk, 'state', 'name'))
+  rcall('DEL', jk)
+  if state then note(P, id, name, state, false, 'purge', now) end
 end
 return {#ids, next_score(fk)}

@@ -20,7 +20,7 @@ local old = rcall('HGET', sk, sid)
 if old then
   local o = cjson.decode(old)
   s.last_job_id = o.last_job_id or ''
-  if o.pending and o.pending ~= '' then remove_job(P, o.pending) end
+  if o.pending and o.pending ~= '' then remove_job(P, o.pending, now) end
 end
 local tk = P .. 'ticks:' .. sid
 rcall('DEL', tk)

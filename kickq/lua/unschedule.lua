@@ -9,7 +9,7 @@ local sk = P .. 'schedules'
 local raw = rcall('HGET', sk, sid)
 if not raw then return 0 end
 local s = cjson.decode(raw)
-if s.pending and s.pending ~= '' then remove_job(P, s.pending) end
+if s.pending and s.pending ~= '' then remove_job(P, s.pending, clock('')) end
 rcall('DEL', P .. 'ticks:' .. sid)
 rcall('HDEL', sk, sid)
 return 1
