@@ -74,17 +74,24 @@ class Prepared:
         return fields
 
 
-def prepare(settings: Mapping[str, Any], name: Any, data: Any, opts: Any) -> Prepared:
-    """Validate and encode one job: every error a bad input can cause is raised here."""
+def resolve(settings: Mapping[str, Any], name: Any, opts: Any) -> tuple[str, dict[str, Any], str, int | None]:
+    """(name, resolved options, stored options JSON, delay ms) for one job; raises on bad input."""
     name = validate_name(name)
     if opts is not None and not isinstance(opts, Mapping):
         raise _config.ConfigError(f"opts must be a dict of job options, not {type(opts).__name__}")
     resolved = _config.resolve_job_options(settings, name, opts)
-    data_json = "" if data is None else payload.encode(data, limit=settings["max_payload_bytes"])
     stored = _config.stored_options(resolved)
     delay = resolved["delay"]
-    return Prepared(name, data_json, resolved, payload.encode(stored) if stored else "",
-                    None if delay is None else int(round(delay * 1000)))
+    return (name, resolved, payload.encode(stored) if stored else "",
+            None if delay is None else int(round(delay * 1000)))
+
+
+def prepare(settings: Mapping[str, Any], name: Any, data: Any, opts: Any,
+            resolved: tuple[str, dict[str, Any], str, int | None] | None = None) -> Prepared:
+    """Validate and encode one job: every error a bad input can cause is raised here."""
+    name, options, stored, delay_ms = resolved or resolve(settings, name, opts)
+    data_json = "" if data is None else payload.encode(data, limit=settings["max_payload_bytes"])
+    return Prepared(name, data_json, options, stored, delay_ms)
 
 
 class Kickq:
@@ -93,6 +100,8 @@ class Kickq:
 
     def __init__(self, **overrides: Any) -> None:
         self._overrides = _config.validate_settings(overrides)
+        self._settings_cache: tuple[int, dict[str, Any], dict[str, Any]] | None = None
+        self._fast_connection: tuple[Mapping[str, Any], redis.Redis, scripts.Scripts] | None = None
         self._lock = threading.Lock()
         self._redis: redis.Redis | None = None
         self._redis_key: tuple[Any, ...] | None = None
@@ -103,12 +112,40 @@ class Kickq:
     # --- plumbing ----------------------------------------------------------------------------------
 
     def settings(self) -> dict[str, Any]:
-        return _config.merge_settings(_config.current(), self._overrides)
+        """The effective config: global, then this client's overrides. Cached until config() changes;
+        treat it as read-only."""
+        version = _config.version()
+        cached = self._settings_cache
+        if cached is None or cached[0] != version:
+            cached = self._settings_cache = (version, _config.merge_settings(_config.current(), self._overrides), {})
+        return cached[1]
+
+    def _resolved(self, settings: Mapping[str, Any], name: Any, opts: Any
+                  ) -> tuple[str, dict[str, Any], str, int | None]:
+        """resolve() with the common case (no per-job opts) cached per job name."""
+        cached = self._settings_cache
+        if opts or cached is None or cached[1] is not settings or not isinstance(name, str):
+            return resolve(settings, name, opts)
+        by_name = cached[2]
+        hit = by_name.get(name)
+        if hit is None:
+            hit = by_name[name] = resolve(settings, name, None)
+            if len(by_name) > 10_000:
+                by_name.clear()
+        return hit
 
     def keys(self, settings: Mapping[str, Any] | None = None) -> Keys:
         return Keys((settings or self.settings())["redis_namespace"])
 
     def _connection(self, settings: Mapping[str, Any]) -> tuple[redis.Redis, scripts.Scripts]:
+        fast = self._fast_connection
+        if fast is not None and fast[0] is settings:
+            return fast[1], fast[2]
+        client, scr = self._connect_for(settings)
+        self._fast_connection = (settings, client, scr)
+        return client, scr
+
+    def _connect_for(self, settings: Mapping[str, Any]) -> tuple[redis.Redis, scripts.Scripts]:
         ident = tuple(repr(settings[k]) for k in ("redis_url", "redis_host", "redis_port", "redis_password",
                                                   "redis_options", "redis_timeout"))
         with self._lock:
@@ -136,6 +173,7 @@ class Kickq:
             return self._waiter
 
     def _close_locked(self) -> None:
+        self._fast_connection = None
         if self._waiter is not None:
             _open_waiters.close(self._waiter)
             self._waiter = None
@@ -202,7 +240,8 @@ class Kickq:
 
     def _create(self, triples: Sequence[tuple[Any, Any, Any]]) -> list[Job]:
         settings = self.settings()
-        prepared = [prepare(settings, name, data, opts) for name, data, opts in triples]
+        prepared = [prepare(settings, name, data, opts, self._resolved(settings, name, opts))
+                    for name, data, opts in triples]
         client, scr = self._connection(settings)
         keys = Keys(settings["redis_namespace"])
         hot = [p for p in prepared if p.opts["hotjob"]]

@@ -249,6 +249,7 @@ def stored_options(resolved: Mapping[str, Any]) -> dict[str, Any]:
 _lock = threading.RLock()
 _settings: dict[str, Any] = copy.deepcopy(GLOBAL_DEFAULTS)
 _reset_hooks: list[Callable[[], None]] = []
+_version = 0
 
 
 def config(*args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -270,7 +271,18 @@ def config(*args: Any, **kwargs: Any) -> dict[str, Any]:
     with _lock:
         if valid:
             _settings = merge_settings(_settings, valid)
+            _bump_version()
         return current()
+
+
+def version() -> int:
+    """Changes whenever the global config does: lets clients cache what they derive from it."""
+    return _version
+
+
+def _bump_version() -> None:
+    global _version
+    _version += 1
 
 
 def current() -> dict[str, Any]:
@@ -293,5 +305,6 @@ def reset() -> None:
     global _settings
     with _lock:
         _settings = copy.deepcopy(GLOBAL_DEFAULTS)
+        _bump_version()
     for hook in list(_reset_hooks):
         hook()

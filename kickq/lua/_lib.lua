@@ -47,10 +47,12 @@ local BUCKET_MS = 10000
 local BUCKET_TTL = 3700  -- seconds: longer than the longest stats window (1 h)
 local SAMPLES_PER_BUCKET = 1000
 
-local function bump(P, bucket, field, by)
+-- The stats hash of the bucket holding `now`, given its expiry the first time it is used.
+local function bucket_of(P, now)
+  local bucket = now - now % BUCKET_MS
   local bk = P .. 'stats:' .. bucket
-  rcall('HINCRBY', bk, field, by)
-  rcall('EXPIRE', bk, BUCKET_TTL)
+  if rcall('HSETNX', bk, 'bucket', bucket) == 1 then rcall('EXPIRE', bk, BUCKET_TTL) end
+  return bk, bucket
 end
 
 -- Record a transition of job `id` (name `name`) from state `from` to `to` (either may be false).
@@ -67,19 +69,22 @@ local function note(P, id, name, from, to, event, now, run_ms)
     rcall('XADD', P .. 'events', 'MAXLEN', '~', maxlen, '*', 'id', id, 'name', name, 'event', event,
           'state', to or '', 'time', now)
   end
-  local bucket = now - now % BUCKET_MS
-  if event == 'create' or event == 'success' or event == 'fail' or event == 'retry' or event == 'ghost' then
-    bump(P, bucket, (event == 'create' and 'created' or event) .. ':' .. name, 1)
-  end
+  local counted = event == 'create' or event == 'success' or event == 'fail' or event == 'retry'
+                  or event == 'ghost'
+  if not (counted or run_ms) then return end
+  local bk, bucket = bucket_of(P, now)
+  if counted then rcall('HINCRBY', bk, (event == 'create' and 'created' or event) .. ':' .. name, 1) end
   if run_ms then
-    bump(P, bucket, 'processed:' .. name, 1)
-    bump(P, bucket, 'time:' .. name, run_ms)
-    local bk = P .. 'stats:' .. bucket
+    rcall('HINCRBY', bk, 'processed:' .. name, 1)
+    rcall('HINCRBY', bk, 'time:' .. name, run_ms)
     if run_ms > (tonumber(rcall('HGET', bk, 'max:' .. name)) or -1) then rcall('HSET', bk, 'max:' .. name, run_ms) end
+    -- percentiles come from the first SAMPLES_PER_BUCKET runs of each 10 s bucket
     local tk = P .. 'times:' .. bucket
-    rcall('LPUSH', tk, run_ms .. ':' .. name)
-    rcall('LTRIM', tk, 0, SAMPLES_PER_BUCKET - 1)
-    rcall('EXPIRE', tk, BUCKET_TTL)
+    local held = rcall('LLEN', tk)
+    if held < SAMPLES_PER_BUCKET then
+      rcall('RPUSH', tk, run_ms .. ':' .. name)
+      if held == 0 then rcall('EXPIRE', tk, BUCKET_TTL) end
+    end
   end
 end
 
@@ -308,17 +313,19 @@ local function end_run(P, id, now, outcome, result, err)
       finalise(P, id, new_state, now, opts, runs)
     end
     -- every ghosted run counts as a ghost, whatever comes of the job
-    if new_state == 'fail' then bump(P, now - now % BUCKET_MS, 'ghost:' .. name, 1) end
+    if new_state == 'fail' then rcall('HINCRBY', (bucket_of(P, now)), 'ghost:' .. name, 1) end
   end
   note(P, id, name, 'processing', new_state, new_state, now, run and run.time or 0)
   return new_state
 end
 
 -- Take the first waiting job of the first non-empty queue, in the priority order of `names`.
+-- A plain claim (a worker woke on a token, or polled) leaves the wake tokens equal to the queue
+-- lengths; a `chained` claim (inside finish) just takes the claimed job's own token.
 -- `claimer` (optional) names the caller: its last claim is kept in P.."claim:"..claimer, so a
 -- caller whose reply was lost (a timeout after Redis ran the script) can find the job it now owns.
 -- Returns {id, attempt token, HGETALL fields...} or nil.
-local function claim(P, names, now, claimer)
+local function claim(P, names, now, claimer, chained)
   for _, name in ipairs(names) do
     local q = P .. 'queue:' .. name
     while true do
@@ -335,7 +342,12 @@ local function claim(P, names, now, claimer)
         rcall('HSET', jk, 'state', 'processing', 'update_time', now, 'runs', encode_runs(runs))
         note(P, id, name, state, 'processing', 'processing', now)
         rcall('ZADD', P .. 'processing', now + ms(opts.process_timeout) + LEASE_GRACE_MS, id)
-        reconcile_wake(P, names)
+        if chained then
+          -- Claimed in the same call that finished the last job: the job's token is still there.
+          rcall('LPOP', P .. 'wake:' .. name)
+        else
+          reconcile_wake(P, names)
+        end
         if claimer ~= '' then rcall('SET', P .. 'claim:' .. claimer, id .. ' ' .. attempt, 'EX', 86400) end
         local reply = {id, attempt}
         local fields = rcall('HGETALL', jk)
@@ -345,6 +357,6 @@ local function claim(P, names, now, claimer)
       -- Anything else is a leftover of a job that moved on; dropping it keeps one structure per job.
     end
   end
-  reconcile_wake(P, names)
+  if not chained then reconcile_wake(P, names) end
   return nil
 end

@@ -36,6 +36,6 @@ local nxt = false
 if #ARGV >= 8 then
   local names = {}
   for i = 8, #ARGV do names[#names + 1] = ARGV[i] end
-  nxt = claim(P, names, now, ARGV[7]) or false
+  nxt = claim(P, names, now, ARGV[7], true) or false
 end
 return {status, new_state, nxt}
