@@ -154,6 +154,9 @@ class Worker:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             self._backoff(exc)
             return self._recover_claim(None)
+        except redis.exceptions.ResponseError as exc:  # e.g. OOM at maxmemory: wait, don't die
+            self._backoff(exc)
+            return None
 
     def _work(self, claimed: Claimed) -> Claimed | None:
         job_id, token, fields = claimed
@@ -191,6 +194,14 @@ class Worker:
                                                          claim_names=() if ambiguous else names,
                                                          claimer=self.claimer)
                 break
+            except redis.exceptions.ResponseError as exc:
+                if not str(exc).startswith(("OOM", "BUSY")):
+                    # Not transient: leave the run to lease recovery rather than retry forever.
+                    log.error("worker %d: cannot finish job %s: %s", self.number, job_id, exc)
+                    return None
+                log.warning("worker %d: finishing job %s refused (%s); retrying", self.number, job_id, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 # The script may have run with its reply lost: retry the finish alone (the token
                 # makes a repeat harmless), then look up whether the lost reply carried a claim.
