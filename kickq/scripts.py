@@ -16,7 +16,9 @@ from .keys import Keys
 #: Extra time past process_timeout before the reaper may recover a run: the supervisor that owns
 #: the run kills it at process_timeout and ghosts it itself; the reaper is for lost supervisors.
 LEASE_GRACE_MS = 1000
-NAMES = ("create", "claim", "finish", "recover", "promote", "purge", "delete", "schedule", "unschedule", "extend")
+NAMES = ("create", "claim", "finish", "recover", "promote", "purge", "delete", "schedule", "unschedule",
+         "extend", "requeue", "purge_state",  # requeue on: admin only (the `kickq` command)
+         "repair_inspect", "repair_orphan", "repair_index", "repair_state", "repair_counts")
 
 
 _LUA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lua")
