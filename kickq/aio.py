@@ -10,8 +10,12 @@ deleted and awaited by the other.
         job = await kq.create("email", {"to": "a@example.com"}, {"hotjob": True})
         final = await job.hotjob_promise          # the finished Job, or HotjobTimeout
 
+Beside create / create_many / get / delete: `wait(id)` for a hotjob made elsewhere, `stats()`,
+`events()` (an async iterator), `connection()`, `close()`. See docs/aio.md.
+
 One client belongs to one event loop at a time (redis.asyncio's connections do); after that loop
-has stopped, the next call quietly starts afresh in the current one.
+has stopped, the next call starts afresh in the current one (the old connections could not be
+closed from there: `await close()` before a loop ends).
 
 Creates issued in the same loop iteration (`asyncio.gather(*(kq.create(...) ...))`) are sent as
 one create script call (at most 1000 jobs; more go in one MULTI), exactly as `create_many` sends
@@ -37,22 +41,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 
-from . import scripts
+from . import observe, scripts
 from .aio_hotjob import AsyncHotjobWaiter, aclose_client
-from .client import _CREATE_CHUNK, Prepared, prepare
-from .config import current, merge_settings, normalise_job_options, on_reset, validate_settings
+from .client import _CREATE_CHUNK, Prepared, prepare, resolve
+from .config import current, merge_settings, normalise_job_options, on_reset, validate_settings, version
 from .connection import check_version, client_options, make_client, redis_errors
 from .errors import JobNotFound, KickqError
 from .hotjob import recheck_message
 from .job import Job
-from .keys import Keys
+from .keys import Keys, validate_name
 
 __all__ = ["Kickq", "AsyncScripts", "connect"]
 
@@ -237,12 +243,32 @@ class Kickq:
     def __init__(self, **overrides: Any) -> None:
         self._overrides = validate_settings(overrides)
         self._state: _State | None = None
+        # (config version, settings, resolved options by job name), as the sync client caches them
+        self._settings_cache: tuple[int, dict[str, Any], dict[str, Any]] | None = None
         _clients.add(self)
 
     # --- plumbing ----------------------------------------------------------------------------------
 
     def settings(self) -> dict[str, Any]:
-        return merge_settings(current(), self._overrides)
+        """The effective config: global, then this client's overrides. Cached until config()
+        changes; treat it as read-only."""
+        cached = self._settings_cache
+        if cached is None or cached[0] != version():
+            cached = self._settings_cache = (version(), merge_settings(current(), self._overrides), {})
+        return cached[1]
+
+    def _prepare(self, settings: Mapping[str, Any], name: Any, data: Any, opts: Any) -> Prepared:
+        """prepare(), with resolve() of the common case (no per-job opts) cached per job name."""
+        cached = self._settings_cache
+        if opts or cached is None or cached[1] is not settings or not isinstance(name, str):
+            return prepare(settings, name, data, opts)
+        by_name = cached[2]
+        hit = by_name.get(name)
+        if hit is None:
+            hit = by_name[name] = resolve(settings, name, None)
+            if len(by_name) > 10_000:
+                by_name.clear()
+        return prepare(settings, name, data, opts, hit)
 
     def keys(self, settings: Mapping[str, Any] | None = None) -> Keys:
         return Keys((settings or self.settings())["redis_namespace"])
@@ -271,6 +297,8 @@ class Kickq:
                     try:
                         with redis_errors(settings):
                             check_version(await client.info("server"))
+                            await client.hset(Keys(settings["redis_namespace"]).meta, "events_maxlen",
+                                              int(settings["events_maxlen"]))
                     except BaseException:
                         await aclose_client(client)
                         raise
@@ -347,12 +375,14 @@ class Kickq:
 
     async def _create(self, triples: Sequence[tuple[Any, Any, Any]]) -> list[Job]:
         settings = self.settings()
-        prepared = [prepare(settings, name, data, opts) for name, data, opts in triples]
+        prepared = [self._prepare(settings, name, data, opts) for name, data, opts in triples]
         state, client, scr = await self._connection(settings)
         waiter = None
         if any(p.opts["hotjob"] for p in prepared):
             waiter = self._waiter(state, settings)
             await waiter.ensure_subscribed()  # subscribed before the create: no completion is missed
+        if state.closed:
+            raise KickqError("this kickq.aio.Kickq was closed while the create was starting")
         group = _Group(prepared, state.loop.create_future())
         key = (state.ident, settings["redis_namespace"])
         batch = state.batches.get(key)
@@ -427,6 +457,61 @@ class Kickq:
         finally:
             if not future.done():
                 future.cancel()
+
+
+    # --- seeing inside ------------------------------------------------------------------------------
+
+    async def stats(self, name: str | None = None) -> dict[str, Any]:
+        """Counts by state and a recent window of activity, per job name and in total: the shape of
+        `kickq.Kickq.stats()`, from the same reads (kickq.observe)."""
+        settings = self.settings()
+        _, client, _ = await self._connection(settings)
+        keys = Keys(settings["redis_namespace"])
+        if name is not None:
+            validate_name(name)
+        window = float(settings["stats_window"])
+        with redis_errors(settings):
+            seconds, micros = await client.time()
+            buckets = observe.window_buckets(seconds * 1000 + micros // 1000, window)
+            async with client.pipeline(transaction=False) as pipe:
+                observe.queue_commands(pipe, keys, buckets)
+                replies = await pipe.execute()
+        return observe.build_stats(replies, window, only=name)
+
+    async def events(self, names: str | Iterable[str] | None = None, since: str = "$",
+                     timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
+        """`async for event in kq.events():` transitions as they happen, as `kickq.Kickq.events()`
+        yields them (id, name, event, state, time, stream_id). `since` is a stream id, "0" for
+        everything kept, or "$" for new ones only. Survives reconnects (it resumes after the last id
+        it yielded). With `timeout`, stops after that many seconds without an event."""
+        wanted_names = {names} if isinstance(names, str) else (set(names) if names is not None else None)
+        settings = self.settings()
+        keys = Keys(settings["redis_namespace"])
+        block_ms = int(max(0.05, min(1.0, float(settings["redis_timeout"]) / 2)) * 1000)
+        last = since
+        idle_since = time.monotonic()
+        delay = 0.05
+        while True:
+            reply: Any = None
+            try:
+                _, client, _ = await self._connection(settings)
+                if last == "$":  # pin "$" to an id, so that a reconnect cannot skip anything
+                    newest = await client.xrevrange(keys.events, count=1)
+                    last = newest[0][0] if newest else "0-0"
+                reply = await client.xread({keys.events: last}, count=500, block=block_ms)
+                delay = 0.05
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            for _, entries in reply or ():
+                for stream_id, fields in entries:
+                    last = stream_id
+                    event = observe.event_dict(stream_id, fields)
+                    if observe.wanted(event, wanted_names):
+                        idle_since = time.monotonic()
+                        yield event
+            if timeout is not None and time.monotonic() - idle_since > timeout:
+                return
 
 
 def _retrieve(task: "asyncio.Task[Any]") -> None:

@@ -82,9 +82,14 @@ class AsyncHotjobWaiter:
             self._task = self._loop.create_task(self._listen(), name="kickq-hotjob-listener")
         if self._subscribed.is_set():
             return
+        # Not asyncio.wait_for: before Python 3.12 it can swallow a cancellation that coincides
+        # with the inner wait's end, and this wait must stay cancellable.
+        subscribed = self._loop.create_task(self._subscribed.wait())
         try:
-            await asyncio.wait_for(self._subscribed.wait(), self._timeout)
-        except asyncio.TimeoutError:
+            await asyncio.wait([subscribed], timeout=self._timeout)
+        finally:
+            subscribed.cancel()
+        if not self._subscribed.is_set():
             cause = f": {self._last_error}" if self._last_error else ""
             raise RedisUnavailable("could not subscribe for hotjob results within "
                                    f"redis_timeout{cause}") from None
@@ -145,10 +150,13 @@ class AsyncHotjobWaiter:
         """Stop the listener; pending futures are cancelled (as the sync client does)."""
         self._closed = True
         tasks = [t for t in (self._task, *self._background) if t is not None and not t.done()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        while tasks:
+            # Cancel again until done: a cancellation that lands as an inner wait_for completes is
+            # swallowed before Python 3.12 (redis-py connects through one).
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=0.1)
+            tasks = [t for t in tasks if not t.done()]
         pending = [w for watches in self._pending.values() for w in watches]
         self._pending.clear()
         self._early.clear()
@@ -203,7 +211,7 @@ class AsyncHotjobWaiter:
 
     async def _listen(self) -> None:
         backoff = 0.05
-        while True:
+        while not self._closed:
             generation = self._generation
             try:
                 await self._session()
@@ -227,7 +235,7 @@ class AsyncHotjobWaiter:
             await self._recheck(client, list(self._pending))
             self._subscribed.set()
             self._last_error = None
-            while True:
+            while not self._closed:
                 message = await pubsub.get_message(timeout=POLL_SECONDS)
                 if message and message.get("type") == "message":
                     try:
