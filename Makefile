@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS := test,hiredis
+EXTRAS := test,hiredis,metrics
 PYTEST_ARGS ?=
 
 # Interpreters tox looks for (python3.10 ... python3.13). Their real bin dirs

@@ -40,6 +40,7 @@ class Run:
     token: str
     deadline: float
     handler_returned: bool = False
+    name: str = ""  # the job name, for metrics
 
 
 @dataclass
@@ -73,6 +74,9 @@ class Arbiter:
     can_reload: Callable[[], bool] = lambda: True
     close_fd: Callable[[int], None] = os.close
     drain: Callable[[Slot], None] | None = None  # read what a dead worker still had in its pipe
+    # observe(kind, slot, **fields): what the metrics count ("run", "ghost", "restart",
+    # "reaper_restart"). It must not block: the metrics thread does the work (see metrics.py).
+    observe: Callable[..., None] | None = None
     slots: list[Slot] = field(default_factory=list)
     reaper_pid: int | None = None
     reaper_failures: int = 0
@@ -150,11 +154,21 @@ class Arbiter:
         parts = line.split()
         if not parts:
             return
-        if parts[0] == "S" and len(parts) == 5:
+        if parts[0] == "S" and len(parts) >= 5:  # "S id token start timeout [name, may hold spaces]"
             job_id, token, started, timeout = parts[1], parts[2], float(parts[3]), float(parts[4])
-            slot.run = Run(job_id, token, started + timeout)
+            name = line.split(" ", 5)[5] if len(parts) > 5 else ""
+            slot.run = Run(job_id, token, started + timeout, name=name)
         elif parts[0] == "F" and slot.run is not None and slot.run.job_id == parts[1]:
             slot.run.handler_returned = True
+            if len(parts) >= 4:  # "F id success|fail seconds"
+                self._observe("run", slot, name=slot.run.name, outcome=parts[2], seconds=float(parts[3]))
+
+    def _observe(self, kind: str, slot: Slot | None, **fields: object) -> None:
+        if self.observe is not None:
+            try:
+                self.observe(kind, slot, **fields)
+            except Exception:  # metrics must never take the master down
+                log.exception("metrics: cannot record %s", kind)
 
     # --- children that ended ---------------------------------------------------------------------------
 
@@ -167,6 +181,7 @@ class Arbiter:
                 self.reaper_failures = self.reaper_failures + 1 if young else 0
                 self.reaper_respawn_at = now + _backoff(self.reaper_failures)
                 log.warning("reaper %s; restarting", describe_exit(status))
+                self._observe("reaper_restart", None)
             return
         slot = next((s for s in self.slots if s.pid == pid), None)
         if slot is None:
@@ -182,6 +197,8 @@ class Arbiter:
             log.warning("worker %d (pid %d) %s during job %s: %s", slot.number, pid,
                         describe_exit(status), run.job_id, error)
             self.lost_job(slot, run.job_id, run.token, error)
+            reason = {TIMED_OUT: "timeout", QUICK_STOP: "quick_stop"}.get(slot.kill_reason, "worker_died")
+            self._observe("ghost", slot, name=run.name, reason=reason)
         elif not clean:
             log.warning("worker %d (pid %d) %s", slot.number, pid, describe_exit(status))
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == FATAL_EXIT and not self.stopping:
@@ -191,6 +208,9 @@ class Arbiter:
         young = now - slot.spawned_at < CRASH_WINDOW and not clean and run is None
         slot.failures = slot.failures + 1 if young else 0
         slot.respawn_at = now + _backoff(slot.failures)
+        if not self.stopping:
+            why = "timeout" if slot.kill_reason == TIMED_OUT else ("retired" if clean else "crash")
+            self._observe("restart", slot, reason=why)
         if slot.fd is not None:
             self.close_fd(slot.fd)
         slot.pid = slot.fd = slot.run = slot.term_at = None

@@ -64,8 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest sleep of the reaper between passes (default 1)")
     p.add_argument("--no-reaper", action="store_true", help="run no reaper in this supervisor")
     p.add_argument("--pidfile", metavar="PATH")
+    p.add_argument("--metrics-port", type=port_number, metavar="PORT",
+                   help="serve Prometheus metrics on 127.0.0.1:PORT (needs the extra kickq[metrics])")
     p.add_argument("--check-import", action="store_true", help=argparse.SUPPRESS)
     return p
+
+
+def port_number(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text!r}")
+    return int(text)
 
 
 def setup_logging(level: str) -> None:
@@ -76,6 +84,12 @@ def setup_logging(level: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
+    if args.metrics_port is not None:
+        try:
+            from . import metrics  # noqa: F401 - prometheus-client is an optional extra
+        except ImportError as exc:
+            print(f"kickq-supervisor: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
     for target in args.modules:
         try:
             loader.load(target)
@@ -208,14 +222,27 @@ def run_master(args: argparse.Namespace, registrations: list[registry.Registrati
         return pid
 
     slot_specs = [index for index, reg in enumerate(registrations) for _ in range(reg.concurrent_jobs)]
+    exporter = None
+    if args.metrics_port is not None:
+        from .metrics import MetricsError, start_metrics
+        try:
+            exporter = start_metrics(args.metrics_port, per_registration)
+        except MetricsError as exc:
+            print(f"kickq-supervisor: {exc}", file=sys.stderr)
+            return EXIT_FAILURE, False
     arbiter = Arbiter(slot_specs, ops, spawn_worker, None if args.no_reaper else spawn_reaper,
                       lost_job=lost_job, kill_grace=args.kill_grace,
-                      can_reload=lambda: _imports_cleanly(args.modules))
+                      can_reload=lambda: _imports_cleanly(args.modules),
+                      observe=exporter.observe if exporter else None)
+    if exporter:
+        exporter.watch(arbiter.slots)
     log.info("kickq-supervisor %s: %d worker(s) for %s on %s", kickq.__version__, len(slot_specs),
              ", ".join(namespaces), describe(per_registration[0]))
     code = MasterLoop(arbiter).run()
     for ghoster in ghosters.values():
         ghoster.flush(timeout=2.0)
+    if exporter:
+        exporter.stop()
     log.info("supervisor exiting with code %d", code)
     return code, arbiter.reload_requested and not arbiter.quick
 

@@ -20,6 +20,7 @@ from kickq.connection import connect
 from kickq.keys import Keys
 
 from .osapi import die_with_parent, set_title
+from .vitals import Vitals
 
 log = logging.getLogger("kickq.reaper")
 
@@ -98,6 +99,7 @@ class Reaper:
         set_title("kickq-supervisor: reaper")
         self.client = connect(self.settings)
         self.scripts = scripts.Scripts(self.client)
+        vitals = Vitals([k.namespace for k in self.keys], float(self.settings.get("vitals_interval", 300)))
         delay = 0.05
         pubsub = None
         while True:
@@ -106,6 +108,7 @@ class Reaper:
                     pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                     pubsub.subscribe(*[k.reaper for k in self.keys])
                 wait = min(self.tick(keys) for keys in self.keys)
+                wait = min(wait, vitals.due(self.client))  # logs a vitals line when one is due
                 delay = 0.05
                 # Sleep on the subscription: a producer that schedules something earlier wakes us,
                 # and the timeout is kept by the client, to the millisecond (a blocking Redis

@@ -162,11 +162,13 @@ class Worker:
         job_id, token, fields = claimed
         started = time.monotonic()
         opts_timeout = _process_timeout(fields)
-        self._notify(f"S {job_id} {token} {started:.6f} {opts_timeout}")
+        # The job name goes last: it may contain spaces (the master splits at most 5 times).
+        self._notify(f"S {job_id} {token} {started:.6f} {opts_timeout} {fields.get('name', '')}")
         self._title_busy = (fields.get("name", "?"), job_id, started)
         self._title_wake.set()
         outcome = self._run(job_id, fields)
-        self._notify(f"F {job_id}")
+        ran = time.monotonic() - started
+        self._notify(f"F {job_id} {'success' if outcome.success else 'fail'} {ran:.6f}")
         self.jobs_done += 1
         last = self._last_job_before_retiring()
         nxt = self._finish(job_id, token, outcome, claim_next=not last)
