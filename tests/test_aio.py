@@ -875,7 +875,7 @@ def test_hotjobs_under_a_real_supervisor(kq_config, r, namespace, supervisor, tm
     async def main():
         async with Kickq() as kq:
             opts = {"hotjob": True, "hotjob_timeout": 30}
-            jobs = await asyncio.gather(*(kq.create("aio-echo", {"n": i}, opts) for i in range(200)))
+            jobs = await asyncio.gather(*(kq.create("aio-echo", {"n": i}, opts) for i in range(1000)))
             finals = await asyncio.gather(*(j.hotjob_promise for j in jobs))
             return jobs, finals
 
@@ -887,5 +887,5 @@ def test_hotjobs_under_a_real_supervisor(kq_config, r, namespace, supervisor, tm
     assert supervisor.poll() is None
     assert [f.result for f in finals] == [{"echo": {"n": i}, "id": j.id} for i, j in enumerate(jobs)]
     assert {f.state for f in finals} == {"success"}
-    wait_until(lambda: r.zcard(Keys(namespace).finished) == 200, timeout=5)
+    wait_until(lambda: r.zcard(Keys(namespace).finished) == 1000, timeout=5)
 
