@@ -121,7 +121,9 @@ def test_console_script_is_installed():
                                   ["purge", "--state", "new", "--older-than", "1"],
                                   ["purge", "--state", "fail", "--older-than", "-1"],
                                   ["purge", "--state", "fail"],
-                                  ["create"], ["create", "a", "--delay", "soon"], ["show"]])
+                                  ["create"], ["create", "a", "--delay", "soon"],
+                                  ["show"], ["delete"], ["retry"],
+                                  ["stats", "--window", "soon"], ["schedules", "--all"], ["doctor", "--fix"]])
 def test_usage_errors_exit_2(cli, args):
     result = cli(*args)
     assert result.returncode == 2, (result.stdout, result.stderr)
