@@ -8,9 +8,11 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import redis
 
-from . import config as _config
 from . import cron as cron_rules
 from . import observe, payload, registry, scripts
+from .config import (ConfigError, current, merge_settings, on_reset, resolve_job_options, snake_case,
+                     stored_options, validate_settings)
+from .config import version as config_version
 from .connection import check_version, connect, redis_errors
 from .errors import JobNotFound, KickqError
 from .hotjob import HotjobWaiter
@@ -78,9 +80,9 @@ def resolve(settings: Mapping[str, Any], name: Any, opts: Any) -> tuple[str, dic
     """(name, resolved options, stored options JSON, delay ms) for one job; raises on bad input."""
     name = validate_name(name)
     if opts is not None and not isinstance(opts, Mapping):
-        raise _config.ConfigError(f"opts must be a dict of job options, not {type(opts).__name__}")
-    resolved = _config.resolve_job_options(settings, name, opts)
-    stored = _config.stored_options(resolved)
+        raise ConfigError(f"opts must be a dict of job options, not {type(opts).__name__}")
+    resolved = resolve_job_options(settings, name, opts)
+    stored = stored_options(resolved)
     delay = resolved["delay"]
     return (name, resolved, payload.encode(stored) if stored else "",
             None if delay is None else int(round(delay * 1000)))
@@ -99,7 +101,7 @@ class Kickq:
     call, so `kickq.config()` changes made later apply too."""
 
     def __init__(self, **overrides: Any) -> None:
-        self._overrides = _config.validate_settings(overrides)
+        self._overrides = validate_settings(overrides)
         self._settings_cache: tuple[int, dict[str, Any], dict[str, Any]] | None = None
         self._fast_connection: tuple[Mapping[str, Any], redis.Redis, scripts.Scripts] | None = None
         self._lock = threading.Lock()
@@ -114,10 +116,10 @@ class Kickq:
     def settings(self) -> dict[str, Any]:
         """The effective config: global, then this client's overrides. Cached until config() changes;
         treat it as read-only."""
-        version = _config.version()
+        version = config_version()
         cached = self._settings_cache
         if cached is None or cached[0] != version:
-            cached = self._settings_cache = (version, _config.merge_settings(_config.current(), self._overrides), {})
+            cached = self._settings_cache = (version, merge_settings(current(), self._overrides), {})
         return cached[1]
 
     def _resolved(self, settings: Mapping[str, Any], name: Any, opts: Any
@@ -137,7 +139,7 @@ class Kickq:
     def keys(self, settings: Mapping[str, Any] | None = None) -> Keys:
         return Keys((settings or self.settings())["redis_namespace"])
 
-    def _connection(self, settings: Mapping[str, Any]) -> tuple[redis.Redis, scripts.Scripts]:
+    def _connection(self, settings: Mapping[str, Any]) -> tuple[Any, scripts.Scripts]:
         fast = self._fast_connection
         if fast is not None and fast[0] is settings:
             return fast[1], fast[2]
@@ -163,13 +165,15 @@ class Kickq:
     @property
     def redis(self) -> redis.Redis:
         """The underlying redis-py client (decode_responses=True)."""
-        return self._connection(self.settings())[0]
+        client: redis.Redis = self._connection(self.settings())[0]
+        return client
 
     def _hotjob_waiter(self, settings: Mapping[str, Any]) -> HotjobWaiter:
         with self._lock:
             if self._waiter is None:
-                self._waiter = _open_waiters.add_new(lambda: connect(settings), Keys(settings["redis_namespace"]),
-                                            float(settings["redis_timeout"]))
+                self._waiter = _open_waiters.add_new(lambda: connect(settings),
+                                                     Keys(settings["redis_namespace"]),
+                                                     float(settings["redis_timeout"]))
             return self._waiter
 
     def _close_locked(self) -> None:
@@ -221,7 +225,8 @@ class Kickq:
             # The original API sketch: create(name, data, {"cron": ...}) registers a schedule whose
             # id is the job name, and returns its first (delayed) tick job.
             rest = {k: v for k, v in opts.items() if k not in ("cron", "every")}
-            _, pending = self._schedule(name, opts.get("cron"), opts.get("every"), data, rest, None, "UTC", "one")
+            _, pending = self._schedule(name, opts.get("cron"), opts.get("every"), data, rest, None,
+                                        "UTC", "one")
             return self.get(pending)
         return self._create([(name, data, opts)])[0]
 
@@ -234,7 +239,8 @@ class Kickq:
         triples = []
         for index, item in enumerate(items):
             if isinstance(item, str) or not isinstance(item, Sequence) or not 1 <= len(item) <= 3:
-                raise TypeError(f"item {index}: expected (name,), (name, data) or (name, data, opts), got {item!r}")
+                raise TypeError(f"item {index}: expected (name,), (name, data) or (name, data, opts), "
+                                f"got {item!r}")
             triples.append((item[0], item[1] if len(item) > 1 else None, item[2] if len(item) > 2 else None))
         return self._create(triples) if triples else []
 
@@ -265,7 +271,7 @@ class Kickq:
                 waiter.abandon()
             raise
         jobs = []
-        for p, (job_id, create_time) in zip(prepared, created):
+        for p, (job_id, create_time) in zip(prepared, created, strict=True):
             promise = None
             if p.opts["hotjob"]:
                 assert waiter is not None
@@ -314,10 +320,10 @@ class Kickq:
         settings = self.settings()
         sid = validate_name(name if schedule_id is None else schedule_id)
         cron_rules.validate(cron, every, timezone, catch_up)
-        if isinstance(opts, Mapping) and any(_config.snake_case(str(k)) == "delay" for k in opts):
-            raise _config.ConfigError("delay does not apply to scheduled jobs: each tick is their due time")
+        if isinstance(opts, Mapping) and any(snake_case(str(k)) == "delay" for k in opts):
+            raise ConfigError("delay does not apply to scheduled jobs: each tick is their due time")
         prepared = prepare(settings, name, data, opts)
-        stored = _config.stored_options({**prepared.opts, "delay": None})
+        stored = stored_options({**prepared.opts, "delay": None})
         record: dict[str, Any] = {"name": prepared.name, "data": prepared.data,
                                   "opts": payload.encode(stored) if stored else "",
                                   "timezone": timezone, "catch_up": catch_up}
@@ -458,4 +464,4 @@ def close_all() -> None:
     registry.clear()
 
 
-_config.on_reset(close_all)
+on_reset(close_all)

@@ -68,7 +68,7 @@ def build_stats(replies: Sequence[Any], window_s: float, only: str | None = None
     totals = {name: 0 for name in names}
     maxima: dict[str, int | None] = {name: None for name in names}
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for bucket_hash, bucket_samples in zip(replies[2::2], replies[3::2]):
+    for bucket_hash, bucket_samples in zip(replies[2::2], replies[3::2], strict=True):
         for field, value in bucket_hash.items():
             kind, _, name = field.partition(":")
             if name not in windows:

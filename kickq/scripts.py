@@ -97,7 +97,7 @@ def extend_args(keys: Keys, schedule_id: str, ticks: Sequence[int],
 # --- reply parsers --------------------------------------------------------------------------------
 
 def pairs(flat: Sequence[str]) -> dict[str, str]:
-    return dict(zip(flat[::2], flat[1::2]))
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def parse_create(reply: Sequence[Any]) -> list[tuple[str, int]]:
