@@ -45,8 +45,31 @@ faults: venv
 demo: venv
 	$(PY) examples/demo.py
 
-bench: venv
-	$(PY) -m bench
+# Peers go into their own virtualenv, never into .venv; arq (redis-py < 6) gets one of its own
+# inside it. A peer that fails to install is reported as such in bench/RESULTS.md.
+# make bench BENCH_ARGS="--jobs 2000 --runs 1"
+BENCH_VENV := .bench-venv
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_ARGS ?=
+
+$(BENCH_PY):
+	$(PYTHON) -m venv $(BENCH_VENV)
+
+$(BENCH_STAMP): setup.cfg pyproject.toml bench/requirements.txt bench/requirements-arq.txt | $(BENCH_PY)
+	$(BENCH_PY) -m pip install --upgrade pip
+	$(BENCH_PY) -m pip install -e . -r bench/requirements.txt || { \
+		echo "one peer did not install: installing them one by one"; \
+		$(BENCH_PY) -m pip install -e . ; \
+		sed -e 's/#.*//' -e '/^ *$$/d' bench/requirements.txt | while read -r req; do \
+			$(BENCH_PY) -m pip install "$$req" || echo "$$req did not install"; \
+		done; }
+	-$(PYTHON) -m venv $(BENCH_VENV)/arq && $(BENCH_VENV)/arq/bin/python -m pip install -r bench/requirements-arq.txt \
+		|| echo "arq did not install: bench/RESULTS.md will say so"
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(BENCH_PY) -m bench $(BENCH_ARGS)
 
 tox: venv
 	$(PY) -m pip install --quiet 'tox>=4'
@@ -58,7 +81,7 @@ lint: venv
 
 clean:
 	rm -rf build dist .eggs *.egg-info .pytest_cache .mypy_cache .ruff_cache .tox .hypothesis
-	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+	find . -path ./$(VENV) -prune -o -path ./$(BENCH_VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(BENCH_VENV)

@@ -1,0 +1,221 @@
+"""What every adapter provides, and the process helpers they share.
+
+An adapter is made with the Redis URL in the producer (the driver process) and offers:
+
+- ``enqueue_one(count)``: enqueue ``count`` no-op jobs, one API call per job, each call finished
+  before the next (asyncio peers: awaited one after the other in one coroutine);
+- ``enqueue_bulk(count)``: the same through the queue's bulk API, or ``None`` where it has none
+  (``bulk_label`` says which API);
+- ``queued()``: how many jobs wait in the queue (a check that the enqueue really happened);
+- ``start_workers(n, variant, logdir)``: start n worker processes (``variants`` lists the kinds of
+  worker a peer has) and return the root processes; each root leads its own process group;
+- ``wait_done(n, procs, timeout)``: wait until ``n`` no-op jobs ran (the ``bench:done`` counter);
+- ``roundtrip(t0)``: the latency probe: enqueue one job carrying ``t0`` and wait for its result
+  through the queue's own result API;
+- ``memory_probe(count)``: Redis used_memory per queued no-op job.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import redis
+
+from . import body
+
+REPO = Path(__file__).resolve().parents[2]
+FILL_CHUNK = 10_000
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start cmd in its own process group (same session as the driver), output to log."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=REPO, env=env or worker_env(), process_group=0)
+
+
+def module_cmd(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def tree(procs: list[subprocess.Popen]) -> list[Any]:
+    """psutil.Process objects of the roots and all their descendants, alive now."""
+    import psutil
+    found: dict[int, Any] = {}
+    for proc in procs:
+        try:
+            root = psutil.Process(proc.pid)
+            found[root.pid] = root
+            for child in root.children(recursive=True):
+                found[child.pid] = child
+        except psutil.NoSuchProcess:
+            pass
+    return list(found.values())
+
+
+def stop(procs: list[subprocess.Popen], grace: float = 2.0) -> None:
+    """TERM each root's process group, KILL whatever of the tree is left after grace, reap."""
+    import psutil
+    members = tree(procs)
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    _, alive = psutil.wait_procs(members, timeout=grace)
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for member in alive + tree(procs):
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def tree_memory(procs: list[subprocess.Popen]) -> dict[str, Any]:
+    """PSS and RSS (bytes) of the whole tree of each root, with one line per process."""
+    import psutil
+    total_pss = total_rss = 0
+    detail = []
+    for member in tree(procs):
+        try:
+            info = member.memory_full_info()
+            name = " ".join(member.cmdline())[:80] or member.name()
+        except psutil.NoSuchProcess:
+            continue
+        total_pss += info.pss
+        total_rss += info.rss
+        detail.append({"pid": member.pid, "cmd": name, "pss": info.pss, "rss": info.rss})
+    return {"pss": total_pss, "rss": total_rss, "processes": len(detail), "detail": detail}
+
+
+def log_tail(logdir: Path, lines: int = 30) -> str:
+    out = []
+    for log in sorted(logdir.glob("*.log")):
+        text = log.read_text(errors="replace").splitlines()[-lines:]
+        if text:
+            out.append(f"--- {log.name}\n" + "\n".join(text))
+    return "\n".join(out)[-6000:]
+
+
+class Adapter:
+    name = ""
+    label = ""
+    package = ""  # distribution whose version is reported
+    variants: dict[str, str] = {"default": ""}  # worker kind -> how its workers are started
+    bulk_label: str | None = None
+    notes = ""  # settings that differ from the peer's defaults, shown under the tables
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.redis = redis.Redis.from_url(url)
+
+    # --- producer side ----------------------------------------------------------------------------
+    def enqueue_one(self, count: int) -> None:
+        raise NotImplementedError
+
+    enqueue_bulk: Callable[[int], None] | None = None
+
+    def queued(self) -> int:
+        raise NotImplementedError
+
+    def roundtrip(self, t0: float) -> None:
+        raise NotImplementedError
+
+    def fill(self, count: int) -> None:
+        """Put count no-op jobs in the queue as fast as the peer allows (bulk in chunks, else one by one)."""
+        bulk = self.enqueue_bulk
+        for start in range(0, count, FILL_CHUNK):
+            size = min(FILL_CHUNK, count - start)
+            if bulk is not None:
+                bulk(size)
+            else:
+                self.enqueue_one(size)
+
+    def memory_probe(self, count: int) -> dict[str, Any]:
+        before = int(self.redis.info("memory")["used_memory"])
+        started = time.perf_counter()
+        self.fill(count)
+        elapsed = time.perf_counter() - started
+        queued = self.queued()
+        after = int(self.redis.info("memory")["used_memory"])
+        if queued < count:
+            raise BenchError(f"{self.name}: {queued} jobs queued after enqueueing {count}")
+        return {"count": count, "used_memory_before": before, "used_memory_after": after,
+                "bytes_per_job": (after - before) / count, "fill_seconds": elapsed,
+                "keys": int(self.redis.dbsize())}
+
+    # --- workers ----------------------------------------------------------------------------------
+    def start_workers(self, n: int, variant: str, logdir: Path, **kw: Any) -> list[subprocess.Popen]:
+        raise NotImplementedError
+
+    def wait_done(self, n: int, procs: list[subprocess.Popen], timeout: float,
+                  logdir: Path | None = None) -> dict[str, float]:
+        """Poll the bench:done counter every 2 ms until it reaches n; perf_counter times of the first
+        completion seen and of the last."""
+        deadline = time.perf_counter() + timeout
+        first = None
+        first_count = 0
+        polls = 0
+        while True:
+            done = int(self.redis.get(body.DONE) or 0)
+            now = time.perf_counter()
+            if done and first is None:
+                first = now
+                first_count = done
+            if done >= n:
+                return {"first": first if first is not None else now, "first_count": first_count,
+                        "last": now, "done": done}
+            polls += 1
+            if polls % 50 == 0:
+                if all(p.poll() is not None for p in procs):
+                    raise BenchError(f"{self.name}: every worker exited after {done} of {n} jobs\n"
+                                     + (log_tail(logdir) if logdir else ""))
+            if now > deadline:
+                raise BenchError(f"{self.name}: only {done} of {n} jobs done after {timeout:.0f} s\n"
+                                 + (log_tail(logdir) if logdir else ""))
+            time.sleep(0.002)
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+class AsyncAdapter(Adapter):
+    """For asyncio queues: one event loop in the producer, every call run to completion on it."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        import asyncio
+        self.loop = asyncio.new_event_loop()
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        super().close()
+        self.loop.close()

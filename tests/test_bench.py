@@ -1,0 +1,105 @@
+"""The bench harness: kickq's adapter end to end through the driver, and the report.
+
+The peers are not installed in the test venv (they live in .bench-venv), so only kickq's adapter is
+driven here; `make bench` exercises the others. The driver runs as a subprocess (it makes itself a
+subreaper and kills what it started) against database 9 of the session's server, which it flushes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def drive(url: str, tmp_path: Path, case: str, *args: str) -> dict[str, Any]:
+    out = tmp_path / f"{case}.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "bench.driver", "--peer", "kickq", "--case", case, "--url", url,
+           "--workdir", str(tmp_path / case), "--out", str(out), "--timeout", "60", *args]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    record = json.loads(out.read_text())
+    assert done.returncode == 0, record.get("traceback") or done.stderr
+    assert "left_running" not in record
+    return record["result"]
+
+
+@pytest.mark.slow
+def test_kickq_adapter_end_to_end(redis_server: Any, tmp_path: Path) -> None:
+    url = f"redis://{redis_server.host}:{redis_server.port}/9"
+    one = drive(url, tmp_path, "enqueue-one", "--jobs", "50")
+    bulk = drive(url, tmp_path, "enqueue-bulk", "--jobs", "50")
+    assert one["rate"] > 0 and bulk["rate"] > 0
+    drain = drive(url, tmp_path, "drain", "--jobs", "50", "--workers", "2")
+    assert drain["rate"] > 0 and drain["first_completion"] <= drain["seconds"]
+    latency = drive(url, tmp_path, "latency", "--count", "5")
+    assert 0 < latency["start_p50"] <= latency["result_p99"] + 1000
+    assert latency["rest_memory"]["processes"] == 4  # master, 2 workers, reaper
+    memory = drive(url, tmp_path, "memory", "--jobs", "100")
+    assert memory["bytes_per_job"] > 0
+
+
+def fake_results() -> dict[str, Any]:
+    def task(case: str, peer: str, runs: list[dict[str, Any]], variant: str = "default") -> dict[str, Any]:
+        return {"case": case, "peer": peer, "variant": variant, "params": {}, "runs": runs, "errors": [],
+                "summary": report.summarize(runs)}
+    rest = {"pss": 40 * 2**20, "rss": 100 * 2**20, "processes": 4,
+            "detail": [{"cmd": "kickq-supervisor: master [bench]", "pss": 10 * 2**20, "rss": 25 * 2**20}]}
+    return {
+        "machine": {"cpu": "test", "cores": 2, "date": "today", "loadavg_start": (0, 0, 0),
+                    "loadavg_end": (0, 0, 0)},
+        "config": {"jobs": 100, "runs": 2, "latency_count": 5, "memory_jobs": 10},
+        "peers": {"kickq": {"status": "ok", "label": "kickq", "variants": {"default": "sup"},
+                            "bulk_label": "create_many"},
+                  "rq": {"status": "ok", "label": "RQ", "variants": {"fork": "f", "simple": "s"},
+                         "bulk_label": "enqueue_many"},
+                  "arq": {"status": "does not run here: ImportError"}},
+        "tasks": [
+            task("enqueue-one", "kickq", [{"rate": 100.0, "seconds": 1.0}, {"rate": 300.0, "seconds": 0.3}]),
+            task("enqueue-one", "rq", [{"rate": 150.0, "seconds": 1.0}]),
+            task("enqueue-bulk", "kickq", [{"rate": 1000.0, "seconds": 0.1}]),
+            task("enqueue-bulk", "rq", [{"rate": 400.0, "seconds": 0.2}]),
+            task("drain", "kickq", [{"rate": 900.0, "seconds": 1.0, "steady_rate": 1000.0,
+                                     "first_completion": 0.2}]),
+            task("drain", "rq", [{"rate": 100.0, "seconds": 9.0, "steady_rate": 110.0,
+                                  "first_completion": 0.5}], "simple"),
+            task("latency", "kickq", [{"start_p50": 1.0, "start_p99": 3.0, "result_p50": 2.0,
+                                       "result_p99": 4.0, "rest_memory": rest}]),
+            task("memory", "kickq", [{"bytes_per_job": 200.0, "keys": 11}]),
+            task("memory", "rq", [{"bytes_per_job": 150.0, "keys": 12}]),
+            task("orphan", "kickq", [{"process_timeout": 1.0, "trials": [{"ghost_error": "lease expired"}],
+                                      "kill_to_rerun_ms": {"p50": 2000.0, "max": 2100.0, "n": 1}}]),
+            task("scaling", "kickq", [{"rate": 500.0, "seconds": 0.2, "steady_rate": 600.0}], "1x1"),
+        ],
+        "leaks": [], "processes_left_at_end": [], "extras": [],
+    }
+
+
+def test_summary_is_the_median_of_the_runs() -> None:
+    runs = [{"rate": 1.0, "m": {"pss": 10}, "l": [1]}, {"rate": 3.0, "m": {"pss": 30}, "l": [2]},
+            {"rate": 2.0, "m": {"pss": 20}, "l": [3]}]
+    assert report.summarize(runs) == {"rate": 2.0, "m": {"pss": 20}}
+
+
+def test_report_renders_ratios_and_targets() -> None:
+    text = report.render(fake_results())
+    assert "| kickq | 200 | 1.00× | create_many | 1,000 | 1.00× | 100, 300 / 1,000 |" in text
+    assert "| RQ | 150 | 0.75× | enqueue_many | 400 | 0.40× | 150 / 400 |" in text
+    assert "| RQ (simple) | s | 100 | 0.11× |" in text
+    assert "| RQ (fork) | f | not run |" in text
+    assert "does not run here: ImportError" in text
+    rows = {row[0]: row for row in report.targets(report.View(fake_results()))}
+    assert rows["processing ≥ 2× the fastest peer"][2] == "met"
+    assert rows["enqueue one by one ≥ the fastest peer"][2] == "met"
+    assert rows["bulk create ≥ 2× RQ enqueue_many"][2] == "met"
+    assert rows["Redis memory per job ≤ the leanest peer"][2].startswith("**missed** (+50 B/job)")
+    assert rows["a killed supervisor's job recovered ≤ process_timeout + 2 s"][2] == "met"
+    assert rows["runaway job dead and ghosted ≤ 100 ms after its deadline (p99)"][1] == "not measured"
