@@ -1,0 +1,99 @@
+"""The pool: concurrent_jobs worker processes per registration, no starvation across registrations,
+FIFO per name with list order as priority, and workers replaced after N jobs or past an RSS limit."""
+from __future__ import annotations
+
+import os
+import uuid
+
+from tests.helpers import wait_until
+from tests.supervisor import handlers
+from tests.supervisor.conftest import wait_job
+
+
+def key(label):
+    return f"kqtest:{label}:{uuid.uuid4().hex[:8]}"
+
+
+def test_each_registration_gets_its_concurrent_jobs_worker_processes(supervisor):
+    workers = supervisor.workers()
+    assert sorted(workers) == list(range(1, handlers.WORKERS + 1))
+    pids = {p.pid for p in workers.values()}
+    assert len(pids) == handlers.WORKERS
+    for proc in workers.values():  # forked by the master, each in its own process group
+        assert proc.ppid() == supervisor.pid
+        assert os.getpgid(proc.pid) == proc.pid
+    # "pool" is registered with the camelCase alias concurrentJobs=3.
+    assert supervisor.log().count("serving pool\n") == 3
+
+
+def test_concurrent_jobs_run_at_once_in_distinct_processes(supervisor, kq, redis_url):
+    # A barrier of three: it only opens if the three "pool" jobs run at the same time.
+    barrier = key("barrier")
+    jobs = [kq.create("pool", {"redis": redis_url, "key": barrier, "parties": 3}) for _ in range(3)]
+    done = [wait_job(kq, job.id) for job in jobs]
+    assert [job.state for job in done] == ["success"] * 3, [job.last_error for job in done]
+    pool_pids = {supervisor.workers()[n].pid for n in handlers.worker_numbers("pool")}
+    assert {job.result for job in done} == pool_pids
+
+
+def test_barrier_of_more_than_concurrent_jobs_never_opens(supervisor, kq, redis_url):
+    # The control for the test above: four parties with three workers cannot meet.
+    barrier = key("barrier")
+    jobs = [kq.create("pool", {"redis": redis_url, "key": barrier, "parties": 4, "timeout": 0.5})
+            for _ in range(3)]
+    done = [wait_job(kq, job.id) for job in jobs]
+    assert {job.state for job in done} == {"fail"}
+    assert "barrier not reached" in done[0].last_error
+
+
+def test_a_slow_job_type_does_not_starve_another_registration(supervisor, kq, redis_url):
+    release = key("release")
+    slow = [kq.create("slow", {"redis": redis_url, "release": release}) for _ in range(3)]
+    wait_job(kq, slow[0].id, "processing")
+    fast = [kq.create("fast") for _ in range(5)]
+    for job in fast:
+        assert wait_job(kq, job.id).result == "fast done"
+    # The slow registration's only worker is still busy with its first job; the rest wait.
+    assert [kq.get(job.id).state for job in slow] == ["processing", "new", "new"]
+    kq.redis.rpush(release, *["go"] * 3)
+    assert [wait_job(kq, job.id).state for job in slow] == ["success"] * 3
+
+
+def test_fifo_per_name_and_list_order_is_priority(supervisor, kq, redis_url):
+    r = kq.redis
+    release, started, order = key("release"), key("started"), key("order")
+    base = {"redis": redis_url, "order": order}
+    # Hold the registration's only worker so the others pile up behind it.
+    blocker = kq.create("prio.low", {**base, "seq": 0, "release": release, "started": started})
+    wait_until(lambda: r.llen(started) == 1, message="blocker started")
+    created = []
+    for seq, name in enumerate(["prio.low", "prio.high", "prio.low", "prio.high", "prio.high",
+                                "prio.low"], start=1):
+        created.append(kq.create(name, {**base, "seq": seq}))
+    r.rpush(release, "go")
+    for job in [blocker, *created]:
+        assert wait_job(kq, job.id).state == "success"
+    assert r.lrange(order, 0, -1) == [
+        "prio.low:0",  # already running
+        "prio.high:2", "prio.high:4", "prio.high:5",  # the first name first, FIFO within it
+        "prio.low:1", "prio.low:3", "prio.low:6",
+    ]
+
+
+def test_max_jobs_per_worker_replaces_the_worker(start_supervisor, kq):
+    sup = start_supervisor(args=["--max-jobs-per-worker", "2"])
+    jobs = kq.create_many([("pid",)] * 5)
+    pids = [wait_job(kq, job.id).result for job in jobs]
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4], pids
+    assert len(set(pids)) == 3
+    # The pool is full again, with a fresh worker for "pid".
+    sup.wait_ready(handlers.WORKERS)
+    [number] = handlers.worker_numbers("pid")
+    assert sup.workers()[number].pid not in pids[:4]
+
+
+def test_max_memory_per_worker_replaces_the_worker(start_supervisor, kq):
+    # Every Python worker is above 1 MiB RSS, so each one retires after a single job.
+    start_supervisor(args=["--max-memory-per-worker", "1M"])
+    pids = [wait_job(kq, kq.create("pid").id).result for _ in range(3)]
+    assert len(set(pids)) == 3, pids
