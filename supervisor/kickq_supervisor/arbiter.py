@@ -82,6 +82,9 @@ class Arbiter:
     reaper_failures: int = 0
     reaper_respawn_at: float = 0.0
     reaper_spawned_at: float = 0.0
+    # Process groups of workers that died of the TERM before their KILL was due: the rest of the
+    # group (the job's own children, which may ignore TERM) still gets the KILL, at this time.
+    pending_kills: dict[int, float] = field(default_factory=dict)
     stopping: bool = False  # graceful: no new workers, workers finish their job and exit
     quick: bool = False
     reload_requested: bool = False
@@ -211,6 +214,8 @@ class Arbiter:
         if not self.stopping:
             why = "timeout" if slot.kill_reason == TIMED_OUT else ("retired" if clean else "crash")
             self._observe("restart", slot, reason=why)
+        if slot.term_at is not None and not slot.kill_sent:
+            self.pending_kills[pid] = slot.term_at + self.kill_grace
         if slot.fd is not None:
             self.close_fd(slot.fd)
         slot.pid = slot.fd = slot.run = slot.term_at = None
@@ -225,6 +230,10 @@ class Arbiter:
 
     def enforce_deadlines(self) -> None:
         now = self.ops.monotonic()
+        for pgid, kill_at in list(self.pending_kills.items()):
+            if now >= kill_at:
+                self.ops.kill_group(pgid, signal.SIGKILL)
+                del self.pending_kills[pgid]
         for slot in self.slots:
             if slot.pid is None:
                 continue
@@ -255,6 +264,7 @@ class Arbiter:
                 times.append(slot.term_at + self.kill_grace)
         if self.reaper_pid is None and not self.stopping and self.spawn_reaper is not None:
             times.append(self.reaper_respawn_at)
+        times.extend(self.pending_kills.values())
         if not times:
             return cap
         return max(0.0, min(cap, min(times) - now))
@@ -264,6 +274,9 @@ class Arbiter:
     def manage(self) -> None:
         if self.stopping:
             if all(slot.pid is None for slot in self.slots) and self.reaper_pid is None:
+                for pgid in self.pending_kills:  # do not leave them behind
+                    self.ops.kill_group(pgid, signal.SIGKILL)
+                self.pending_kills.clear()
                 self.exit_code = 1 if (self.quick or self.halt_reason) else 0
             return
         now = self.ops.monotonic()

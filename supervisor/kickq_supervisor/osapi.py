@@ -36,12 +36,17 @@ class ProcessOps:
         return time.monotonic()
 
     def spawn(self, target: Callable[[], int]) -> int:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             code = 1
             try:
                 os.setpgid(0, 0)
-                code = target()
+                # At once, then check the master is still there: had it died since the fork, no
+                # death signal would ever come and the child would outlive it.
+                die_with_parent()
+                if os.getppid() == parent:
+                    code = target()
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
