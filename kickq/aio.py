@@ -50,9 +50,10 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 
-from . import observe, scripts
+from . import observe, payload, scripts
 from .aio_hotjob import AsyncHotjobWaiter, aclose_client
-from .client import _CREATE_CHUNK, Prepared, prepare, resolve
+from .client import (_CREATE_CHUNK, Prepared, item_triples, prepare, resolve, schedule_entry,
+                     schedule_record, schedule_ticks)
 from .config import current, merge_settings, normalise_job_options, on_reset, validate_settings, version
 from .connection import check_version, client_options, make_client, redis_errors
 from .errors import JobNotFound, KickqError
@@ -224,16 +225,6 @@ async def _run_batch(state: _State, batch: _Batch) -> None:
             waiter.end()
 
 
-def _item_triples(items: Iterable[Sequence[Any]]) -> list[tuple[Any, Any, Any]]:
-    triples = []
-    for index, item in enumerate(items):
-        if isinstance(item, str) or not isinstance(item, Sequence) or not 1 <= len(item) <= 3:
-            raise TypeError(f"item {index}: expected (name,), (name, data) or (name, data, opts), "
-                            f"got {item!r}")
-        triples.append((item[0], item[1] if len(item) > 1 else None, item[2] if len(item) > 2 else None))
-    return triples
-
-
 # --- the client -------------------------------------------------------------------------------------
 
 class Kickq:
@@ -373,7 +364,7 @@ class Kickq:
 
         Every item is checked first: one bad item raises and nothing is written. The batch is
         written atomically."""
-        triples = _item_triples(items)
+        triples = item_triples(items)
         return await self._create(triples) if triples else []
 
     async def _create(self, triples: Sequence[tuple[Any, Any, Any]]) -> list[Job]:
@@ -462,6 +453,37 @@ class Kickq:
             if not future.done():
                 future.cancel()
 
+
+    # --- schedules ---------------------------------------------------------------------------------
+
+    async def schedule(self, name: str, cron: str | None = None, every: float | None = None,
+                       data: Any = None, opts: Mapping[str, Any] | None = None,
+                       schedule_id: str | None = None, timezone: str = "UTC", catch_up: str = "one") -> str:
+        """As kickq.Kickq.schedule(): create or replace a schedule; returns its id."""
+        settings = self.settings()
+        sid, record = schedule_record(settings, name, cron, every, data, opts, schedule_id, timezone, catch_up)
+        _, client, scr = await self._connection(settings)
+        keys = Keys(settings["redis_namespace"])
+        with redis_errors(settings):
+            ticks = schedule_ticks(record, await client.time() if cron is not None else None)
+            await scr.run("schedule", scripts.schedule_args(keys, sid, payload.encode(record), ticks))
+        return sid
+
+    async def unschedule(self, schedule_id: str) -> bool:
+        """Remove a schedule and its pending tick job. True if it existed."""
+        settings = self.settings()
+        _, _, scr = await self._connection(settings)
+        with redis_errors(settings):
+            return bool(await scr.run("unschedule", scripts.unschedule_args(
+                Keys(settings["redis_namespace"]), validate_name(schedule_id))))
+
+    async def schedules(self) -> list[dict[str, Any]]:
+        """As kickq.Kickq.schedules()."""
+        settings = self.settings()
+        _, client, _ = await self._connection(settings)
+        with redis_errors(settings):
+            raw = await client.hgetall(Keys(settings["redis_namespace"]).schedules)
+        return [schedule_entry(sid, text) for sid, text in sorted(raw.items())]
 
     # --- seeing inside ------------------------------------------------------------------------------
 

@@ -96,6 +96,61 @@ def prepare(settings: Mapping[str, Any], name: Any, data: Any, opts: Any,
     return Prepared(name, data_json, options, stored, delay_ms)
 
 
+def schedule_record(settings: Mapping[str, Any], name: Any, cron: Any, every: Any, data: Any, opts: Any,
+                    schedule_id: Any, timezone: Any, catch_up: Any) -> tuple[str, dict[str, Any]]:
+    """(schedule id, record) of a schedule, every input checked: nothing is written before this."""
+    sid = validate_name(name if schedule_id is None else schedule_id)
+    cron_rules.validate(cron, every, timezone, catch_up)
+    if isinstance(opts, Mapping) and any(snake_case(str(k)) == "delay" for k in opts):
+        raise ConfigError("delay does not apply to scheduled jobs: each tick is their due time")
+    prepared = prepare(settings, name, data, opts)
+    stored = stored_options({**prepared.opts, "delay": None})
+    record: dict[str, Any] = {"name": prepared.name, "data": prepared.data,
+                              "opts": payload.encode(stored) if stored else "",
+                              "timezone": timezone, "catch_up": catch_up}
+    if cron is not None:
+        record["cron"] = cron
+    else:
+        record["every"] = every
+        record["every_ms"] = max(1, int(round(every * 1000)))
+    return sid, record
+
+
+def schedule_ticks(record: Mapping[str, Any], redis_time: tuple[int, int] | None) -> list[int]:
+    """The first cron ticks after Redis' TIME reply (none for `every`: Lua computes those)."""
+    if "cron" not in record or redis_time is None:
+        return []
+    seconds, micros = redis_time
+    return cron_rules.ticks_after(record["cron"], record["timezone"], int(seconds) * 1000 + int(micros) // 1000,
+                                  cron_rules.TICKS_AHEAD)
+
+
+def item_triples(items: Iterable[Sequence[Any]]) -> list[tuple[Any, Any, Any]]:
+    """create_many's items, (name,), (name, data) or (name, data, opts), as (name, data, opts)."""
+    triples = []
+    for index, item in enumerate(items):
+        if isinstance(item, str) or not isinstance(item, Sequence) or not 1 <= len(item) <= 3:
+            raise TypeError(f"item {index}: expected (name,), (name, data) or (name, data, opts), "
+                            f"got {item!r}")
+        triples.append((item[0], item[1] if len(item) > 1 else None, item[2] if len(item) > 2 else None))
+    return triples
+
+
+def schedule_entry(sid: str, text: str) -> dict[str, Any]:
+    """One item of schedules(), from its stored record."""
+    record = payload.decode(text)
+    entry = {"id": sid, "name": record["name"], "timezone": record["timezone"],
+             "catch_up": record["catch_up"],
+             "next_run": None if record.get("next_run", -1) < 0 else int(record["next_run"]),
+             "last_job_id": record.get("last_job_id") or None,
+             "pending_job_id": record.get("pending") or None}
+    if "cron" in record:
+        entry["cron"] = record["cron"]
+    else:
+        entry["every"] = record["every"]
+    return entry
+
+
 class Kickq:
     """A client. `Kickq(**overrides)` takes any global config key; the global config is read at each
     call, so `kickq.config()` changes made later apply too."""
@@ -108,7 +163,7 @@ class Kickq:
         self._redis: redis.Redis | None = None
         self._redis_key: tuple[Any, ...] | None = None
         self._scripts: scripts.Scripts | None = None
-        self._waiter: HotjobWaiter | None = None
+        self._waiters: dict[str, HotjobWaiter] = {}  # one per namespace
         _clients.add(self)
 
     # --- plumbing ----------------------------------------------------------------------------------
@@ -169,18 +224,19 @@ class Kickq:
         return client
 
     def _hotjob_waiter(self, settings: Mapping[str, Any]) -> HotjobWaiter:
+        namespace = settings["redis_namespace"]
         with self._lock:
-            if self._waiter is None:
-                self._waiter = _open_waiters.add_new(lambda: connect(settings),
-                                                     Keys(settings["redis_namespace"]),
-                                                     float(settings["redis_timeout"]))
-            return self._waiter
+            waiter = self._waiters.get(namespace)
+            if waiter is None:
+                waiter = self._waiters[namespace] = _open_waiters.add_new(
+                    lambda: connect(settings), Keys(namespace), float(settings["redis_timeout"]))
+            return waiter
 
     def _close_locked(self) -> None:
         self._fast_connection = None
-        if self._waiter is not None:
-            _open_waiters.close(self._waiter)
-            self._waiter = None
+        for waiter in self._waiters.values():
+            _open_waiters.close(waiter)
+        self._waiters.clear()
         if self._redis is not None:
             self._redis.close()
             self._redis = None
@@ -236,12 +292,7 @@ class Kickq:
         Every item is checked first: one bad item raises and nothing is written. The batch is
         written atomically (one MULTI of create scripts).
         """
-        triples = []
-        for index, item in enumerate(items):
-            if isinstance(item, str) or not isinstance(item, Sequence) or not 1 <= len(item) <= 3:
-                raise TypeError(f"item {index}: expected (name,), (name, data) or (name, data, opts), "
-                                f"got {item!r}")
-            triples.append((item[0], item[1] if len(item) > 1 else None, item[2] if len(item) > 2 else None))
+        triples = item_triples(items)
         return self._create(triples) if triples else []
 
     def _create(self, triples: Sequence[tuple[Any, Any, Any]]) -> list[Job]:
@@ -318,27 +369,12 @@ class Kickq:
     def _schedule(self, name: Any, cron: Any, every: Any, data: Any, opts: Any, schedule_id: Any,
                   timezone: Any, catch_up: Any) -> tuple[str, str]:
         settings = self.settings()
-        sid = validate_name(name if schedule_id is None else schedule_id)
-        cron_rules.validate(cron, every, timezone, catch_up)
-        if isinstance(opts, Mapping) and any(snake_case(str(k)) == "delay" for k in opts):
-            raise ConfigError("delay does not apply to scheduled jobs: each tick is their due time")
-        prepared = prepare(settings, name, data, opts)
-        stored = stored_options({**prepared.opts, "delay": None})
-        record: dict[str, Any] = {"name": prepared.name, "data": prepared.data,
-                                  "opts": payload.encode(stored) if stored else "",
-                                  "timezone": timezone, "catch_up": catch_up}
+        sid, record = schedule_record(settings, name, cron, every, data, opts, schedule_id, timezone, catch_up)
         client, scr = self._connection(settings)
         keys = Keys(settings["redis_namespace"])
-        ticks: list[int] = []
         with redis_errors(settings):
-            if cron is not None:
-                record["cron"] = cron
-                seconds, micros = client.time()  # Redis' clock: every host computes the same ticks
-                ticks = cron_rules.ticks_after(cron, timezone, seconds * 1000 + micros // 1000,
-                                               cron_rules.TICKS_AHEAD)
-            else:
-                record["every"] = every
-                record["every_ms"] = max(1, int(round(every * 1000)))
+            # Cron ticks from Redis' clock: every host computes the same ones.
+            ticks = schedule_ticks(record, client.time() if cron is not None else None)
             pending, _ = scr.run("schedule", scripts.schedule_args(keys, sid, payload.encode(record), ticks))
         return sid, str(pending)
 
@@ -357,20 +393,7 @@ class Kickq:
         client, _ = self._connection(settings)
         with redis_errors(settings):
             raw = client.hgetall(Keys(settings["redis_namespace"]).schedules)
-        out = []
-        for sid, text in sorted(raw.items()):
-            record = payload.decode(text)
-            entry = {"id": sid, "name": record["name"], "timezone": record["timezone"],
-                     "catch_up": record["catch_up"],
-                     "next_run": None if record.get("next_run", -1) < 0 else int(record["next_run"]),
-                     "last_job_id": record.get("last_job_id") or None,
-                     "pending_job_id": record.get("pending") or None}
-            if "cron" in record:
-                entry["cron"] = record["cron"]
-            else:
-                entry["every"] = record["every"]
-            out.append(entry)
-        return out
+        return [schedule_entry(sid, text) for sid, text in sorted(raw.items())]
 
     # --- seeing inside ------------------------------------------------------------------------------
 

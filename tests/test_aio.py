@@ -889,3 +889,25 @@ def test_hotjobs_under_a_real_supervisor(kq_config, r, namespace, supervisor, tm
     assert {f.state for f in finals} == {"success"}
     wait_until(lambda: r.zcard(Keys(namespace).finished) == 1000, timeout=5)
 
+
+
+def test_async_schedules_share_the_sync_machinery(kq_config):
+    import kickq
+    from kickq.aio import Kickq as AsyncKickq
+
+    async def main():
+        async with AsyncKickq() as akq:
+            assert await akq.schedule("beat", every=5) == "beat"
+            assert await akq.schedule("nightly", cron="0 3 * * *", timezone="Europe/Paris") == "nightly"
+            with pytest.raises(ValueError):
+                await akq.schedule("bad", cron="nope")
+            listed = await akq.schedules()
+            return listed, await akq.unschedule("beat"), await akq.unschedule("beat")
+
+    listed, first, second = asyncio.run(main())
+    assert [s["id"] for s in listed] == ["beat", "nightly"]
+    assert (first, second) == (True, False)
+    sync = kickq.Kickq()
+    [nightly] = sync.schedules()
+    assert nightly["cron"] == "0 3 * * *" and nightly["pending_job_id"] is not None
+    assert sync.get(nightly["pending_job_id"]).scheduled_for == nightly["next_run"]

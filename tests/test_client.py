@@ -689,3 +689,19 @@ def test_concurrent_producers_of_hotjobs(kq, r, namespace):
         for t in workers:
             t.join()
     assert_consistent(r, namespace)
+
+
+def test_hotjobs_follow_a_change_of_namespace(kq_config, namespace):
+    from kickq.scripts import Scripts
+    kq = kickq.Kickq()
+    first = kq.create("a", None, {"hotjob": True, "hotjob_timeout": 5})
+    kickq.config(redis_namespace=namespace + "-b")
+    second = kq.create("a", None, {"hotjob": True, "hotjob_timeout": 5})
+    scr = Scripts(kq.redis)
+    for ns, job in ((namespace, first), (namespace + "-b", second)):
+        keys = Keys(ns)
+        job_id, token, _ = scr.claim(keys, ["a"])
+        assert job_id == job.id
+        scr.finish(keys, job_id, token, "success", '"ok"')
+    assert first.hotjob_promise.result(timeout=5).result == "ok"
+    assert second.hotjob_promise.result(timeout=5).result == "ok"
