@@ -461,7 +461,8 @@ class Kickq:
                        schedule_id: str | None = None, timezone: str = "UTC", catch_up: str = "one") -> str:
         """As kickq.Kickq.schedule(): create or replace a schedule; returns its id."""
         settings = self.settings()
-        sid, record = schedule_record(settings, name, cron, every, data, opts, schedule_id, timezone, catch_up)
+        sid, record = schedule_record(settings, name, cron, every, data, opts, schedule_id, timezone,
+                                      catch_up)
         _, client, scr = await self._connection(settings)
         keys = Keys(settings["redis_namespace"])
         with redis_errors(settings):

@@ -121,8 +121,8 @@ def schedule_ticks(record: Mapping[str, Any], redis_time: tuple[int, int] | None
     if "cron" not in record or redis_time is None:
         return []
     seconds, micros = redis_time
-    return cron_rules.ticks_after(record["cron"], record["timezone"], int(seconds) * 1000 + int(micros) // 1000,
-                                  cron_rules.TICKS_AHEAD)
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    return cron_rules.ticks_after(record["cron"], record["timezone"], now_ms, cron_rules.TICKS_AHEAD)
 
 
 def item_triples(items: Iterable[Sequence[Any]]) -> list[tuple[Any, Any, Any]]:
@@ -369,7 +369,8 @@ class Kickq:
     def _schedule(self, name: Any, cron: Any, every: Any, data: Any, opts: Any, schedule_id: Any,
                   timezone: Any, catch_up: Any) -> tuple[str, str]:
         settings = self.settings()
-        sid, record = schedule_record(settings, name, cron, every, data, opts, schedule_id, timezone, catch_up)
+        sid, record = schedule_record(settings, name, cron, every, data, opts, schedule_id, timezone,
+                                      catch_up)
         client, scr = self._connection(settings)
         keys = Keys(settings["redis_namespace"])
         with redis_errors(settings):
