@@ -304,10 +304,13 @@ def test_stats_cost_does_not_grow_with_jobs(kq, r):
     def commands():
         return int(r.info("stats")["total_commands_processed"])
 
-    def cost():
-        before = commands()
-        kq.stats()
-        return commands() - before
+    def cost():  # the least of three: another client of the server could only add to one
+        deltas = []
+        for _ in range(3):
+            before = commands()
+            kq.stats()
+            deltas.append(commands() - before)
+        return min(deltas)
 
     kq.create("a")
     cost()  # the first call connects and loads nothing else
@@ -436,17 +439,27 @@ def test_events_survive_a_killed_connection_without_skipping_or_repeating(kq, r,
         for _ in range(10):  # created while the consumer is reconnecting
             kq.create(f"k{round_}")
             created += 1
-    # And one kill while events are being written.
-    writer = threading.Thread(target=lambda: [kq.create("busy") for _ in range(200)])
+    # And one kill while events are being written. The writer's own connection may be killed in
+    # the middle of a create (kickq never retries a create): that create may or may not exist, so
+    # the stream itself is the reference.
+    lost = []
+
+    def write():
+        for _ in range(200):
+            try:
+                kq.create("busy")
+            except kickq.RedisUnavailable:
+                lost.append(1)
+
+    writer = threading.Thread(target=write)
     writer.start()
     wait_until(lambda: "busy" in consumer.names(), timeout=10)
     kills += r.client_kill_filter(_type="normal")
     writer.join()
-    created += 200
     consumer.finish(kq)
     assert kills >= 4
     kept = [entry_id for entry_id, _ in r.xrange(Keys(namespace).events)]
-    assert len(kept) == created + 1
+    assert len(kept) >= created + 200 - len(lost) + 1
     assert [e["stream_id"] for e in consumer.events] == kept
 
 
