@@ -215,12 +215,15 @@ def test_metrics_over_http(supervisor, kq, namespace):
 def test_metrics_listen_on_loopback_only(supervisor):
     sup = supervisor()
     sup.wait_ready()
-    listening = [c for c in psutil.Process(sup.proc.pid).net_connections(kind="tcp")
-                 if c.status == psutil.CONN_LISTEN]
-    assert [(c.laddr.ip, c.laddr.port) for c in listening] == [("127.0.0.1", sup.port)]
-    # Forked workers do not hold the listening socket.
-    for worker in sup.titled("worker"):
-        assert not [c for c in worker.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+    def listening(proc):
+        connections = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6
+        return [c for c in connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+
+    assert [(c.laddr.ip, c.laddr.port) for c in listening(psutil.Process(sup.proc.pid))] == [
+        ("127.0.0.1", sup.port)]
+    # Forked workers and the reaper do not hold the listening socket.
+    for child in sup.children():
+        assert listening(child) == []
 
 
 @needs_prometheus
