@@ -29,7 +29,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Re-install whenever the packaging metadata changes.
-$(STAMP): setup.cfg pyproject.toml | $(PY)
+$(STAMP): setup.cfg pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[$(EXTRAS)]'
 	touch $@

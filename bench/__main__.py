@@ -123,7 +123,7 @@ class Runner:
         started = time.monotonic()
         log = open(self.workdir / f"{self.seq:04d}-{peer}-{case}.log", "wb")
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, process_group=0)
+                                stderr=subprocess.STDOUT, start_new_session=True)
         self.keep.add(proc.pid)
         try:
             proc.wait(timeout=timeout + 60)

@@ -10,7 +10,8 @@ import redis
 
 from . import cron as cron_rules
 from . import observe, payload, registry, scripts
-from .config import (ConfigError, current, merge_settings, on_reset, resolve_job_options, snake_case,
+from .config import (GLOBAL_DEFAULTS, ConfigError, current, merge_settings, on_reset, resolve_job_options,
+                     snake_case,
                      stored_options, validate_settings)
 from .config import version as config_version
 from .connection import check_version, connect, redis_errors
@@ -211,8 +212,13 @@ class Kickq:
                 client = connect(settings)
                 with redis_errors(settings):
                     check_version(client.info("server"))
-                    client.hset(Keys(settings["redis_namespace"]).meta, "events_maxlen",
-                                int(settings["events_maxlen"]))
+                    # An explicit setting wins; the default never overwrites another client's.
+                    maxlen = int(settings["events_maxlen"])
+                    meta = Keys(settings["redis_namespace"]).meta
+                    if maxlen == GLOBAL_DEFAULTS["events_maxlen"]:
+                        client.hsetnx(meta, "events_maxlen", maxlen)
+                    else:
+                        client.hset(meta, "events_maxlen", maxlen)
                 self._redis, self._redis_key, self._scripts = client, ident, scripts.Scripts(client)
             assert self._scripts is not None
             return self._redis, self._scripts
@@ -426,8 +432,17 @@ class Kickq:
         and stream_id. `since` is a stream id, "0" for everything kept, or "$" for new ones only.
         Survives reconnects (it resumes after the last id it yielded). With `timeout`, stops after
         that many seconds without an event."""
-        wanted_names = {names} if isinstance(names, str) else (set(names) if names is not None else None)
         settings = self.settings()
+        if since == "$":  # pinned now, at the call, not at the first next()
+            client, _ = self._connection(settings)
+            with redis_errors(settings):
+                newest = client.xrevrange(Keys(settings["redis_namespace"]).events, count=1)
+            since = newest[0][0] if newest else "0-0"
+        return self._events(settings, names, since, timeout)
+
+    def _events(self, settings: Mapping[str, Any], names: str | Iterable[str] | None, since: str,
+                timeout: float | None) -> Iterator[dict[str, Any]]:
+        wanted_names = {names} if isinstance(names, str) else (set(names) if names is not None else None)
         keys = Keys(settings["redis_namespace"])
         block_ms = int(max(0.05, min(1.0, float(settings["redis_timeout"]) / 2)) * 1000)
         last = since
@@ -436,9 +451,6 @@ class Kickq:
         while True:
             try:
                 client, _ = self._connection(settings)
-                if last == "$":  # pin "$" to an id, so that a reconnect cannot skip anything
-                    newest = client.xrevrange(keys.events, count=1)
-                    last = newest[0][0] if newest else "0-0"
                 reply = client.xread({keys.events: last}, count=500, block=block_ms)
                 delay = 0.05
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):

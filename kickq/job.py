@@ -20,6 +20,16 @@ def _int(value: str | None) -> int | None:
     return None if value is None else int(float(value))
 
 
+def _runs(fields: Mapping[str, str], state: str) -> list[dict[str, Any]]:
+    """The finished runs, plus the one in progress (stored as just its start, 'run_start')."""
+    runs: list[dict[str, Any]] = payload.decode(fields.get("runs")) or []
+    start = fields.get("run_start")
+    if start is not None and state == "processing":
+        runs.append({"count": len(runs) + 1, "start": int(float(start)), "time": None,
+                     "state": "processing", "error": None})
+    return runs
+
+
 class Job:
     """One job. Attributes are read-only; `to_dict()` gives them all but the hotjob promise.
 
@@ -83,7 +93,7 @@ class Job:
             "result": payload.decode(fields.get("result")),
             "last_error": fields.get("last_error"),
             "scheduled_for": _int(fields.get("scheduled_for")),
-            "runs": payload.decode(fields.get("runs")) or [],
+            "runs": _runs(fields, state),
             "schedule_id": fields.get("schedule"),
             "tick": _int(fields.get("tick")),
         }

@@ -224,27 +224,65 @@ def test_second_int_is_a_quick_stop_that_kills_and_ghosts_and_exits_nonzero(h):
     assert h.arbiter.exit_code == 1
 
 
-def test_hup_is_ignored_when_the_handlers_no_longer_import(h):
-    h.arbiter.can_reload = lambda: False
-    h.arbiter.handle_hup()
-    assert not h.arbiter.stopping and not h.arbiter.reload_requested
+class FakeCheck:
+    def __init__(self) -> None:
+        self.answer: bool | None = None
+
+    def poll(self) -> bool | None:
+        return self.answer
 
 
-def test_hup_drains_the_workers_for_a_reload(h):
+def test_hup_checks_imports_without_blocking_and_is_ignored_when_they_fail(h):
+    check = FakeCheck()
+    h.arbiter.start_reload_check = lambda: check
     h.arbiter.handle_hup()
+    h.arbiter.tick()
+    assert not h.arbiter.stopping  # still checking: the master keeps working meanwhile
+    h.arbiter.handle_hup()  # a second HUP while checking starts nothing new
+    check.answer = False
+    h.arbiter.tick()
+    assert not h.arbiter.stopping and not h.arbiter.reload_requested and h.arbiter.reload_check is None
+
+
+def test_hup_drains_the_workers_for_a_reload_once_the_check_passes(h):
+    check = FakeCheck()
+    h.arbiter.start_reload_check = lambda: check
+    h.arbiter.handle_hup()
+    check.answer = True
+    h.arbiter.tick()
     assert h.arbiter.stopping and h.arbiter.reload_requested
 
 
-def test_fatal_exit_code_halts_the_master(h):
+def test_exit_code_3_is_a_death_like_any_other(h):
     slot = h.arbiter.slots[0]
+    h.start(slot, "8", token="2")
     h.die(slot.pid, exited(3))
-    assert h.arbiter.stopping and h.arbiter.halt_reason
-    for s in h.arbiter.slots:
-        if s.pid is not None:
-            h.ops.exits.append((s.pid, signalled(signal.SIGKILL)))
-    h.ops.exits.append((h.arbiter.reaper_pid, signalled(signal.SIGTERM)))
+    assert not h.arbiter.stopping
+    assert h.lost and "exited with code 3" in h.lost[0][3]
+    assert slot.pid is not None  # replaced
+
+
+def test_a_death_with_no_known_run_ghosts_the_last_claim(h):
+    claims = []
+    h.arbiter.lost_claim = lambda slot, error: claims.append((slot.number, error))
+    slot = h.arbiter.slots[1]
+    h.die(slot.pid, signalled(signal.SIGKILL))
+    assert h.lost == [] and claims and claims[0][0] == 2 and "SIGKILL" in claims[0][1]
+    h.die(h.arbiter.slots[0].pid, exited(0))  # a clean exit claimed nothing it did not finish
+    assert len(claims) == 1
+
+
+def test_a_grandchild_group_still_gets_the_kill_when_the_worker_died_of_the_term(h):
+    slot = h.arbiter.slots[0]
+    pid = slot.pid
+    h.start(slot, "7", timeout=1.0)
+    h.ops.now += 1.0
     h.arbiter.tick()
-    assert h.arbiter.exit_code == 1
+    h.die(pid, signalled(signal.SIGTERM))
+    assert ("group", pid, signal.SIGKILL) not in h.ops.sent
+    h.ops.now += 0.3
+    h.arbiter.tick()
+    assert ("group", pid, signal.SIGKILL) in h.ops.sent
 
 
 def test_a_dead_reaper_is_restarted(h):

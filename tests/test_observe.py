@@ -492,3 +492,20 @@ def test_events_maxlen_zero_turns_events_off(kq_config, r, namespace):
     assert not r.exists(Keys(namespace).events)
     assert kq.stats()["names"]["a"]["states"]["new"] == 1  # counts are kept all the same
     kq.close()
+
+
+def test_events_since_now_is_pinned_when_called_not_when_first_read(kq_config):
+    import kickq
+    kq = kickq.Kickq()
+    stream = kq.events(timeout=0.5)
+    job = kq.create("pinned")
+    first = next(stream)
+    assert (first["id"], first["event"]) == (job.id, "create")
+
+
+def test_a_default_client_does_not_reset_an_explicit_events_maxlen(kq_config, namespace):
+    import kickq
+    kickq.Kickq(events_maxlen=7).create("a")
+    kickq.Kickq().create("a")
+    r = kickq.Kickq().redis
+    assert r.hget("{" + namespace + "}:meta", "events_maxlen") == "7"

@@ -623,3 +623,13 @@ def test_scripts_are_reloaded_after_script_flush(m):
     m.r.script_flush()
     m.s.run("create", create_args(m.keys, [("a", "", "", None)], T0), client=pipe)
     assert parse_create(pipe.execute()[0])[0][0] == "2"
+
+
+def test_promote_moves_only_waiting_jobs(m):
+    job_id = m.create("a")
+    m.run_once(job_id, "success", T0, took=0)
+    m.r.zadd(m.keys.delayed, {job_id: T0})  # a stray id of a finished job
+    assert m.promote(now=T0 + 1)[0] == 1
+    assert m.state(job_id) == "success"
+    assert m.r.zscore(m.keys.delayed, job_id) is None
+    assert m.r.llen(m.keys.queue("a")) == 0

@@ -48,7 +48,7 @@ def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subpr
     """Start cmd in its own process group (same session as the driver), output to log."""
     with open(log, "ab") as out:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                cwd=REPO, env=env or worker_env(), process_group=0)
+                                cwd=REPO, env=env or worker_env(), start_new_session=True)
 
 
 def module_cmd(module: str, *args: str) -> list[str]:

@@ -28,12 +28,12 @@ local function ms(seconds)
   return math.floor(seconds * 1000 + 0.5)
 end
 
+local DEFAULTS_META = {__index = DEFAULTS}
+
+-- The job's stored options (only those that differ from the defaults), defaults behind them.
 local function job_options(jk)
-  local o = {}
-  for k, v in pairs(DEFAULTS) do o[k] = v end
   local raw = rcall('HGET', jk, 'opts')
-  if raw then for k, v in pairs(cjson.decode(raw)) do o[k] = v end end
-  return o
+  return setmetatable(raw and cjson.decode(raw) or {}, DEFAULTS_META)
 end
 
 -- Observability, kept by the transitions themselves so that reading it never scans jobs:
@@ -275,12 +275,12 @@ local function end_run(P, id, now, outcome, result, err)
   rcall('ZREM', P .. 'processing', id)
   local opts = job_options(jk)
   local runs = decode_runs(jk)
-  local run = runs[#runs]
-  if run then
-    run.time = now - run.start
-    run.state = outcome
-    if outcome ~= 'success' then run.error = err end
-  end
+  -- The run in progress lives in 'run_start' until it ends (claim then writes no JSON).
+  local start = tonumber(rcall('HGET', jk, 'run_start')) or now
+  local run = {count = #runs + 1, start = start, time = now - start, state = outcome,
+               error = outcome ~= 'success' and err or cjson.null}
+  runs[#runs + 1] = run
+  rcall('HDEL', jk, 'run_start')
   if outcome == 'success' then
     if result then rcall('HSET', jk, 'result', result) end
   else
@@ -336,10 +336,7 @@ local function claim(P, names, now, claimer, chained)
       if state == 'new' or state == 'queued' then
         local opts = job_options(jk)
         local attempt = rcall('HINCRBY', jk, 'attempt', 1)
-        local runs = decode_runs(jk)
-        runs[#runs + 1] = {count = #runs + 1, start = now, time = cjson.null, state = 'processing',
-                           error = cjson.null}
-        rcall('HSET', jk, 'state', 'processing', 'update_time', now, 'runs', encode_runs(runs))
+        rcall('HSET', jk, 'state', 'processing', 'update_time', now, 'run_start', now)
         note(P, id, name, state, 'processing', 'processing', now)
         rcall('ZADD', P .. 'processing', now + ms(opts.process_timeout) + LEASE_GRACE_MS, id)
         if chained then

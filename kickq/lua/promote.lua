@@ -13,8 +13,9 @@ local ids = rcall('ZRANGEBYSCORE', dk, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]
 for _, id in ipairs(ids) do
   rcall('ZREM', dk, id)
   local jk = P .. 'job:' .. id
-  local name, sid, due = unpack(rcall('HMGET', jk, 'name', 'schedule', 'scheduled_for'))
-  if name then
+  local name, sid, due, state = unpack(rcall('HMGET', jk, 'name', 'schedule', 'scheduled_for', 'state'))
+  -- Only a waiting job moves on; anything else is a leftover id (its job moved on or is gone).
+  if name and (state == 'delayed' or state == 'retry' or state == 'ghost') then
     local run = true
     if sid then run = advance_schedule(P, sid, id, tonumber(due), now) end
     if run then

@@ -8,13 +8,12 @@ never blocks on Redis: a job it must ghost is handed to `lost_job`, which runs i
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
 import signal
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from .osapi import describe_exit
 
@@ -22,7 +21,7 @@ log = logging.getLogger("kickq.master")
 
 TIMED_OUT = "processing timed out"
 QUICK_STOP = "supervisor stopped quickly (second INT) while the job ran"
-FATAL_EXIT = 3  # a worker exiting with this code makes the master halt: retrying cannot help
+POLL_INTERVAL = 0.01  # how often the master reads the workers' pipes while any worker runs
 CRASH_WINDOW = 1.0  # a worker that dies younger than this counts towards crash-loop backoff
 MAX_BACKOFF = 10.0
 
@@ -54,6 +53,7 @@ class Slot:
     kill_sent: bool = False
     kill_reason: str = ""
     spawned_at: float = 0.0
+    claimer: str = ""  # the worker's claim record id (see claim in lua/_lib.lua)
     failures: int = 0  # consecutive early deaths
     respawn_at: float = 0.0
     buffer: bytes = b""
@@ -63,7 +63,8 @@ class Slot:
 class Arbiter:
     """Decisions only. `spawn_worker(slot) -> (pid, read fd)`, `spawn_reaper() -> pid`,
     `lost_job(slot, job_id, token, error)` ghosts a job (token-checked, so a repeat is harmless),
-    `can_reload()` says whether the handler modules still import (checked before a HUP reload)."""
+    `start_reload_check()` starts checking, without blocking, that the handler modules still
+    import, and returns something whose `poll()` gives None (still checking) or the answer."""
 
     slot_specs: Sequence[int]
     ops: Ops
@@ -71,7 +72,9 @@ class Arbiter:
     spawn_reaper: Callable[[], int] | None
     lost_job: Callable[[Slot, str, str, str], None]
     kill_grace: float = 0.3
-    can_reload: Callable[[], bool] = lambda: True
+    start_reload_check: Callable[[], Any] | None = None
+    lost_claim: Callable[[Slot, str], None] | None = None  # ghost whatever the slot's last claim was
+    reload_check: Any = None
     close_fd: Callable[[int], None] = os.close
     drain: Callable[[Slot], None] | None = None  # read what a dead worker still had in its pipe
     # observe(kind, slot, **fields): what the metrics count ("run", "ghost", "restart",
@@ -89,7 +92,6 @@ class Arbiter:
     quick: bool = False
     reload_requested: bool = False
     exit_code: int | None = None
-    halt_reason: str = ""
 
     def __post_init__(self) -> None:
         if not self.slots:
@@ -110,8 +112,27 @@ class Arbiter:
         self.quick_stop()
 
     def handle_hup(self) -> None:
-        if self.stopping or not self.can_reload():
+        if self.stopping or self.reload_check is not None:
             return
+        if self.start_reload_check is None:
+            self.reload()
+            return
+        log.info("HUP: checking that the handler modules still import")
+        self.reload_check = self.start_reload_check()
+
+    def poll_reload_check(self) -> None:
+        if self.reload_check is None:
+            return
+        answer = self.reload_check.poll()
+        if answer is None:
+            return
+        self.reload_check = None
+        if answer and not self.stopping:
+            self.reload()
+        elif not answer:
+            log.error("HUP ignored: the handlers no longer import; still running the old code")
+
+    def reload(self) -> None:
         log.info("HUP: replacing the workers with freshly imported handler code")
         self.reload_requested = True
         self.begin_graceful_stop("HUP")
@@ -204,8 +225,11 @@ class Arbiter:
             self._observe("ghost", slot, name=run.name, reason=reason)
         elif not clean:
             log.warning("worker %d (pid %d) %s", slot.number, pid, describe_exit(status))
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == FATAL_EXIT and not self.stopping:
-            self.halt(f"worker {slot.number} exited with code {FATAL_EXIT} (fatal configuration error)")
+            if self.lost_claim is not None:
+                # No run known to us, but it may have claimed a job and died before saying so.
+                # Ghosting what its claim record names is token-checked: a finished job is untouched.
+                self.lost_claim(slot, "worker died right after claiming the job: "
+                                + describe_exit(status, hint=False))
         # Only a worker that dies young *between* jobs is crash-looping; deaths during a job are
         # the job's doing, and its ghost_count already bounds how often it can do that.
         young = now - slot.spawned_at < CRASH_WINDOW and not clean and run is None
@@ -220,11 +244,6 @@ class Arbiter:
             self.close_fd(slot.fd)
         slot.pid = slot.fd = slot.run = slot.term_at = None
         slot.kill_sent, slot.kill_reason, slot.buffer = False, "", b""
-
-    def halt(self, reason: str) -> None:
-        log.error("halting: %s", reason)
-        self.halt_reason = reason
-        self.quick_stop()
 
     # --- deadlines --------------------------------------------------------------------------------------
 
@@ -277,7 +296,7 @@ class Arbiter:
                 for pgid in self.pending_kills:  # do not leave them behind
                     self.ops.kill_group(pgid, signal.SIGKILL)
                 self.pending_kills.clear()
-                self.exit_code = 1 if (self.quick or self.halt_reason) else 0
+                self.exit_code = 1 if self.quick else 0
             return
         now = self.ops.monotonic()
         for slot in self.slots:
@@ -293,6 +312,7 @@ class Arbiter:
             self.on_exit(pid, status)
 
     def tick(self) -> None:
+        self.poll_reload_check()
         self.reap()
         self.enforce_deadlines()
         self.manage()
@@ -318,7 +338,7 @@ class MasterLoop:
 
     def install_signals(self) -> None:
         signal.set_wakeup_fd(self.wake_w)
-        for sig, name in self.SIGNALS.items():
+        for sig in self.SIGNALS:
             signal.signal(sig, self._queue_signal)
 
     def _queue_signal(self, signum: int, frame: object) -> None:
@@ -330,26 +350,23 @@ class MasterLoop:
         while self.queue:
             getattr(self.arbiter, "handle_" + self.queue.pop(0))()
 
-    def read_pipes(self, timeout: float) -> None:
-        fds = [self.wake_r] + [s.fd for s in self.arbiter.slots if s.fd is not None]
+    def sleep(self, timeout: float) -> None:
+        """Sleep until a signal arrives or `timeout` passes, then read every worker's pipe.
+
+        The pipes are read on a fixed beat, not waited on: a worker's message then costs it one
+        write and wakes nobody, instead of one master wake-up per message (two per job)."""
+        busy = any(slot.pid is not None for slot in self.arbiter.slots)
         try:
-            ready, _, _ = select.select(fds, [], [], timeout)
+            select.select([self.wake_r], [], [], min(timeout, POLL_INTERVAL) if busy else timeout)
         except InterruptedError:
-            return
-        except OSError as exc:
-            if exc.errno == errno.EBADF:
-                return
-            raise
-        for fd in ready:
-            if fd == self.wake_r:
-                try:
-                    while os.read(self.wake_r, 4096):
-                        pass
-                except BlockingIOError:
-                    pass
-                continue
-            slot = next((s for s in self.arbiter.slots if s.fd == fd), None)
-            if slot is not None:
+            pass
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        for slot in self.arbiter.slots:
+            if slot.fd is not None:
                 self.drain(slot)
 
     def drain(self, slot: Slot) -> None:
@@ -373,4 +390,4 @@ class MasterLoop:
             arbiter.tick()
             if arbiter.exit_code is not None:
                 return arbiter.exit_code
-            self.read_pipes(arbiter.next_wakeup())
+            self.sleep(arbiter.next_wakeup())

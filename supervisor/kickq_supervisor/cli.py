@@ -8,6 +8,8 @@ import re
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from typing import Any, Sequence
 
 import redis
@@ -192,15 +194,20 @@ def run_master(args: argparse.Namespace, registrations: list[registry.Registrati
         settings = per_registration[slot.spec]
         ghosters[describe(settings)].submit(settings["redis_namespace"], job_id, token, error)
 
+    def lost_claim(slot: Slot, error: str) -> None:
+        settings = per_registration[slot.spec]
+        ghosters[describe(settings)].submit_claimed(settings["redis_namespace"], slot.claimer, error)
+
     def spawn_worker(slot: Slot) -> tuple[int, int]:
         read_fd, write_fd = os.pipe()
         registration, settings = registrations[slot.spec], per_registration[slot.spec]
+        slot.claimer = uuid.uuid4().hex  # the master knows whose claim record to read if it dies
 
         def target() -> int:
             os.close(read_fd)
             signal.set_wakeup_fd(-1)
             return Worker(slot.number, registration, settings, write_fd, max_jobs=args.max_jobs_per_worker,
-                          max_memory=args.max_memory_per_worker).run()
+                          max_memory=args.max_memory_per_worker, claimer=slot.claimer).run()
         pid = ops.spawn(target)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
@@ -231,8 +238,8 @@ def run_master(args: argparse.Namespace, registrations: list[registry.Registrati
             print(f"kickq-supervisor: {exc}", file=sys.stderr)
             return EXIT_FAILURE, False
     arbiter = Arbiter(slot_specs, ops, spawn_worker, None if args.no_reaper else spawn_reaper,
-                      lost_job=lost_job, kill_grace=args.kill_grace,
-                      can_reload=lambda: _imports_cleanly(args.modules),
+                      lost_job=lost_job, lost_claim=lost_claim, kill_grace=args.kill_grace,
+                      start_reload_check=lambda: ImportCheck(args.modules),
                       observe=exporter.observe if exporter else None)
     if exporter:
         exporter.watch(arbiter.slots)
@@ -247,10 +254,22 @@ def run_master(args: argparse.Namespace, registrations: list[registry.Registrati
     return code, arbiter.reload_requested and not arbiter.quick
 
 
-def _imports_cleanly(modules: Sequence[str]) -> bool:
-    result = subprocess.run([sys.executable, "-m", "kickq_supervisor", "--check-import", *modules],
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        log.error("HUP ignored: the handlers no longer import: %s", result.stderr.strip()[-2000:])
-        return False
-    return True
+class ImportCheck:
+    """Imports the handler modules in a subprocess, so that a HUP never blocks the master."""
+
+    def __init__(self, modules: Sequence[str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "kickq_supervisor", "--check-import", *modules],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.deadline = time.monotonic() + 60
+
+    def poll(self) -> bool | None:
+        code = self.proc.poll()
+        if code is None and time.monotonic() < self.deadline:
+            return None
+        if code is None:
+            self.proc.kill()
+        _, err = self.proc.communicate()
+        if code != 0:
+            log.error("handler modules fail to import: %s", (err or "timed out").strip()[-2000:])
+        return code == 0

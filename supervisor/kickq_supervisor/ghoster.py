@@ -31,6 +31,10 @@ class Ghoster:
     def submit(self, namespace: str, job_id: str, token: str, error: str) -> None:
         self.pending.put((namespace, job_id, token, error))
 
+    def submit_claimed(self, namespace: str, claimer: str, error: str) -> None:
+        """Ghost the job that worker `claimer` claimed last, if it is still that claim's to end."""
+        self.pending.put((namespace, "", claimer, error))
+
     def flush(self, timeout: float) -> None:
         """Wait (at most `timeout`) until every submitted run has been ghosted."""
         deadline = time.monotonic() + timeout
@@ -48,6 +52,11 @@ class Ghoster:
             delay = 0.05
             while True:
                 try:
+                    if not job_id:  # token holds a claimer: read what it claimed
+                        record = client.get(Keys(namespace).claim(token))
+                        if not record:
+                            break
+                        job_id, token = record.split()
                     status, state, _ = scr.finish(Keys(namespace), job_id, token, "ghost", error)
                     log.info("job %s attempt %s: %s -> %s", job_id, token, error,
                              state if status == "ok" else f"unchanged ({status})")

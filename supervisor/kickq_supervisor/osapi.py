@@ -5,8 +5,9 @@ import ctypes
 import os
 import signal
 import time
-from typing import Callable
+from typing import Any, Callable
 
+_setproctitle: Any
 try:
     import setproctitle as _setproctitle
 except ImportError:  # pragma: no cover - setproctitle is a dependency; titles are a nicety
@@ -77,7 +78,7 @@ class ProcessOps:
 
     def reap(self) -> list[tuple[int, int]]:
         """(pid, wait status) of every child that has exited, without blocking."""
-        out = []
+        out: list[tuple[int, int]] = []
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)

@@ -28,7 +28,7 @@ BATCH = 500
 REFILL_EVERY_MS = 1000
 
 
-def refill_schedules(client: redis.Redis, scr: scripts.Scripts, keys: Keys, now: int) -> int:
+def refill_schedules(client: Any, scr: scripts.Scripts, keys: Keys, now: int) -> int:
     """Compute more ticks for every cron schedule running low, or whose pending job is gone."""
     records = client.hgetall(keys.schedules)
     crons = {sid: json.loads(text) for sid, text in records.items()}
@@ -56,12 +56,13 @@ def refill_schedules(client: redis.Redis, scr: scripts.Scripts, keys: Keys, now:
 
 
 class Reaper:
-    def __init__(self, settings: Mapping[str, Any], namespaces: Sequence[str], *, interval: float = 1.0) -> None:
+    def __init__(self, settings: Mapping[str, Any], namespaces: Sequence[str], *,
+                 interval: float = 1.0) -> None:
         self.settings = dict(settings)
         self.keys = [Keys(ns) for ns in namespaces]
         self.interval = interval
-        self.client: redis.Redis | None = None
-        self.scripts: scripts.Scripts | None = None
+        self.client: Any = None
+        self.scripts: Any = None
         self._refilled: dict[str, int] = {}
 
     def tick(self, keys: Keys, now: int | None = None) -> float:
@@ -83,7 +84,7 @@ class Reaper:
         upcoming = [t for t in (next_due, next_lease, next_purge) if t >= 0]
         if not upcoming:
             return self.interval
-        return max(0.0, min(self.interval, (min(upcoming) - int(redis_now)) / 1000))
+        return float(max(0.0, min(self.interval, (min(upcoming) - int(redis_now)) / 1000)))
 
     def _maybe_refill(self, keys: Keys, now: int) -> None:
         if now - self._refilled.get(keys.namespace, 0) < REFILL_EVERY_MS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import threading
 import time
@@ -38,7 +39,7 @@ class _Stop(Exception):
 
 class Worker:
     def __init__(self, number: int, registration: Registration, settings: Mapping[str, Any],
-                 notify_fd: int, *, max_jobs: int = 0, max_memory: int = 0) -> None:
+                 notify_fd: int, *, max_jobs: int = 0, max_memory: int = 0, claimer: str = "") -> None:
         self.number = number
         self.names = list(registration.names)
         self.runner = Runner(registration.handler)
@@ -47,7 +48,7 @@ class Worker:
         self.notify_fd = notify_fd
         self.max_jobs = max_jobs
         self.max_memory = max_memory
-        self.claimer = uuid.uuid4().hex
+        self.claimer = claimer or uuid.uuid4().hex
         self.jobs_done = 0
         self.stopping = False
         self.idle = False
@@ -55,7 +56,7 @@ class Worker:
         self.blpop_timeout = max(0.05, min(1.0, float(settings["redis_timeout"]) / 2))
         self._title_busy: tuple[str, str, float] | None = None
         self._title_wake = threading.Event()
-        self.client: redis.Redis | None = None
+        self.client: Any = None
         self.scripts: scripts.Scripts | None = None
 
     # --- process setup -------------------------------------------------------------------------------
@@ -212,10 +213,12 @@ class Worker:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
         if status != "ok" and ambiguous:
-            log.info("worker %d: job %s had been finished by the call whose reply was lost", self.number, job_id)
+            log.info("worker %d: job %s had been finished by the call whose reply was lost",
+                     self.number, job_id)
         elif status != "ok":
             log.warning("worker %d: finish of job %s attempt %s rejected (%s, job is %s): a newer "
-                        "attempt owns it or it was deleted", self.number, job_id, token, status, state or "gone")
+                        "attempt owns it or it was deleted", self.number, job_id, token, status,
+                        state or "gone")
         if ambiguous and claim_next:
             return self._recover_claim(job_id)
         return nxt
@@ -243,7 +246,7 @@ class Worker:
         log.warning("worker %d: Redis unavailable (%s); retrying in %.2fs", self.number, exc, self._delay)
         self.idle = True
         try:
-            time.sleep(self._delay)
+            time.sleep(self._delay * random.uniform(0.5, 1.5))  # jitter: workers do not retry in step
         finally:
             self.idle = False
         self._delay = min(self._delay * 2, 2.0)
