@@ -55,7 +55,7 @@ from .aio_hotjob import AsyncHotjobWaiter, aclose_client
 from .client import (_CREATE_CHUNK, Prepared, item_triples, prepare, resolve, schedule_entry,
                      schedule_record, schedule_ticks)
 from .config import current, merge_settings, normalise_job_options, on_reset, validate_settings, version
-from .connection import check_version, client_options, make_client, redis_errors
+from .connection import async_server_info, check_version, client_options, make_client, redis_errors
 from .errors import JobNotFound, KickqError
 from .hotjob import recheck_message
 from .job import Job
@@ -289,7 +289,7 @@ class Kickq:
                     client = connect(settings)
                     try:
                         with redis_errors(settings):
-                            check_version(await client.info("server"))
+                            check_version(await async_server_info(client))
                             await client.hset(Keys(settings["redis_namespace"]).meta, "events_maxlen",
                                               int(settings["events_maxlen"]))
                     except BaseException:

@@ -14,7 +14,7 @@ from .config import (GLOBAL_DEFAULTS, ConfigError, current, merge_settings, on_r
                      snake_case,
                      stored_options, validate_settings)
 from .config import version as config_version
-from .connection import check_version, connect, redis_errors
+from .connection import check_version, connect, redis_errors, server_info
 from .errors import JobNotFound, KickqError
 from .hotjob import HotjobWaiter
 from .job import Job
@@ -211,7 +211,7 @@ class Kickq:
                 self._close_locked()
                 client = connect(settings)
                 with redis_errors(settings):
-                    check_version(client.info("server"))
+                    check_version(server_info(client))
                     # An explicit setting wins; the default never overwrites another client's.
                     maxlen = int(settings["events_maxlen"])
                     meta = Keys(settings["redis_namespace"]).meta

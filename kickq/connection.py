@@ -70,12 +70,58 @@ def parse_version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
 
 
+def server_info(client: redis.Redis) -> Mapping[str, Any]:
+    """INFO's server section; for an ACL user that may not run INFO (it is in @dangerous, with KEYS
+    and FLUSHALL), the version from HELLO instead."""
+    try:
+        return client.info("server")
+    except redis.exceptions.NoPermissionError:
+        try:
+            return hello_version(client.execute_command("HELLO"))
+        except redis.exceptions.NoPermissionError:
+            raise
+        except redis.exceptions.ResponseError as exc:
+            return hello_refused(exc)
+
+
+async def async_server_info(client: Any) -> Mapping[str, Any]:
+    """server_info() for a redis.asyncio client."""
+    try:
+        return await client.info("server")  # type: ignore[no-any-return]
+    except redis.exceptions.NoPermissionError:
+        try:
+            return hello_version(await client.execute_command("HELLO"))
+        except redis.exceptions.NoPermissionError:
+            raise
+        except redis.exceptions.ResponseError as exc:
+            return hello_refused(exc)
+
+
+def hello_version(reply: Any) -> dict[str, str]:
+    """{"redis_version": ...} from a HELLO reply (a map in RESP3, a flat list in RESP2). HELLO without
+    arguments keeps the connection's protocol and only describes the server."""
+    fields = reply if isinstance(reply, Mapping) else dict(zip(reply[::2], reply[1::2], strict=True))
+    version = fields.get("version", fields.get(b"version", "0"))
+    return {"redis_version": version.decode() if isinstance(version, bytes) else str(version)}
+
+
+def hello_refused(exc: Exception) -> dict[str, str]:
+    """HELLO without arguments needs Redis 6.2; 6.0 and 6.1 know HELLO but want a protocol version
+    (enough for kickq); an older server does not know HELLO at all."""
+    if "unknown command" in str(exc).lower():
+        return {"redis_version": "older than 6.0 (no HELLO command)"}
+    return {"redis_version": "6.0"}
+
+
 def check_version(info: Mapping[str, Any]) -> None:
     version = str(info.get("redis_version", "0"))
     if parse_version(version) < MIN_REDIS_VERSION:
         need = ".".join(map(str, MIN_REDIS_VERSION))
         raise RedisVersionError(f"kickq needs Redis >= {need} (ACL users, TLS, script effect "
                                 f"replication); this server is {version}")
+
+
+_OUT_OF_MEMORY = getattr(redis.exceptions, "OutOfMemoryError", ())
 
 
 @contextlib.contextmanager
@@ -86,7 +132,8 @@ def redis_errors(settings: Mapping[str, Any]) -> Iterator[None]:
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         raise RedisUnavailable(f"Redis at {describe(settings)} is unavailable: {exc}") from exc
     except redis.exceptions.ResponseError as exc:
-        if str(exc).startswith("OOM"):
+        # redis-py parses "-OOM ..." into OutOfMemoryError and drops the "OOM" prefix from the text.
+        if isinstance(exc, _OUT_OF_MEMORY) or str(exc).startswith("OOM"):
             raise KickqError(f"Redis at {describe(settings)} is out of memory (maxmemory): "
                              "nothing was written") from exc
         raise

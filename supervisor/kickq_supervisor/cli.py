@@ -17,7 +17,7 @@ import redis
 import kickq
 from kickq import registry
 from kickq.config import current, merge_settings, validate_settings
-from kickq.connection import check_version, connect, describe
+from kickq.connection import check_version, connect, describe, server_info
 
 from . import embedded, loader, pidfile
 from .arbiter import Arbiter, MasterLoop, Slot
@@ -163,7 +163,7 @@ def check_redis(settings: dict[str, Any]) -> str | None:
     """A reason to refuse to start (bad password, old server), or None; an outage is not one."""
     client = connect(settings)
     try:
-        check_version(client.info("server"))
+        check_version(server_info(client))
     except redis.exceptions.AuthenticationError as exc:
         return f"Redis at {describe(settings)} refused the credentials: {exc}"
     except redis.exceptions.ResponseError as exc:

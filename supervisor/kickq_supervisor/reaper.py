@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import time
+import uuid
 from typing import Any, Mapping, Sequence
 
 import redis
@@ -26,6 +27,10 @@ log = logging.getLogger("kickq.reaper")
 
 BATCH = 500
 REFILL_EVERY_MS = 1000
+#: A marker each reaper pass sets in the namespace's meta hash if it is missing. Redis losing the
+#: namespace's data (a restart without persistence, a flush, a failover to a replica without it)
+#: takes the marker along, so a reaper that saw another marker before knows, and says so.
+EPOCH_FIELD = "epoch"
 
 
 def refill_schedules(client: Any, scr: scripts.Scripts, keys: Keys, now: int) -> int:
@@ -64,6 +69,7 @@ class Reaper:
         self.client: Any = None
         self.scripts: Any = None
         self._refilled: dict[str, int] = {}
+        self._epochs: dict[str, str] = {}
 
     def tick(self, keys: Keys, now: int | None = None) -> float:
         """One pass over one namespace; returns seconds until something may be due (0 = go again)."""
@@ -73,7 +79,9 @@ class Reaper:
         self.scripts.run("recover", scripts.sweep_args(keys, BATCH, now, "lease expired: its worker or "
                                                        "supervisor was lost"), client=pipe)
         self.scripts.run("purge", scripts.sweep_args(keys, BATCH, now), client=pipe)
-        (promoted, next_due, redis_now), (recovered, next_lease), (purged, next_purge) = pipe.execute()
+        pipe.hget(keys.meta, EPOCH_FIELD)
+        (promoted, next_due, redis_now), (recovered, next_lease), (purged, next_purge), epoch = pipe.execute()
+        self._check_epoch(keys, epoch)
         self._maybe_refill(keys, int(redis_now))
         if recovered:
             log.warning("recovered %d job(s) whose lease expired in %s", recovered, keys.namespace)
@@ -85,6 +93,21 @@ class Reaper:
         if not upcoming:
             return self.interval
         return float(max(0.0, min(self.interval, (min(upcoming) - int(redis_now)) / 1000)))
+
+    def _check_epoch(self, keys: Keys, epoch: str | None) -> None:
+        if epoch is None:  # a new namespace, or its data was lost: mark it (any reaper's mark wins)
+            try:
+                self.client.hsetnx(keys.meta, EPOCH_FIELD, uuid.uuid4().hex)
+                epoch = self.client.hget(keys.meta, EPOCH_FIELD)
+            except redis.exceptions.ResponseError as exc:  # e.g. OOM at maxmemory: mark it next pass
+                log.debug("cannot mark namespace %s yet: %s", keys.namespace, exc)
+                return
+        seen = self._epochs.get(keys.namespace)
+        if seen is not None and epoch != seen:
+            log.error("Redis lost the data of namespace %s (marker %s replaced by %s): it restarted without "
+                      "persistence, was flushed, or failed over to a replica without the data; every job "
+                      "created before then is gone", keys.namespace, seen, epoch)
+        self._epochs[keys.namespace] = epoch
 
     def _maybe_refill(self, keys: Keys, now: int) -> None:
         if now - self._refilled.get(keys.namespace, 0) < REFILL_EVERY_MS:
