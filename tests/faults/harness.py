@@ -1,0 +1,633 @@
+"""The fault-injection harness: private Redis servers, the ledger, the invariant checker, outcome counts.
+
+- `RedisProc`: a private redis-server with a fixed port and data dir, so a case can SIGKILL it,
+  restart it on the same files, or freeze it (SIGSTOP/SIGCONT).
+- `Ledger`: what the handlers did, written outside Redis (see tests/faults/handlers.py).
+- `snapshot` / `Checker` / `Monitor`: one atomic read of a whole namespace (a read-only Lua script),
+  checked for the invariants — every job in exactly one structure, the structure its state names,
+  every processing job holding a lease, complete hashes, no structure entry without a job — and,
+  across observations, terminal states that never change and attempts that never go back.
+- `purge_and_find_strays`: after a case, purge and delete every job and report any key left behind.
+- `Outcomes`: the producer's view (acknowledged and indeterminate creates) against the ledger and
+  Redis' final state, in Jepsen's terms: lost, duplicated, unexpected, recovered (plus stranded).
+- `Case`: a case's measurements and its exact pass criteria, printed at the end of the case and again
+  in pytest's terminal summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import psutil
+import redis
+
+from kickq.job import TERMINAL_STATES, Job
+from kickq.keys import Keys
+from kickq.scripts import Scripts
+from tests.helpers import ping, redis_server_binary, start_redis, stop_redis, wait_until
+from tests.structures import STRUCTURE_OF_STATE, prefix
+
+# --- private redis-server ------------------------------------------------------------------------
+
+
+class RedisProc:
+    """A redis-server of our own: `kill()` (SIGKILL), `restart()` on the same port and dir, `freeze()`
+    and `thaw()`. `args` are redis-server options (persistence per case); `restart(*args)` may change
+    them, e.g. to come back without the AOF."""
+
+    def __init__(self, workdir: Path, *args: str) -> None:
+        self.workdir = Path(workdir)
+        self.args = list(args)
+        self.proc, self.port = start_redis(self.workdir, *self.args)
+        self.frozen = False
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self, **kw: Any) -> redis.Redis:
+        kw.setdefault("socket_timeout", 5)
+        kw.setdefault("socket_connect_timeout", 5)
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, decode_responses=True, encoding_errors="replace", **kw
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no shutdown save, no AOF rewrite."""
+        self.thaw()
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def restart(self, *args: str) -> None:
+        """Start again on the same port and data dir (the AOF, if any, is loaded)."""
+        if self.alive():
+            self.kill()
+        if args:
+            self.args = list(args)
+        cmd = [
+            redis_server_binary(),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--daemonize",
+            "no",
+            *self.args,
+        ]
+        deadline = time.monotonic() + 15
+        while True:  # the port may linger a moment after the kill
+            with open(self.workdir / f"redis-{self.port}.log", "ab") as log:
+                self.proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
+                )
+            wait_until(
+                lambda: self.proc.poll() is not None or ping("127.0.0.1", self.port),
+                timeout=10,
+                message="redis-server back up",
+            )
+            if self.alive():
+                break
+            assert time.monotonic() < deadline, f"redis-server could not start again on {self.port}"
+            time.sleep(0.1)  # pacing the retry of a failed bind, not waiting for a result
+        self.restarts += 1
+
+    def freeze(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        if self.frozen and self.alive():
+            os.kill(self.proc.pid, signal.SIGCONT)
+        self.frozen = False
+
+    def close(self) -> None:
+        self.thaw()
+        stop_redis(self.proc)
+
+
+# --- handler modules for the supervisor -------------------------------------------------------------
+
+
+def handler_module(
+    directory: Path,
+    ledger: Path,
+    registrations: Sequence[tuple[Sequence[str], int]],
+    config: dict[str, Any] | None = None,
+    name: str = "fault_handlers",
+) -> Path:
+    """Write a module that points tests/faults/handlers.py at `ledger` and registers `work` for each
+    (names, concurrent_jobs); `config` goes to kickq.config() (the command line still wins)."""
+    lines = ["import kickq", "from tests.faults import handlers", f"handlers.LEDGER = {str(ledger)!r}"]
+    if config:
+        lines.append(f"kickq.config(**{config!r})")
+    lines.append("kq = kickq.Kickq()")
+    for names, workers in registrations:
+        lines.append(f"kq.process({list(names)!r}, {{'concurrent_jobs': {workers}}}, handlers.work)")
+    path = Path(directory) / f"{name}.py"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --- the ledger ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Execution:
+    job_id: str
+    attempt: int
+    pid: int
+    ref: str
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def read(self) -> list[Execution]:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in text.splitlines():
+            job_id, attempt, pid, ref = line.split(" ")
+            out.append(Execution(job_id, int(attempt), int(pid), ref))
+        return out
+
+    def count(self) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
+        except FileNotFoundError:
+            return 0
+
+
+# --- invariants -----------------------------------------------------------------------------------------
+
+SNAPSHOT_LUA = r"""
+-- One atomic, read-only look at a namespace: every key, every job's state fields, every structure.
+local P = ARGV[1]
+local keys, seen = {}, {}
+local cursor = '0'
+repeat
+  local reply = redis.call('SCAN', cursor, 'MATCH', P .. '*', 'COUNT', 1000)
+  cursor = reply[1]
+  for _, k in ipairs(reply[2]) do
+    if not seen[k] then seen[k] = true; keys[#keys + 1] = k end
+  end
+until cursor == '0'
+local jobs, lists, zsets = {}, {}, {}
+local n = #P
+for _, k in ipairs(keys) do
+  local rest = string.sub(k, n + 1)
+  if string.sub(rest, 1, 4) == 'job:' then
+    local f = redis.call('HMGET', k, 'state', 'name', 'attempt', 'create_time', 'update_time', 'finish_time')
+    jobs[#jobs + 1] = {string.sub(rest, 5), f[1] or '', f[2] or '', f[3] or '', f[4] or '', f[5] or '',
+                       f[6] or ''}
+  elseif string.sub(rest, 1, 6) == 'queue:' and redis.call('TYPE', k).ok == 'list' then
+    lists[#lists + 1] = {rest, redis.call('LRANGE', k, 0, -1)}
+  elseif rest == 'delayed' or rest == 'processing' or rest == 'finished' then
+    zsets[#zsets + 1] = {rest, redis.call('ZRANGE', k, 0, -1, 'WITHSCORES')}
+  end
+end
+local t = redis.call('TIME')
+return cjson.encode({keys = keys, jobs = jobs, lists = lists, zsets = zsets,
+                     now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)})
+"""
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []  # cjson encodes an empty table as {}
+
+
+@dataclass
+class JobRow:
+    id: str
+    state: str
+    name: str
+    attempt: int
+    create_time: str
+    update_time: str
+    finish_time: str
+
+
+@dataclass
+class Snapshot:
+    keys: list[str]
+    jobs: dict[str, JobRow]
+    where: dict[str, list[str]]  # id -> every structure holding it (a list may hold it twice)
+    leases: dict[str, float]
+    now: int
+
+
+def snapshot(r: redis.Redis, ns: str) -> Snapshot:
+    raw = json.loads(r.register_script(SNAPSHOT_LUA)(keys=[prefix(ns) + "id"], args=[prefix(ns)]))
+    jobs = {}
+    for job_id, state, name, attempt, ct, ut, ft in _list(raw["jobs"]):
+        jobs[job_id] = JobRow(job_id, state, name, int(attempt or 0), ct, ut, ft)
+    where: dict[str, list[str]] = defaultdict(list)
+    for key, members in _list(raw["lists"]):
+        for member in _list(members):
+            where[member].append(key)
+    leases: dict[str, float] = {}
+    for zset, flat in _list(raw["zsets"]):
+        flat = _list(flat)
+        for member, score in zip(flat[::2], flat[1::2], strict=True):
+            where[member].append(zset)
+            if zset == "processing":
+                leases[member] = float(score)
+    return Snapshot(_list(raw["keys"]), jobs, dict(where), leases, int(raw["now"]))
+
+
+def violations(snap: Snapshot) -> list[str]:
+    """What is wrong with one snapshot, taken on its own."""
+    out = []
+    for job in snap.jobs.values():
+        if not (job.state and job.name and job.create_time and job.update_time):
+            out.append(
+                f"job {job.id}: incomplete hash (state={job.state!r} name={job.name!r} "
+                f"create_time={job.create_time!r} update_time={job.update_time!r})"
+            )
+            continue
+        if job.state not in STRUCTURE_OF_STATE:
+            out.append(f"job {job.id}: unknown state {job.state!r}")
+            continue
+        expected = STRUCTURE_OF_STATE[job.state]
+        if expected == "queue":
+            expected = "queue:" + job.name
+        held = snap.where.get(job.id, [])
+        if held != [expected]:
+            out.append(f"job {job.id} ({job.state}) is in {held}, expected exactly [{expected}]")
+        if job.state == "processing" and (job.id not in snap.leases or job.attempt < 1):
+            out.append(f"job {job.id} is processing without a lease or attempt token")
+        if job.state in TERMINAL_STATES and not job.finish_time:
+            out.append(f"job {job.id} is {job.state} without finish_time")
+    orphans = sorted(set(snap.where) - set(snap.jobs), key=_id_order)
+    if orphans:
+        out.append(f"structures hold ids without a job hash: {orphans[:20]}")
+    return out
+
+
+def _id_order(job_id: str) -> tuple[int, str]:
+    return (int(job_id), "") if job_id.isdigit() else (1 << 62, job_id)
+
+
+class Checker:
+    """Invariants of each snapshot, and across snapshots: a terminal job keeps its state, attempt and
+    finish time until it is purged or deleted, and an attempt token never goes back."""
+
+    def __init__(self) -> None:
+        self.terminal: dict[str, tuple[str, int, str]] = {}
+        self.attempts: dict[str, int] = {}
+        self.found: list[str] = []
+        self.snapshots = 0
+
+    def observe(self, snap: Snapshot, label: str = "") -> list[str]:
+        found = violations(snap)
+        for job in snap.jobs.values():
+            was = self.terminal.get(job.id)
+            now = (job.state, job.attempt, job.finish_time)
+            if was is not None and now != was:
+                found.append(f"job {job.id}: terminal {was} changed to {now}")
+            if job.state in TERMINAL_STATES and was is None:
+                self.terminal[job.id] = now
+            if job.attempt < self.attempts.get(job.id, 0):
+                found.append(f"job {job.id}: attempt went back from {self.attempts[job.id]} to {job.attempt}")
+            self.attempts[job.id] = max(job.attempt, self.attempts.get(job.id, 0))
+        self.snapshots += 1
+        self.found += [f"{label}{v}" for v in found]
+        return found
+
+    def forget(self) -> None:
+        """After Redis lost its data: ids start again from 1, so history no longer applies."""
+        self.terminal.clear()
+        self.attempts.clear()
+
+
+class Monitor:
+    """Snapshots a namespace every `interval` seconds in a thread while a case runs. Redis being
+    unreachable (the fault itself) only skips a snapshot."""
+
+    def __init__(self, url: str, ns: str, interval: float = 0.5) -> None:
+        self.client = redis.Redis.from_url(
+            url, decode_responses=True, encoding_errors="replace", socket_timeout=3, socket_connect_timeout=3
+        )
+        self.ns = ns
+        self.interval = interval
+        self.checker = Checker()
+        self.skipped = 0
+        self._stop = threading.Event()
+        self._paused = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="invariant-monitor", daemon=True)
+
+    def __enter__(self) -> "Monitor":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self._paused.is_set():
+                continue
+            self.check_now()
+
+    def check_now(self, label: str = "") -> list[str]:
+        with self._lock:
+            try:
+                return self.checker.observe(snapshot(self.client, self.ns), label)
+            except (
+                redis.exceptions.ConnectionError,
+                redis.exceptions.TimeoutError,
+                redis.exceptions.BusyLoadingError,
+            ):
+                self.skipped += 1
+            except redis.exceptions.ResponseError as exc:  # e.g. LOADING after a restart
+                if "LOADING" not in str(exc) and "NOSCRIPT" not in str(exc):
+                    raise
+                self.skipped += 1
+            return []
+
+    def pause(self) -> None:
+        self._paused.set()
+
+    def resume(self, forget: bool = False) -> None:
+        with self._lock:
+            if forget:
+                self.checker.forget()
+        self._paused.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def close(self) -> None:
+        self.stop()
+        self.client.close()
+
+    @property
+    def found(self) -> list[str]:
+        return self.checker.found
+
+
+# --- after a case -------------------------------------------------------------------------------------
+
+#: Keys a namespace may keep once every job is gone: the id counter, the names seen, settings, the
+#: bounded observability keys, and per-worker claim records (they expire).
+KEPT = ("id", "names", "meta", "events")
+KEPT_PREFIXES_WITH_TTL = ("stats:", "times:", "claim:")
+
+
+def purge_and_find_strays(r: redis.Redis, ns: str, names: Iterable[str] = ()) -> list[str]:
+    """Purge every finished job (as the reaper would, later), delete the rest, let a worker's claim
+    mend the wake tokens; return the keys that should not be there any more."""
+    keys, scr = Keys(ns), Scripts(r)
+    seconds, micros = r.time()
+    far = (int(seconds) + 10 * 365 * 86400) * 1000
+    while scr.purge(keys, now=far, limit=5000)[0]:
+        pass
+    p = prefix(ns)
+    for key in list(r.scan_iter(match=p + "job:*", count=1000)):
+        scr.delete(keys, key[len(p) + 4 :])
+    all_names = set(names) | set(r.smembers(keys.names))
+    if all_names:
+        assert scr.claim(keys, sorted(all_names)) is None, "a job appeared while purging"
+    strays = []
+    for key in sorted(r.scan_iter(match=p + "*", count=1000)):
+        rest = key[len(p) :]
+        if rest in KEPT:
+            continue
+        if rest.startswith(KEPT_PREFIXES_WITH_TTL) and r.ttl(key) > 0:
+            continue
+        if rest == "counts" and not any(int(v) for v in r.hvals(key)):
+            continue
+        strays.append(f"{rest} ({r.type(key)}, ttl {r.ttl(key)})")
+    return strays
+
+
+def job_states(r: redis.Redis, ns: str, ids: Sequence[str]) -> dict[str, str | None]:
+    pipe = r.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hget(prefix(ns) + "job:" + job_id, "state")
+    return dict(zip(ids, pipe.execute(), strict=True))
+
+
+def jobs_of(r: redis.Redis, ns: str, ids: Sequence[str]) -> dict[str, Job | None]:
+    out: dict[str, Job | None] = {}
+    ids = list(ids)
+    for start in range(0, len(ids), 2000):
+        chunk = ids[start : start + 2000]
+        pipe = r.pipeline(transaction=False)
+        for job_id in chunk:
+            pipe.hgetall(prefix(ns) + "job:" + job_id)
+        for job_id, fields in zip(chunk, pipe.execute(), strict=True):
+            out[job_id] = Job.from_fields(job_id, fields) if fields else None
+    return out
+
+
+def wait_settled(r: redis.Redis, ns: str, ids: Sequence[str], timeout: float, idle: bool = True) -> float:
+    """Poll until every id is terminal (or gone) and, with `idle`, nothing else runs or is delayed
+    either; returns the seconds it took."""
+    started = time.monotonic()
+    keys = Keys(ns)
+    ids = list(ids)
+
+    def settled() -> bool:
+        try:
+            states = job_states(r, ns, ids)
+            if any(s is not None and s not in TERMINAL_STATES for s in states.values()):
+                return False
+            return not idle or (r.zcard(keys.processing) == 0 and r.zcard(keys.delayed) == 0)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            return False
+
+    try:
+        wait_until(settled, timeout=timeout, interval=0.1, message="every job terminal")
+    except AssertionError:
+        states = Counter(job_states(r, ns, ids).values())
+        raise AssertionError(f"not settled after {timeout}s: states {dict(states)}") from None
+    return time.monotonic() - started
+
+
+# --- outcomes ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcomes:
+    """Jepsen's categories, for jobs identified by the producer's `ref` (unique per create call):
+
+    lost        acknowledged create whose job never completed and is not present either
+    duplicated  jobs executed more than once (with `extra` = executions beyond the first)
+    unexpected  executions of a ref no create ever sent
+    recovered   jobs that had a ghosted run and then completed successfully
+    stranded    acknowledged jobs still present but not terminal after the case settled
+    phantom     jobs recorded `success` without any execution in the ledger
+    """
+
+    acked: int = 0
+    indeterminate: int = 0
+    indeterminate_executed: int = 0
+    executions: int = 0
+    lost: list[str] = field(default_factory=list)
+    duplicated: dict[str, int] = field(default_factory=dict)
+    unexpected: list[str] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)
+    stranded: list[str] = field(default_factory=list)
+    phantom: list[str] = field(default_factory=list)
+    final: dict[str, Job | None] = field(default_factory=dict)  # ref -> final job
+    by_ref: dict[str, list[Execution]] = field(default_factory=dict)
+
+    @property
+    def extra(self) -> int:
+        return sum(self.duplicated.values())
+
+    def line(self) -> str:
+        return (
+            f"acked={self.acked} indeterminate={self.indeterminate} "
+            f"(executed {self.indeterminate_executed}) executions={self.executions} | "
+            f"lost={len(self.lost)} duplicated={len(self.duplicated)} (+{self.extra} runs) "
+            f"unexpected={len(self.unexpected)} recovered={len(self.recovered)} "
+            f"stranded={len(self.stranded)} phantom={len(self.phantom)}"
+        )
+
+
+def outcomes(
+    r: redis.Redis, ns: str, ledger: Ledger, acked: dict[str, str], indeterminate: Iterable[str] = ()
+) -> Outcomes:
+    """`acked`: ref -> job id of every create that returned; `indeterminate`: refs of creates that
+    raised (they may or may not exist)."""
+    indeterminate = set(indeterminate)
+    execs = ledger.read()
+    by_ref: dict[str, list[Execution]] = defaultdict(list)
+    for e in execs:
+        by_ref[e.ref].append(e)
+    final_by_id = jobs_of(r, ns, list(acked.values()))
+    out = Outcomes(
+        acked=len(acked), indeterminate=len(indeterminate), executions=len(execs), by_ref=dict(by_ref)
+    )
+    for ref, job_id in acked.items():
+        job = final_by_id[job_id]
+        out.final[ref] = job
+        if job is None:
+            out.lost.append(ref)
+        elif job.state not in TERMINAL_STATES:
+            out.stranded.append(ref)
+        else:
+            if job.state == "success" and any(run["state"] == "ghost" for run in job.runs):
+                out.recovered.append(ref)
+            if job.state == "success" and not by_ref.get(ref):
+                out.phantom.append(ref)
+    for ref, runs in by_ref.items():
+        if len(runs) > 1:
+            out.duplicated[ref] = len(runs) - 1
+        if ref not in acked and ref not in indeterminate:
+            out.unexpected.append(ref)
+    out.indeterminate_executed = sum(1 for ref in indeterminate if ref in by_ref)
+    return out
+
+
+# --- reporting ---------------------------------------------------------------------------------------------
+
+RESULTS: list[str] = []  # every finished case's report, printed again in the terminal summary
+
+
+class Case:
+    """Collects a case's measurements and its pass criteria; `done()` prints them and asserts."""
+
+    def __init__(self, number: str, title: str, size: str = "") -> None:
+        self.number, self.title, self.size = number, title, size
+        self.started = time.monotonic()
+        self.facts: list[str] = []
+        self.criteria: list[tuple[str, bool, str]] = []
+
+    def note(self, text: str) -> None:
+        self.facts.append(text)
+
+    def check(self, criterion: str, ok: bool, observed: Any = "") -> bool:
+        self.criteria.append((criterion, bool(ok), str(observed)))
+        return bool(ok)
+
+    def text(self) -> str:
+        verdict = "PASS" if all(ok for _, ok, _ in self.criteria) else "FAIL"
+        head = f"case {self.number} {self.title}" + (f" [{self.size}]" if self.size else "")
+        lines = [f"{head}: {verdict} in {time.monotonic() - self.started:.1f}s"]
+        lines += [f"    {fact}" for fact in self.facts]
+        for criterion, ok, observed in self.criteria:
+            lines.append(
+                f"    {'PASS' if ok else 'FAIL'}  {criterion}"
+                + (f"  (observed: {observed})" if observed != "" else "")
+            )
+        return "\n".join(lines)
+
+    def done(self) -> None:
+        text = self.text()
+        print("\n" + text)
+        RESULTS.append(text)
+        failed = [f"{c} (observed: {o})" for c, ok, o in self.criteria if not ok]
+        assert not failed, "criteria not met:\n" + "\n".join(failed) + "\n" + text
+
+
+# --- processes ---------------------------------------------------------------------------------------------
+
+
+def cpu_seconds(procs: Iterable[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return alive(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return False
+
+
+def read_pid(path: Path, timeout: float = 10.0) -> int:
+    return int(
+        wait_until(lambda: path.exists() and path.read_text(), timeout=timeout, message=f"a pid in {path}")
+    )
+
+
+# --- sizes ------------------------------------------------------------------------------------------------
+
+
+def sizes(quick: Any, full: Any) -> list[Any]:
+    """Parameters for a case: `quick` runs in the default suite, `full` only under `-m fault`."""
+    import pytest
+
+    return [pytest.param(quick, id="quick"), pytest.param(full, id="full", marks=pytest.mark.fault)]
