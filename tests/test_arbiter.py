@@ -308,3 +308,13 @@ def test_next_wakeup_is_capped_and_never_negative(h):
 def test_waitpid_status_helpers_match_the_os():
     assert os.WIFEXITED(exited(5)) and os.WEXITSTATUS(exited(5)) == 5
     assert os.WIFSIGNALED(signalled(signal.SIGKILL))
+
+
+def test_a_death_after_the_handler_returned_also_ghosts_the_chained_claim(h):
+    claims = []
+    h.arbiter.lost_claim = lambda slot, error: claims.append(slot.number)
+    slot = h.arbiter.slots[0]
+    h.start(slot, "4", token="5")
+    h.arbiter.on_data(slot, b"F 4\n")
+    h.die(slot.pid, signalled(signal.SIGKILL))
+    assert h.lost and h.lost[0][1] == "4" and claims == [1]

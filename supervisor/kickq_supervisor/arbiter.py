@@ -221,6 +221,11 @@ class Arbiter:
             log.warning("worker %d (pid %d) %s during job %s: %s", slot.number, pid,
                         describe_exit(status), run.job_id, error)
             self.lost_job(slot, run.job_id, run.token, error)
+            if run.handler_returned and self.lost_claim is not None:
+                # Its finish may have saved the outcome and claimed the next job in one call,
+                # then died before reporting that job: ghost whatever its claim record names.
+                self.lost_claim(slot, "worker died right after claiming the job: "
+                                + describe_exit(status, hint=False))
             reason = {TIMED_OUT: "timeout", QUICK_STOP: "quick_stop"}.get(slot.kill_reason, "worker_died")
             self._observe("ghost", slot, name=run.name, reason=reason)
         elif not clean:

@@ -153,16 +153,6 @@ def test_case01_worker_sigkill_storm(jobs, redis_procs, ledger, start_supervisor
     case.done()
 
 
-CHAINED_CLAIM_BUG = (
-    "arbiter.Arbiter.on_exit: a worker killed after finish.lua saved its outcome and claimed the next "
-    "job in the same call, but before it reported that job ('S'), dies with a run whose handler had "
-    "returned; the master ghosts only that old run (a stale no-op) and calls lost_claim only when it "
-    "knows no run, so the chained job waits for its lease (process_timeout + 1 s, 'lease expired') "
-    "instead of being ghosted at once. For the lead: arbiter.py."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=CHAINED_CLAIM_BUG)
 @pytest.mark.parametrize("jobs", sizes(2_000, 4_000))
 def test_case01b_every_killed_run_is_ghosted_by_its_master(
     jobs, redis_procs, ledger, start_supervisor, namespace, tmp_path
@@ -172,7 +162,7 @@ def test_case01b_every_killed_run_is_ghosted_by_its_master(
     to lease recovery."""
     case = Case(
         "1b",
-        "worker SIGKILL storm: every killed run ghosted by its master (known bug: xfail)",
+        "worker SIGKILL storm: every killed run ghosted by its master",
         f"{jobs} jobs, {STORM_WORKERS} workers, a busy worker SIGKILLed every 50 ms, process_timeout 30 s",
     )
     rp = redis_procs()
