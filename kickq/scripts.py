@@ -66,10 +66,7 @@ def finish_args(keys: Keys, job_id: str, token: int | str, outcome: str, payload
                 claimer: str = "") -> tuple[list[str], list[Any]]:
     if outcome not in ("success", "fail", "ghost"):
         raise ValueError(f"outcome must be success, fail or ghost, not {outcome!r}")
-    args = [keys.prefix, _now(now), job_id, str(token), outcome, payload]
-    if claim_names:
-        args += [claimer, *claim_names]
-    return [keys.id], args
+    return [keys.id], [keys.prefix, _now(now), job_id, str(token), outcome, payload, claimer, *claim_names]
 
 
 def sweep_args(keys: Keys, limit: int, now: int | None = None, *extra: str) -> tuple[list[str], list[Any]]:

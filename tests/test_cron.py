@@ -98,7 +98,8 @@ def test_unschedule_removes_the_schedule_its_ticks_and_its_pending_job(kq, names
     with pytest.raises(kickq.JobNotFound):
         kq.get(job_id)
     assert kq.schedules() == []
-    leftover = {k for k in set(namespace_keys(kq.redis, namespace)) - set(before) if not bookkeeping(k, namespace)}
+    added = set(namespace_keys(kq.redis, namespace)) - set(before)
+    leftover = {k for k in added if not bookkeeping(k, namespace)}
     assert leftover <= {Keys(namespace).id, Keys(namespace).names}
 
 

@@ -13,8 +13,8 @@ import pytest
 from kickq.job import Job
 from kickq.keys import Keys
 from kickq.scripts import LEASE_GRACE_MS, NAMES, Scripts, _read, create_args, finish_args, parse_create
-from tests.structures import (bookkeeping, assert_consistent, assert_gone, assert_one_structure, namespace_keys,
-                              structures_of)
+from tests.structures import (assert_consistent, assert_gone, assert_one_structure, bookkeeping,
+                              namespace_keys, structures_of)
 
 T0 = 1_700_000_000_000  # epoch ms; every test moves time by argument from here
 

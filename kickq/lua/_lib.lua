@@ -280,7 +280,7 @@ local function end_run(P, id, now, outcome, result, err)
   local run = {count = #runs + 1, start = start, time = now - start, state = outcome,
                error = outcome ~= 'success' and err or cjson.null}
   runs[#runs + 1] = run
-  rcall('HDEL', jk, 'run_start')
+  rcall('HDEL', jk, 'run_start', 'owner')
   if outcome == 'success' then
     if result then rcall('HSET', jk, 'result', result) end
   else
@@ -337,6 +337,9 @@ local function claim(P, names, now, claimer, chained)
         local opts = job_options(jk)
         local attempt = rcall('HINCRBY', jk, 'attempt', 1)
         rcall('HSET', jk, 'state', 'processing', 'update_time', now, 'run_start', now)
+        -- The claimer owns the run: after Redis lost its data, ids and attempts start again at 1,
+        -- and only the owner tells a new job 1 from the old one a late finish was for.
+        if claimer ~= '' then rcall('HSET', jk, 'owner', claimer) end
         note(P, id, name, state, 'processing', 'processing', now)
         rcall('ZADD', P .. 'processing', now + ms(opts.process_timeout) + LEASE_GRACE_MS, id)
         if chained then

@@ -7,7 +7,8 @@
   ARGV[4]  attempt token given by claim
   ARGV[5]  outcome: success | fail | ghost
   ARGV[6]  result JSON (success) or error text (fail, ghost); "" = none
-  ARGV[7]  claimer id for the next claim ("" = none), as in claim.lua
+  ARGV[7]  the caller's claimer id ("" = none): if the run has an owner, it must be this one;
+           also the claimer of the next claim, as in claim.lua
   ARGV[8..] job names to claim the next job from (none: no claim)
   Returns  {status, new_state, next_claim}: status 'ok'; 'stale' (another attempt owns the job, or it
            is no longer processing: the late finish changes nothing); 'missing' (deleted or purged).
@@ -16,11 +17,12 @@ local P = ARGV[1]
 local now = clock(ARGV[2])
 local id, token, outcome, payload = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local jk = P .. 'job:' .. id
-local state, attempt = unpack(rcall('HMGET', jk, 'state', 'attempt'))
+local state, attempt, owner = unpack(rcall('HMGET', jk, 'state', 'attempt', 'owner'))
+local claimer = ARGV[7] or ''
 local status, new_state
 if not state then
   status, new_state = 'missing', ''
-elseif state ~= 'processing' or attempt ~= token then
+elseif state ~= 'processing' or attempt ~= token or (claimer ~= '' and owner and owner ~= claimer) then
   status, new_state = 'stale', state
 else
   status = 'ok'
@@ -36,6 +38,6 @@ local nxt = false
 if #ARGV >= 8 then
   local names = {}
   for i = 8, #ARGV do names[#names + 1] = ARGV[i] end
-  nxt = claim(P, names, now, ARGV[7], true) or false
+  nxt = claim(P, names, now, claimer, true) or false
 end
 return {status, new_state, nxt}

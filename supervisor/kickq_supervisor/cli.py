@@ -192,7 +192,7 @@ def run_master(args: argparse.Namespace, registrations: list[registry.Registrati
 
     def lost_job(slot: Slot, job_id: str, token: str, error: str) -> None:
         settings = per_registration[slot.spec]
-        ghosters[describe(settings)].submit(settings["redis_namespace"], job_id, token, error)
+        ghosters[describe(settings)].submit(settings["redis_namespace"], job_id, token, error, slot.claimer)
 
     def lost_claim(slot: Slot, error: str) -> None:
         settings = per_registration[slot.spec]

@@ -24,16 +24,16 @@ class Ghoster:
     def __init__(self, settings: Mapping[str, Any], connector: Callable[..., Any] = connect) -> None:
         self.settings = dict(settings)
         self.connector = connector
-        self.pending: queue.Queue[tuple[str, str, str, str] | None] = queue.Queue()
+        self.pending: queue.Queue[tuple[str, str, str, str, str] | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="kickq-ghoster", daemon=True)
         self.thread.start()
 
-    def submit(self, namespace: str, job_id: str, token: str, error: str) -> None:
-        self.pending.put((namespace, job_id, token, error))
+    def submit(self, namespace: str, job_id: str, token: str, error: str, claimer: str = "") -> None:
+        self.pending.put((namespace, job_id, token, error, claimer))
 
     def submit_claimed(self, namespace: str, claimer: str, error: str) -> None:
         """Ghost the job that worker `claimer` claimed last, if it is still that claim's to end."""
-        self.pending.put((namespace, "", claimer, error))
+        self.pending.put((namespace, "", "", error, claimer))
 
     def flush(self, timeout: float) -> None:
         """Wait (at most `timeout`) until every submitted run has been ghosted."""
@@ -48,16 +48,17 @@ class Ghoster:
             item = self.pending.get()
             if item is None:
                 return
-            namespace, job_id, token, error = item
+            namespace, job_id, token, error, claimer = item
             delay = 0.05
             while True:
                 try:
-                    if not job_id:  # token holds a claimer: read what it claimed
-                        record = client.get(Keys(namespace).claim(token))
+                    if not job_id:  # only the claimer is known: read what it claimed
+                        record = client.get(Keys(namespace).claim(claimer))
                         if not record:
                             break
                         job_id, token = record.split()
-                    status, state, _ = scr.finish(Keys(namespace), job_id, token, "ghost", error)
+                    status, state, _ = scr.finish(Keys(namespace), job_id, token, "ghost", error,
+                                                  claimer=claimer)
                     log.info("job %s attempt %s: %s -> %s", job_id, token, error,
                              state if status == "ok" else f"unchanged ({status})")
                     break

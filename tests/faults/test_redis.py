@@ -260,21 +260,11 @@ def test_case05b_redis_restart_without_persistence(
     case.done()
 
 
-ID_REUSE_BUG = (
-    "After Redis lost its data, job ids start again from 1 and attempt tokens from 1, so a run "
-    "from before the loss that finishes late is accepted as the outcome of the new job that reused "
-    "its id (finish.lua checks only state == processing and attempt == token). For the lead: the "
-    "attempt token (claim in lua/_lib.lua) or what the worker sends back (worker.py) must tell "
-    "runs apart across a data loss."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=ID_REUSE_BUG)
 @pytest.mark.parametrize("size", sizes("quick", "full"))
 def test_case05c_a_late_finish_from_before_a_data_loss_is_not_taken_for_a_new_job(
     size, redis_procs, ledger, start_supervisor, namespace, tmp_path
 ):
-    case = Case("5c", "late finish across a data loss, onto a job that reused the id (known bug: xfail)")
+    case = Case("5c", "late finish across a data loss, onto a job that reused the id")
     rp = redis_procs()
     module = handler_module(tmp_path, ledger.path, [(["reuse"], 2)])
     sup = start_supervisor(module, args=["--reaper-interval", "0.2"], workers=2, url=rp.url, ns=namespace)
