@@ -347,7 +347,10 @@ class Kickq:
             fields = client.hgetall(Keys(settings["redis_namespace"]).job(job_id))
         if not fields:
             raise JobNotFound(job_id)
-        return Job.from_fields(job_id, fields)
+        try:
+            return Job.from_fields(job_id, fields)
+        except ValueError as exc:  # JSON that is not JSON: written by something other than kickq
+            raise KickqError(f"job {job_id} cannot be decoded: {exc}") from exc
 
     def delete(self, job_id: str | int) -> bool:
         """Remove the job from every structure. True if it existed. A worker still running it

@@ -29,6 +29,8 @@ from .osapi import die_with_parent, set_title
 from .runner import Outcome, Runner
 
 log = logging.getLogger("kickq.worker")
+# redis-py turns "-OOM ..." into OutOfMemoryError and drops the prefix from the text.
+_OUT_OF_MEMORY = redis.exceptions.OutOfMemoryError
 
 Claimed = tuple[str, int, dict[str, str]]
 
@@ -198,7 +200,9 @@ class Worker:
                                                          claimer=self.claimer)
                 break
             except redis.exceptions.ResponseError as exc:
-                if not str(exc).startswith(("OOM", "BUSY")):
+                transient = isinstance(exc, (_OUT_OF_MEMORY, redis.exceptions.BusyLoadingError)) \
+                    or str(exc).startswith(("OOM", "BUSY"))
+                if not transient:
                     # Not transient: leave the run to lease recovery rather than retry forever.
                     log.error("worker %d: cannot finish job %s: %s", self.number, job_id, exc)
                     return None
