@@ -460,13 +460,12 @@ class Kickq:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 reply = None
-            for _, entries in reply or ():
-                for stream_id, fields in entries:
-                    last = stream_id
-                    event = observe.event_dict(stream_id, fields)
-                    if observe.wanted(event, wanted_names):
-                        idle_since = time.monotonic()
-                        yield event
+            events, newest = observe.read_events(reply, wanted_names)
+            last = newest or last
+            if events:
+                idle_since = time.monotonic()
+            for event in events:
+                yield event
             if timeout is not None and time.monotonic() - idle_since > timeout:
                 return
 

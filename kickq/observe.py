@@ -115,3 +115,15 @@ def event_dict(stream_id: str, fields: Mapping[str, str]) -> dict[str, Any]:
 
 def wanted(event: Mapping[str, Any], names: Iterable[str] | None) -> bool:
     return names is None or event["name"] in names
+
+
+def read_events(reply: Any, names: Iterable[str] | None) -> tuple[list[dict[str, Any]], str | None]:
+    """The wanted events of an XREAD reply, and the last stream id it held (None: it held none)."""
+    out, last = [], None
+    for _, entries in reply or ():
+        for stream_id, fields in entries:
+            last = stream_id
+            event = event_dict(stream_id, fields)
+            if wanted(event, names):
+                out.append(event)
+    return out, last
