@@ -182,6 +182,11 @@ def make_certs(directory: Path) -> dict[str, Path]:
         "2",
         "-subj",
         "/CN=kickq test CA",
+        # Python 3.13 verifies strictly (VERIFY_X509_STRICT): a CA must say so, critically.
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
     )
     ssl(
         "req",
@@ -195,7 +200,14 @@ def make_certs(directory: Path) -> dict[str, Path]:
         "-subj",
         "/CN=127.0.0.1",
     )
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (d / "ext.cnf").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        "basicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\n"
+        "authorityKeyIdentifier=keyid,issuer\n"
+    )
     ssl(
         "x509",
         "-req",
@@ -227,6 +239,10 @@ def make_certs(directory: Path) -> dict[str, Path]:
         "2",
         "-subj",
         "/CN=some other CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
     )
     return {name: d / f"{name}" for name in ("ca.crt", "server.crt", "server.key", "other.crt")}
 
