@@ -98,3 +98,15 @@ def r(redis_url: str) -> Iterator[Any]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def kq(kq_config):
+    """A kickq.Kickq client on this test's server and namespace, closed afterwards."""
+    import kickq
+
+    client = kickq.Kickq()
+    try:
+        yield client
+    finally:
+        client.close()

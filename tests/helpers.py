@@ -172,3 +172,9 @@ def start_redis(
     raise RuntimeError(
         f"could not start redis-server after {attempts} attempts:\n" + "\n".join(errors)
     )
+
+
+def redis_now(r) -> int:
+    """Redis' clock in epoch ms (what the scripts use when no time is passed in)."""
+    seconds, micros = r.time()
+    return seconds * 1000 + micros // 1000

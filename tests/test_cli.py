@@ -18,7 +18,7 @@ import kickq
 from kickq import scripts
 from kickq.keys import Keys
 from kickq.scripts import LEASE_GRACE_MS, Scripts
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, redis_now, wait_until
 from tests.structures import assert_consistent, assert_one_structure, namespace_keys, prefix
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,20 +42,6 @@ def run(redis_url, namespace, *args, env=None, timeout=60, stderr=None):
 @pytest.fixture
 def cli(redis_url, namespace):
     return lambda *args, **kw: run(redis_url, namespace, *args, **kw)
-
-
-@pytest.fixture
-def kq(kq_config):
-    client = kickq.Kickq()
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-def redis_now(r):
-    seconds, micros = r.time()
-    return seconds * 1000 + micros // 1000
 
 
 def counts_match(r, ns):

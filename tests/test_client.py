@@ -31,15 +31,6 @@ ALL_FIELDS = {
 }
 
 
-@pytest.fixture
-def kq(kq_config):
-    client = kickq.Kickq()
-    try:
-        yield client
-    finally:
-        client.close()
-
-
 class Worker:
     """Plays a supervisor's worker with the real scripts (Redis' clock)."""
 

@@ -13,11 +13,6 @@ from kickq_supervisor.reaper import refill_schedules
 from tests.structures import assert_consistent, bookkeeping, namespace_keys
 
 
-@pytest.fixture
-def kq(kq_config):
-    return kickq.Kickq()
-
-
 def pending(kq, sid):
     return next(s for s in kq.schedules() if s["id"] == sid)
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-import kickq
 from kickq.keys import Keys
 from tests.helpers import free_port, start_redis, stop_redis, wait_until
 
@@ -150,15 +149,6 @@ def supervisor(tmp_path, redis_url, namespace):
     for sup in started:
         sup.stop()
         print(f"--- supervisor {sup.proc.pid} log ---\n{sup.log()[-5000:]}")  # shown if the test failed
-
-
-@pytest.fixture
-def kq(kq_config):
-    client = kickq.Kickq()
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def value(samples, metric, **labels):

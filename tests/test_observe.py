@@ -18,22 +18,8 @@ from kickq import scripts
 from kickq.job import STATES
 from kickq.keys import Keys
 from kickq.scripts import Scripts
-from tests.helpers import wait_until
+from tests.helpers import redis_now, wait_until
 from tests.structures import assert_consistent, namespace_keys, prefix
-
-
-@pytest.fixture
-def kq(kq_config):
-    client = kickq.Kickq()
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-def redis_now(r):
-    seconds, micros = r.time()
-    return seconds * 1000 + micros // 1000
 
 
 def actual_counts(r, ns):
