@@ -231,7 +231,7 @@ def cmd_list(admin: Admin, args: argparse.Namespace, out: TextIO) -> int:
                     continue
                 seen.add(job_id)
                 found.append({"id": job_id, "name": name, "state": state,
-                              "create_time": _int(created), "update_time": _int(updated),
+                              "create_time": _int(created), "update_time": _int(updated or created),
                               "scheduled_for": _int(due)})
                 if len(found) >= args.limit:
                     break

@@ -23,7 +23,8 @@ def _int(value: str | None) -> int | None:
 def _runs(fields: Mapping[str, str], state: str) -> list[dict[str, Any]]:
     """The finished runs, plus the one in progress (stored as just its start, 'run_start')."""
     runs: list[dict[str, Any]] = payload.decode(fields.get("runs")) or []
-    start = fields.get("run_start")
+    # A prefetched job (claimed in a batch, not started yet) has no run_start: its claim time then.
+    start = fields.get("run_start") or fields.get("update_time")
     if start is not None and state == "processing":
         runs.append({"count": len(runs) + 1, "start": int(float(start)), "time": None,
                      "state": "processing", "error": None})
@@ -84,7 +85,8 @@ class Job:
             "complete": state in TERMINAL_STATES,
             "success": state == "success",
             "create_time": _int(fields.get("create_time")),
-            "update_time": _int(fields.get("update_time")),
+            # absent until the job first changes: a new job's hash leaves it out to stay small
+            "update_time": _int(fields.get("update_time") or fields.get("create_time")),
             "finish_time": _int(fields.get("finish_time")),
             "total_process_time": _int(fields.get("total_process_time")),
             "state": state,

@@ -45,6 +45,10 @@ class Keys:
     def wake(self, name: str) -> str:
         return self.prefix + "wake:" + name
 
+    def journal(self, claimer: str) -> str:
+        """A worker's finished runs not saved yet (see apply_journal in lua/_lib.lua)."""
+        return self.prefix + "done:" + claimer
+
     def claim(self, claimer: str) -> str:
         """The last job a worker claimed ("<id> <attempt>"), for recovery after a lost reply.
         `claimer` is a worker's own generated hex id, never user input."""

@@ -16,8 +16,9 @@ from .keys import Keys
 #: Extra time past process_timeout before the reaper may recover a run: the supervisor that owns
 #: the run kills it at process_timeout and ghosts it itself; the reaper is for lost supervisors.
 LEASE_GRACE_MS = 1000
-NAMES = ("create", "claim", "finish", "recover", "promote", "purge", "delete", "schedule", "unschedule",
-         "extend", "requeue", "purge_state",  # requeue on: admin only (the `kickq` command)
+NAMES = ("create", "claim", "finish", "finish_many", "abandon", "recover", "promote", "purge", "delete",
+         "schedule", "unschedule", "extend",
+         "requeue", "purge_state",  # requeue on: admin only (the `kickq` command)
          "repair_inspect", "repair_orphan", "repair_index", "repair_state", "repair_counts")
 
 
@@ -30,10 +31,28 @@ def _read(name: str) -> str:
         return f.read()
 
 
+def lua_literal(value: Any) -> str:
+    """A Lua expression for a JSON-like value (None becomes nil: an absent key)."""
+    if value is None:
+        return "nil"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid Lua escapes for these
+    if isinstance(value, (list, tuple)):
+        return "{" + ", ".join(lua_literal(v) for v in value) + "}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"[{json.dumps(str(k))}] = {lua_literal(v)}" for k, v in value.items()
+                               if v is not None) + "}"
+    raise TypeError(f"no Lua literal for {value!r}")
+
+
 def source(name: str) -> str:
     """Full text of one script: the shared helpers, then the transition itself."""
     lib = (_read("_lib")
-           .replace("__DEFAULTS__", json.dumps(JOB_OPTION_DEFAULTS).replace("'", "\\'"))
+           .replace("__DEFAULTS__", lua_literal(JOB_OPTION_DEFAULTS))
            .replace("__LEASE_GRACE_MS__", str(LEASE_GRACE_MS)))
     return lib + "\n" + _read(name)
 
@@ -67,6 +86,48 @@ def finish_args(keys: Keys, job_id: str, token: int | str, outcome: str, payload
     if outcome not in ("success", "fail", "ghost"):
         raise ValueError(f"outcome must be success, fail or ghost, not {outcome!r}")
     return [keys.id], [keys.prefix, _now(now), job_id, str(token), outcome, payload, claimer, *claim_names]
+
+
+#: One finished run for finish_many / abandon: (id, token, outcome, payload, run ms, ms since it ended).
+RunOutcome = tuple[str, "int | str", str, str, int, int]
+
+
+def _runs_args(runs: Sequence[RunOutcome]) -> list[Any]:
+    args: list[Any] = [len(runs)]
+    for job_id, token, outcome, payload, run_ms, ago_ms in runs:
+        if outcome not in ("success", "fail", "ghost"):
+            raise ValueError(f"outcome must be success, fail or ghost, not {outcome!r}")
+        args += [job_id, str(token), outcome, payload, int(run_ms), int(ago_ms)]
+    return args
+
+
+def journal_entry(job_id: str, token: int | str, outcome: str, payload: str, run_ms: int,
+                  ended_mono_ms: float) -> str:
+    """One run for a worker's journal (apply_journal in lua/_lib.lua): ended_mono_ms is the end on
+    time.monotonic() in ms, which every process of one host shares."""
+    return json.dumps([job_id, str(token), outcome, payload, int(run_ms), round(ended_mono_ms, 3)])
+
+
+def _mono(mono_ms: float | None) -> str:
+    return "" if mono_ms is None else repr(round(mono_ms, 3))
+
+
+def finish_many_args(keys: Keys, claimer: str, runs: Sequence[RunOutcome] = (),
+                     give_back: Sequence[tuple[str, "int | str"]] = (), claim: int = 0,
+                     claim_names: Sequence[str] = (), now: int | None = None,
+                     mono_ms: float | None = None) -> tuple[list[str], list[Any]]:
+    if not claimer:
+        raise ValueError("finish_many needs the caller's claimer id")
+    args: list[Any] = [keys.prefix, _now(now), claimer, _mono(mono_ms), *_runs_args(runs), len(give_back)]
+    for job_id, token in give_back:
+        args += [job_id, str(token)]
+    args += [claim if claim_names else 0, *claim_names]
+    return [keys.id], args
+
+
+def abandon_args(keys: Keys, claimer: str, error: str, runs: Sequence[RunOutcome] = (),
+                 now: int | None = None, mono_ms: float | None = None) -> tuple[list[str], list[Any]]:
+    return [keys.id], [keys.prefix, _now(now), claimer, error, _mono(mono_ms), *_runs_args(runs)]
 
 
 def sweep_args(keys: Keys, limit: int, now: int | None = None, *extra: str) -> tuple[list[str], list[Any]]:
@@ -113,6 +174,25 @@ def parse_finish(reply: Sequence[Any]) -> tuple[str, str, tuple[str, int, dict[s
     return str(reply[0]), str(reply[1]), parse_claim(reply[2])
 
 
+Claim = tuple[str, int, dict[str, str]]
+
+
+def parse_finish_many(reply: Sequence[Any]
+                      ) -> tuple[list[tuple[str, str]], list[Claim], list[tuple[str, str, str, str]]]:
+    """((status, state after) per finished run, the jobs claimed, the journal's runs not saved as
+    (id, token, status, state))."""
+    statuses, states, claimed, rejected = reply
+    return ([(str(status), str(state)) for status, state in zip(statuses, states, strict=True)],
+            [c for c in (parse_claim(r) for r in claimed) if c is not None],
+            [(str(i), str(t), str(st), str(sa)) for i, t, st, sa in rejected])
+
+
+def parse_claim_record(record: str | None) -> list[tuple[str, str]]:
+    """P.."claim:"..claimer: "id attempt id attempt ..." (one pair after a single claim)."""
+    words = (record or "").split()
+    return list(zip(words[0::2], words[1::2], strict=False))  # a torn pair is dropped
+
+
 class Scripts:
     """The scripts registered on one redis-py client. redis-py reloads a script after NOSCRIPT
     (SCRIPT FLUSH, a Redis restart), in plain calls and in pipelines alike."""
@@ -134,6 +214,19 @@ class Scripts:
                ) -> tuple[str, str, tuple[str, int, dict[str, str]] | None]:
         return parse_finish(self.run("finish", finish_args(keys, job_id, token, outcome, payload,
                                                            claim_names, now, claimer)))
+
+    def finish_many(self, keys: Keys, claimer: str, runs: Sequence[RunOutcome] = (),
+                    give_back: Sequence[tuple[str, int | str]] = (), claim: int = 0,
+                    claim_names: Sequence[str] = (), now: int | None = None, mono_ms: float | None = None
+                    ) -> tuple[list[tuple[str, str]], list[Claim], list[tuple[str, str, str, str]]]:
+        return parse_finish_many(self.run("finish_many", finish_many_args(
+            keys, claimer, runs, give_back, claim, claim_names, now, mono_ms)))
+
+    def abandon(self, keys: Keys, claimer: str, error: str, runs: Sequence[RunOutcome] = (),
+                now: int | None = None, mono_ms: float | None = None) -> tuple[int, int, int]:
+        call = abandon_args(keys, claimer, error, runs, now, mono_ms)
+        saved, given_back, ghosted = self.run("abandon", call)
+        return int(saved), int(given_back), int(ghosted)
 
     def promote(self, keys: Keys, now: int | None = None, limit: int = 500) -> tuple[int, int, int]:
         count, next_due, at = self.run("promote", sweep_args(keys, limit, now))

@@ -262,14 +262,36 @@ def test_exit_code_3_is_a_death_like_any_other(h):
     assert slot.pid is not None  # replaced
 
 
-def test_a_death_with_no_known_run_ghosts_the_last_claim(h):
+def test_every_worker_exit_settles_what_it_held_and_only_a_known_run_is_ghosted(h):
     claims = []
     h.arbiter.lost_claim = lambda slot, error: claims.append((slot.number, error))
     slot = h.arbiter.slots[1]
     h.die(slot.pid, signalled(signal.SIGKILL))
     assert h.lost == [] and claims and claims[0][0] == 2 and "SIGKILL" in claims[0][1]
-    h.die(h.arbiter.slots[0].pid, exited(0))  # a clean exit claimed nothing it did not finish
-    assert len(claims) == 1
+    # a clean exit settles everything itself; the settling (token-checked) is asked for anyway
+    h.die(h.arbiter.slots[0].pid, exited(0))
+    assert h.lost == [] and [c[0] for c in claims] == [2, 1]
+
+
+def test_an_outcome_reported_with_the_f_message_is_saved_not_ghosted(h):
+    settled = []
+    h.arbiter.lost_claim = lambda slot, error: settled.append(dict(slot.unsaved))
+    slot = h.arbiter.slots[0]
+    pid = slot.pid
+    h.start(slot, "7", timeout=5.0)
+    h.arbiter.on_message(slot, 'F 7 success 0.002 "{\\"n\\": 1}"')
+    h.die(pid, signalled(signal.SIGKILL))
+    assert h.lost == []  # its outcome came with the F message: saved by lost_claim, not ghosted
+    assert settled[0]["7"][:3] == ("1", "success", '{"n": 1}')
+
+
+def test_a_finished_run_whose_outcome_the_master_does_not_hold_is_ghosted(h):
+    slot = h.arbiter.slots[0]
+    pid = slot.pid
+    h.start(slot, "7", timeout=5.0)
+    h.arbiter.on_message(slot, "F 7 success 0.002")  # too big to come along
+    h.die(pid, signalled(signal.SIGKILL))
+    assert [item[1] for item in h.lost] == ["7"] and "saving the outcome" in h.lost[0][3]
 
 
 def test_a_grandchild_group_still_gets_the_kill_when_the_worker_died_of_the_term(h):

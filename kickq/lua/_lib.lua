@@ -11,7 +11,7 @@
     success, fail        -> zset  P.."finished"      score = purge time (ms)
 ]]
 local rcall = redis.call
-local DEFAULTS = cjson.decode('__DEFAULTS__')
+local DEFAULTS = __DEFAULTS__  -- a Lua table literal (scripts.py): no JSON decode per call
 local LEASE_GRACE_MS = __LEASE_GRACE_MS__
 
 local function clock(arg)
@@ -117,14 +117,23 @@ local function reconcile_wake(P, names)
   end
 end
 
-local function new_job(P, name, data, opts, now)
+-- A new job's hash, in one write; `extra` (optional) holds more field/value pairs. update_time is
+-- left out until the job first changes (Job reads it as create_time): waiting jobs stay smaller.
+local function new_job(P, name, data, opts, now, extra)
   local id = tostring(rcall('INCR', P .. 'id'))
-  local jk = P .. 'job:' .. id
-  rcall('HSET', jk, 'name', name, 'create_time', now, 'update_time', now)
-  if data and data ~= '' then rcall('HSET', jk, 'data', data) end
-  if opts and opts ~= '' then rcall('HSET', jk, 'opts', opts) end
+  local fields = {'name', name, 'create_time', now}
+  if data and data ~= '' then fields[#fields + 1] = 'data'; fields[#fields + 1] = data end
+  if opts and opts ~= '' then fields[#fields + 1] = 'opts'; fields[#fields + 1] = opts end
+  if extra then for i = 1, #extra do fields[#fields + 1] = extra[i] end end
+  rcall('HSET', P .. 'job:' .. id, unpack(fields))
   rcall('SADD', P .. 'names', name)
   return id
+end
+
+-- The queue entry and the wake token of a job whose state already says new or queued.
+local function push_queued(P, id, name)
+  rcall('RPUSH', P .. 'queue:' .. name, id)
+  rcall('RPUSH', P .. 'wake:' .. name, '1')
 end
 
 -- keep_due: a schedule's tick job keeps scheduled_for = its tick; others drop it once queued.
@@ -134,11 +143,11 @@ local function enqueue(P, id, name, state, now, keep_due)
   rcall('HSET', jk, 'state', state, 'update_time', now)
   note(P, id, name, from, state, from and 'queued' or 'create', now)
   if not keep_due then rcall('HDEL', jk, 'scheduled_for') end
-  rcall('RPUSH', P .. 'queue:' .. name, id)
-  rcall('RPUSH', P .. 'wake:' .. name, '1')
+  push_queued(P, id, name)
 end
 
-local function schedule(P, id, state, due, now)
+-- Index job `id` in the delayed zset at `due`, writing `fields` (its state and more) in one HSET.
+local function delay_job(P, id, due, fields)
   local dk = P .. 'delayed'
   local first = rcall('ZRANGE', dk, 0, 0, 'WITHSCORES')
   if first[2] == nil or due < tonumber(first[2]) then
@@ -146,9 +155,12 @@ local function schedule(P, id, state, due, now)
     rcall('PUBLISH', P .. 'reaper', due)
   end
   rcall('ZADD', dk, due, id)
-  local jk = P .. 'job:' .. id
-  local from, name = unpack(rcall('HMGET', jk, 'state', 'name'))
-  rcall('HSET', jk, 'state', state, 'scheduled_for', due, 'update_time', now)
+  if #fields > 0 then rcall('HSET', P .. 'job:' .. id, unpack(fields)) end
+end
+
+local function schedule(P, id, state, due, now)
+  local from, name = unpack(rcall('HMGET', P .. 'job:' .. id, 'state', 'name'))
+  delay_job(P, id, due, {'state', state, 'scheduled_for', due, 'update_time', now})
   if state == 'delayed' then note(P, id, name, from, state, 'create', now) end
 end
 
@@ -244,21 +256,26 @@ local function next_score(key)
   return tonumber(first[2])
 end
 
-local function finalise(P, id, state, now, opts, runs)
+-- A run's end made the job terminal: `fields` (optional) are more field/value pairs for its hash.
+local function finalise(P, id, state, now, opts, runs, fields)
   local jk = P .. 'job:' .. id
   local total = 0
   for _, run in ipairs(runs) do
     if type(run.time) == 'number' then total = total + run.time end
   end
   local purge_at = now + ms(opts.purge_timeout)
-  rcall('HSET', jk, 'state', state, 'finish_time', now, 'update_time', now,
-        'total_process_time', total, 'scheduled_for', purge_at)
+  fields = fields or {}
+  local n = #fields
+  fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4] = 'state', state, 'finish_time', now
+  fields[n + 5], fields[n + 6], fields[n + 7], fields[n + 8] = 'update_time', now, 'total_process_time', total
+  fields[n + 9], fields[n + 10] = 'scheduled_for', purge_at
+  rcall('HSET', jk, unpack(fields))
   rcall('ZADD', P .. 'finished', purge_at, id)
   if opts.hotjob then
     -- The whole final job goes with the message, so a waiter needs no further round trip.
-    local flat, fields = rcall('HGETALL', jk), {}
-    for i = 1, #flat, 2 do fields[flat[i]] = flat[i + 1] end
-    rcall('PUBLISH', P .. 'done', cjson.encode({id = id, job = fields}))
+    local flat, all = rcall('HGETALL', jk), {}
+    for i = 1, #flat, 2 do all[flat[i]] = flat[i + 1] end
+    rcall('PUBLISH', P .. 'done', cjson.encode({id = id, job = all}))
   end
 end
 
@@ -270,52 +287,63 @@ end
 
 -- End the current run of a processing job (already checked to be owned by the caller).
 -- outcome: 'success' | 'fail' | 'ghost'. Returns the job's new state.
-local function end_run(P, id, now, outcome, result, err)
+-- `run_ms`, when the worker measured it, gives the run's start (a prefetched job starts after its
+-- claim); otherwise the run started at its claim ('run_start').
+local function end_run(P, id, now, outcome, result, err, run_ms)
   local jk = P .. 'job:' .. id
   rcall('ZREM', P .. 'processing', id)
-  local opts = job_options(jk)
-  local runs = decode_runs(jk)
   -- The run in progress lives in 'run_start' until it ends (claim then writes no JSON).
-  local start = tonumber(rcall('HGET', jk, 'run_start')) or now
+  local raw_opts, raw_runs, start, name = unpack(rcall('HMGET', jk, 'opts', 'runs', 'run_start', 'name'))
+  local opts = setmetatable(raw_opts and cjson.decode(raw_opts) or {}, DEFAULTS_META)
+  local runs = raw_runs and cjson.decode(raw_runs) or {}
+  start = run_ms and now - run_ms or tonumber(start) or now
   local run = {count = #runs + 1, start = start, time = now - start, state = outcome,
                error = outcome ~= 'success' and err or cjson.null}
   runs[#runs + 1] = run
   rcall('HDEL', jk, 'run_start', 'owner')
-  if outcome == 'success' then
-    if result then rcall('HSET', jk, 'result', result) end
-  else
-    rcall('HSET', jk, 'last_error', err)
+  -- Everything the run's end writes to the hash goes in one HSET, with the new state's fields.
+  local fields = {'runs', encode_runs(runs)}
+  if outcome ~= 'success' then
+    fields[3], fields[4] = 'last_error', err
+  elseif result then
+    fields[3], fields[4] = 'result', result
   end
-  rcall('HSET', jk, 'runs', encode_runs(runs))
   local new_state
-  local name = rcall('HGET', jk, 'name')
   if outcome == 'success' then
     new_state = 'success'
-    finalise(P, id, new_state, now, opts, runs)
+    finalise(P, id, new_state, now, opts, runs, fields)
   elseif outcome == 'fail' then
     local failed = count_runs(runs, 'fail')
     if opts.retry and failed <= opts.retry_count then
       local interval = opts.retry_interval
       if type(interval) == 'table' then interval = interval[math.min(failed, #interval)] or 0 end
       new_state = 'retry'
-      schedule(P, id, new_state, now + ms(interval), now)
+      local due = now + ms(interval)
+      local n = #fields
+      fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4] = 'state', new_state, 'scheduled_for', due
+      fields[n + 5], fields[n + 6] = 'update_time', now
+      delay_job(P, id, due, fields)
     else
       new_state = 'fail'
-      finalise(P, id, new_state, now, opts, runs)
+      finalise(P, id, new_state, now, opts, runs, fields)
     end
   else
     local ghosts = count_runs(runs, 'ghost')
     if opts.ghost_retry and ghosts <= opts.ghost_count then
       new_state = 'ghost'
-      schedule(P, id, new_state, now + ms(opts.ghost_interval), now)
+      local due = now + ms(opts.ghost_interval)
+      local n = #fields
+      fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4] = 'state', new_state, 'scheduled_for', due
+      fields[n + 5], fields[n + 6] = 'update_time', now
+      delay_job(P, id, due, fields)
     else
       new_state = 'fail'
-      finalise(P, id, new_state, now, opts, runs)
+      finalise(P, id, new_state, now, opts, runs, fields)
     end
     -- every ghosted run counts as a ghost, whatever comes of the job
     if new_state == 'fail' then rcall('HINCRBY', (bucket_of(P, now)), 'ghost:' .. name, 1) end
   end
-  note(P, id, name, 'processing', new_state, new_state, now, run and run.time or 0)
+  note(P, id, name, 'processing', new_state, new_state, now, run.time)
   return new_state
 end
 
@@ -324,31 +352,40 @@ end
 -- lengths; a `chained` claim (inside finish) just takes the claimed job's own token.
 -- `claimer` (optional) names the caller: its last claim is kept in P.."claim:"..claimer, so a
 -- caller whose reply was lost (a timeout after Redis ran the script) can find the job it now owns.
+-- `prefetched`: the caller claims a batch (finish_many) and runs the jobs one after the other, so
+-- this run's start is not known here: no 'run_start', and the caller records the whole batch.
 -- Returns {id, attempt token, HGETALL fields...} or nil.
-local function claim(P, names, now, claimer, chained)
+local function claim(P, names, now, claimer, chained, prefetched)
   for _, name in ipairs(names) do
     local q = P .. 'queue:' .. name
     while true do
       local id = rcall('LPOP', q)
       if not id then break end
       local jk = P .. 'job:' .. id
-      local state = rcall('HGET', jk, 'state')
+      local state, raw_opts = unpack(rcall('HMGET', jk, 'state', 'opts'))
       if state == 'new' or state == 'queued' then
-        local opts = job_options(jk)
+        local timeout = raw_opts and cjson.decode(raw_opts).process_timeout or DEFAULTS.process_timeout
         local attempt = rcall('HINCRBY', jk, 'attempt', 1)
-        rcall('HSET', jk, 'state', 'processing', 'update_time', now, 'run_start', now)
-        -- The claimer owns the run: after Redis lost its data, ids and attempts start again at 1,
-        -- and only the owner tells a new job 1 from the old one a late finish was for.
-        if claimer ~= '' then rcall('HSET', jk, 'owner', claimer) end
+        if prefetched then
+          rcall('HSET', jk, 'state', 'processing', 'update_time', now, 'owner', claimer)
+        elseif claimer ~= '' then
+          -- The claimer owns the run: after Redis lost its data, ids and attempts start again at 1,
+          -- and only the owner tells a new job 1 from the old one a late finish was for.
+          rcall('HSET', jk, 'state', 'processing', 'update_time', now, 'run_start', now, 'owner', claimer)
+        else
+          rcall('HSET', jk, 'state', 'processing', 'update_time', now, 'run_start', now)
+        end
         note(P, id, name, state, 'processing', 'processing', now)
-        rcall('ZADD', P .. 'processing', now + ms(opts.process_timeout) + LEASE_GRACE_MS, id)
+        rcall('ZADD', P .. 'processing', now + ms(timeout) + LEASE_GRACE_MS, id)
         if chained then
           -- Claimed in the same call that finished the last job: the job's token is still there.
           rcall('LPOP', P .. 'wake:' .. name)
         else
           reconcile_wake(P, names)
         end
-        if claimer ~= '' then rcall('SET', P .. 'claim:' .. claimer, id .. ' ' .. attempt, 'EX', 86400) end
+        if claimer ~= '' and not prefetched then
+          rcall('SET', P .. 'claim:' .. claimer, id .. ' ' .. attempt, 'EX', 86400)
+        end
         local reply = {id, attempt}
         local fields = rcall('HGETALL', jk)
         for i = 1, #fields do reply[#reply + 1] = fields[i] end
@@ -359,4 +396,76 @@ local function claim(P, names, now, claimer, chained)
   end
   if not chained then reconcile_wake(P, names) end
   return nil
+end
+
+-- Is job `id` processing under this attempt `token`, and (when it names one) run by `claimer`?
+-- Returns its state (false: no such job) and whether the caller may end the run.
+local function owns(P, id, token, claimer)
+  local state, attempt, owner = unpack(rcall('HMGET', P .. 'job:' .. id, 'state', 'attempt', 'owner'))
+  if not state then return false, false end
+  return state, state == 'processing' and attempt == token and not (claimer ~= '' and owner and owner ~= claimer)
+end
+
+-- Give a claimed job that never started back to the front of its queue (processing -> queued).
+-- Its attempt stays counted, so a late finish from the claim given back cannot match a new one.
+local function release(P, id, now)
+  local jk = P .. 'job:' .. id
+  local name = rcall('HGET', jk, 'name')
+  rcall('ZREM', P .. 'processing', id)
+  rcall('HSET', jk, 'state', 'queued', 'update_time', now)
+  rcall('HDEL', jk, 'run_start', 'owner')
+  note(P, id, name, 'processing', 'queued', 'released', now)
+  rcall('LPUSH', P .. 'queue:' .. name, id)
+  rcall('RPUSH', P .. 'wake:' .. name, '1')
+end
+
+-- End one run the caller reports finished: checked against token and owner first. `ago`: ms
+-- since it ended. Returns its status (ok | stale | missing) and the job's state after this ('' = gone).
+local function finish_one(P, now, claimer, id, token, outcome, payload, run_ms, ago)
+  local state, mine = owns(P, id, token, claimer)
+  if not state then return 'missing', '' end
+  if not mine then return 'stale', state end
+  local result, err = false, false
+  if outcome == 'success' then
+    if payload ~= '' then result = payload end
+  else
+    err = payload
+  end
+  return 'ok', end_run(P, id, now - math.min(math.max(ago or 0, 0), 60000), outcome, result, err, run_ms)
+end
+
+-- End each run of a batch: `args` from index `at` holds `n` groups of (id, token, outcome, payload,
+-- run ms, ms since the run ended). Returns the statuses, the job states after it and the next index.
+local function finish_runs(P, now, claimer, args, at, n)
+  local statuses, states = {}, {}
+  for i = 1, n do
+    statuses[i], states[i] = finish_one(P, now, claimer, args[at], args[at + 1], args[at + 2], args[at + 3],
+                                        tonumber(args[at + 4]), tonumber(args[at + 5]))
+    at = at + 6
+  end
+  return statuses, states, at
+end
+
+-- A worker's journal of finished runs, P.."done:"..claimer. The worker RPUSHes one entry the moment
+-- a handler returns, a plain command (the outcome is in Redis at once, and cheaply); the runs are
+-- ended in batches: by the worker's next finish_many, by abandon when the worker is gone, by
+-- recover when a lease of its expires. Entry: JSON [id, token, outcome, payload, run ms, ended at
+-- on the worker host's monotonic clock in ms]; `mono_now` is that clock now (false: not known, the
+-- runs then ended now). Returns the entries not saved, as {id, token, status, state} each.
+local function apply_journal(P, claimer, now, mono_now)
+  local key = P .. 'done:' .. claimer
+  local entries = rcall('LRANGE', key, 0, -1)
+  if #entries == 0 then return {} end
+  rcall('DEL', key)
+  local rejected = {}
+  for _, raw in ipairs(entries) do
+    local ok, e = pcall(cjson.decode, raw)
+    if ok and type(e) == 'table' and e[1] then
+      local ago = mono_now and e[6] and (mono_now - tonumber(e[6])) or 0
+      local status, state = finish_one(P, now, claimer, tostring(e[1]), tostring(e[2]), e[3], e[4] or '',
+                                        tonumber(e[5]), ago)
+      if status ~= 'ok' then rejected[#rejected + 1] = {tostring(e[1]), tostring(e[2]), status, state} end
+    end
+  end
+  return rejected
 end

@@ -15,11 +15,16 @@ local out = {}
 for i = 0, n - 1 do
   local base = 4 + 5 * i
   local name, data, opts, delay = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
-  local id = new_job(P, name, data, opts, now)
+  local id
   if delay ~= '' then
-    schedule(P, id, 'delayed', now + tonumber(delay), now)
+    local due = now + tonumber(delay)
+    id = new_job(P, name, data, opts, now, {'state', 'delayed', 'scheduled_for', due})
+    delay_job(P, id, due, {})
+    note(P, id, name, false, 'delayed', 'create', now)
   else
-    enqueue(P, id, name, 'new', now)
+    id = new_job(P, name, data, opts, now, {'state', 'new'})
+    push_queued(P, id, name)
+    note(P, id, name, false, 'new', 'create', now)
   end
   out[#out + 1] = id
   out[#out + 1] = now

@@ -1,4 +1,6 @@
---[[ recover: processing jobs whose lease expired (worker, supervisor or host lost) -> ghost | fail.
+--[[ recover: processing jobs whose lease expired (worker, supervisor or host lost) -> ghost | fail;
+  a prefetched job that no one said had started -> queued (front), at most twice per job. Runs
+  its worker journaled as finished (P.."done:"..owner) are saved first, with their outcome.
   KEYS[1]  P.."id"   (routing only)
   ARGV[1]  P
   ARGV[2]  now (epoch ms, or "" for Redis' clock)
@@ -7,11 +9,25 @@
   Returns  {recovered count, earliest remaining lease or -1}
 ]]
 local P = ARGV[1]
+local MAX_LOST_PREFETCHED = 2
 local now = clock(ARGV[2])
 local ids = rcall('ZRANGEBYSCORE', P .. 'processing', '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
 for _, id in ipairs(ids) do
-  if rcall('EXISTS', P .. 'job:' .. id) == 1 then
-    end_run(P, id, now, 'ghost', false, ARGV[4])
+  local jk = P .. 'job:' .. id
+  -- Runs its worker finished and journaled are saved first (that may end this one, and others).
+  local owner = rcall('HGET', jk, 'owner')
+  if owner then apply_journal(P, owner, now, false) end
+  if not rcall('ZSCORE', P .. 'processing', id) then
+    -- saved by the journal just now
+  elseif rcall('EXISTS', jk) == 1 then
+    -- A prefetched job (no 'run_start') of a lost supervisor most likely never started: it goes
+    -- back to its queue, not to a ghost retry. Should it keep taking its supervisors down with it,
+    -- its third loss is ghosted like any run.
+    if rcall('HEXISTS', jk, 'run_start') == 0 and rcall('HINCRBY', jk, 'lost', 1) <= MAX_LOST_PREFETCHED then
+      release(P, id, now)
+    else
+      end_run(P, id, now, 'ghost', false, ARGV[4])
+    end
   else
     rcall('ZREM', P .. 'processing', id)
   end

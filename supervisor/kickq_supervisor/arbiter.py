@@ -8,6 +8,7 @@ never blocks on Redis: a job it must ghost is handed to `lost_job`, which runs i
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -40,6 +41,7 @@ class Run:
     deadline: float
     handler_returned: bool = False
     name: str = ""  # the job name, for metrics
+    retained: bool = False  # its outcome came with the F message (in Slot.unsaved)
 
 
 @dataclass
@@ -57,6 +59,13 @@ class Slot:
     failures: int = 0  # consecutive early deaths
     respawn_at: float = 0.0
     buffer: bytes = b""
+    # Runs the worker reported finished, with their outcome, that it may not have saved yet (it
+    # saves in batches): job id -> (token, outcome, payload, seconds, reported at). The most recent
+    # UNSAVED_KEPT only: a worker saves them within a batch, and saving twice is token-checked.
+    unsaved: dict[str, tuple[str, str, str, float, float]] = field(default_factory=dict)
+
+
+UNSAVED_KEPT = 64
 
 
 @dataclass
@@ -184,8 +193,18 @@ class Arbiter:
             slot.run = Run(job_id, token, started + timeout, name=name)
         elif parts[0] == "F" and slot.run is not None and slot.run.job_id == parts[1]:
             slot.run.handler_returned = True
-            if len(parts) >= 4:  # "F id success|fail seconds"
+            if len(parts) >= 4:  # "F id success|fail seconds [payload as a JSON string]"
                 self._observe("run", slot, name=slot.run.name, outcome=parts[2], seconds=float(parts[3]))
+            if len(parts) >= 5:
+                try:
+                    payload = json.loads(line.split(" ", 4)[4])
+                except ValueError:
+                    return
+                slot.run.retained = True
+                slot.unsaved[parts[1]] = (slot.run.token, parts[2], str(payload), float(parts[3]),
+                                          self.ops.monotonic())
+                if len(slot.unsaved) > UNSAVED_KEPT:
+                    del slot.unsaved[next(iter(slot.unsaved))]
 
     def _observe(self, kind: str, slot: Slot | None, **fields: object) -> None:
         if self.observe is not None:
@@ -214,27 +233,28 @@ class Arbiter:
             self.drain(slot)
         clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         run = slot.run
-        if run is not None and not (clean and run.handler_returned):
-            error = slot.kill_reason or f"worker died: {describe_exit(status, hint=False)}"
-            if run.handler_returned and not slot.kill_reason:
-                error = f"worker died while saving the outcome: {describe_exit(status, hint=False)}"
+        exit_text = describe_exit(status, hint=False)
+        if run is not None and not run.handler_returned:
+            error = slot.kill_reason or f"worker died: {exit_text}"
             log.warning("worker %d (pid %d) %s during job %s: %s", slot.number, pid,
                         describe_exit(status), run.job_id, error)
             self.lost_job(slot, run.job_id, run.token, error)
-            if run.handler_returned and self.lost_claim is not None:
-                # Its finish may have saved the outcome and claimed the next job in one call,
-                # then died before reporting that job: ghost whatever its claim record names.
-                self.lost_claim(slot, "worker died right after claiming the job: "
-                                + describe_exit(status, hint=False))
             reason = {TIMED_OUT: "timeout", QUICK_STOP: "quick_stop"}.get(slot.kill_reason, "worker_died")
             self._observe("ghost", slot, name=run.name, reason=reason)
+        elif run is not None and not run.retained and not clean:
+            # Its outcome was too big to come with the F message, and the worker died saving it.
+            error = f"worker died while saving the outcome: {exit_text}"
+            log.warning("worker %d (pid %d) %s during job %s: %s", slot.number, pid,
+                        describe_exit(status), run.job_id, error)
+            self.lost_job(slot, run.job_id, run.token, error)
+            self._observe("ghost", slot, name=run.name, reason="worker_died")
         elif not clean:
             log.warning("worker %d (pid %d) %s", slot.number, pid, describe_exit(status))
-            if self.lost_claim is not None:
-                # No run known to us, but it may have claimed a job and died before saying so.
-                # Ghosting what its claim record names is token-checked: a finished job is untouched.
-                self.lost_claim(slot, "worker died right after claiming the job: "
-                                + describe_exit(status, hint=False))
+        if self.lost_claim is not None:
+            # Whatever it held and had not settled: outcomes it reported but may not have saved
+            # are saved, claimed jobs it never started go back to their queue (all token-checked,
+            # so after a clean exit, which settles everything itself, this changes nothing).
+            self.lost_claim(slot, "worker died right after claiming the job: " + exit_text)
         # Only a worker that dies young *between* jobs is crash-looping; deaths during a job are
         # the job's doing, and its ghost_count already bounds how often it can do that.
         young = now - slot.spawned_at < CRASH_WINDOW and not clean and run is None
@@ -249,6 +269,7 @@ class Arbiter:
             self.close_fd(slot.fd)
         slot.pid = slot.fd = slot.run = slot.term_at = None
         slot.kill_sent, slot.kill_reason, slot.buffer = False, "", b""
+        slot.unsaved = {}
 
     # --- deadlines --------------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import redis
 
@@ -24,16 +24,20 @@ class Ghoster:
     def __init__(self, settings: Mapping[str, Any], connector: Callable[..., Any] = connect) -> None:
         self.settings = dict(settings)
         self.connector = connector
-        self.pending: queue.Queue[tuple[str, str, str, str, str] | None] = queue.Queue()
+        self.pending: queue.Queue[tuple[str, str, Any, str, str] | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="kickq-ghoster", daemon=True)
         self.thread.start()
 
     def submit(self, namespace: str, job_id: str, token: str, error: str, claimer: str = "") -> None:
         self.pending.put((namespace, job_id, token, error, claimer))
 
-    def submit_claimed(self, namespace: str, claimer: str, error: str) -> None:
-        """Ghost the job that worker `claimer` claimed last, if it is still that claim's to end."""
-        self.pending.put((namespace, "", "", error, claimer))
+    def submit_claimed(self, namespace: str, claimer: str, error: str,
+                       unsaved: Sequence[tuple[str, str, str, str, int, float]] = ()) -> None:
+        """Settle what worker `claimer` held when it went (abandon.lua): save the outcomes it
+        reported but may not have saved ((id, token, outcome, payload, run ms, reported at on
+        time.monotonic())), give back the jobs it claimed and never started, ghost a job it claimed
+        to start at once and never reported. Token-checked: what moved on is left alone."""
+        self.pending.put((namespace, "", list(unsaved), error, claimer))
 
     def flush(self, timeout: float) -> None:
         """Wait (at most `timeout`) until every submitted run has been ghosted."""
@@ -52,11 +56,16 @@ class Ghoster:
             delay = 0.05
             while True:
                 try:
-                    if not job_id:  # only the claimer is known: read what it claimed
-                        record = client.get(Keys(namespace).claim(claimer))
-                        if not record:
-                            break
-                        job_id, token = record.split()
+                    if not job_id:  # a worker went: settle what it held
+                        now = time.monotonic()
+                        runs = [(i, t, outcome, payload, run_ms, int((now - at) * 1000))
+                                for i, t, outcome, payload, run_ms, at in token]
+                        saved, given_back, ghosted = scr.abandon(Keys(namespace), claimer, error, runs,
+                                                                 mono_ms=now * 1000)
+                        if saved or given_back or ghosted:
+                            log.info("a worker went: %d outcomes saved for it, %d jobs given back, "
+                                     "%d ghosted", saved, given_back, ghosted)
+                        break
                     status, state, _ = scr.finish(Keys(namespace), job_id, token, "ghost", error,
                                                   claimer=claimer)
                     log.info("job %s attempt %s: %s -> %s", job_id, token, error,

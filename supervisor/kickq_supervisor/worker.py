@@ -1,12 +1,20 @@
-"""A worker process: claim a job, run its handler, finish it (and claim the next in the same step).
+"""A worker process: claim jobs, run their handler, save the outcomes.
 
-It tells the master through a pipe when a run starts ("S id token start timeout") and when the
-handler has returned ("F id"), so that the master, which never waits on Redis, can enforce the
-job's process_timeout from outside. Signals: TERM kills (default action, also for the job's own
+Idle, it blocks on the wake tokens and claims one job. Busy, it sends each outcome the moment the
+handler returns (finish_many, on its own connection: channel.py) without waiting for the reply,
+and claims its next jobs ahead, in batches (up to `prefetch`, fewer when jobs are slow: a batch
+is about PREFETCH_WINDOW of work), in the same call that saves a run. So a busy worker waits on
+Redis about once per batch, and a finished run is never held back.
+
+It tells the master through a pipe when a run starts ("S id token start timeout name") and when
+the handler has returned ("F id outcome seconds [payload as a JSON string]"), so that the master,
+which never waits on Redis, enforces process_timeout from outside, and saves an outcome the worker
+died before sending (abandon.lua). Signals: TERM kills (default action, also for the job's own
 children through the process group); USR1 asks for a graceful stop after the current job.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -14,7 +22,8 @@ import signal
 import threading
 import time
 import uuid
-from typing import Any, Mapping
+from collections import deque
+from typing import Any, Mapping, NamedTuple
 
 import psutil
 import redis
@@ -25,6 +34,7 @@ from kickq.job import Job
 from kickq.keys import Keys
 from kickq.registry import Registration
 
+from .channel import Channel
 from .osapi import die_with_parent, set_title
 from .runner import Outcome, Runner
 
@@ -34,6 +44,37 @@ _OUT_OF_MEMORY = redis.exceptions.OutOfMemoryError
 
 Claimed = tuple[str, int, dict[str, str]]
 
+#: A batch holds about this much work (by the recent run times), so prefetched jobs wait little.
+PREFETCH_WINDOW = 0.05
+#: A prefetched job that waited longer than this is given back instead of started: its lease
+#: (process_timeout + 1 s from the claim) must outlast its run by a margin the master can use.
+MAX_PREFETCH_WAIT = 0.25
+#: Outcomes up to this size go to the master too, so it can save one the worker died before
+#: sending; a bigger one is ghosted if that happens, as it was before batches.
+RETAINED_PAYLOAD = 512
+
+
+class Ready(NamedTuple):
+    job_id: str
+    token: int
+    fields: dict[str, str]
+    claimed_at: float  # monotonic
+    prefetched: bool  # claimed in a batch: its start is not recorded in Redis
+
+
+class Done(NamedTuple):
+    job_id: str
+    token: int
+    outcome: str  # success | fail
+    payload: str
+    run_ms: int
+    ended_at: float  # monotonic
+    urgent: bool  # a hotjob (a waiter wants the answer now), or an outcome the master does not hold
+
+    def run(self, now: float) -> scripts.RunOutcome:
+        return (self.job_id, self.token, self.outcome, self.payload, self.run_ms,
+                int((now - self.ended_at) * 1000))
+
 
 class _Stop(Exception):
     """Raised by the USR1 handler to leave an idle blocking wait at once."""
@@ -41,7 +82,8 @@ class _Stop(Exception):
 
 class Worker:
     def __init__(self, number: int, registration: Registration, settings: Mapping[str, Any],
-                 notify_fd: int, *, max_jobs: int = 0, max_memory: int = 0, claimer: str = "") -> None:
+                 notify_fd: int, *, max_jobs: int = 0, max_memory: int = 0, claimer: str = "",
+                 prefetch: int = 16) -> None:
         self.number = number
         self.names = list(registration.names)
         self.runner = Runner(registration.handler)
@@ -51,6 +93,15 @@ class Worker:
         self.max_jobs = max_jobs
         self.max_memory = max_memory
         self.claimer = claimer or uuid.uuid4().hex
+        self.prefetch = max(1, prefetch)
+        self.ready: deque[Ready] = deque()
+        # per call sent, until its reply is read: its runs, whether it claims, what it is
+        self.inflight: list[tuple[list[Done], bool, str]] = []
+        self.journaled = 0  # runs in the journal since the last finish_many
+        self.unsaved: list[Done] = []  # runs to send again (their call failed)
+        self.give_back: list[tuple[str, int]] = []
+        self.last_busy = 0.0
+        self.run_seconds = 0.0  # moving average of recent runs, for the batch size
         self.jobs_done = 0
         self.stopping = False
         self.idle = False
@@ -60,6 +111,7 @@ class Worker:
         self._title_wake = threading.Event()
         self.client: Any = None
         self.scripts: scripts.Scripts | None = None
+        self.channel: Channel | None = None
 
     # --- process setup -------------------------------------------------------------------------------
 
@@ -107,18 +159,162 @@ class Worker:
         threading.Thread(target=self._titles, name="kickq-title", daemon=True).start()
         self.client = connect(self.settings)
         self.scripts = scripts.Scripts(self.client)
-        claimed: Claimed | None = None
+        self.channel = Channel(self.client)
         try:
             while not self.stopping and os.getppid() == self.parent:
-                if claimed is None:
+                if not self.ready:
+                    self._refill()
+                if not self.ready:
+                    self._set_idle_title()
                     claimed = self._next_job()
+                    if claimed is not None:
+                        self.ready.append(Ready(*claimed, time.monotonic(), False))
                     continue
-                claimed = self._work(claimed)
-                if self._should_retire():
+                job = self.ready.popleft()
+                if job.prefetched and time.monotonic() - job.claimed_at > MAX_PREFETCH_WAIT:
+                    self._give_back_ready(job)
+                    continue
+                done = self._work(job)
+                last = self._should_retire()
+                self._save(done, claim=not last)
+                if last:
                     break
         except _Stop:
             pass
+        self._leave()
         return 0
+
+    def _save(self, done: Done, *, claim: bool) -> None:
+        """Send the run's outcome at once, without waiting for the reply. When few jobs are left, a
+        finish_many ends it and claims the next batch (its reply is read when they run out);
+        otherwise it goes to the journal, which the next finish_many applies."""
+        refilling = any(claims for _, claims, _ in self.inflight)
+        low = len(self.ready) <= self._batch_size() // 2
+        want = self._batch_size() if claim and low and not refilling else 0
+        if want or done.urgent or self.unsaved:
+            self._send(self.unsaved + [done], want)
+        else:
+            self._journal(done)
+
+    def _send(self, runs: list[Done], want: int) -> None:
+        """finish_many without waiting: the journal, these runs, the give-backs, `want` claims."""
+        assert self.channel is not None
+        now = time.monotonic()
+        call = scripts.finish_many_args(self.keys, self.claimer, [d.run(now) for d in runs],
+                                        self.give_back, want, self.names, mono_ms=now * 1000)
+        try:
+            self.channel.send("finish_many", call)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            self._lost_connection(exc, runs, want > 0)
+            return
+        self.inflight.append((runs, want > 0, "finish_many"))
+        self.unsaved, self.give_back = [], []
+        self.journaled = 0
+
+    def _journal(self, done: Done) -> None:
+        assert self.channel is not None
+        entry = scripts.journal_entry(done.job_id, done.token, done.outcome, done.payload, done.run_ms,
+                                      done.ended_at * 1000)
+        key = self.keys.journal(self.claimer)
+        try:
+            self.channel.send_command("RPUSH", key, entry)
+            self.inflight.append(([done], False, "journal"))
+            if not self.journaled:  # a fresh journal: bounded, should its worker and supervisor vanish
+                self.channel.send_command("EXPIRE", key, 86400)
+                self.inflight.append(([], False, "expire"))
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            self._lost_connection(exc, [done], False)
+            return
+        self.journaled += 1
+
+    def _refill(self) -> None:
+        """Out of jobs: read the replies of the calls in flight (a claim among them), then, if
+        still out, claim at once when the worker was busy a moment ago (jobs are likely waiting:
+        no BLPOP first), and send what must be sent again."""
+        assert self.channel is not None
+        try:
+            claimed_nothing = False
+            if self.inflight:
+                claimed_nothing = any(claims for _, claims, _ in self.inflight)
+                self._settled(self.channel.settle())
+            # A claim that just came back empty says the queues are empty: BLPOP rather than ask again.
+            busy = time.monotonic() - self.last_busy < 0.05 and self.jobs_done > 0 and not claimed_nothing
+            may_claim = busy and not self.stopping and not self._last_job_before_retiring()
+            if not self.ready and (may_claim or self.unsaved or self.give_back or self.journaled):
+                self._send(self.unsaved, self._batch_size() if may_claim else 0)
+                if self.inflight:
+                    self._settled(self.channel.settle())
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            self._lost_connection(exc, [], False)
+
+    def _settled(self, replies: list[Any]) -> None:
+        """Take the replies of the calls in flight, in order: log rejected saves, keep claimed jobs,
+        keep the runs of a call Redis refused for now (OOM, loading) to send again."""
+        stamp = time.monotonic()
+        calls, self.inflight = self.inflight[:len(replies)], self.inflight[len(replies):]
+        for reply, (runs, _, kind) in zip(replies, calls, strict=True):
+            if isinstance(reply, redis.exceptions.ResponseError):
+                transient = isinstance(reply, (_OUT_OF_MEMORY, redis.exceptions.BusyLoadingError)) \
+                    or str(reply).startswith(("OOM", "BUSY"))
+                if transient:
+                    log.warning("worker %d: saving %d runs refused (%s); retrying", self.number,
+                                len(runs), reply)
+                    self.unsaved += runs
+                    self._backoff(reply)
+                else:  # not transient: leave the runs to lease recovery rather than retry forever
+                    log.error("worker %d: cannot save %d runs: %s", self.number, len(runs), reply)
+                continue
+            self._delay = 0.05
+            if kind != "finish_many":
+                continue  # journaled: in Redis now, ended by the next finish_many
+            statuses, claimed, rejected = scripts.parse_finish_many(reply)
+            lines = [(d.job_id, d.token, status, state)
+                     for d, (status, state) in zip(runs, statuses, strict=True)]
+            for job_id, token, status, state in lines + rejected:
+                if status != "ok":
+                    log.warning("worker %d: finish of job %s attempt %s rejected (%s, job is %s): a "
+                                "newer attempt owns it or it was deleted", self.number, job_id, token,
+                                status, state or "gone")
+            self.ready.extend(Ready(job_id, token, fields, stamp, True) for job_id, token, fields in claimed)
+
+    def _lost_connection(self, exc: Exception, runs: list[Done], claimed: bool) -> None:
+        """The connection failed with calls in flight: they may or may not have run. Their runs
+        are sent again (token-checked: a repeat is harmless) with the next call; what a lost
+        claim took is found through the claim record."""
+        assert self.channel is not None
+        self.channel.reset()
+        claimed = claimed or any(claims for _, claims, _ in self.inflight)
+        self.unsaved = [d for call_runs, _, _ in self.inflight for d in call_runs] + self.unsaved + runs
+        self.inflight = []
+        self._backoff(exc)
+        if claimed:
+            self.ready.extend(self._recover_claims(time.monotonic()))
+
+    def _leave(self) -> None:
+        """Settle what ran and give back what did not start (the master's abandon is the fallback)."""
+        assert self.channel is not None
+        try:
+            for _ in range(4):  # a claim settled here brings jobs in: they are given back too
+                if self.ready:
+                    self._give_back_ready(self.ready.popleft())
+                if self.unsaved or self.give_back or self.journaled:
+                    self._send(self.unsaved, 0)
+                if not self.inflight:
+                    break
+                self._settled(self.channel.settle())
+        except (redis.exceptions.RedisError, _Stop) as exc:
+            log.warning("worker %d: leaving (%s): the master settles what is left", self.number, exc)
+        finally:
+            self.channel.reset()
+
+    def _give_back_ready(self, first: Ready) -> None:
+        self.give_back += [(first.job_id, first.token)] + [(j.job_id, j.token) for j in self.ready]
+        self.ready.clear()
+
+    def _batch_size(self) -> int:
+        if self.prefetch <= 1 or self.run_seconds <= 0:
+            return 1
+        return max(1, min(self.prefetch, int(PREFETCH_WINDOW / self.run_seconds)))
 
     def _should_retire(self) -> bool:
         if self.stopping:
@@ -156,93 +352,61 @@ class Worker:
             return claimed
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             self._backoff(exc)
-            return self._recover_claim(None)
+            recovered = self._recover_claims(time.monotonic())
+            if recovered:
+                first, *rest = recovered
+                self.ready.extend(rest)
+                return first.job_id, first.token, first.fields
+            return None
         except redis.exceptions.ResponseError as exc:  # e.g. OOM at maxmemory: wait, don't die
             self._backoff(exc)
             return None
 
-    def _work(self, claimed: Claimed) -> Claimed | None:
-        job_id, token, fields = claimed
+    def _work(self, job: Ready) -> Done:
+        job_id, token, fields = job.job_id, job.token, job.fields
         started = time.monotonic()
-        opts_timeout = _process_timeout(fields)
+        opts = _options(fields)
+        timeout = _process_timeout(opts)
         # The job name goes last: it may contain spaces (the master splits at most 5 times).
-        self._notify(f"S {job_id} {token} {started:.6f} {opts_timeout} {fields.get('name', '')}")
+        self._notify(f"S {job_id} {token} {started:.6f} {timeout} {fields.get('name', '')}")
         self._title_busy = (fields.get("name", "?"), job_id, started)
         self._title_wake.set()
         outcome = self._run(job_id, fields)
-        ran = time.monotonic() - started
-        self._notify(f"F {job_id} {'success' if outcome.success else 'fail'} {ran:.6f}")
+        ended = time.monotonic()
+        hot = opts.get("hotjob") is True
+        ran = ended - started
+        kind = "success" if outcome.success else "fail"
+        body = (outcome.result_json if outcome.success else outcome.error) or ""
+        retained = len(body) <= RETAINED_PAYLOAD
+        self._notify(f"F {job_id} {kind} {ran:.6f}" + (" " + json.dumps(body) if retained else ""))
         self.jobs_done += 1
-        last = self._last_job_before_retiring()
-        nxt = self._finish(job_id, token, outcome, claim_next=not last)
-        if nxt is None:
-            self._set_idle_title()
-        return nxt
+        self.last_busy = ended
+        self.run_seconds = ran if self.run_seconds <= 0 else 0.8 * self.run_seconds + 0.2 * ran
+        return Done(job_id, token, kind, body, int(round(ran * 1000)), ended, hot or not retained)
 
     def _run(self, job_id: str, fields: Mapping[str, str]) -> Outcome:
+        if "run_start" not in fields:  # prefetched: its run starts now, as the handler sees it
+            fields = {**fields, "run_start": str(int(time.time() * 1000))}
         try:
             job = Job.from_fields(job_id, fields)
         except Exception as exc:  # hostile or corrupt record: fail this job only
             return Outcome(False, error=f"cannot decode job {job_id}: {exc}")
         return self.runner.run(job, job.data)
 
-    def _finish(self, job_id: str, token: int, outcome: Outcome, *, claim_next: bool) -> Claimed | None:
-        assert self.scripts is not None
-        kind = "success" if outcome.success else "fail"
-        body = outcome.result_json if outcome.success else outcome.error
-        names = self.names if claim_next else ()
-        delay = 0.05
-        ambiguous = False
-        while True:
-            try:
-                status, state, nxt = self.scripts.finish(self.keys, job_id, token, kind, body,
-                                                         claim_names=() if ambiguous else names,
-                                                         claimer=self.claimer)
-                break
-            except redis.exceptions.ResponseError as exc:
-                transient = isinstance(exc, (_OUT_OF_MEMORY, redis.exceptions.BusyLoadingError)) \
-                    or str(exc).startswith(("OOM", "BUSY"))
-                if not transient:
-                    # Not transient: leave the run to lease recovery rather than retry forever.
-                    log.error("worker %d: cannot finish job %s: %s", self.number, job_id, exc)
-                    return None
-                log.warning("worker %d: finishing job %s refused (%s); retrying", self.number, job_id, exc)
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                # The script may have run with its reply lost: retry the finish alone (the token
-                # makes a repeat harmless), then look up whether the lost reply carried a claim.
-                ambiguous = True
-                log.warning("worker %d: finishing job %s failed (%s); retrying", self.number, job_id, exc)
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        if status != "ok" and ambiguous:
-            log.info("worker %d: job %s had been finished by the call whose reply was lost",
-                     self.number, job_id)
-        elif status != "ok":
-            log.warning("worker %d: finish of job %s attempt %s rejected (%s, job is %s): a newer "
-                        "attempt owns it or it was deleted", self.number, job_id, token, status,
-                        state or "gone")
-        if ambiguous and claim_next:
-            return self._recover_claim(job_id)
-        return nxt
-
-    def _recover_claim(self, finished_id: str | None) -> Claimed | None:
-        """After a lost reply: the job our last claim took, if it is still ours and not yet run."""
+    def _recover_claims(self, stamp: float) -> list[Ready]:
+        """After a lost reply: the jobs our last claim took that are still ours and not yet run."""
         assert self.client is not None
+        found = []
         try:
             record = self.client.get(self.keys.claim(self.claimer))
-            if not record:
-                return None
-            job_id, token = record.split()
-            if job_id == finished_id:
-                return None
-            fields = self.client.hgetall(self.keys.job(job_id))
-            if fields.get("state") == "processing" and fields.get("attempt") == token:
-                return job_id, int(token), fields
+            for job_id, token in scripts.parse_claim_record(record):
+                fields = self.client.hgetall(self.keys.job(job_id))
+                if fields.get("state") == "processing" and fields.get("attempt") == token \
+                        and fields.get("owner") in (None, self.claimer):
+                    found.append(Ready(job_id, int(token), fields, stamp, "run_start" not in fields))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             self._backoff(exc)
-        return None
+        return found
 
     _delay = 0.05
 
@@ -256,12 +420,19 @@ class Worker:
         self._delay = min(self._delay * 2, 2.0)
 
 
-def _process_timeout(fields: Mapping[str, str]) -> float:
-    import json
-
-    from kickq.config import JOB_OPTION_DEFAULTS
+def _options(fields: Mapping[str, str]) -> dict[str, Any]:
+    """The job's stored options (those that differ from the defaults); {} if they do not decode."""
     try:
         opts = json.loads(fields.get("opts") or "{}")
-        return float(opts.get("process_timeout", JOB_OPTION_DEFAULTS["process_timeout"]))
-    except (ValueError, TypeError, AttributeError):
-        return float(JOB_OPTION_DEFAULTS["process_timeout"])
+    except ValueError:
+        return {}
+    return opts if isinstance(opts, dict) else {}
+
+
+def _process_timeout(opts: Mapping[str, Any]) -> float:
+    from kickq.config import JOB_OPTION_DEFAULTS
+    default = float(JOB_OPTION_DEFAULTS["process_timeout"])
+    try:
+        return float(opts.get("process_timeout", default))
+    except (ValueError, TypeError):
+        return default

@@ -262,7 +262,9 @@ def violations(snap: Snapshot) -> list[str]:
     """What is wrong with one snapshot, taken on its own."""
     out = []
     for job in snap.jobs.values():
-        if not (job.state and job.name and job.create_time and job.update_time):
+        # update_time is absent until a job first changes (a new job's hash leaves it out)
+        changed = job.update_time or job.state in ("new", "delayed")
+        if not (job.state and job.name and job.create_time and changed):
             out.append(
                 f"job {job.id}: incomplete hash (state={job.state!r} name={job.name!r} "
                 f"create_time={job.create_time!r} update_time={job.update_time!r})"

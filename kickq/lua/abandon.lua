@@ -1,0 +1,43 @@
+--[[ abandon: a worker is gone (it died, or exited); end what it still held, as its master knows it.
+  KEYS[1]  P.."id"   (routing only)
+  ARGV[1]  P
+  ARGV[2]  now (epoch ms, or "" for Redis' clock)
+  ARGV[3]  the worker's claimer id
+  ARGV[4]  error text for a job it claimed to start at once (finish's chained claim) and never
+           reported: it is ghosted, as its run may have begun
+  ARGV[5]  the caller's monotonic clock in ms ("" = unknown), as in finish_many
+  ARGV[6]  d, then d groups of 6 as in finish_many: runs the worker reported finished (with their
+           outcome) whose saving may not have reached Redis
+  Returns  {saved, given_back, ghosted}
+  First the worker's journal is applied (see apply_journal in _lib.lua), then the runs above.
+  Every job named by P.."claim:"..claimer that is still processing under that claim: a prefetched
+  one (no 'run_start') never started (the master ghosts a run it saw start, token-checked, before
+  this), so it goes back to the front of its queue; one claimed to start at once is ghosted.
+  Everything is checked against token and owner: repeats, and jobs that moved on, are left alone.
+]]
+local P = ARGV[1]
+local now = clock(ARGV[2])
+local claimer = ARGV[3]
+apply_journal(P, claimer, now, tonumber(ARGV[5]) or false)
+local statuses, _ = finish_runs(P, now, claimer, ARGV, 7, tonumber(ARGV[6]))
+local saved = 0
+for _, status in ipairs(statuses) do if status == 'ok' then saved = saved + 1 end end
+local given_back, ghosted = 0, 0
+local record = rcall('GET', P .. 'claim:' .. claimer)
+if record then
+  local parts = {}
+  for word in string.gmatch(record, '%S+') do parts[#parts + 1] = word end
+  -- Last first: each goes to the front of its queue, so they keep their order there.
+  for i = #parts - 1, 1, -2 do
+    local id, token = parts[i], parts[i + 1]
+    local _, mine = owns(P, id, token, claimer)
+    if mine and rcall('HEXISTS', P .. 'job:' .. id, 'run_start') == 0 then
+      release(P, id, now)
+      given_back = given_back + 1
+    elseif mine then
+      end_run(P, id, now, 'ghost', false, ARGV[4])
+      ghosted = ghosted + 1
+    end
+  end
+end
+return {saved, given_back, ghosted}

@@ -1,0 +1,58 @@
+--[[ finish_many: one round trip for a worker's batch: end the runs it finished, give back the
+  claimed jobs it will not start, and claim its next jobs (prefetch).
+  KEYS[1]  P.."id"   (routing only)
+  ARGV[1]  P
+  ARGV[2]  now (epoch ms, or "" for Redis' clock)
+  ARGV[3]  the caller's claimer id (required: runs are checked against it, the batch is recorded)
+  ARGV[4]  the caller's monotonic clock in ms ("" = unknown), for the ages of its journal's runs
+  ARGV[5]  d, the number of finished runs, then d groups of 6: id, attempt token,
+           outcome (success | fail | ghost), payload (result JSON or error text, "" = none),
+           run ms (as the worker measured it), ms since the run ended
+  then     r, the number of jobs given back, then r groups of 2: id, attempt token
+  then     k, how many jobs to claim (0 = none), then the job names in priority order
+  First the caller's journal (P.."done:"..claimer, see apply_journal in _lib.lua) is applied.
+  Returns  {statuses, states, claimed, rejected}: per finished run, its status (ok | stale | missing,
+           as in finish.lua) and the job's state after this ('' = gone); up to k claims, each
+           {id, attempt, field, value, ...}; the journal's runs not saved, {id, token, status, state}
+           each. A job given back that is not the caller's is left alone.
+  The claimed jobs are processing with a lease from now (process_timeout + grace each) and no
+  'run_start': the worker starts them one after the other. P.."claim:"..claimer names them
+  ("id attempt id attempt ...", with the jobs of earlier batches it still holds), so the master can
+  give back what a dead worker never started.
+]]
+local P = ARGV[1]
+local now = clock(ARGV[2])
+local claimer = ARGV[3]
+local rejected = apply_journal(P, claimer, now, tonumber(ARGV[4]) or false)
+local statuses, states, at = finish_runs(P, now, claimer, ARGV, 6, tonumber(ARGV[5]))
+local given_back = tonumber(ARGV[at])
+-- Last first: each goes to the front of its queue, so they keep their order there.
+for i = given_back, 1, -1 do
+  local id, token = ARGV[at + 2 * i - 1], ARGV[at + 2 * i]
+  local _, mine = owns(P, id, token, claimer)
+  if mine then release(P, id, now) end
+end
+at = at + 1 + 2 * given_back
+local wanted = tonumber(ARGV[at])
+local names = {}
+for i = at + 1, #ARGV do names[#names + 1] = ARGV[i] end
+local claimed, record = {}, {}
+for _ = 1, wanted do
+  local got = claim(P, names, now, claimer, true, true)
+  if not got then break end
+  claimed[#claimed + 1] = got
+  record[#record + 1] = got[1] .. ' ' .. got[2]
+end
+if #record > 0 then
+  -- The record keeps the earlier batches' jobs still held (the worker claims its next batch before
+  -- the last one is done), so that the master can give back all it never started.
+  local ck = P .. 'claim:' .. claimer
+  local held = {}
+  for id, token in string.gmatch(rcall('GET', ck) or '', '(%S+) (%S+)') do
+    local _, mine = owns(P, id, token, claimer)
+    if mine then held[#held + 1] = id .. ' ' .. token end
+  end
+  for _, pair in ipairs(record) do held[#held + 1] = pair end
+  rcall('SET', ck, table.concat(held, ' '), 'EX', 86400)
+end
+return {statuses, states, claimed, rejected}

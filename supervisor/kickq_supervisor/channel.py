@@ -1,0 +1,104 @@
+"""A worker's own Redis connection for its script calls, where a call need not wait for its reply.
+
+A run's outcome is sent the moment its handler returns (so a dead node re-runs nothing that had
+finished), but the worker goes on with its next job instead of waiting for Redis to answer: the
+replies are read later, in order, by `settle` (or by the next `call`, which waits for its own).
+Redis runs the calls of one connection in the order they were sent.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from kickq import scripts
+
+
+class Channel:
+    def __init__(self, client: redis.Redis, names: tuple[str, ...] = ("finish_many",)) -> None:
+        self.client = client
+        self.sources = {name: scripts.SOURCES[name] for name in names}
+        self.shas: dict[str, str] = {}
+        self.conn: Any = None
+        # per call sent and not settled: (script name, (keys, args)), or ("", command args)
+        self.sent: list[tuple[str, Any]] = []
+
+    def _connection(self) -> Any:
+        if self.conn is None:
+            for name, source in self.sources.items():
+                self.shas[name] = self.client.script_load(source)
+            pool = self.client.connection_pool
+            try:
+                self.conn = pool.get_connection()
+            except TypeError:  # redis-py 5 wants a command name
+                self.conn = pool.get_connection("EVALSHA")
+        return self.conn
+
+    def _send(self, name: str, keys_and_args: tuple[list[str], list[Any]]) -> None:
+        keys, args = keys_and_args
+        self._connection().send_command("EVALSHA", self.shas[name], len(keys), *keys, *args)
+
+    def send(self, name: str, keys_and_args: tuple[list[str], list[Any]]) -> None:
+        """Send a script call; its reply comes with the next `settle` or `call`."""
+        try:
+            self._send(name, keys_and_args)
+        except BaseException:
+            self.reset()
+            raise
+        self.sent.append((name, keys_and_args))
+
+    def send_command(self, *args: Any) -> None:
+        """Send a plain command; its reply comes with the next `settle` or `call`."""
+        try:
+            self._connection().send_command(*args)
+        except BaseException:
+            self.reset()
+            raise
+        self.sent.append(("", args))
+
+    def settle(self) -> list[Any]:
+        """The replies of every call sent and not yet settled, in order. A reply that is an error
+        is returned as the exception (a NOSCRIPT is mended by sending that call again). On a
+        connection error the connection is dropped and the error raised: the calls in flight
+        may or may not have run (the scripts' tokens make a repeat harmless)."""
+        replies = []
+        try:
+            while self.sent:
+                name, keys_and_args = self.sent[0]
+                try:
+                    replies.append(self.conn.read_response())
+                except redis.exceptions.NoScriptError:
+                    if not name:
+                        raise
+                    # Redis lost its scripts (a restart or SCRIPT FLUSH): load them, run this again.
+                    self.shas = {n: self.client.script_load(s) for n, s in self.sources.items()}
+                    replies.append(self.client.evalsha(self.shas[name], len(keys_and_args[0]),
+                                                       *keys_and_args[0], *keys_and_args[1]))
+                except redis.exceptions.ResponseError as exc:
+                    replies.append(exc)
+                self.sent.pop(0)
+        except BaseException:
+            self.reset()
+            raise
+        return replies
+
+    def call(self, name: str, keys_and_args: tuple[list[str], list[Any]]) -> tuple[list[Any], Any]:
+        """Send a call and wait for its reply: (replies of the calls sent before it, its reply)."""
+        self.send(name, keys_and_args)
+        *before, reply = self.settle()
+        if isinstance(reply, Exception):
+            raise reply
+        return before, reply
+
+    def reset(self) -> None:
+        """Drop the connection (after an error, or at exit): unsettled calls are forgotten."""
+        self.sent.clear()
+        if self.conn is not None:
+            try:
+                self.conn.disconnect()
+            finally:
+                try:
+                    self.client.connection_pool.release(self.conn)
+                except Exception:  # a pool reset in between; the connection is closed anyway
+                    pass
+                self.conn = None
