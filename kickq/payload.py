@@ -7,13 +7,17 @@ from typing import Any
 from .errors import InvalidPayload, PayloadTooLarge
 
 
+# One encoder for every call: json.dumps with other than default arguments builds a new one each time.
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+
+
 def encode(value: Any, *, what: str = "job data", limit: int | None = None) -> str:
     try:
-        text = json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+        text = _ENCODER.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidPayload(f"{what} must be JSON-serialisable: {exc}") from None
     if limit is not None:
-        size = len(text.encode("utf-8"))
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
         if size > limit:
             raise PayloadTooLarge(f"{what} is {size} bytes as JSON, over max_payload_bytes={limit}")
     return text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Iterable, Sequence
 
 from .config import JOB_OPTION_DEFAULTS
@@ -49,12 +50,39 @@ def lua_literal(value: Any) -> str:
     raise TypeError(f"no Lua literal for {value!r}")
 
 
-def source(name: str) -> str:
-    """Full text of one script: the shared helpers, then the transition itself."""
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DEFINITION = re.compile(r"^local (?:function )?([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _lib_blocks() -> list[tuple[str | None, str]]:
+    """_lib.lua cut at each top-level `local` (a helper or a constant): (name defined, text)."""
     lib = (_read("_lib")
            .replace("__DEFAULTS__", lua_literal(JOB_OPTION_DEFAULTS))
            .replace("__LEASE_GRACE_MS__", str(LEASE_GRACE_MS)))
-    return lib + "\n" + _read(name)
+    blocks: list[tuple[str | None, list[str]]] = [(None, [])]
+    for line in lib.splitlines(keepends=True):
+        found = _DEFINITION.match(line)
+        if found:
+            blocks.append((found.group(1), []))
+        blocks[-1][1].append(line)
+    return [(name, "".join(lines)) for name, lines in blocks]
+
+
+def source(name: str) -> str:
+    """Full text of one script: the shared helpers it uses (Redis runs a script's top level at every
+    call, so helpers it never calls would only cost), then the transition itself."""
+    body = _read(name)
+    blocks = _lib_blocks()
+    defined = {n: text for n, text in blocks if n is not None}
+    needed: set[str] = set()
+    todo = [word for word in _IDENTIFIER.findall(body) if word in defined]
+    while todo:
+        word = todo.pop()
+        if word not in needed:
+            needed.add(word)
+            todo += [w for w in _IDENTIFIER.findall(defined[word]) if w in defined and w not in needed]
+    lib = "".join(text for n, text in blocks if n is None or n in needed)
+    return lib + "\n" + body
 
 
 SOURCES = {name: source(name) for name in NAMES}

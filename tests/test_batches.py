@@ -211,3 +211,15 @@ def test_the_claim_record_keeps_the_jobs_of_earlier_batches_still_held(m):
     assert m.s.abandon(m.keys, "w1", "worker died", now=T0 + 10) == (0, 3, 0)
     m.check()
     assert m.r.lrange(m.keys.queue("a"), 0, -1) == ids[1:]
+
+
+def test_times_stay_whole_milliseconds_with_fractional_ages(m):
+    a = m.create("a")
+    batch(m, claim=1)
+    journal(m, "w1", a, 1, run_ms=3, ended_mono_ms=1000.123)
+    m.s.finish_many(m.keys, "w1", [], [], 0, ["a"], now=T0 + 50, mono_ms=1010.987)
+    fields = m.hash(a)
+    for field in ("finish_time", "update_time", "scheduled_for", "total_process_time"):
+        assert fields[field].isdigit(), (field, fields[field])
+    assert fields["finish_time"] == str(T0 + 50 - 11)
+    assert float(m.r.zscore(m.keys.finished, a)).is_integer()

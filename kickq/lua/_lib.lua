@@ -431,7 +431,9 @@ local function finish_one(P, now, claimer, id, token, outcome, payload, run_ms, 
   else
     err = payload
   end
-  return 'ok', end_run(P, id, now - math.min(math.max(ago or 0, 0), 60000), outcome, result, err, run_ms)
+  -- whole ms: every time field, score and event is an integer
+  local ended = now - math.floor(math.min(math.max(ago or 0, 0), 60000) + 0.5)
+  return 'ok', end_run(P, id, ended, outcome, result, err, run_ms and math.floor(run_ms + 0.5))
 end
 
 -- End each run of a batch: `args` from index `at` holds `n` groups of (id, token, outcome, payload,

@@ -145,8 +145,11 @@ def pid_handler(job: Any, data: dict[str, Any]) -> Any:
 
 
 def count_handler(job: Any, data: dict[str, Any]) -> Any:
-    """Counts its executions of each job in the hash data["counts"]."""
-    return _redis(data).hincrby(data["counts"], job.id, 1)
+    """Counts its executions of each job in the hash data["counts"] (then sleeps data["sleep"] s)."""
+    runs = _redis(data).hincrby(data["counts"], job.id, 1)
+    if data.get("sleep"):
+        time.sleep(data["sleep"])
+    return runs
 
 
 # --- misbehaviour ---------------------------------------------------------------------------------
