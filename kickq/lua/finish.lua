@@ -15,25 +15,8 @@
 ]]
 local P = ARGV[1]
 local now = clock(ARGV[2])
-local id, token, outcome, payload = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local jk = P .. 'job:' .. id
-local state, attempt, owner = unpack(rcall('HMGET', jk, 'state', 'attempt', 'owner'))
 local claimer = ARGV[7] or ''
-local status, new_state
-if not state then
-  status, new_state = 'missing', ''
-elseif state ~= 'processing' or attempt ~= token or (claimer ~= '' and owner and owner ~= claimer) then
-  status, new_state = 'stale', state
-else
-  status = 'ok'
-  local result, err = false, false
-  if outcome == 'success' then
-    if payload ~= '' then result = payload end
-  else
-    err = payload
-  end
-  new_state = end_run(P, id, now, outcome, result, err)
-end
+local status, new_state = finish_one(P, now, claimer, ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 local nxt = false
 if #ARGV >= 8 then
   local names = {}
