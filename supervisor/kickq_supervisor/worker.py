@@ -98,6 +98,10 @@ class Worker:
         # per call sent, until its reply is read: its runs, whether it claims, what it is
         self.inflight: list[tuple[list[Done], bool, str]] = []
         self.journaled = 0  # runs in the journal since the last finish_many
+        # Jobs whose runs went to the journal and may not be ended yet (a lost-claim recovery must
+        # not take them for jobs to run), in the order sent; and whether a claim's reply was lost.
+        self.journal_ids: list[str] = []
+        self.claims_lost = False
         self.unsaved: list[Done] = []  # runs to send again (their call failed)
         self.give_back: list[tuple[str, int]] = []
         self.last_busy = 0.0
@@ -207,7 +211,7 @@ class Worker:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             self._lost_connection(exc, runs, want > 0)
             return
-        self.inflight.append((runs, want > 0, "finish_many"))
+        self.inflight.append((runs, want > 0, f"finish_many {len(self.journal_ids)}"))
         self.unsaved, self.give_back = [], []
         self.journaled = 0
 
@@ -218,14 +222,18 @@ class Worker:
         key = self.keys.journal(self.claimer)
         try:
             self.channel.send_command("RPUSH", key, entry)
-            self.inflight.append(([done], False, "journal"))
-            if not self.journaled:  # a fresh journal: bounded, should its worker and supervisor vanish
-                self.channel.send_command("EXPIRE", key, 86400)
-                self.inflight.append(([], False, "expire"))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             self._lost_connection(exc, [done], False)
             return
+        self.inflight.append(([done], False, "journal"))
+        self.journal_ids.append(done.job_id)
         self.journaled += 1
+        if self.journaled == 1:  # a fresh journal: bounded, should its worker and supervisor vanish
+            try:
+                self.channel.send_command("EXPIRE", key, 86400)
+                self.inflight.append(([], False, "expire"))
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                self._lost_connection(exc, [], False)
 
     def _refill(self) -> None:
         """Out of jobs: read the replies of the calls in flight (a claim among them), then, if
@@ -237,6 +245,9 @@ class Worker:
             if self.inflight:
                 claimed_nothing = any(claims for _, claims, _ in self.inflight)
                 self._settled(self.channel.settle())
+            if self.claims_lost:
+                # Only with nothing in flight: a claim whose reply is still to be read is not lost.
+                self._recover_claims()
             # A claim that just came back empty says the queues are empty: BLPOP rather than ask again.
             busy = time.monotonic() - self.last_busy < 0.05 and self.jobs_done > 0 and not claimed_nothing
             may_claim = busy and not self.stopping and not self._last_job_before_retiring()
@@ -265,8 +276,9 @@ class Worker:
                     log.error("worker %d: cannot save %d runs: %s", self.number, len(runs), reply)
                 continue
             self._delay = 0.05
-            if kind != "finish_many":
+            if not kind.startswith("finish_many"):
                 continue  # journaled: in Redis now, ended by the next finish_many
+            del self.journal_ids[:int(kind.split()[1])]  # the journal it ended
             statuses, claimed, rejected = scripts.parse_finish_many(reply)
             lines = [(d.job_id, d.token, status, state)
                      for d, (status, state) in zip(runs, statuses, strict=True)]
@@ -286,9 +298,8 @@ class Worker:
         claimed = claimed or any(claims for _, claims, _ in self.inflight)
         self.unsaved = [d for call_runs, _, _ in self.inflight for d in call_runs] + self.unsaved + runs
         self.inflight = []
+        self.claims_lost = self.claims_lost or claimed
         self._backoff(exc)
-        if claimed:
-            self.ready.extend(self._recover_claims(time.monotonic()))
 
     def _leave(self) -> None:
         """Settle what ran and give back what did not start (the master's abandon is the fallback)."""
@@ -352,11 +363,7 @@ class Worker:
             return claimed
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             self._backoff(exc)
-            recovered = self._recover_claims(time.monotonic())
-            if recovered:
-                first, *rest = recovered
-                self.ready.extend(rest)
-                return first.job_id, first.token, first.fields
+            self.claims_lost = True  # the claim may have run: _refill looks at the claim record
             return None
         except redis.exceptions.ResponseError as exc:  # e.g. OOM at maxmemory: wait, don't die
             self._backoff(exc)
@@ -393,20 +400,26 @@ class Worker:
             return Outcome(False, error=f"cannot decode job {job_id}: {exc}")
         return self.runner.run(job, job.data)
 
-    def _recover_claims(self, stamp: float) -> list[Ready]:
-        """After a lost reply: the jobs our last claim took that are still ours and not yet run."""
-        assert self.client is not None
-        found = []
+    def _recover_claims(self) -> None:
+        """After a lost reply that carried claims: take the jobs of our claim record that are still
+        ours and that we do not hold already (to run, or ran and not yet ended), as jobs to run.
+        Called with nothing in flight (a reply still to be read would bring its jobs again)."""
+        assert self.client is not None and not self.inflight
+        held = ({j.job_id for j in self.ready} | {d.job_id for d in self.unsaved} | set(self.journal_ids)
+                | {d.job_id for runs, _, _ in self.inflight for d in runs})
+        stamp = time.monotonic()
         try:
             record = self.client.get(self.keys.claim(self.claimer))
             for job_id, token in scripts.parse_claim_record(record):
+                if job_id in held:
+                    continue
                 fields = self.client.hgetall(self.keys.job(job_id))
                 if fields.get("state") == "processing" and fields.get("attempt") == token \
                         and fields.get("owner") in (None, self.claimer):
-                    found.append(Ready(job_id, int(token), fields, stamp, "run_start" not in fields))
+                    self.ready.append(Ready(job_id, int(token), fields, stamp, "run_start" not in fields))
+            self.claims_lost = False
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             self._backoff(exc)
-        return found
 
     _delay = 0.05
 
