@@ -6,6 +6,7 @@ import os
 import time
 
 import pytest
+import redis
 
 from kickq import scripts
 from kickq.registry import Registration
@@ -44,8 +45,14 @@ def test_a_dropped_connection_loses_no_outcome_and_takes_no_job_twice(worker, kq
     assert [kind for _, _, kind in worker.inflight][:1] == ["journal"] and worker.inflight[-1][1]
     # Redis ran them (the next batch is claimed) ... then the connection drops, the replies unread
     wait_until(lambda: kq.get(jobs[7].id).state == "processing", timeout=5)
-    worker.channel.conn.disconnect()
-    worker._refill()
+    conn = worker.channel.conn
+
+    def dropped(*args, **kwargs):
+        raise redis.exceptions.ConnectionError("connection dropped (test)")
+
+    conn.read_response = dropped
+    worker._refill()  # the channel drops the connection, and with it the replies
+    del conn.read_response
     assert worker.claims_lost and worker.unsaved == dones
     worker._refill()  # connected again: the outcomes are sent again, the lost claims are found
     for job in jobs[:2]:
