@@ -82,7 +82,7 @@ class Arbiter:
     lost_job: Callable[[Slot, str, str, str], None]
     kill_grace: float = 0.3
     start_reload_check: Callable[[], Any] | None = None
-    lost_claim: Callable[[Slot, str], None] | None = None  # ghost whatever the slot's last claim was
+    lost_claim: Callable[[Slot, str], None] | None = None  # settle what the slot's worker held
     reload_check: Any = None
     close_fd: Callable[[int], None] = os.close
     drain: Callable[[Slot], None] | None = None  # read what a dead worker still had in its pipe

@@ -2,7 +2,7 @@
 
 A run's outcome is sent the moment its handler returns (so a dead node re-runs nothing that had
 finished), but the worker goes on with its next job instead of waiting for Redis to answer: the
-replies are read later, in order, by `settle` (or by the next `call`, which waits for its own).
+replies are read later, in order, by `settle`.
 Redis runs the calls of one connection in the order they were sent.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Channel:
         self._connection().send_command("EVALSHA", self.shas[name], len(keys), *keys, *args)
 
     def send(self, name: str, keys_and_args: tuple[list[str], list[Any]]) -> None:
-        """Send a script call; its reply comes with the next `settle` or `call`."""
+        """Send a script call; its reply comes with the next `settle`."""
         try:
             self._send(name, keys_and_args)
         except BaseException:
@@ -48,7 +48,7 @@ class Channel:
         self.sent.append((name, keys_and_args))
 
     def send_command(self, *args: Any) -> None:
-        """Send a plain command; its reply comes with the next `settle` or `call`."""
+        """Send a plain command; its reply comes with the next `settle`."""
         try:
             self._connection().send_command(*args)
         except BaseException:
@@ -81,14 +81,6 @@ class Channel:
             self.reset()
             raise
         return replies
-
-    def call(self, name: str, keys_and_args: tuple[list[str], list[Any]]) -> tuple[list[Any], Any]:
-        """Send a call and wait for its reply: (replies of the calls sent before it, its reply)."""
-        self.send(name, keys_and_args)
-        *before, reply = self.settle()
-        if isinstance(reply, Exception):
-            raise reply
-        return before, reply
 
     def reset(self) -> None:
         """Drop the connection (after an error, or at exit): unsettled calls are forgotten."""

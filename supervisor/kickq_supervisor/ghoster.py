@@ -18,18 +18,24 @@ log = logging.getLogger("kickq.master")
 
 class Ghoster:
     """`submit(namespace, job_id, token, error)` ghosts the run with that token (a no-op if the job
-    moved on). Runs that cannot be ghosted because Redis is down are retried; if the supervisor
-    exits first, the reaper recovers them when their lease expires."""
+    moved on); `submit_claimed(...)` settles what a worker held when it went. Work that cannot be
+    done because Redis is down is retried; if the supervisor exits first, the reaper recovers the
+    runs when their lease expires."""
 
     def __init__(self, settings: Mapping[str, Any], connector: Callable[..., Any] = connect) -> None:
         self.settings = dict(settings)
         self.connector = connector
-        self.pending: queue.Queue[tuple[str, str, Any, str, str] | None] = queue.Queue()
+        # each item: a function of the Scripts to run, and what it is about (for the log)
+        self.pending: queue.Queue[tuple[Callable[[scripts.Scripts], None], str] | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="kickq-ghoster", daemon=True)
         self.thread.start()
 
     def submit(self, namespace: str, job_id: str, token: str, error: str, claimer: str = "") -> None:
-        self.pending.put((namespace, job_id, token, error, claimer))
+        def ghost(scr: scripts.Scripts) -> None:
+            status, state, _ = scr.finish(Keys(namespace), job_id, token, "ghost", error, claimer=claimer)
+            log.info("job %s attempt %s: %s -> %s", job_id, token, error,
+                     state if status == "ok" else f"unchanged ({status})")
+        self.pending.put((ghost, f"job {job_id}"))
 
     def submit_claimed(self, namespace: str, claimer: str, error: str,
                        unsaved: Sequence[tuple[str, str, str, str, int, float]] = ()) -> None:
@@ -37,10 +43,21 @@ class Ghoster:
         reported but may not have saved ((id, token, outcome, payload, run ms, reported at on
         time.monotonic())), give back the jobs it claimed and never started, ghost a job it claimed
         to start at once and never reported. Token-checked: what moved on is left alone."""
-        self.pending.put((namespace, "", list(unsaved), error, claimer))
+        unsaved = list(unsaved)
+
+        def abandon(scr: scripts.Scripts) -> None:
+            now = time.monotonic()
+            runs = [(i, t, outcome, payload, run_ms, int((now - at) * 1000))
+                    for i, t, outcome, payload, run_ms, at in unsaved]
+            saved, given_back, ghosted = scr.abandon(Keys(namespace), claimer, error, runs,
+                                                     mono_ms=now * 1000)
+            if saved or given_back or ghosted:
+                log.info("a worker went: %d outcomes saved for it, %d jobs given back, %d ghosted",
+                         saved, given_back, ghosted)
+        self.pending.put((abandon, f"what worker {claimer} held"))
 
     def flush(self, timeout: float) -> None:
-        """Wait (at most `timeout`) until every submitted run has been ghosted."""
+        """Wait (at most `timeout`) until every submitted item has been done."""
         deadline = time.monotonic() + timeout
         while self.pending.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -52,27 +69,14 @@ class Ghoster:
             item = self.pending.get()
             if item is None:
                 return
-            namespace, job_id, token, error, claimer = item
+            work, about = item
             delay = 0.05
             while True:
                 try:
-                    if not job_id:  # a worker went: settle what it held
-                        now = time.monotonic()
-                        runs = [(i, t, outcome, payload, run_ms, int((now - at) * 1000))
-                                for i, t, outcome, payload, run_ms, at in token]
-                        saved, given_back, ghosted = scr.abandon(Keys(namespace), claimer, error, runs,
-                                                                 mono_ms=now * 1000)
-                        if saved or given_back or ghosted:
-                            log.info("a worker went: %d outcomes saved for it, %d jobs given back, "
-                                     "%d ghosted", saved, given_back, ghosted)
-                        break
-                    status, state, _ = scr.finish(Keys(namespace), job_id, token, "ghost", error,
-                                                  claimer=claimer)
-                    log.info("job %s attempt %s: %s -> %s", job_id, token, error,
-                             state if status == "ok" else f"unchanged ({status})")
+                    work(scr)
                     break
                 except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                    log.warning("cannot ghost job %s yet (%s); retrying", job_id, exc)
+                    log.warning("cannot settle %s yet (%s); retrying", about, exc)
                     time.sleep(delay)
                     delay = min(delay * 2, 2.0)
             self.pending.task_done()
