@@ -54,6 +54,18 @@ class Keys:
         `claimer` is a worker's own generated hex id, never user input."""
         return self.prefix + "claim:" + claimer
 
+    def inbox(self, claimer: str) -> str:
+        """List: jobs claimed for an idle worker by their create (see hand_off in lua/_lib.lua)."""
+        return self.prefix + "inbox:" + claimer
+
+    def idle(self, name: str) -> str:
+        """Zset: the workers waiting for jobs of this name -> when their registration lapses (ms)."""
+        return self.prefix + "idle:" + name
+
+    def idler(self, claimer: str) -> str:
+        """The names an idle worker registered under (JSON), to unregister it from all at once."""
+        return self.prefix + "idler:" + claimer
+
     @property
     def schedules(self) -> str:
         """Hash: schedule id -> JSON record (name, cron or every_ms, pending job, next_run, ...)."""

@@ -104,8 +104,9 @@ def create_args(keys: Keys, items: Sequence[tuple[str, str, str, int | None]],
 
 
 def claim_args(keys: Keys, names: Sequence[str], now: int | None = None,
-               claimer: str = "") -> tuple[list[str], list[Any]]:
-    return [keys.id], [keys.prefix, _now(now), claimer, *names]
+               claimer: str = "", idle_ms: int = 0) -> tuple[list[str], list[Any]]:
+    """idle_ms > 0 (with a claimer): found nothing, the caller is registered as idle that long."""
+    return [keys.id], [keys.prefix, _now(now), claimer, int(idle_ms), *names]
 
 
 def finish_args(keys: Keys, job_id: str, token: int | str, outcome: str, payload: str = "",
@@ -143,13 +144,13 @@ def _mono(mono_ms: float | None) -> str:
 def finish_many_args(keys: Keys, claimer: str, runs: Sequence[RunOutcome] = (),
                      give_back: Sequence[tuple[str, "int | str"]] = (), claim: int = 0,
                      claim_names: Sequence[str] = (), now: int | None = None,
-                     mono_ms: float | None = None) -> tuple[list[str], list[Any]]:
+                     mono_ms: float | None = None, idle_ms: int = 0) -> tuple[list[str], list[Any]]:
     if not claimer:
         raise ValueError("finish_many needs the caller's claimer id")
     args: list[Any] = [keys.prefix, _now(now), claimer, _mono(mono_ms), *_runs_args(runs), len(give_back)]
     for job_id, token in give_back:
         args += [job_id, str(token)]
-    args += [claim if claim_names else 0, *claim_names]
+    args += [claim if claim_names else 0, int(idle_ms), *claim_names]
     return [keys.id], args
 
 
@@ -197,6 +198,15 @@ def parse_claim(reply: Any) -> tuple[str, int, dict[str, str]] | None:
     return str(reply[0]), int(reply[1]), pairs(reply[2:])
 
 
+def parse_handoff(raw: str | bytes) -> tuple[str, int, dict[str, str]] | None:
+    """An inbox entry (see hand_off in lua/_lib.lua): the claim made for the worker, as JSON."""
+    try:
+        reply = json.loads(raw)
+        return parse_claim(reply) if isinstance(reply, list) and len(reply) >= 2 else None
+    except ValueError:
+        return None
+
+
 def parse_finish(reply: Sequence[Any]) -> tuple[str, str, tuple[str, int, dict[str, str]] | None]:
     """(status, new state, next claim or None); status is ok | stale | missing."""
     return str(reply[0]), str(reply[1]), parse_claim(reply[2])
@@ -234,8 +244,8 @@ class Scripts:
 
     # Convenience wrappers used by the supervisor, the reaper and tests (time moved by argument).
     def claim(self, keys: Keys, names: Iterable[str], now: int | None = None,
-              claimer: str = "") -> tuple[str, int, dict[str, str]] | None:
-        return parse_claim(self.run("claim", claim_args(keys, list(names), now, claimer)))
+              claimer: str = "", idle_ms: int = 0) -> tuple[str, int, dict[str, str]] | None:
+        return parse_claim(self.run("claim", claim_args(keys, list(names), now, claimer, idle_ms)))
 
     def finish(self, keys: Keys, job_id: str, token: int | str, outcome: str, payload: str = "",
                claim_names: Sequence[str] = (), now: int | None = None, claimer: str = ""
@@ -245,10 +255,11 @@ class Scripts:
 
     def finish_many(self, keys: Keys, claimer: str, runs: Sequence[RunOutcome] = (),
                     give_back: Sequence[tuple[str, int | str]] = (), claim: int = 0,
-                    claim_names: Sequence[str] = (), now: int | None = None, mono_ms: float | None = None
+                    claim_names: Sequence[str] = (), now: int | None = None, mono_ms: float | None = None,
+                    idle_ms: int = 0
                     ) -> tuple[list[tuple[str, str]], list[Claim], list[tuple[str, str, str, str]]]:
         return parse_finish_many(self.run("finish_many", finish_many_args(
-            keys, claimer, runs, give_back, claim, claim_names, now, mono_ms)))
+            keys, claimer, runs, give_back, claim, claim_names, now, mono_ms, idle_ms)))
 
     def abandon(self, keys: Keys, claimer: str, error: str, runs: Sequence[RunOutcome] = (),
                 now: int | None = None, mono_ms: float | None = None) -> tuple[int, int, int]:

@@ -406,6 +406,18 @@ local function owns(P, id, token, claimer)
   return state, state == 'processing' and attempt == token and not (claimer ~= '' and owner and owner ~= claimer)
 end
 
+-- Write the claim record P.."claim:"..claimer: the jobs of `old` (a record) that the claimer still
+-- holds, then `pairs` ("id attempt" each), so that whoever cleans up after it finds them all.
+local function record_claims(P, claimer, pairs, old)
+  local held = {}
+  for id, token in string.gmatch(old or '', '(%S+) (%S+)') do
+    local _, mine = owns(P, id, token, claimer)
+    if mine then held[#held + 1] = id .. ' ' .. token end
+  end
+  for _, pair in ipairs(pairs) do held[#held + 1] = pair end
+  rcall('SET', P .. 'claim:' .. claimer, table.concat(held, ' '), 'EX', 86400)
+end
+
 -- Give a claimed job that never started back to the front of its queue (processing -> queued).
 -- Its attempt stays counted, so a late finish from the claim given back cannot match a new one.
 local function release(P, id, now)
@@ -470,4 +482,91 @@ local function apply_journal(P, claimer, now, mono_now)
     end
   end
   return rejected
+end
+
+-- Hand-off to idle workers. A supervisor's worker that finds nothing to claim registers as idle
+-- and blocks on its inbox, P.."inbox:"..claimer, as well as on the wake tokens:
+--   P.."idle:"..name      zset  claimer -> registration expiry (ms); it is renewed at every BLPOP
+--                              timeout, so a dead worker's entry lapses by itself
+--   P.."idler:"..claimer  string  the names it registered under (JSON), to unregister from all
+-- A new job whose name has an idle worker is claimed for that worker by the create itself and
+-- handed over in the inbox (the claim's reply, JSON): the worker starts it the moment BLPOP
+-- returns, without a claim round trip. The claim is an ordinary one (run_start, claim record), so
+-- what happens when the worker dies is what happens to any claim; only a job still in the inbox
+-- is known never to have reached the worker, and goes back to its queue (release_inbox).
+local HANDOFF_TTL = 86400  -- seconds: cleanup only; abandon and recover empty an inbox
+
+local function unidle(P, claimer)
+  local ik = P .. 'idler:' .. claimer
+  local raw = rcall('GET', ik)
+  if not raw then return end
+  for _, name in ipairs(cjson.decode(raw)) do rcall('ZREM', P .. 'idle:' .. name, claimer) end
+  rcall('DEL', ik)
+end
+
+local function register_idle(P, claimer, names, now, ttl_ms)
+  -- A job handed over already waits in the inbox: the worker is not idle.
+  if rcall('EXISTS', P .. 'inbox:' .. claimer) == 1 then return end
+  -- Both keys lapse a minute after the last registration that renewed them (dead workers' leftovers).
+  for _, name in ipairs(names) do
+    local ik = P .. 'idle:' .. name
+    rcall('ZADD', ik, now + ttl_ms, claimer)
+    rcall('PEXPIRE', ik, ttl_ms + 60000)
+  end
+  rcall('SET', P .. 'idler:' .. claimer, cjson.encode(names), 'PX', ttl_ms + 60000)
+end
+
+-- Claim job `name`'s oldest waiting job for an idle worker of that name, if one is registered.
+local function hand_off(P, name, now)
+  local ik = P .. 'idle:' .. name
+  local claimer = rcall('ZRANGEBYSCORE', ik, now, '+inf', 'LIMIT', 0, 1)[1]
+  rcall('ZREMRANGEBYSCORE', ik, '-inf', '(' .. now)  -- lapsed registrations (dead workers)
+  if not claimer then return end
+  unidle(P, claimer)
+  local record = rcall('GET', P .. 'claim:' .. claimer)
+  local got = claim(P, {name}, now, claimer)
+  if not got then return end
+  -- claim() rewrote the record with this job only: keep what else the worker may still hold.
+  if record then record_claims(P, claimer, {got[1] .. ' ' .. got[2]}, record) end
+  local box = P .. 'inbox:' .. claimer
+  rcall('RPUSH', box, cjson.encode(got))
+  rcall('EXPIRE', box, HANDOFF_TTL)
+end
+
+-- An inbox entry, decoded, if the job is still processing under that claim; else nil.
+local function inbox_entry(P, claimer, raw)
+  local ok, e = pcall(cjson.decode, raw)
+  if not (ok and type(e) == 'table' and e[1] and e[2]) then return nil end
+  e[1] = tostring(e[1])
+  local _, mine = owns(P, e[1], tostring(e[2]), claimer)
+  if mine then return e end
+  return nil
+end
+
+-- The caller (the worker itself) takes up to `limit` jobs handed over to it: {claim reply, ...}.
+local function take_inbox(P, claimer, limit)
+  local box, taken = P .. 'inbox:' .. claimer, {}
+  while #taken < limit do
+    local raw = rcall('LPOP', box)
+    if not raw then break end
+    taken[#taken + 1] = inbox_entry(P, claimer, raw)
+  end
+  return taken
+end
+
+-- The worker is gone or lost: what is still in its inbox never reached it, back to the queues.
+local function release_inbox(P, claimer, now)
+  local box = P .. 'inbox:' .. claimer
+  local entries = rcall('LRANGE', box, 0, -1)
+  if #entries == 0 then return 0 end
+  rcall('DEL', box)
+  local n = 0
+  for i = #entries, 1, -1 do  -- last first: each goes to the front of its queue
+    local e = inbox_entry(P, claimer, entries[i])
+    if e then
+      release(P, e[1], now)
+      n = n + 1
+    end
+  end
+  return n
 end

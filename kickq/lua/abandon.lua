@@ -9,7 +9,8 @@
   ARGV[6]  d, then d groups of 6 as in finish_many: runs the worker reported finished (with their
            outcome) whose saving may not have reached Redis
   Returns  {saved, given_back, ghosted}
-  First the worker's journal is applied (see apply_journal in _lib.lua), then the runs above.
+  First the worker's idle registration ends and its journal is applied (see apply_journal in
+  _lib.lua), then the runs above; jobs still in its inbox never reached it and are given back.
   Every job named by P.."claim:"..claimer that is still processing under that claim: a prefetched
   one (no 'run_start') never started (the master ghosts a run it saw start, token-checked, before
   this), so it goes back to the front of its queue; one claimed to start at once is ghosted.
@@ -18,11 +19,12 @@
 local P = ARGV[1]
 local now = clock(ARGV[2])
 local claimer = ARGV[3]
+unidle(P, claimer)
 apply_journal(P, claimer, now, tonumber(ARGV[5]) or false)
 local statuses, _ = finish_runs(P, now, claimer, ARGV, 7, tonumber(ARGV[6]))
 local saved = 0
 for _, status in ipairs(statuses) do if status == 'ok' then saved = saved + 1 end end
-local given_back, ghosted = 0, 0
+local given_back, ghosted = release_inbox(P, claimer, now), 0
 local record = rcall('GET', P .. 'claim:' .. claimer)
 if record then
   local parts = {}

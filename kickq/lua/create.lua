@@ -6,7 +6,9 @@
   ARGV[4+5i .. 8+5i]  per job: name, data JSON ("" = null), stored opts JSON ("" = defaults),
                       delay ms ("" = no delay), unused (reserved)
   Returns  {id1, create_time, id2, ...}; state is 'delayed' when a delay was given, else 'new'.
-  Transitions: (none) -> new (queue + wake token), (none) -> delayed (zset 'delayed').
+  Transitions: (none) -> new (queue + wake token), (none) -> delayed (zset 'delayed'); a new job
+  whose name has an idle worker registered is claimed for it at once (new -> processing, handed
+  over in its inbox: hand_off in _lib.lua).
 ]]
 local P = ARGV[1]
 local now = clock(ARGV[2])
@@ -25,6 +27,7 @@ for i = 0, n - 1 do
     id = new_job(P, name, data, opts, now, {'state', 'new'})
     push_queued(P, id, name)
     note(P, id, name, false, 'new', 'create', now)
+    hand_off(P, name, now)
   end
   out[#out + 1] = id
   out[#out + 1] = now

@@ -9,8 +9,10 @@
            outcome (success | fail | ghost), payload (result JSON or error text, "" = none),
            run ms (as the worker measured it), ms since the run ended
   then     r, the number of jobs given back, then r groups of 2: id, attempt token
-  then     k, how many jobs to claim (0 = none), then the job names in priority order
-  First the caller's journal (P.."done:"..claimer, see apply_journal in _lib.lua) is applied.
+  then     k, how many jobs to claim (0 = none), then idle registration ms (0 = none: as in
+           claim.lua, when k > 0 and nothing is claimed), then the job names in priority order
+  First the caller's idle registration ends, and its journal (P.."done:"..claimer, see apply_journal
+  in _lib.lua) is applied. Jobs handed over to its inbox are returned with the claimed ones.
   Returns  {statuses, states, claimed, rejected}: per finished run, its status (ok | stale | missing,
            as in finish.lua) and the job's state after this ('' = gone); up to k claims, each
            {id, attempt, field, value, ...}; the journal's runs not saved, {id, token, status, state}
@@ -23,6 +25,7 @@
 local P = ARGV[1]
 local now = clock(ARGV[2])
 local claimer = ARGV[3]
+unidle(P, claimer)
 local rejected = apply_journal(P, claimer, now, tonumber(ARGV[4]) or false)
 local statuses, states, at = finish_runs(P, now, claimer, ARGV, 6, tonumber(ARGV[5]))
 local given_back = tonumber(ARGV[at])
@@ -34,10 +37,12 @@ for i = given_back, 1, -1 do
 end
 at = at + 1 + 2 * given_back
 local wanted = tonumber(ARGV[at])
+local idle_ms = tonumber(ARGV[at + 1]) or 0
 local names = {}
-for i = at + 1, #ARGV do names[#names + 1] = ARGV[i] end
-local claimed, record = {}, {}
-for _ = 1, wanted do
+for i = at + 2, #ARGV do names[#names + 1] = ARGV[i] end
+-- Handed over while the caller was busy (its claim record names them already).
+local claimed, record = take_inbox(P, claimer, 100), {}
+for _ = #claimed + 1, wanted do
   local got = claim(P, names, now, claimer, true, true)
   if not got then break end
   claimed[#claimed + 1] = got
@@ -46,13 +51,7 @@ end
 if #record > 0 then
   -- The record keeps the earlier batches' jobs still held (the worker claims its next batch before
   -- the last one is done), so that the master can give back all it never started.
-  local ck = P .. 'claim:' .. claimer
-  local held = {}
-  for id, token in string.gmatch(rcall('GET', ck) or '', '(%S+) (%S+)') do
-    local _, mine = owns(P, id, token, claimer)
-    if mine then held[#held + 1] = id .. ' ' .. token end
-  end
-  for _, pair in ipairs(record) do held[#held + 1] = pair end
-  rcall('SET', ck, table.concat(held, ' '), 'EX', 86400)
+  record_claims(P, claimer, record, rcall('GET', P .. 'claim:' .. claimer))
 end
+if wanted > 0 and #claimed == 0 and idle_ms > 0 then register_idle(P, claimer, names, now, idle_ms) end
 return {statuses, states, claimed, rejected}

@@ -1,6 +1,7 @@
 --[[ recover: processing jobs whose lease expired (worker, supervisor or host lost) -> ghost | fail;
   a prefetched job that no one said had started -> queued (front), at most twice per job. Runs
-  its worker journaled as finished (P.."done:"..owner) are saved first, with their outcome.
+  its worker journaled as finished (P.."done:"..owner) are saved first, with their outcome; jobs
+  still in the owner's inbox (handed over, never taken) go back to their queue.
   KEYS[1]  P.."id"   (routing only)
   ARGV[1]  P
   ARGV[2]  now (epoch ms, or "" for Redis' clock)
@@ -16,7 +17,11 @@ for _, id in ipairs(ids) do
   local jk = P .. 'job:' .. id
   -- Runs its worker finished and journaled are saved first (that may end this one, and others).
   local owner = rcall('HGET', jk, 'owner')
-  if owner then apply_journal(P, owner, now, false) end
+  if owner then
+    apply_journal(P, owner, now, false)
+    unidle(P, owner)
+    release_inbox(P, owner, now)
+  end
   if not rcall('ZSCORE', P .. 'processing', id) then
     -- saved by the journal just now
   elseif rcall('EXISTS', jk) == 1 then

@@ -1,6 +1,8 @@
 """A worker process: claim jobs, run their handler, save the outcomes.
 
-Idle, it blocks on the wake tokens and claims one job. Busy, it sends each outcome the moment the
+Idle, it registers as idle and blocks on its inbox and the wake tokens: a job created meanwhile is
+claimed for it by the create and arrives in the inbox (no claim round trip); a token means a job
+to claim. Busy, it sends each outcome the moment the
 handler returns (finish_many, on its own connection: channel.py) without waiting for the reply,
 and claims its next jobs ahead, in batches (up to `prefetch`, fewer when jobs are slow: a batch
 is about PREFETCH_WINDOW of work), in the same call that saves a run. So a busy worker waits on
@@ -111,6 +113,10 @@ class Worker:
         self.idle = False
         self.parent = os.getppid()
         self.blpop_timeout = max(0.05, min(1.0, float(settings["redis_timeout"]) / 2))
+        # How long an idle registration lasts: renewed at every BLPOP timeout, so it lapses only
+        # when the worker is gone or stuck (a job handed over then waits for abandon or recovery).
+        self.idle_ms = int((self.blpop_timeout + 0.5) * 1000)
+        self.registered = False  # as idle, by the last claim or finish_many (every one ends it)
         self._title_busy: tuple[str, str, float] | None = None
         self._title_wake = threading.Event()
         self.client: Any = None
@@ -204,14 +210,17 @@ class Worker:
         """finish_many without waiting: the journal, these runs, the give-backs, `want` claims."""
         assert self.channel is not None
         now = time.monotonic()
+        # Holding nothing else, the worker is idle if no job comes back: it registers for hand-offs.
+        idle_ms = self.idle_ms if want and not self.ready else 0
         call = scripts.finish_many_args(self.keys, self.claimer, [d.run(now) for d in runs],
-                                        self.give_back, want, self.names, mono_ms=now * 1000)
+                                        self.give_back, want, self.names, mono_ms=now * 1000,
+                                        idle_ms=idle_ms)
         try:
             self.channel.send("finish_many", call)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             self._lost_connection(exc, runs, want > 0)
             return
-        self.inflight.append((runs, want > 0, f"finish_many {len(self.journal_ids)}"))
+        self.inflight.append((runs, want > 0, f"finish_many {len(self.journal_ids)} {int(idle_ms > 0)}"))
         self.unsaved, self.give_back = [], []
         self.journaled = 0
 
@@ -278,8 +287,10 @@ class Worker:
             self._delay = 0.05
             if not kind.startswith("finish_many"):
                 continue  # journaled: in Redis now, ended by the next finish_many
-            del self.journal_ids[:int(kind.split()[1])]  # the journal it ended
+            _, journal_ended, registering = kind.split()
+            del self.journal_ids[:int(journal_ended)]
             statuses, claimed, rejected = scripts.parse_finish_many(reply)
+            self.registered = registering == "1" and not claimed
             lines = [(d.job_id, d.token, status, state)
                      for d, (status, state) in zip(runs, statuses, strict=True)]
             for job_id, token, status, state in lines + rejected:
@@ -295,6 +306,7 @@ class Worker:
         claim took is found through the claim record."""
         assert self.channel is not None
         self.channel.reset()
+        self.registered = False
         claimed = claimed or any(claims for _, claims, _ in self.inflight)
         self.unsaved = [d for call_runs, _, _ in self.inflight for d in call_runs] + self.unsaved + runs
         self.inflight = []
@@ -305,10 +317,11 @@ class Worker:
         """Settle what ran and give back what did not start (the master's abandon is the fallback)."""
         assert self.channel is not None
         try:
-            for _ in range(4):  # a claim settled here brings jobs in: they are given back too
+            for attempt in range(4):  # a claim settled here brings jobs in: they are given back too
                 if self.ready:
                     self._give_back_ready(self.ready.popleft())
-                if self.unsaved or self.give_back or self.journaled:
+                # The first call also ends an idle registration and takes what its inbox holds.
+                if attempt == 0 or self.unsaved or self.give_back or self.journaled:
                     self._send(self.unsaved, 0)
                 if not self.inflight:
                     break
@@ -347,27 +360,49 @@ class Worker:
         return bool(self.max_memory and psutil.Process().memory_info().rss > self.max_memory)
 
     def _next_job(self) -> Claimed | None:
-        """Block until a wake token arrives (or a second passes), then claim."""
+        """Block until a job is handed over or a wake token arrives (or a second passes); claim
+        after a token or a timeout (registering as idle again when there is nothing)."""
         assert self.client is not None and self.scripts is not None
+        inbox = self.keys.inbox(self.claimer)
         try:
+            if not self.registered:  # claim (and register) before blocking, or hand-offs miss us
+                claimed = self._claim()
+                if claimed is not None:
+                    return claimed
             self.idle = True
             try:
                 if self.stopping:
                     raise _Stop()
-                self.client.blpop([self.keys.wake(n) for n in self.names], timeout=self.blpop_timeout)
+                got = self.client.blpop([inbox] + [self.keys.wake(n) for n in self.names],
+                                        timeout=self.blpop_timeout)
             finally:
                 self.idle = False
+            self.registered = False  # a hand-off ended it; the claim below renews it
+            if got is not None and got[0] == inbox:
+                handed = scripts.parse_handoff(got[1])
+                if handed is not None:
+                    self._delay = 0.05
+                    return handed
             # Claim even after a timeout: a job whose token was lost is found by this poll.
-            claimed = self.scripts.claim(self.keys, self.names, claimer=self.claimer)
+            claimed = self._claim()
             self._delay = 0.05
             return claimed
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            self.registered = False
             self._backoff(exc)
             self.claims_lost = True  # the claim may have run: _refill looks at the claim record
             return None
         except redis.exceptions.ResponseError as exc:  # e.g. OOM at maxmemory: wait, don't die
+            self.registered = False
             self._backoff(exc)
             return None
+
+    def _claim(self) -> Claimed | None:
+        """One job, or None and the worker is registered as idle (hand-offs come to its inbox)."""
+        assert self.scripts is not None
+        claimed = self.scripts.claim(self.keys, self.names, claimer=self.claimer, idle_ms=self.idle_ms)
+        self.registered = claimed is None
+        return claimed
 
     def _work(self, job: Ready) -> Done:
         job_id, token, fields = job.job_id, job.token, job.fields
@@ -409,7 +444,15 @@ class Worker:
                 | {d.job_id for runs, _, _ in self.inflight for d in runs})
         stamp = time.monotonic()
         try:
-            record = self.client.get(self.keys.claim(self.claimer))
+            # In one step: no more hand-offs, and what the inbox held (the record names those jobs
+            # too) is dropped, so that neither BLPOP nor this brings a job a second time.
+            pipe = self.client.pipeline(transaction=True)
+            for name in self.names:
+                pipe.zrem(self.keys.idle(name), self.claimer)
+            pipe.delete(self.keys.idler(self.claimer), self.keys.inbox(self.claimer))
+            pipe.get(self.keys.claim(self.claimer))
+            record = pipe.execute()[-1]
+            self.registered = False
             for job_id, token in scripts.parse_claim_record(record):
                 if job_id in held:
                     continue

@@ -397,9 +397,9 @@ class Monitor:
 # --- after a case -------------------------------------------------------------------------------------
 
 #: Keys a namespace may keep once every job is gone: the id counter, the names seen, settings, the
-#: bounded observability keys, and per-worker claim records (they expire).
+#: bounded observability keys, per-worker claim records and idle registrations (they expire).
 KEPT = ("id", "names", "meta", "events")
-KEPT_PREFIXES_WITH_TTL = ("stats:", "times:", "claim:")
+KEPT_PREFIXES_WITH_TTL = ("stats:", "times:", "claim:", "idle:", "idler:")
 
 
 def purge_and_find_strays(r: redis.Redis, ns: str, names: Iterable[str] = ()) -> list[str]:
