@@ -96,8 +96,12 @@ def orphan(ad: Any, args: argparse.Namespace) -> dict[str, Any]:
             if rerun_pid not in {m.pid for m in tree([survivor])}:
                 raise RuntimeError(f"the second run (pid {rerun_pid}) is not in the surviving supervisor")
             state = ad.client.get(job.id)
+            # The lost run is ghosted when Redis knew it started, or given back to its queue when it
+            # was claimed ahead (a hand-off to an idle worker: see docs/design.md, section 6).
+            lost = (f'ghosted as "{state.runs[0].get("error")}"' if len(state.runs) > 1
+                    else "given back to its queue (event released, not counted as a run)")
             trials.append({"kill_to_rerun": rerun_at - killed_at, "claim_to_kill": killed_at - started,
-                           "claim_to_rerun": rerun_at - started, "ghost_error": state.runs[0].get("error")})
+                           "claim_to_rerun": rerun_at - started, "lost_run": lost})
         finally:
             stop(roots)
     kill_to_rerun = [t["kill_to_rerun"] * 1000 for t in trials]

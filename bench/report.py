@@ -268,7 +268,7 @@ def render(results: dict[str, Any]) -> str:
           "by one of two supervisors, that whole supervisor SIGKILLed (master, worker, reaper) right after "
           "the claim; "
           f"from the kill to the job's second run starting in the other supervisor: p50 {x['p50']:.0f} ms, "
-          f"max {x['max']:.0f} ms (ghosted as \"{o['trials'][0].get('ghost_error')}\").")
+          f"max {x['max']:.0f} ms (the lost run: {o['trials'][0].get('lost_run')}).")
     else:
         w(f"Orphan recovery: {(orph['errors'][0][:300] if orph and orph['errors'] else 'not run')}")
 

@@ -29,6 +29,10 @@ EARLY_KEEP_SECONDS = 60.0
 #: How long the subscriber blocks for a message before it checks whether it should stop: the bound
 #: on how long close() (and kickq.reset()) waits for it.
 POLL_SECONDS = 0.1
+#: The timer thread wakes at least this often while it has nothing earlier to do, so that a new
+#: deadline later than its next wake-up needs no wake-up of its own: a create then costs no thread
+#: switch (hotjob_timeout is typically seconds; a shorter one still wakes the timer at once).
+TIMER_BEAT = 1.0
 
 
 # --- pure helpers, shared with the asyncio waiter (kickq/aio_hotjob.py) ---------------------------
@@ -70,6 +74,7 @@ class HotjobWaiter:
         self._deadline_changed = threading.Condition(self._lock)
         self._threads: list[threading.Thread] = []
         self._creating = 0  # creates between ensure_subscribed() and watch()/abandon()
+        self._timer_wakes_at = 0.0  # monotonic: when the timer thread next looks at the deadlines
         self._generation = 0  # bumped at every (re)subscription
 
     # --- used by the creating thread --------------------------------------------------------------
@@ -110,7 +115,8 @@ class HotjobWaiter:
             if early is None:
                 self._pending[job_id] = (future, timeout)
                 heapq.heappush(self._deadlines, (deadline, job_id))
-                self._deadline_changed.notify()
+                if deadline < self._timer_wakes_at:
+                    self._deadline_changed.notify()
         if early is not None:
             self._settle(future, job_id, early[1])
         elif resubscribed:
@@ -169,7 +175,8 @@ class HotjobWaiter:
                     entry = self._pending.pop(job_id, None)
                     if entry and not entry[0].done():
                         entry[0].set_exception(HotjobTimeout(job_id, entry[1]))
-                wait = self._deadlines[0][0] - now if self._deadlines else None
+                wait = min(self._deadlines[0][0] - now, TIMER_BEAT) if self._deadlines else TIMER_BEAT
+                self._timer_wakes_at = now + wait
                 self._deadline_changed.wait(wait)
 
     # --- the subscriber thread -----------------------------------------------------------------------

@@ -12,7 +12,7 @@ TERMINAL_STATES = frozenset({"success", "fail"})
 FIELDS = (
     "id", "name", "complete", "success", "create_time", "update_time", "finish_time",
     "total_process_time", "state", *JOB_OPTION_DEFAULTS, "data", "result", "last_error",
-    "scheduled_for", "runs", "schedule_id", "tick",
+    "scheduled_for", "runs", "attempt", "schedule_id", "tick",
 )
 
 
@@ -35,7 +35,8 @@ class Job:
     """One job. Attributes are read-only; `to_dict()` gives them all but the hotjob promise.
 
     Timestamps are epoch milliseconds; `runs` lists each processing run as a dict with
-    count (1-based), start (ms), time (ms or None), state (processing|success|fail|ghost), error.
+    count (1-based), start (ms), time (ms or None), state (processing|success|fail|ghost), error;
+    `attempt` counts the claims (a handler sees its own run's attempt token).
     """
 
     __slots__ = ("_values", "hotjob_promise")
@@ -65,6 +66,7 @@ class Job:
     last_error: str | None
     scheduled_for: int | None
     runs: list[dict[str, Any]]
+    attempt: int  # claims so far: the current run's attempt token while processing (0: never claimed)
     schedule_id: str | None  # the schedule that made this job, if any
     tick: int | None  # and the tick (epoch ms) it runs for
 
@@ -96,6 +98,9 @@ class Job:
             "last_error": fields.get("last_error"),
             "scheduled_for": _int(fields.get("scheduled_for")),
             "runs": _runs(fields, state),
+            # A run lost before Redis knew it began (a job claimed ahead whose supervisor died) is
+            # not in runs, but its claim counts here: handlers can tell a repeat by it.
+            "attempt": _int(fields.get("attempt")) or 0,
             "schedule_id": fields.get("schedule"),
             "tick": _int(fields.get("tick")),
         }

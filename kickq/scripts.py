@@ -111,10 +111,11 @@ def claim_args(keys: Keys, names: Sequence[str], now: int | None = None,
 
 def finish_args(keys: Keys, job_id: str, token: int | str, outcome: str, payload: str = "",
                 claim_names: Sequence[str] = (), now: int | None = None,
-                claimer: str = "") -> tuple[list[str], list[Any]]:
+                claimer: str = "", run_ms: int | None = None) -> tuple[list[str], list[Any]]:
     if outcome not in ("success", "fail", "ghost"):
         raise ValueError(f"outcome must be success, fail or ghost, not {outcome!r}")
-    return [keys.id], [keys.prefix, _now(now), job_id, str(token), outcome, payload, claimer, *claim_names]
+    return [keys.id], [keys.prefix, _now(now), job_id, str(token), outcome, payload, claimer,
+                       "" if run_ms is None else int(run_ms), *claim_names]
 
 
 #: One finished run for finish_many / abandon: (id, token, outcome, payload, run ms, ms since it ended).
@@ -248,10 +249,10 @@ class Scripts:
         return parse_claim(self.run("claim", claim_args(keys, list(names), now, claimer, idle_ms)))
 
     def finish(self, keys: Keys, job_id: str, token: int | str, outcome: str, payload: str = "",
-               claim_names: Sequence[str] = (), now: int | None = None, claimer: str = ""
-               ) -> tuple[str, str, tuple[str, int, dict[str, str]] | None]:
+               claim_names: Sequence[str] = (), now: int | None = None, claimer: str = "",
+               run_ms: int | None = None) -> tuple[str, str, tuple[str, int, dict[str, str]] | None]:
         return parse_finish(self.run("finish", finish_args(keys, job_id, token, outcome, payload,
-                                                           claim_names, now, claimer)))
+                                                           claim_names, now, claimer, run_ms)))
 
     def finish_many(self, keys: Keys, claimer: str, runs: Sequence[RunOutcome] = (),
                     give_back: Sequence[tuple[str, int | str]] = (), claim: int = 0,

@@ -28,6 +28,7 @@ ALL_FIELDS = {
     "ghost_count", "ghost_interval", "hotjob", "hotjob_timeout", "hotjob_promise", "data", "result",
     "last_error", "scheduled_for", "runs", "purge_timeout",
     "schedule_id", "tick",  # beyond the list: which schedule and tick made the job
+    "attempt",  # beyond it too: the claims so far (the run's attempt token)
 }
 
 

@@ -45,7 +45,7 @@ def test_a_create_claims_its_job_for_an_idle_worker_and_hands_it_over(m):
     job_id = m.create("b", opts={"process_timeout": 2}, data={"x": 1}, now=T0 + 10)
     fields = m.hash(job_id)
     assert fields["state"] == "processing" and fields["owner"] == "w1" and fields["attempt"] == "1"
-    assert fields["run_start"] == str(T0 + 10)  # a claim to start at once, as an idle claim is
+    assert "run_start" not in fields  # claimed ahead, as a batch is: its start is the worker's to tell
     assert m.r.zscore(m.keys.processing, job_id) == T0 + 10 + 2000 + LEASE_GRACE_MS
     assert inbox(m) == [(job_id, 1, fields)]
     assert parse_claim_record(m.r.get(m.keys.claim("w1"))) == [(job_id, "1")]
@@ -130,28 +130,44 @@ def test_a_worker_with_a_job_in_its_inbox_is_not_registered_again(m):
     assert m.r.zcard(m.keys.idle("zzz")) == 0 and m.state(handed) == "processing"
 
 
-def test_abandon_gives_back_what_the_dead_worker_never_took_and_ghosts_what_it_took(m):
+def test_abandon_gives_back_what_the_dead_worker_did_not_start(m):
     wait_idle(m, "w1")
     taken = m.create("a", opts={"ghost_retry": False}, now=T0 + 1)
     assert parse_handoff(m.r.lpop(m.keys.inbox("w1")))[0] == taken  # the worker took it...
     m.s.finish_many(m.keys, "w1", claim=1, claim_names=["a"], now=T0 + 2, idle_ms=IDLE_MS)
     untaken = m.create("a", now=T0 + 3)  # ...went idle again, and this one reached its inbox only
     assert inbox(m)[0][0] == untaken
+    # the master ghosts (token-checked) a run it heard start before it abandons the rest; it heard
+    # of none here: both go back to the front of the queue, in their order
     saved, given_back, ghosted = m.s.abandon(m.keys, "w1", "worker died", now=T0 + 4)
     m.check()
-    assert (saved, given_back) == (0, 1) and m.state(untaken) == "queued"
-    assert m.r.lrange(m.keys.queue("a"), 0, -1) == [untaken] and m.r.llen(m.keys.wake("a")) == 1
+    assert (saved, given_back, ghosted) == (0, 2, 0)
+    assert m.r.lrange(m.keys.queue("a"), 0, -1) == [taken, untaken] and m.r.llen(m.keys.wake("a")) == 2
     assert m.hash(untaken)["attempt"] == "1"  # a late finish of that claim stays stale
-    # the worker took `taken` and may have started it: ghosted (here without a retry: failed)
-    assert ghosted == 1 and m.state(taken) == "fail" and m.job(taken).runs[0]["state"] == "ghost"
     assert not m.r.exists(m.keys.inbox("w1")) and m.r.zcard(m.keys.idle("a")) == 0
 
 
 def test_recover_gives_a_lost_workers_untaken_job_back_to_its_queue(m):
     wait_idle(m, "w1")
-    job_id = m.create("a", opts={"process_timeout": 1}, now=T0 + 1)
+    job_id = m.create("a", opts={"process_timeout": 1, "ghost_retry": False}, now=T0 + 1)
     m.recover(now=T0 + 1 + 1000 + LEASE_GRACE_MS + 1)
+    # still in the inbox: provably never started, even a job that must not run twice goes back
     assert m.state(job_id) == "queued" and m.job(job_id).runs == []
     assert not m.r.exists(m.keys.inbox("w1"))
     # and a worker of a live supervisor then claims it as usual
     assert m.s.claim(m.keys, ["a"], now=T0 + 5000, claimer="w2")[0] == job_id
+
+
+@pytest.mark.parametrize("ghost_retry", [True, False])
+def test_recover_after_a_taken_job_gives_it_back_unless_it_must_not_run_twice(m, ghost_retry):
+    """Taken from the inbox (or popped by a BLPOP served to a worker whose host had died): Redis
+    cannot tell whether it started, as for a batch claim."""
+    wait_idle(m, "w1")
+    job_id = m.create("a", opts={"process_timeout": 1, "ghost_retry": ghost_retry}, now=T0 + 1)
+    m.r.lpop(m.keys.inbox("w1"))
+    m.recover(now=T0 + 1 + 1000 + LEASE_GRACE_MS + 1)
+    if ghost_retry:
+        assert m.state(job_id) == "queued" and m.job(job_id).runs == []
+    else:
+        job = m.job(job_id)
+        assert job.state == "fail" and job.runs[0]["state"] == "ghost"

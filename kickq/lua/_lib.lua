@@ -491,9 +491,8 @@ end
 --   P.."idler:"..claimer  string  the names it registered under (JSON), to unregister from all
 -- A new job whose name has an idle worker is claimed for that worker by the create itself and
 -- handed over in the inbox (the claim's reply, JSON): the worker starts it the moment BLPOP
--- returns, without a claim round trip. The claim is an ordinary one (run_start, claim record), so
--- what happens when the worker dies is what happens to any claim; only a job still in the inbox
--- is known never to have reached the worker, and goes back to its queue (release_inbox).
+-- returns, without a claim round trip. The claim is a batch claim of one job (claim record, no
+-- 'run_start'), so a death deals with it as with any job claimed ahead (see abandon and recover).
 local HANDOFF_TTL = 86400  -- seconds: cleanup only; abandon and recover empty an inbox
 
 local function unidle(P, claimer)
@@ -523,11 +522,12 @@ local function hand_off(P, name, now)
   rcall('ZREMRANGEBYSCORE', ik, '-inf', '(' .. now)  -- lapsed registrations (dead workers)
   if not claimer then return end
   unidle(P, claimer)
-  local record = rcall('GET', P .. 'claim:' .. claimer)
-  local got = claim(P, {name}, now, claimer)
+  -- Claimed as a batch claim is (no 'run_start'): Redis cannot know whether the worker got it (a
+  -- BLPOP served to a worker whose host just died pops the entry all the same), so a death before
+  -- the master heard of its start gives it back rather than ghosting a run that never began.
+  local got = claim(P, {name}, now, claimer, false, true)
   if not got then return end
-  -- claim() rewrote the record with this job only: keep what else the worker may still hold.
-  if record then record_claims(P, claimer, {got[1] .. ' ' .. got[2]}, record) end
+  record_claims(P, claimer, {got[1] .. ' ' .. got[2]}, rcall('GET', P .. 'claim:' .. claimer))
   local box = P .. 'inbox:' .. claimer
   rcall('RPUSH', box, cjson.encode(got))
   rcall('EXPIRE', box, HANDOFF_TTL)

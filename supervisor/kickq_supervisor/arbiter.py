@@ -42,6 +42,7 @@ class Run:
     handler_returned: bool = False
     name: str = ""  # the job name, for metrics
     retained: bool = False  # its outcome came with the F message (in Slot.unsaved)
+    started: float = 0.0  # time.monotonic(), from the S message (a claim ahead has no start in Redis)
 
 
 @dataclass
@@ -190,7 +191,7 @@ class Arbiter:
         if parts[0] == "S" and len(parts) >= 5:  # "S id token start timeout [name, may hold spaces]"
             job_id, token, started, timeout = parts[1], parts[2], float(parts[3]), float(parts[4])
             name = line.split(" ", 5)[5] if len(parts) > 5 else ""
-            slot.run = Run(job_id, token, started + timeout, name=name)
+            slot.run = Run(job_id, token, started + timeout, name=name, started=started)
         elif parts[0] == "F" and slot.run is not None and slot.run.job_id == parts[1]:
             slot.run.handler_returned = True
             if len(parts) >= 4:  # "F id success|fail seconds [payload as a JSON string]"

@@ -205,7 +205,10 @@ def run_master(args: argparse.Namespace, registrations: list[registry.Registrati
 
     def lost_job(slot: Slot, job_id: str, token: str, error: str) -> None:
         settings = per_registration[slot.spec]
-        ghosters[describe(settings)].submit(settings["redis_namespace"], job_id, token, error, slot.claimer)
+        run = slot.run
+        started = run.started if run is not None and run.job_id == job_id and run.started else None
+        ghosters[describe(settings)].submit(settings["redis_namespace"], job_id, token, error, slot.claimer,
+                                            started)
 
     def lost_claim(slot: Slot, error: str) -> None:
         settings = per_registration[slot.spec]

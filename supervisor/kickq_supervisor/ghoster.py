@@ -30,9 +30,15 @@ class Ghoster:
         self.thread = threading.Thread(target=self._run, name="kickq-ghoster", daemon=True)
         self.thread.start()
 
-    def submit(self, namespace: str, job_id: str, token: str, error: str, claimer: str = "") -> None:
+    def submit(self, namespace: str, job_id: str, token: str, error: str, claimer: str = "",
+               started: float | None = None) -> None:
+        """`started`: the run's start on time.monotonic() (the worker's S message), which Redis
+        does not have for a job claimed ahead; the run then ended when this was submitted."""
+        run_ms = None if started is None else max(0, int(round((time.monotonic() - started) * 1000)))
+
         def ghost(scr: scripts.Scripts) -> None:
-            status, state, _ = scr.finish(Keys(namespace), job_id, token, "ghost", error, claimer=claimer)
+            status, state, _ = scr.finish(Keys(namespace), job_id, token, "ghost", error, claimer=claimer,
+                                          run_ms=run_ms)
             log.info("job %s attempt %s: %s -> %s", job_id, token, error,
                      state if status == "ok" else f"unchanged ({status})")
         self.pending.put((ghost, f"job {job_id}"))

@@ -38,7 +38,7 @@ def _ledger_fd() -> int:
 
 def record(job: Any, data: dict[str, Any]) -> int:
     """Append this execution to the ledger; returns the attempt number."""
-    attempt = len(job.runs)  # the run in progress included: the attempt token
+    attempt = job.attempt  # the run's attempt token (a run lost uncounted still took one)
     ref = str(data.get("ref", "-")).replace(" ", "_")
     os.write(_ledger_fd(), f"{job.id} {attempt} {os.getpid()} {ref}\n".encode())
     return attempt
