@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kickq.scripts import LEASE_GRACE_MS, parse_claim_record, parse_handoff
+from kickq.scripts import LEASE_GRACE_MS, journal_entry, parse_claim_record, parse_handoff
 from tests.test_scripts import T0, Machine
 
 IDLE_MS = 3000
@@ -158,16 +158,40 @@ def test_recover_gives_a_lost_workers_untaken_job_back_to_its_queue(m):
     assert m.s.claim(m.keys, ["a"], now=T0 + 5000, claimer="w2")[0] == job_id
 
 
-@pytest.mark.parametrize("ghost_retry", [True, False])
-def test_recover_after_a_taken_job_gives_it_back_unless_it_must_not_run_twice(m, ghost_retry):
-    """Taken from the inbox (or popped by a BLPOP served to a worker whose host had died): Redis
-    cannot tell whether it started, as for a batch claim."""
+def test_recover_ghosts_a_taken_job_whose_start_was_marked_and_gives_back_one_that_was_not(m):
+    """Taken from the inbox (or popped by a BLPOP served to a worker whose host had died), a job is
+    known to have started only by the mark its worker journals before running it."""
     wait_idle(m, "w1")
-    job_id = m.create("a", opts={"process_timeout": 1, "ghost_retry": ghost_retry}, now=T0 + 1)
+    marked = m.create("a", opts={"process_timeout": 1}, now=T0 + 1)
     m.r.lpop(m.keys.inbox("w1"))
-    m.recover(now=T0 + 1 + 1000 + LEASE_GRACE_MS + 1)
-    if ghost_retry:
-        assert m.state(job_id) == "queued" and m.job(job_id).runs == []
-    else:
-        job = m.job(job_id)
-        assert job.state == "fail" and job.runs[0]["state"] == "ghost"
+    m.r.rpush(m.keys.journal("w1"), journal_entry(marked, 1, "start", "", 0, 5000.0))
+    wait_idle(m, "w2")
+    unmarked = m.create("a", opts={"process_timeout": 1, "ghost_retry": False}, now=T0 + 2)
+    m.r.lpop(m.keys.inbox("w2"))
+    m.recover(now=T0 + 2 + 1000 + LEASE_GRACE_MS + 1)
+    job = m.job(marked)
+    assert job.state == "ghost" and job.runs[0]["error"].startswith("lease expired")
+    assert job.runs[0]["start"] == T0 + 1  # the worker's clock is not known here: its claim time
+    assert job.runs[0]["time"] == 1000 + LEASE_GRACE_MS + 2  # from its claim to the recovery
+    assert m.state(unmarked) == "queued" and m.job(unmarked).runs == []  # never started: not lost
+
+
+def test_a_start_mark_is_token_checked_and_its_time_comes_from_the_workers_clock(m):
+    wait_idle(m, "w1")
+    job_id = m.create("a", now=T0 + 1)
+    m.r.lpop(m.keys.inbox("w1"))
+    m.r.rpush(m.keys.journal("w1"), journal_entry(job_id, 7, "start", "", 0, 5000.0))  # stale token
+    m.r.rpush(m.keys.journal("w2"), journal_entry(job_id, 1, "start", "", 0, 5000.0))  # not the owner
+    m.s.finish_many(m.keys, "w2", now=T0 + 50, mono_ms=5020.0)
+    m.s.finish_many(m.keys, "w1", now=T0 + 50, mono_ms=5020.0)
+    m.check()
+    assert "run_start" not in m.hash(job_id)
+    m.r.rpush(m.keys.journal("w1"), journal_entry(job_id, 1, "start", "", 0, 5000.0))
+    m.s.finish_many(m.keys, "w1", now=T0 + 50, mono_ms=5020.0)
+    m.check()
+    assert m.hash(job_id)["run_start"] == str(T0 + 30)  # 20 ms before now, by the worker's clock
+    # the run's end then takes its own measured time, and the mark is gone with the run
+    m.r.rpush(m.keys.journal("w1"), journal_entry(job_id, 1, "success", "", 12, 5040.0))
+    m.s.finish_many(m.keys, "w1", now=T0 + 70, mono_ms=5040.0)
+    job = m.job(job_id)
+    assert job.state == "success" and job.runs[0]["start"] == T0 + 58 and "run_start" not in m.hash(job_id)

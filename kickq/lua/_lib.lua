@@ -460,12 +460,24 @@ local function finish_runs(P, now, claimer, args, at, n)
   return statuses, states, at
 end
 
--- A worker's journal of finished runs, P.."done:"..claimer. The worker RPUSHes one entry the moment
--- a handler returns, a plain command (the outcome is in Redis at once, and cheaply); the runs are
--- ended in batches: by the worker's next finish_many, by abandon when the worker is gone, by
--- recover when a lease of its expires. Entry: JSON [id, token, outcome, payload, run ms, ended at
--- on the worker host's monotonic clock in ms]; `mono_now` is that clock now (false: not known, the
--- runs then ended now). Returns the entries not saved, as {id, token, status, state} each.
+-- A job claimed ahead (a batch, a hand-off: no 'run_start') whose run the worker says is starting:
+-- from now on a lost run of it is ghosted, not given back as never started. `ago`: ms since it
+-- started (false: not known; its claim time then).
+local function mark_started(P, claimer, id, token, now, ago)
+  local jk = P .. 'job:' .. id
+  local _, mine = owns(P, id, token, claimer)
+  if not mine or rcall('HEXISTS', jk, 'run_start') == 1 then return end
+  local start = ago and now - math.floor(math.min(math.max(ago, 0), 60000) + 0.5)
+  rcall('HSET', jk, 'run_start', start or tonumber(rcall('HGET', jk, 'update_time')) or now)
+end
+
+-- A worker's journal, P.."done:"..claimer. The worker RPUSHes one entry the moment a handler
+-- returns, a plain command (the outcome is in Redis at once, and cheaply); the runs are ended in
+-- batches: by the worker's next finish_many, by abandon when the worker is gone, by recover when a
+-- lease of its expires. Entry: JSON [id, token, outcome, payload, run ms, ended at on the worker
+-- host's monotonic clock in ms]; `mono_now` is that clock now (false: not known, the runs then
+-- ended now). Outcome 'start' marks the start of a job claimed ahead (mark_started), sent before
+-- its handler runs. Returns the entries not saved, as {id, token, status, state} each.
 local function apply_journal(P, claimer, now, mono_now)
   local key = P .. 'done:' .. claimer
   local entries = rcall('LRANGE', key, 0, -1)
@@ -474,7 +486,9 @@ local function apply_journal(P, claimer, now, mono_now)
   local rejected = {}
   for _, raw in ipairs(entries) do
     local ok, e = pcall(cjson.decode, raw)
-    if ok and type(e) == 'table' and e[1] then
+    if ok and type(e) == 'table' and e[1] and e[3] == 'start' then
+      mark_started(P, claimer, tostring(e[1]), tostring(e[2]), now, mono_now and e[6] and (mono_now - tonumber(e[6])))
+    elseif ok and type(e) == 'table' and e[1] then
       local ago = mono_now and e[6] and (mono_now - tonumber(e[6])) or 0
       local status, state = finish_one(P, now, claimer, tostring(e[1]), tostring(e[2]), e[3], e[4] or '',
                                         tonumber(e[5]), ago)

@@ -1,6 +1,5 @@
 --[[ recover: processing jobs whose lease expired (worker, supervisor or host lost) -> ghost | fail;
-  a job claimed ahead that no one said had started -> queued (front), at most twice per job, unless
-  it has ghost_retry false (it may have started: ghosted, so it fails). Runs
+  a job claimed ahead whose start was never marked -> queued (front), at most twice per job. Runs
   its worker journaled as finished (P.."done:"..owner) are saved first, with their outcome; jobs
   still in the owner's inbox (handed over, never taken) go back to their queue.
   KEYS[1]  P.."id"   (routing only)
@@ -26,12 +25,10 @@ for _, id in ipairs(ids) do
   if not rcall('ZSCORE', P .. 'processing', id) then
     -- saved by the journal just now
   elseif rcall('EXISTS', jk) == 1 then
-    -- A job claimed ahead (no 'run_start': a batch or a hand-off) of a lost supervisor most likely
-    -- never started: it goes back to its queue, not to a ghost retry. Should it keep taking its
-    -- supervisors down with it, its third loss is ghosted like any run. A job that must not run
-    -- twice (ghost_retry false) is ghosted at once: it may have started.
-    if rcall('HEXISTS', jk, 'run_start') == 0 and job_options(jk).ghost_retry
-        and rcall('HINCRBY', jk, 'lost', 1) <= MAX_LOST_PREFETCHED then
+    -- A job claimed ahead (a batch or a hand-off) whose start its worker never marked in its journal
+    -- (applied just above) never started: it goes back to its queue, not to a ghost retry. Should
+    -- it keep taking its supervisors down with it, its third loss is ghosted like any run.
+    if rcall('HEXISTS', jk, 'run_start') == 0 and rcall('HINCRBY', jk, 'lost', 1) <= MAX_LOST_PREFETCHED then
       release(P, id, now)
     else
       end_run(P, id, now, 'ghost', false, ARGV[4])

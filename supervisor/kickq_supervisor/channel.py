@@ -56,6 +56,16 @@ class Channel:
             raise
         self.sent.append(("", args))
 
+    def send_commands(self, *commands: tuple[Any, ...]) -> None:
+        """Send plain commands in one write; their replies come with the next `settle`."""
+        try:
+            conn = self._connection()
+            conn.send_packed_command(conn.pack_commands(commands))
+        except BaseException:
+            self.reset()
+            raise
+        self.sent += [("", args) for args in commands]
+
     def settle(self) -> list[Any]:
         """The replies of every call sent and not yet settled, in order. A reply that is an error
         is returned as the exception (a NOSCRIPT is mended by sending that call again). On a

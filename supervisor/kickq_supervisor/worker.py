@@ -100,6 +100,8 @@ class Worker:
         # per call sent, until its reply is read: its runs, whether it claims, what it is
         self.inflight: list[tuple[list[Done], bool, str]] = []
         self.journaled = 0  # runs in the journal since the last finish_many
+        self.journal_fresh = True  # nothing pushed to it since the last finish_many: it has no TTL
+        self.marked: set[str] = set()  # jobs claimed ahead whose start marker has been sent
         # Jobs whose runs went to the journal and may not be ended yet (a lost-claim recovery must
         # not take them for jobs to run), in the order sent; and whether a claim's reply was lost.
         self.journal_ids: list[str] = []
@@ -179,11 +181,14 @@ class Worker:
                     self._set_idle_title()
                     claimed = self._next_job()
                     if claimed is not None:
-                        self.ready.append(Ready(*claimed, time.monotonic(), False))
+                        # a claim ahead (a hand-off) has no run_start; a claim to start at once has
+                        self.ready.append(Ready(*claimed, time.monotonic(), "run_start" not in claimed[2]))
                     continue
                 job = self.ready.popleft()
                 if job.prefetched and time.monotonic() - job.claimed_at > MAX_PREFETCH_WAIT:
                     self._give_back_ready(job)
+                    continue
+                if job.prefetched and not self._mark_start(job):
                     continue
                 done = self._work(job)
                 last = self._should_retire()
@@ -203,10 +208,41 @@ class Worker:
         refilling = any(claims for _, claims, _ in self.inflight)
         low = len(self.ready) <= self._batch_size() // 2
         want = self._batch_size() if claim and low and not refilling else 0
+        # The next job's start marker rides along (see _mark_start): no write of its own.
+        upcoming = self.ready[0] if self.ready else None
+        marks = [self._start_marker(upcoming)] \
+            if upcoming is not None and upcoming.prefetched and upcoming.job_id not in self.marked else []
         if want or done.urgent or self.unsaved:
+            if marks:
+                self._push_journal(marks, [])
             self._send(self.unsaved + [done], want)
         else:
-            self._journal(done)
+            self._journal(done, marks)
+
+    def _start_marker(self, job: Ready) -> str:
+        self.marked.add(job.job_id)
+        return scripts.journal_entry(job.job_id, job.token, "start", "", 0, time.monotonic() * 1000)
+
+    def _mark_start(self, job: Ready) -> bool:
+        """Before a job claimed ahead starts, say so in the journal, so that if the whole supervisor
+        is lost its run is ghosted rather than given back as never started (recover reads the
+        journal). A job that must not run twice (ghost_retry false) waits until Redis has the mark;
+        if Redis cannot be reached, it is given back instead of started. False: not to be run."""
+        if job.job_id not in self.marked:
+            self._push_journal([self._start_marker(job)], [])
+        self.marked.discard(job.job_id)
+        if _options(job.fields).get("ghost_retry", True) is not False:
+            return True
+        assert self.channel is not None
+        try:
+            if self.inflight:
+                self._settled(self.channel.settle())
+            if not self.inflight:
+                return True
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            self._lost_connection(exc, [], False)
+        self.give_back.append((job.job_id, job.token))
+        return False
 
     def _send(self, runs: list[Done], want: int) -> None:
         """finish_many without waiting: the journal, these runs, the give-backs, `want` claims."""
@@ -225,26 +261,33 @@ class Worker:
         self.inflight.append((runs, want > 0, f"finish_many {len(self.journal_ids)} {int(idle_ms > 0)}"))
         self.unsaved, self.give_back = [], []
         self.journaled = 0
+        self.journal_fresh = True
 
-    def _journal(self, done: Done) -> None:
-        assert self.channel is not None
+    def _journal(self, done: Done, marks: list[str]) -> None:
         entry = scripts.journal_entry(done.job_id, done.token, done.outcome, done.payload, done.run_ms,
                                       done.ended_at * 1000)
+        if self._push_journal([entry, *marks], [done]):
+            self.journal_ids.append(done.job_id)
+            self.journaled += 1
+
+    def _push_journal(self, entries: list[str], runs: list[Done]) -> bool:
+        """RPUSH to the journal without waiting (with its TTL when it is fresh), in one write."""
+        assert self.channel is not None
         key = self.keys.journal(self.claimer)
+        # a fresh journal gets a TTL: bounded, should its worker and supervisor vanish
+        commands: list[tuple[Any, ...]] = [("RPUSH", key, *entries)]
+        if self.journal_fresh:
+            commands.append(("EXPIRE", key, 86400))
         try:
-            self.channel.send_command("RPUSH", key, entry)
+            self.channel.send_commands(*commands)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            self._lost_connection(exc, [done], False)
-            return
-        self.inflight.append(([done], False, "journal"))
-        self.journal_ids.append(done.job_id)
-        self.journaled += 1
-        if self.journaled == 1:  # a fresh journal: bounded, should its worker and supervisor vanish
-            try:
-                self.channel.send_command("EXPIRE", key, 86400)
-                self.inflight.append(([], False, "expire"))
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                self._lost_connection(exc, [], False)
+            self._lost_connection(exc, runs, False)
+            return False
+        self.inflight.append((runs, False, "journal"))
+        if self.journal_fresh:
+            self.inflight.append(([], False, "expire"))
+            self.journal_fresh = False
+        return True
 
     def _refill(self) -> None:
         """Out of jobs: read the replies of the calls in flight (a claim among them), then, if
@@ -309,6 +352,7 @@ class Worker:
         assert self.channel is not None
         self.channel.reset()
         self.registered = False
+        self.journal_fresh = True  # whether the TTL got there is not known: set it again
         claimed = claimed or any(claims for _, claims, _ in self.inflight)
         self.unsaved = [d for call_runs, _, _ in self.inflight for d in call_runs] + self.unsaved + runs
         self.inflight = []
@@ -336,6 +380,7 @@ class Worker:
     def _give_back_ready(self, first: Ready) -> None:
         self.give_back += [(first.job_id, first.token)] + [(j.job_id, j.token) for j in self.ready]
         self.ready.clear()
+        self.marked.clear()
 
     def _batch_size(self) -> int:
         if self.prefetch <= 1 or self.run_seconds <= 0:
