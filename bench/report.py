@@ -296,6 +296,9 @@ def render(results: dict[str, Any]) -> str:
     w("|---|---|---|---|")
     for row in targets(v):
         w("| " + " | ".join(row) + " |")
+    w("")
+    w("Why the missed ones are missed, measured piece by piece (CPU per job, script time, the idle "
+      "path's steps): [bench/README.md](README.md#why-targets-are-missed).")
 
     # profiles
     excerpts = [(name, profile_excerpt(name)) for name in (
