@@ -228,16 +228,15 @@ class Worker:
         is lost its run is ghosted rather than given back as never started (recover reads the
         journal). A job that must not run twice (ghost_retry false) waits until Redis has the mark;
         if Redis cannot be reached, it is given back instead of started. False: not to be run."""
-        if job.job_id not in self.marked:
-            self._push_journal([self._start_marker(job)], [])
+        sent = job.job_id in self.marked or self._push_journal([self._start_marker(job)], [])
         self.marked.discard(job.job_id)
         if _options(job.fields).get("ghost_retry", True) is not False:
             return True
         assert self.channel is not None
         try:
-            if self.inflight:
-                self._settled(self.channel.settle())
-            if not self.inflight:
+            if sent and self.inflight:
+                self._settled(self.channel.settle())  # the mark's RPUSH among them
+            if sent and not self.inflight:
                 return True
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             self._lost_connection(exc, [], False)
@@ -353,6 +352,7 @@ class Worker:
         self.channel.reset()
         self.registered = False
         self.journal_fresh = True  # whether the TTL got there is not known: set it again
+        self.marked.clear()  # nor whether a start mark did: the next job's is sent again
         claimed = claimed or any(claims for _, claims, _ in self.inflight)
         self.unsaved = [d for call_runs, _, _ in self.inflight for d in call_runs] + self.unsaved + runs
         self.inflight = []

@@ -2,6 +2,7 @@
 it does when the connection drops with an outcome and a claim in flight."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -74,3 +75,55 @@ def test_a_lost_idle_claim_is_looked_up_only_once_nothing_is_in_flight(worker, k
     worker.claims_lost = True  # e.g. an idle claim failed meanwhile
     worker._refill()
     assert [j.job_id for j in worker.ready] == [j.id for j in jobs[2:]]  # each once
+
+
+def claim_batch(worker, kq, count, opts=None):
+    jobs = [kq.create("w", None, opts) for _ in range(count)]
+    worker.run_seconds = 0.001  # recent runs were quick: batches of 4
+    worker.jobs_done, worker.last_busy = 1, time.monotonic()
+    worker._refill()  # claims a batch at once
+    assert [j.job_id for j in worker.ready] == [j.id for j in jobs[:4]]
+    return jobs
+
+
+def journal(kq, worker):
+    return [json.loads(e)[:3] for e in kq.redis.lrange(worker.keys.journal(worker.claimer), 0, -1)]
+
+
+def test_the_next_jobs_start_mark_rides_with_the_previous_outcome(worker, kq):
+    jobs = claim_batch(worker, kq, 4)
+    first = worker.ready.popleft()
+    assert worker._mark_start(first)  # the first of a batch: a write of its own
+    worker._save(Done(first.job_id, first.token, "success", "", 1, time.monotonic(), False), claim=False)
+    worker._settled(worker.channel.settle())
+    a, b = jobs[0].id, jobs[1].id
+    assert journal(kq, worker) == [[a, "1", "start"], [a, "1", "success"], [b, "1", "start"]]
+    second = worker.ready.popleft()
+    sent = len(worker.channel.sent)
+    assert worker._mark_start(second) and len(worker.channel.sent) == sent  # marked already: no write
+    worker._send([], 0)  # a finish_many applies the journal
+    worker._settled(worker.channel.settle())
+    assert kq.get(a).state == "success"
+    fields = {j.id: kq.redis.hgetall(worker.keys.job(j.id)) for j in jobs[1:]}
+    assert "run_start" in fields[b]  # known to have started: a lost run of it is ghosted
+    assert "run_start" not in fields[jobs[2].id]  # claimed ahead, not started: it would go back
+
+
+def test_a_job_that_must_not_run_twice_starts_only_once_redis_has_its_mark(worker, kq):
+    claim_batch(worker, kq, 4, {"ghost_retry": False})
+    job = worker.ready.popleft()
+    assert worker._mark_start(job) and not worker.inflight and not worker.channel.sent  # acknowledged
+    assert journal(kq, worker) == [[job.job_id, "1", "start"]]
+    # Redis cannot be reached: the next one is not started but given back (with the next call)
+    nxt = worker.ready.popleft()
+
+    def dropped(*args, **kwargs):
+        raise redis.exceptions.ConnectionError("connection dropped (test)")
+
+    worker.channel.send_commands = dropped
+    assert not worker._mark_start(nxt)
+    del worker.channel.send_commands
+    assert worker.give_back == [(nxt.job_id, nxt.token)]
+    worker._send([], 0)
+    worker._settled(worker.channel.settle())
+    assert kq.get(nxt.job_id).state == "queued" and kq.get(nxt.job_id).runs == []
