@@ -1,6 +1,7 @@
 """Whole-supervisor loss and a Redis outage, against real processes."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -64,6 +65,33 @@ def test_a_job_handed_to_a_dead_supervisors_idle_worker_goes_back_to_its_queue(s
     events = [e["event"] for e in kq.events(since="0", timeout=0.2) if e["id"] == job.id]
     assert events == ["create", "processing", "released", "processing", "success"]
     assert not list(kq.redis.scan_iter(match=keys.prefix + "inbox:*"))  # recover emptied it
+
+
+@pytest.mark.slow
+def test_a_job_that_must_not_run_twice_is_not_rerun_after_its_supervisor_is_lost(start_supervisor, kq,
+                                                                                 namespace, redis_url):
+    """ghost_retry=False, handed to an idle worker (a claim ahead): the worker starts it only once
+    Redis has its start mark, so the lost run is ghosted (the job fails) and never run again."""
+    first = start_supervisor()
+    keys = kickq.keys.Keys(namespace)
+    wait_until(lambda: kq.redis.zcard(keys.idle("chaos")) >= 1, timeout=10, interval=0.01)
+    pids = f"kqtest:pids:{namespace}"
+    job = kq.create("chaos", {"do": "hang", "key": pids, "redis": redis_url},
+                    {"process_timeout": 1.0, "ghost_retry": False})
+    first.wait_running(job.id)
+    wait_until(lambda: kq.redis.llen(pids) == 1, timeout=10, interval=0.01, message="the handler ran")
+    owner = kq.redis.hget(keys.job(job.id), "owner")
+    journal = [json.loads(e)[:3] for e in kq.redis.lrange(keys.journal(owner), 0, -1)]
+    assert journal == [[job.id, "1", "start"]]  # the start mark was in Redis before the run began
+    os.killpg(first.pid, signal.SIGKILL)
+    first.proc.wait(timeout=5)
+
+    start_supervisor()
+    done = wait_job(kq, job.id, timeout=1.0 + LEASE_GRACE + 10)
+    assert done.state == "fail" and [run["state"] for run in done.runs] == ["ghost"]
+    assert done.runs[0]["error"].startswith("lease expired")
+    time.sleep(0.5)  # a re-run, were there one, would have started by now (nothing to poll for)
+    assert kq.redis.llen(pids) == 1
 
 
 def start_redis_on(port, workdir):
