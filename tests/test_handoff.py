@@ -120,7 +120,7 @@ def test_finish_many_returns_what_was_handed_over_and_registers_only_when_it_got
     assert m.r.zcard(m.keys.idle("a")) == 0
 
 
-def test_a_worker_with_a_job_in_its_inbox_is_not_registered_again(m):
+def test_a_claim_under_another_name_still_takes_the_handed_job_and_registers_nothing(m):
     wait_idle(m)
     handed = m.create("a", now=T0 + 1)
     assert m.r.exists(m.keys.inbox("w1"))

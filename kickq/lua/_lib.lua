@@ -406,16 +406,17 @@ local function owns(P, id, token, claimer)
   return state, state == 'processing' and attempt == token and not (claimer ~= '' and owner and owner ~= claimer)
 end
 
--- Write the claim record P.."claim:"..claimer: the jobs of `old` (a record) that the claimer still
--- holds, then `pairs` ("id attempt" each), so that whoever cleans up after it finds them all.
-local function record_claims(P, claimer, pairs, old)
+-- Add `pairs` ("id attempt" each) to the claim record P.."claim:"..claimer, keeping the jobs it
+-- names that the claimer still holds, so that whoever cleans up after it finds them all.
+local function record_claims(P, claimer, pairs)
+  local ck = P .. 'claim:' .. claimer
   local held = {}
-  for id, token in string.gmatch(old or '', '(%S+) (%S+)') do
+  for id, token in string.gmatch(rcall('GET', ck) or '', '(%S+) (%S+)') do
     local _, mine = owns(P, id, token, claimer)
     if mine then held[#held + 1] = id .. ' ' .. token end
   end
   for _, pair in ipairs(pairs) do held[#held + 1] = pair end
-  rcall('SET', P .. 'claim:' .. claimer, table.concat(held, ' '), 'EX', 86400)
+  rcall('SET', ck, table.concat(held, ' '), 'EX', 86400)
 end
 
 -- Give a claimed job that never started back to the front of its queue (processing -> queued).
@@ -477,8 +478,10 @@ end
 -- lease of its expires. Entry: JSON [id, token, outcome, payload, run ms, ended at on the worker
 -- host's monotonic clock in ms]; `mono_now` is that clock now (false: not known, the runs then
 -- ended now). Outcome 'start' marks the start of a job claimed ahead (mark_started), sent before
--- its handler runs. Returns the entries not saved, as {id, token, status, state} each.
-local function apply_journal(P, claimer, now, mono_now)
+-- its handler runs; `marks` false skips them (abandon: the master knows which run began, and a
+-- mark may precede a start the worker did not live to make). Returns the entries not saved, as
+-- {id, token, status, state} each.
+local function apply_journal(P, claimer, now, mono_now, marks)
   local key = P .. 'done:' .. claimer
   local entries = rcall('LRANGE', key, 0, -1)
   if #entries == 0 then return {} end
@@ -486,13 +489,15 @@ local function apply_journal(P, claimer, now, mono_now)
   local rejected = {}
   for _, raw in ipairs(entries) do
     local ok, e = pcall(cjson.decode, raw)
-    if ok and type(e) == 'table' and e[1] and e[3] == 'start' then
-      mark_started(P, claimer, tostring(e[1]), tostring(e[2]), now, mono_now and e[6] and (mono_now - tonumber(e[6])))
-    elseif ok and type(e) == 'table' and e[1] then
-      local ago = mono_now and e[6] and (mono_now - tonumber(e[6])) or 0
-      local status, state = finish_one(P, now, claimer, tostring(e[1]), tostring(e[2]), e[3], e[4] or '',
-                                        tonumber(e[5]), ago)
-      if status ~= 'ok' then rejected[#rejected + 1] = {tostring(e[1]), tostring(e[2]), status, state} end
+    if ok and type(e) == 'table' and e[1] then
+      local id, token = tostring(e[1]), tostring(e[2])
+      local ago = mono_now and e[6] and (mono_now - tonumber(e[6]))
+      if e[3] == 'start' then
+        if marks then mark_started(P, claimer, id, token, now, ago) end
+      else
+        local status, state = finish_one(P, now, claimer, id, token, e[3], e[4] or '', tonumber(e[5]), ago or 0)
+        if status ~= 'ok' then rejected[#rejected + 1] = {id, token, status, state} end
+      end
     end
   end
   return rejected
@@ -517,9 +522,8 @@ local function unidle(P, claimer)
   rcall('DEL', ik)
 end
 
+-- Called only after the caller's inbox was taken (claim.lua, finish_many.lua): it is empty here.
 local function register_idle(P, claimer, names, now, ttl_ms)
-  -- A job handed over already waits in the inbox: the worker is not idle.
-  if rcall('EXISTS', P .. 'inbox:' .. claimer) == 1 then return end
   -- Both keys lapse a minute after the last registration that renewed them (dead workers' leftovers).
   for _, name in ipairs(names) do
     local ik = P .. 'idle:' .. name
@@ -541,7 +545,7 @@ local function hand_off(P, name, now)
   -- the master heard of its start gives it back rather than ghosting a run that never began.
   local got = claim(P, {name}, now, claimer, false, true)
   if not got then return end
-  record_claims(P, claimer, {got[1] .. ' ' .. got[2]}, rcall('GET', P .. 'claim:' .. claimer))
+  record_claims(P, claimer, {got[1] .. ' ' .. got[2]})
   local box = P .. 'inbox:' .. claimer
   rcall('RPUSH', box, cjson.encode(got))
   rcall('EXPIRE', box, HANDOFF_TTL)

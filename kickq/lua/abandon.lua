@@ -20,7 +20,7 @@ local P = ARGV[1]
 local now = clock(ARGV[2])
 local claimer = ARGV[3]
 unidle(P, claimer)
-apply_journal(P, claimer, now, tonumber(ARGV[5]) or false)
+apply_journal(P, claimer, now, tonumber(ARGV[5]) or false, false)
 local statuses, _ = finish_runs(P, now, claimer, ARGV, 7, tonumber(ARGV[6]))
 local saved = 0
 for _, status in ipairs(statuses) do if status == 'ok' then saved = saved + 1 end end

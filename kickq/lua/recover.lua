@@ -18,7 +18,7 @@ for _, id in ipairs(ids) do
   -- Runs its worker finished and journaled are saved first (that may end this one, and others).
   local owner = rcall('HGET', jk, 'owner')
   if owner then
-    apply_journal(P, owner, now, false)
+    apply_journal(P, owner, now, false, true)
     unidle(P, owner)
     release_inbox(P, owner, now)
   end

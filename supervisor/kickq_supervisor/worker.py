@@ -61,7 +61,7 @@ class Ready(NamedTuple):
     token: int
     fields: dict[str, str]
     claimed_at: float  # monotonic
-    prefetched: bool  # claimed in a batch: its start is not recorded in Redis
+    prefetched: bool  # claimed ahead (a batch, a hand-off): Redis learns its start from a start mark
 
 
 class Done(NamedTuple):
@@ -110,7 +110,6 @@ class Worker:
         self.give_back: list[tuple[str, int]] = []
         self.last_busy = 0.0
         self.run_seconds = 0.0  # moving average of recent runs, for the batch size
-        self.last_ran = 0.0
         self.jobs_done = 0
         self.stopping = False
         self.idle = False
@@ -193,7 +192,6 @@ class Worker:
                 done = self._work(job)
                 last = self._should_retire()
                 self._save(done, claim=not last)
-                self._report(done, self.last_ran)
                 if last:
                     break
         except _Stop:
@@ -463,22 +461,17 @@ class Worker:
         outcome = self._run(job_id, fields)
         ended = time.monotonic()
         hot = opts.get("hotjob") is True
-        ran = self.last_ran = ended - started
+        ran = ended - started
         kind = "success" if outcome.success else "fail"
         body = (outcome.result_json if outcome.success else outcome.error) or ""
         retained = len(body) <= RETAINED_PAYLOAD
+        # Before the outcome leaves for Redis: the master then always knows at least what the
+        # journal does, so it never ghosts a run whose outcome the journal holds.
+        self._notify(f"F {job_id} {kind} {ran:.6f}" + (" " + json.dumps(body) if retained else ""))
         self.jobs_done += 1
         self.last_busy = ended
         self.run_seconds = ran if self.run_seconds <= 0 else 0.8 * self.run_seconds + 0.2 * ran
         return Done(job_id, token, kind, body, int(round(ran * 1000)), ended, hot or not retained)
-
-    def _report(self, done: Done, ran: float) -> None:
-        """Tell the master the handler returned, with the outcome when it is small enough to keep.
-        Sent after the outcome left for Redis, which a waiting creator wants first: should the
-        worker die in between, the master ghosts a run that Redis has ended already (stale)."""
-        retained = len(done.payload) <= RETAINED_PAYLOAD
-        self._notify(f"F {done.job_id} {done.outcome} {ran:.6f}"
-                     + (" " + json.dumps(done.payload) if retained else ""))
 
     def _run(self, job_id: str, fields: Mapping[str, str]) -> Outcome:
         if "run_start" not in fields:  # prefetched: its run starts now, as the handler sees it
