@@ -27,7 +27,6 @@ import uuid
 from collections import deque
 from typing import Any, Mapping, NamedTuple
 
-import psutil
 import redis
 
 from kickq import scripts
@@ -37,7 +36,7 @@ from kickq.keys import Keys
 from kickq.registry import Registration
 
 from .channel import Channel
-from .osapi import die_with_parent, set_title
+from .osapi import current_rss, die_with_parent, set_title
 from .runner import Outcome, Runner
 
 log = logging.getLogger("kickq.worker")
@@ -392,7 +391,7 @@ class Worker:
             log.info("worker %d retiring after %d jobs (max_jobs_per_worker)", self.number, self.jobs_done)
             return True
         if self.max_memory:
-            rss = psutil.Process().memory_info().rss
+            rss = current_rss()
             if rss > self.max_memory:
                 log.info("worker %d retiring: RSS %d bytes > max_memory_per_worker", self.number, rss)
                 return True
@@ -402,7 +401,7 @@ class Worker:
         """Checked before finishing a job: if this is the last one, do not claim another."""
         if self.stopping or (self.max_jobs and self.jobs_done >= self.max_jobs):
             return True
-        return bool(self.max_memory and psutil.Process().memory_info().rss > self.max_memory)
+        return bool(self.max_memory and current_rss() > self.max_memory)
 
     def _next_job(self) -> Claimed | None:
         """Block until a job is handed over or a wake token arrives (or a second passes); claim

@@ -97,3 +97,14 @@ def test_max_memory_per_worker_replaces_the_worker(start_supervisor, kq):
     start_supervisor(args=["--max-memory-per-worker", "1M"])
     pids = [wait_job(kq, kq.create("pid").id).result for _ in range(3)]
     assert len(set(pids)) == 3, pids
+
+
+def test_current_rss_reads_this_process_resident_size():
+    import psutil
+
+    from kickq_supervisor.osapi import current_rss
+    before = current_rss()
+    assert abs(before - psutil.Process().memory_info().rss) < 4 * 2**20
+    block = bytearray(64 * 2**20)  # zero-filled: every page is touched
+    assert current_rss() - before > 48 * 2**20
+    del block
