@@ -214,7 +214,7 @@ async def _run_batch(state: _State, batch: _Batch) -> None:
                     assert waiter is not None
                     timeout = float(p.opts["hotjob_timeout"])
                     promise = waiter.watch(job_id, timeout, started + timeout, generation, batch.client)
-                jobs.append(Job.from_fields(job_id, p.fields(create_time), promise))
+                jobs.append(Job.created(job_id, p.name, create_time, p.delay_ms, p.stored, p.data, promise))
             if alive:
                 group.future.set_result(jobs)
             else:

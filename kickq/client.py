@@ -14,7 +14,7 @@ from .config import (GLOBAL_DEFAULTS, ConfigError, current, merge_settings, on_r
                      snake_case,
                      stored_options, validate_settings)
 from .config import version as config_version
-from .connection import check_version, connect, redis_errors, server_info
+from .connection import Lane, check_version, connect, redis_errors, server_info
 from .errors import JobNotFound, KickqError
 from .hotjob import HotjobWaiter
 from .job import Job
@@ -64,17 +64,6 @@ class Prepared:
     def script_item(self) -> tuple[str, str, str, int | None]:
         return (self.name, self.data, self.stored, self.delay_ms)
 
-    def fields(self, create_time: int) -> dict[str, str]:
-        """The hash the create script wrote, so create needs no second round trip to build the Job."""
-        fields = {"name": self.name, "create_time": str(create_time), "update_time": str(create_time),
-                  "state": "new" if self.delay_ms is None else "delayed"}
-        if self.data:
-            fields["data"] = self.data
-        if self.stored:
-            fields["opts"] = self.stored
-        if self.delay_ms is not None:
-            fields["scheduled_for"] = str(create_time + self.delay_ms)
-        return fields
 
 
 def resolve(settings: Mapping[str, Any], name: Any, opts: Any) -> tuple[str, dict[str, Any], str, int | None]:
@@ -164,6 +153,7 @@ class Kickq:
         self._redis: redis.Redis | None = None
         self._redis_key: tuple[Any, ...] | None = None
         self._scripts: scripts.Scripts | None = None
+        self._lane: Lane | None = None
         self._waiters: dict[str, HotjobWaiter] = {}  # one per namespace
         _clients.add(self)
 
@@ -219,7 +209,9 @@ class Kickq:
                         client.hsetnx(meta, "events_maxlen", maxlen)
                     else:
                         client.hset(meta, "events_maxlen", maxlen)
-                self._redis, self._redis_key, self._scripts = client, ident, scripts.Scripts(client)
+                self._lane = Lane(client)
+                self._redis, self._redis_key = client, ident
+                self._scripts = scripts.Scripts(client, self._lane)
             assert self._scripts is not None
             return self._redis, self._scripts
 
@@ -247,6 +239,9 @@ class Kickq:
             self._redis.close()
             self._redis = None
             self._scripts = None
+        if self._lane is not None:
+            self._lane.close()
+            self._lane = None
 
     def close(self) -> None:
         """Close connections; pending hotjob futures are cancelled. The client can be used again."""
@@ -334,7 +329,8 @@ class Kickq:
                 assert waiter is not None
                 promise = waiter.watch(job_id, float(p.opts["hotjob_timeout"]), started,
                                        generations.pop(), client)
-            jobs.append(Job.from_fields(job_id, p.fields(create_time), promise))
+            jobs.append(Job.created(job_id, p.name, create_time, p.delay_ms, p.stored, p.data,
+                                    promise))
         return jobs
 
     # --- read and delete ---------------------------------------------------------------------------

@@ -106,6 +106,27 @@ class Job:
         }
         return cls(values, hotjob_promise)
 
+    @classmethod
+    def created(cls, job_id: str, name: str, create_time: int, delay_ms: int | None, stored_opts: str,
+                data_json: str, hotjob_promise: Any = None) -> "Job":
+        """The job the create script just wrote: from_fields of its hash, without building the hash
+        (a create is a producer's hottest call; tests hold the two equal)."""
+        opts = dict(JOB_OPTION_DEFAULTS)
+        if stored_opts:
+            opts.update(payload.decode(stored_opts))
+        values: dict[str, Any] = {
+            "id": job_id, "name": name, "complete": False, "success": False,
+            "create_time": create_time, "update_time": create_time, "finish_time": None,
+            "total_process_time": None, "state": "new" if delay_ms is None else "delayed", **opts,
+            "data": payload.decode(data_json) if data_json else None, "result": None,
+            "last_error": None, "scheduled_for": None if delay_ms is None else create_time + delay_ms,
+            "runs": [], "attempt": 0, "schedule_id": None, "tick": None,
+        }
+        job = cls.__new__(cls)
+        object.__setattr__(job, "_values", values)
+        object.__setattr__(job, "hotjob_promise", hotjob_promise)
+        return job
+
     def __getattr__(self, name: str) -> Any:
         try:
             return self._values[name]

@@ -234,13 +234,17 @@ def parse_claim_record(record: str | None) -> list[tuple[str, str]]:
 
 class Scripts:
     """The scripts registered on one redis-py client. redis-py reloads a script after NOSCRIPT
-    (SCRIPT FLUSH, a Redis restart), in plain calls and in pipelines alike."""
+    (SCRIPT FLUSH, a Redis restart), in plain calls and in pipelines alike. With a `lane`
+    (connection.Lane), plain calls go through it rather than the client's pool."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, lane: Any = None) -> None:
         self._scripts = {name: client.register_script(text) for name, text in SOURCES.items()}
+        self._lane = lane
 
     def run(self, name: str, keys_and_args: tuple[list[str], list[Any]], client: Any = None) -> Any:
         keys, args = keys_and_args
+        if client is None and self._lane is not None:
+            return self._lane.script(self._scripts[name], keys, args)
         return self._scripts[name](keys=keys, args=args, client=client)
 
     # Convenience wrappers used by the supervisor, the reaper and tests (time moved by argument).

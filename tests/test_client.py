@@ -235,6 +235,18 @@ def test_callback_may_sit_in_the_data_or_opts_slot(kq):
 
 # --- create_many --------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("data, opts", [
+    (None, None), ("text", {"delay": 2.5}),
+    ([1, {"a": None}], {"retry": True, "retry_interval": 2.5, "ghost_retry": False}),
+    ({"k": "é"}, {"hotjob": True, "hotjob_timeout": 3, "purge_timeout": 0.5}),
+    (0, {"delay": 0, "retry": True}),
+])
+def test_the_job_create_returns_is_the_job_stored(kq, data, opts):
+    # create builds its Job without reading the hash back: it must be the one get() reads
+    job = kq.create("a", data, opts)
+    assert kq.get(job.id).to_dict() == job.to_dict()
+
+
 def test_create_many_of_mixed_items(kq, r, namespace):
     jobs = kq.create_many([("a",), ("b", {"x": 1}), ("c", None, {"delay": 0}), ["d", [1], {"hotjob": True}],
                            ("a", "s", {"retry": True})])

@@ -536,9 +536,15 @@ end
 -- Claim job `name`'s oldest waiting job for an idle worker of that name, if one is registered.
 local function hand_off(P, name, now)
   local ik = P .. 'idle:' .. name
-  local claimer = rcall('ZRANGEBYSCORE', ik, now, '+inf', 'LIMIT', 0, 1)[1]
-  rcall('ZREMRANGEBYSCORE', ik, '-inf', '(' .. now)  -- lapsed registrations (dead workers)
-  if not claimer then return end
+  -- One call when no worker is idle (a busy queue: every create asks)
+  local first = rcall('ZRANGE', ik, 0, 0, 'WITHSCORES')
+  if not first[1] then return end
+  if tonumber(first[2]) < now then  -- lapsed registrations (dead workers) go first
+    rcall('ZREMRANGEBYSCORE', ik, '-inf', '(' .. now)
+    first = rcall('ZRANGE', ik, 0, 0)
+    if not first[1] then return end
+  end
+  local claimer = first[1]
   unidle(P, claimer)
   -- Claimed as a batch claim is (no 'run_start'): Redis cannot know whether the worker got it (a
   -- BLPOP served to a worker whose host just died pops the entry all the same), so a death before
