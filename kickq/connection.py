@@ -95,8 +95,10 @@ class Lane:
             local.conn, local.pid = conn, os.getpid()
             with self._lock:
                 self._open.add(conn)
-        # As the pool does before lending a connection: one that has something to read was closed
-        # by the server (its idle `timeout`, a restart, CLIENT KILL) and is opened again.
+        # As the pool does before lending a connection. Connecting fails alone (one redis_timeout,
+        # not two); a connection that has something to read was closed by the server (its idle
+        # `timeout`, a restart, CLIENT KILL) and is opened again.
+        conn.connect()  # nothing to do when connected
         try:
             if conn.can_read():
                 raise redis.exceptions.ConnectionError("connection has data")

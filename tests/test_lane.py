@@ -78,3 +78,32 @@ def test_a_forked_child_opens_its_own_connection(kq, r, lane_clients):
     assert os.WEXITSTATUS(status) == 0
     assert kq.create("a").id == "3"  # the parent's connection still works: the child left it alone
     assert parent_lane in lane_clients(r)
+
+
+def test_a_server_that_never_answers_costs_one_timeout_per_call():
+    # A frozen Redis (SIGSTOP) still completes TCP handshakes: each call must fail after one
+    # redis_timeout, not after a connect and a reconnect.
+    import socket
+    import time
+
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from kickq.connection import Lane
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(16)  # never accepts, never answers
+    try:
+        client = redis.Redis(host="127.0.0.1", port=frozen.getsockname()[1], socket_timeout=0.4,
+                             socket_connect_timeout=0.4, retry=Retry(NoBackoff(), 0))
+        script = client.register_script("return 1")
+        lane = Lane(client)
+        for _ in range(2):
+            began = time.monotonic()
+            with pytest.raises((redis.exceptions.TimeoutError, redis.exceptions.ConnectionError)):
+                lane.script(script, ["k"], [])
+            assert time.monotonic() - began < 0.75
+        lane.close()
+    finally:
+        frozen.close()
