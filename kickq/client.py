@@ -65,7 +65,6 @@ class Prepared:
         return (self.name, self.data, self.stored, self.delay_ms)
 
 
-
 def resolve(settings: Mapping[str, Any], name: Any, opts: Any) -> tuple[str, dict[str, Any], str, int | None]:
     """(name, resolved options, stored options JSON, delay ms) for one job; raises on bad input."""
     name = validate_name(name)

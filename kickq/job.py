@@ -20,6 +20,14 @@ def _int(value: str | None) -> int | None:
     return None if value is None else int(float(value))
 
 
+def _options(stored: str | None) -> dict[str, Any]:
+    """A job's options: the defaults, overridden by the differences stored with it (JSON)."""
+    opts = dict(JOB_OPTION_DEFAULTS)
+    if stored:
+        opts.update(payload.decode(stored))
+    return opts
+
+
 def _runs(fields: Mapping[str, str], state: str) -> list[dict[str, Any]]:
     """The finished runs, plus the one in progress (stored as just its start, 'run_start')."""
     runs: list[dict[str, Any]] = payload.decode(fields.get("runs")) or []
@@ -77,9 +85,7 @@ class Job:
     @classmethod
     def from_fields(cls, job_id: str, fields: Mapping[str, str], hotjob_promise: Any = None) -> "Job":
         """Build a Job from its Redis hash (missing fields take their defaults)."""
-        opts = dict(JOB_OPTION_DEFAULTS)
-        if fields.get("opts"):
-            opts.update(payload.decode(fields["opts"]))
+        opts = _options(fields.get("opts"))
         state = fields.get("state", "new")
         values: dict[str, Any] = {
             "id": str(job_id),
@@ -111,9 +117,7 @@ class Job:
                 data_json: str, hotjob_promise: Any = None) -> "Job":
         """The job the create script just wrote: from_fields of its hash, without building the hash
         (a create is a producer's hottest call; tests hold the two equal)."""
-        opts = dict(JOB_OPTION_DEFAULTS)
-        if stored_opts:
-            opts.update(payload.decode(stored_opts))
+        opts = _options(stored_opts)
         values: dict[str, Any] = {
             "id": job_id, "name": name, "complete": False, "success": False,
             "create_time": create_time, "update_time": create_time, "finish_time": None,

@@ -548,7 +548,8 @@ local function hand_off(P, name, now)
   unidle(P, claimer)
   -- Claimed as a batch claim is (no 'run_start'): Redis cannot know whether the worker got it (a
   -- BLPOP served to a worker whose host just died pops the entry all the same), so a death before
-  -- the master heard of its start gives it back rather than ghosting a run that never began.
+  -- its start was known (the master's S message, the worker's start mark) gives it back rather
+  -- than ghosting a run that never began.
   local got = claim(P, {name}, now, claimer, false, true)
   if not got then return end
   record_claims(P, claimer, {got[1] .. ' ' .. got[2]})

@@ -47,15 +47,6 @@ class Channel:
             raise
         self.sent.append((name, keys_and_args))
 
-    def send_command(self, *args: Any) -> None:
-        """Send a plain command; its reply comes with the next `settle`."""
-        try:
-            self._connection().send_command(*args)
-        except BaseException:
-            self.reset()
-            raise
-        self.sent.append(("", args))
-
     def send_commands(self, *commands: tuple[Any, ...]) -> None:
         """Send plain commands in one write; their replies come with the next `settle`."""
         try:
