@@ -58,7 +58,7 @@ from .config import current, merge_settings, normalise_job_options, on_reset, va
 from .connection import async_server_info, check_version, client_options, make_client, redis_errors
 from .errors import JobNotFound, KickqError
 from .hotjob import recheck_message
-from .job import Job
+from .job import Job, stored_fields
 from .keys import Keys, validate_name
 
 __all__ = ["Kickq", "AsyncScripts", "connect"]
@@ -402,7 +402,7 @@ class Kickq:
         _, client, _ = await self._connection(settings)
         job_id = str(job_id)
         with redis_errors(settings):
-            fields = await client.hgetall(Keys(settings["redis_namespace"]).job(job_id))
+            fields = await _read_job(client, Keys(settings["redis_namespace"]), job_id)
         if not fields:
             raise JobNotFound(job_id)
         return Job.from_fields(job_id, fields)
@@ -438,7 +438,7 @@ class Kickq:
         future = waiter.watch(job_id, None, None, waiter.generation, client)
         try:
             with redis_errors(settings):
-                fields = await client.hgetall(Keys(settings["redis_namespace"]).job(job_id))
+                fields = await _read_job(client, Keys(settings["redis_namespace"]), job_id)
             message = recheck_message(job_id, fields)
             if message is not None:
                 waiter.deliver(job_id, message, keep_early=False)
@@ -538,6 +538,15 @@ class Kickq:
                 yield event
             if timeout is not None and time.monotonic() - idle_since > timeout:
                 return
+
+
+async def _read_job(client: aioredis.Redis, keys: Keys, job_id: str) -> Mapping[str, str]:
+    """The job's fields (empty: no such job), read as job.stored_fields wants them."""
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.hget(keys.new_jobs, job_id)
+        pipe.hgetall(keys.job(job_id))
+        packed, fields = await pipe.execute()
+    return stored_fields(packed, fields)
 
 
 def _retrieve(task: "asyncio.Task[Any]") -> None:

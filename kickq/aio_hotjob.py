@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from .errors import HotjobTimeout, KickqError, RedisUnavailable
 from .hotjob import EARLY_KEEP_SECONDS, final_job, parse_message, recheck_message
-from .job import Job
+from .job import Job, stored_fields
 from .keys import Keys
 
 log = logging.getLogger("kickq.aio.hotjob")
@@ -270,9 +270,10 @@ class AsyncHotjobWaiter:
             chunk = ids[start:start + RECHECK_CHUNK]
             async with client.pipeline(transaction=False) as pipe:
                 for job_id in chunk:
+                    pipe.hget(self._keys.new_jobs, job_id)
                     pipe.hgetall(self._keys.job(job_id))
                 replies = await pipe.execute()
-            for job_id, fields in zip(chunk, replies, strict=True):
-                message = recheck_message(job_id, fields)
+            for job_id, packed, fields in zip(chunk, replies[::2], replies[1::2], strict=True):
+                message = recheck_message(job_id, stored_fields(packed, fields))
                 if message is not None:
                     self.deliver(job_id, message, keep_early=False)

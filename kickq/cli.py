@@ -24,7 +24,7 @@ from .client import Kickq
 from .config import current, validate_settings
 from .connection import connect, describe, redis_errors
 from .errors import ConfigError, HotjobTimeout, JobNotFound, KickqError
-from .job import STATES, TERMINAL_STATES
+from .job import STATES, TERMINAL_STATES, unpack_new
 from .keys import Keys, validate_name
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -220,9 +220,15 @@ def cmd_list(admin: Admin, args: argparse.Namespace, out: TextIO) -> int:
         for page in _ids(admin, kind, key):
             pipe = admin.client.pipeline(transaction=False)
             for job_id in page:
+                pipe.hget(admin.keys.new_jobs, job_id)
                 pipe.hmget(admin.keys.job(job_id), "state", "name", "create_time", "update_time",
                            "scheduled_for")
-            for job_id, (state, name, created, updated, due) in zip(page, pipe.execute(), strict=True):
+            replies = pipe.execute()
+            for job_id, packed, read in zip(page, replies[::2], replies[1::2], strict=True):
+                if packed is not None:  # a new job not claimed yet (job.stored_fields)
+                    fields = unpack_new(packed)
+                    read = ["new", fields["name"], fields["create_time"], None, None]
+                state, name, created, updated, due = read
                 if state is None or job_id in seen:
                     continue
                 if args.state is not None and state != args.state:
@@ -422,6 +428,10 @@ class Scan:
         client, keys = admin.client, admin.keys
         before = self._marks(admin)
         job_prefix = keys.prefix + "job:"
+        # New jobs not claimed yet first, then hashes: a job only moves from the first to the
+        # second (job.stored_fields), so none is missed.
+        for job_id, packed in client.hscan_iter(keys.new_jobs, count=PAGE):
+            self.jobs[job_id] = ("new", unpack_new(packed)["name"])
         for batch in chunks(admin.scan("job:*"), PAGE):
             pipe = client.pipeline(transaction=False)
             for key in batch:

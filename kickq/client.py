@@ -17,7 +17,7 @@ from .config import version as config_version
 from .connection import Lane, check_version, connect, redis_errors, server_info
 from .errors import JobNotFound, KickqError
 from .hotjob import HotjobWaiter
-from .job import Job
+from .job import Job, stored_fields
 from .keys import Keys, validate_name
 
 Callback = Callable[[BaseException | None, "Job | None", Any], Any]
@@ -338,8 +338,12 @@ class Kickq:
         settings = self.settings()
         client, _ = self._connection(settings)
         job_id = str(job_id)
+        keys = Keys(settings["redis_namespace"])
         with redis_errors(settings):
-            fields = client.hgetall(Keys(settings["redis_namespace"]).job(job_id))
+            pipe = client.pipeline(transaction=False)
+            pipe.hget(keys.new_jobs, job_id)
+            pipe.hgetall(keys.job(job_id))
+            fields = stored_fields(*pipe.execute())
         if not fields:
             raise JobNotFound(job_id)
         try:

@@ -39,6 +39,12 @@ class Keys:
     def job(self, job_id: str) -> str:
         return self.prefix + "job:" + job_id
 
+    @property
+    def new_jobs(self) -> str:
+        """Hash: the packed records of jobs created straight into their queue and not claimed
+        yet, by id (see new_queued_job in lua/_lib.lua; read them with job.stored_fields)."""
+        return self.prefix + "newjobs"
+
     def queue(self, name: str) -> str:
         return self.prefix + "queue:" + name
 

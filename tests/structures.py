@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kickq.job import stored_fields, unpack_new
+
 #: Where a job of each state must be (see kickq/lua/_lib.lua).
 STRUCTURE_OF_STATE = {
     "new": "queue", "queued": "queue",
@@ -38,10 +40,38 @@ def structures_of(r: Any, ns: str, job_id: str) -> list[str]:
     return found
 
 
+def state_and_name(r: Any, ns: str, job_id: str) -> tuple[str | None, str | None]:
+    """From the job's packed new-job entry, else its hash (see kickq.job.stored_fields)."""
+    p = prefix(ns)
+    packed = r.hget(p + "newjobs", job_id)
+    if packed is not None:
+        return "new", packed.split("\n", 1)[0]
+    state, name = r.hmget(p + "job:" + job_id, "state", "name")
+    return state, name
+
+
+def job_exists(r: Any, ns: str, job_id: str) -> bool:
+    """The job has a record: its hash, or its packed new-job entry."""
+    return bool(r.exists(prefix(ns) + "job:" + job_id) or r.hexists(prefix(ns) + "newjobs", job_id))
+
+
+def stored(r: Any, ns: str, job_id: str) -> dict[str, str]:
+    """The job's fields (empty: gone), from its packed new-job entry or its hash."""
+    return dict(stored_fields(r.hget(prefix(ns) + "newjobs", job_id), r.hgetall(prefix(ns) + "job:" + job_id)))
+
+
+def give_hash(r: Any, ns: str, job_id: str) -> None:
+    """Turn a packed new job into its hash, as its first claim does (for tests that then edit the
+    hash by hand to plant a fault)."""
+    packed = r.hget(prefix(ns) + "newjobs", job_id)
+    if packed is not None:
+        r.hdel(prefix(ns) + "newjobs", job_id)
+        r.hset(prefix(ns) + "job:" + job_id, mapping=unpack_new(packed))
+
+
 def assert_one_structure(r: Any, ns: str, job_id: str) -> str:
     """The job exists, sits in exactly one structure, and that structure matches its state."""
-    p = prefix(ns)
-    state, name = r.hmget(p + "job:" + job_id, "state", "name")
+    state, name = state_and_name(r, ns, job_id)
     assert state is not None, f"job {job_id} has no hash"
     where = structures_of(r, ns, job_id)
     expected = STRUCTURE_OF_STATE[state]
@@ -53,11 +83,13 @@ def assert_one_structure(r: Any, ns: str, job_id: str) -> str:
 
 def assert_gone(r: Any, ns: str, job_id: str) -> None:
     assert not r.exists(prefix(ns) + "job:" + job_id), f"job {job_id} still has a hash"
+    assert not r.hexists(prefix(ns) + "newjobs", job_id), f"job {job_id} still has a new-job entry"
     assert structures_of(r, ns, job_id) == [], f"job {job_id} still in {structures_of(r, ns, job_id)}"
 
 
 def assert_consistent(r: Any, ns: str) -> None:
-    """Every job hash is in exactly its state's structure; every structure entry has a hash.
+    """Every job (hash or new-job entry, never both) is in exactly its state's structure; every
+    structure entry has one.
 
     One SCAN and one pipeline: cheap enough to run after every step of a test."""
     p = prefix(ns)
@@ -71,7 +103,11 @@ def assert_consistent(r: Any, ns: str) -> None:
         pipe.lrange(key, 0, -1)
     for zset in ("delayed", "processing", "finished"):
         pipe.zrange(p + zset, 0, -1)
+    pipe.hgetall(p + "newjobs")
     replies = pipe.execute()
+    packed = replies.pop()
+    twice = set(packed) & set(job_ids)
+    assert not twice, f"jobs with both a hash and a new-job entry: {sorted(twice)}"
     where: dict[str, list[str]] = {}
     for key, members in zip(queues, replies[len(job_ids):len(job_ids) + len(queues)], strict=True):
         for member in members:
@@ -80,14 +116,16 @@ def assert_consistent(r: Any, ns: str) -> None:
     for zset, members in zip(zsets, replies[len(job_ids) + len(queues):], strict=True):
         for member in members:
             where.setdefault(member, []).append(zset)
-    for job_id, (state, name) in zip(job_ids, replies[:len(job_ids)], strict=True):
+    records = list(zip(job_ids, replies[:len(job_ids)], strict=True))
+    records += [(job_id, ["new", entry.split("\n", 1)[0]]) for job_id, entry in packed.items()]
+    for job_id, (state, name) in records:
         assert state in STRUCTURE_OF_STATE, f"job {job_id} has state {state!r}"
         expected = STRUCTURE_OF_STATE[state]
         if expected == "queue":
             expected = "queue:" + name
         assert where.get(job_id, []) == [expected], (
             f"job {job_id} in state {state} is in {where.get(job_id, [])}, expected [{expected}]")
-    orphans = set(where) - set(job_ids)
+    orphans = set(where) - set(job_ids) - set(packed)
     assert not orphans, f"structures hold ids without a hash: {sorted(orphans)}"
 
 

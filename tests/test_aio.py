@@ -31,7 +31,7 @@ from kickq.hotjob import HotjobWaiter
 from kickq.keys import Keys
 from kickq.scripts import Scripts
 from tests.helpers import free_port, wait_until
-from tests.structures import assert_consistent, assert_gone, assert_one_structure, snapshot
+from tests.structures import assert_consistent, assert_gone, assert_one_structure, job_exists, snapshot, stored
 
 HOT = {"hotjob": True, "hotjob_timeout": 10}
 
@@ -202,7 +202,7 @@ def test_constructor_overrides_and_config_cascade(kq_config, r, namespace):
             await other.create("a")
         finally:
             await other.close()
-        assert r.exists(Keys(namespace + "-x").job("1")) and r.exists(Keys(namespace).job("1"))
+        assert job_exists(r, namespace + "-x", "1") and job_exists(r, namespace, "1")
         r.delete(*r.keys("{" + namespace + "-x}:*"))
 
     arun(main)
@@ -571,7 +571,7 @@ def test_cancelling_a_hotjob_wait_stops_waiting_and_leaves_the_job(kq_config, r,
             assert job.hotjob_promise.cancelled()
             await until(lambda: waiter.pending_count() == 1)  # only `other` is still watched
             assert assert_one_structure(r, namespace, job.id) == "new"
-            assert r.hget(Keys(namespace).job(job.id), "state") == "new"
+            assert stored(r, namespace, job.id)["state"] == "new"
             # The shared listener goes on: the other waiter still gets its result, and the job
             # whose wait was cancelled still runs and finishes normally.
             worker.run("success", '"ran anyway"')
@@ -601,7 +601,7 @@ def test_cancelling_a_gather_of_waits_forgets_them_all(kq_config, r, namespace):
             with pytest.raises(asyncio.CancelledError):
                 await gathered
             await until(lambda: kq._state.waiters[namespace].pending_count() == 0)
-            assert {r.hget(Keys(namespace).job(j.id), "state") for j in jobs} == {"new"}
+            assert {stored(r, namespace, j.id)["state"] for j in jobs} == {"new"}
             assert_consistent(r, namespace)
 
     arun(main)
@@ -651,7 +651,7 @@ def test_cancelling_a_create_after_it_is_sent_creates_the_job_fully(kq_config, r
             finally:
                 r.client_unpause()
             await until(lambda: not state.inflight, message="the shielded create ran to its end")
-            assert [r.hget(Keys(namespace).job(str(i)), "data") for i in (1, 2, 3)] == ["0", "1", "2"]
+            assert [stored(r, namespace, str(i))["data"] for i in (1, 2, 3)] == ["0", "1", "2"]
             assert_consistent(r, namespace)
             assert state.waiters[namespace].pending_count() == 0  # nobody holds those promises
             job = await kq.create("a")  # the connection was not torn down, the ids go on

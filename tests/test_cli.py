@@ -19,7 +19,8 @@ from kickq import scripts
 from kickq.keys import Keys
 from kickq.scripts import LEASE_GRACE_MS, Scripts
 from tests.helpers import free_port, redis_now, wait_until
-from tests.structures import assert_consistent, assert_one_structure, namespace_keys, prefix
+from tests.structures import (assert_consistent, assert_one_structure, give_hash, job_exists, namespace_keys, prefix,
+                              state_and_name)
 
 REPO = Path(__file__).resolve().parents[1]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "kickq"
@@ -52,6 +53,9 @@ def counts_match(r, ns):
         if key.startswith(p + "job:"):
             state, name = r.hmget(key, "state", "name")
             actual[f"{state}:{name}"] = actual.get(f"{state}:{name}", 0) + 1
+    for packed in r.hvals(p + "newjobs"):
+        name = packed.split("\n", 1)[0]
+        actual[f"new:{name}"] = actual.get(f"new:{name}", 0) + 1
     return {f: int(v) for f, v in r.hgetall(p + "counts").items()} == actual
 
 
@@ -132,7 +136,7 @@ def test_environment_gives_url_and_namespace(redis_url, namespace, r):
     result = run(None, None, "create", "from-env", env={"KICKQ_REDIS_URL": redis_url,
                                                         "KICKQ_NAMESPACE": namespace})
     assert result.returncode == 0, result.stderr
-    assert r.hget(Keys(namespace).job(result.stdout.strip()), "name") == "from-env"
+    assert state_and_name(r, namespace, result.stdout.strip()) == ("new", "from-env")
 
 
 def test_unreachable_redis_fails_with_exit_1(namespace):
@@ -362,7 +366,7 @@ def test_purge_only_old_jobs_of_the_state(cli, kq, r, namespace):
     for job_id in old_fail:
         assert not r.exists(Keys(namespace).job(job_id))
     for job_id in (old_success, young_fail, waiting):
-        assert r.exists(Keys(namespace).job(job_id))
+        assert job_exists(r, namespace, job_id)
     assert_consistent(r, namespace)
     assert counts_match(r, namespace)
     purged = [e["id"] for e in kq.events(since="0", timeout=0.2) if e["event"] == "purge"]
@@ -383,7 +387,7 @@ def test_purge_state_script_checks_each_id(kq, r, namespace):
     assert purge_state("success", 0, job) == 0               # other state
     assert purge_state("new", 0, queued) == 0                 # only success / fail
     assert purge_state("fail", 0, queued, "999", job) == 1   # ids that moved on or are gone are skipped
-    assert not r.exists(keys.job(job)) and r.exists(keys.job(queued))
+    assert not job_exists(r, namespace, job) and job_exists(r, namespace, queued)
 
 
 def run_on_a_terminal(redis_url, namespace, *args):
@@ -520,6 +524,7 @@ def plant_orphan_in_zset(kq, r, keys, name):
 
 def plant_bad_state(kq, r, keys, name):
     job = kq.create(name).id
+    give_hash(r, keys.namespace, job)
     r.hset(keys.job(job), "state", "limbo")
     return job, "bad_state"
 

@@ -9,6 +9,7 @@ import kickq
 from kickq.config import (GLOBAL_DEFAULTS, JOB_OPTION_DEFAULTS, normalise_job_options, resolve_job_options,
                           snake_case, stored_options)
 from kickq.connection import redis_url
+from tests.structures import stored
 
 
 @pytest.fixture(autouse=True)
@@ -315,4 +316,4 @@ def test_kickq_redis_url_env_reaches_the_server(monkeypatch, redis_url, namespac
     kickq.config(redis_namespace=namespace, redis_port=1)  # host/port ignored: the URL wins
     with kickq.Kickq() as client:
         job = client.create("from-env", {"x": 1})
-    assert r.hget("{%s}:job:%s" % (namespace, job.id), "name") == "from-env"
+    assert stored(r, namespace, job.id)["name"] == "from-env"

@@ -30,6 +30,8 @@ def actual_counts(r, ns):
         if key.startswith(p + "job:"):
             state, name = r.hmget(key, "state", "name")
             out[(name, state)] += 1
+    for packed in r.hvals(p + "newjobs"):  # new jobs not claimed yet
+        out[(packed.split("\n", 1)[0], "new")] += 1
     return out
 
 

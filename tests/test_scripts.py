@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from kickq.job import Job
+from kickq.job import Job, stored_fields
 from kickq.keys import Keys
 from kickq.scripts import LEASE_GRACE_MS, NAMES, Scripts, _read, create_args, finish_args, parse_create
 from tests.structures import (assert_consistent, assert_gone, assert_one_structure, bookkeeping,
@@ -73,7 +73,8 @@ class Machine:
         return result
 
     def hash(self, job_id):
-        return self.r.hgetall(self.keys.job(job_id))
+        """The job's fields: its packed new-job entry, else its hash (kickq.job.stored_fields)."""
+        return dict(stored_fields(self.r.hget(self.keys.new_jobs, job_id), self.r.hgetall(self.keys.job(job_id))))
 
     def job(self, job_id):
         fields = self.hash(job_id)
@@ -81,7 +82,7 @@ class Machine:
         return Job.from_fields(job_id, fields)
 
     def state(self, job_id):
-        return self.r.hget(self.keys.job(job_id), "state")
+        return self.hash(job_id).get("state")
 
     def run_once(self, job_id, outcome, start, took=10, payload="", names=("a",)):
         """Claim `job_id` at `start`, finish it `took` ms later; returns the new state."""

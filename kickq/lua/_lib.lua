@@ -9,6 +9,9 @@
     delayed, retry, ghost -> zset  P.."delayed"       score = due time (ms)
     processing           -> zset  P.."processing"    score = lease deadline (ms)
     success, fail        -> zset  P.."finished"      score = purge time (ms)
+  A job's record is its hash P.."job:"..id, except a job created straight into its queue and not
+  claimed yet: that one is a packed entry of the hash P.."newjobs" (see new_queued_job) until
+  its first claim writes its hash, which saves the per-key overhead of a backlog of new jobs.
 ]]
 local rcall = redis.call
 local DEFAULTS = __DEFAULTS__  -- a Lua table literal (scripts.py): no JSON decode per call
@@ -130,6 +133,35 @@ local function new_job(P, name, data, opts, now, extra)
   return id
 end
 
+-- A job created straight into its queue is one entry of P.."newjobs": id -> "name\ncreate_time
+-- \nopts\ndata" (opts and data as new_job stores them, "" when absent). Names have no control
+-- characters and compact JSON no raw newline, so the split is unambiguous. Its state is 'new'.
+local function new_queued_job(P, name, data, opts, now)
+  local id = tostring(rcall('INCR', P .. 'id'))
+  rcall('HSET', P .. 'newjobs', id, name .. '\n' .. now .. '\n' .. (opts or '') .. '\n' .. (data or ''))
+  rcall('SADD', P .. 'names', name)
+  return id
+end
+
+-- The fields of a packed new job, as new_job would have written them.
+local function unpack_new(packed)
+  local name, created, opts, data = string.match(packed, '^([^\n]*)\n([^\n]*)\n([^\n]*)\n(.*)$')
+  local fields = {'name', name, 'create_time', created}
+  if data ~= '' then fields[#fields + 1] = 'data'; fields[#fields + 1] = data end
+  if opts ~= '' then fields[#fields + 1] = 'opts'; fields[#fields + 1] = opts end
+  fields[#fields + 1] = 'state'; fields[#fields + 1] = 'new'
+  return fields
+end
+
+-- Give job `id` its hash if it is a packed new job (before anything but a read touches it).
+local function materialize(P, id)
+  local nk = P .. 'newjobs'
+  local packed = rcall('HGET', nk, id)
+  if not packed then return end
+  rcall('HDEL', nk, id)
+  rcall('HSET', P .. 'job:' .. id, unpack(unpack_new(packed)))
+end
+
 -- The queue entry and the wake token of a job whose state already says new or queued.
 local function push_queued(P, id, name)
   rcall('RPUSH', P .. 'queue:' .. name, id)
@@ -166,6 +198,7 @@ end
 
 -- Remove a job from whichever structure its state puts it in, and its hash. Returns 1 or 0.
 local function remove_job(P, id, now)
+  materialize(P, id)
   local jk = P .. 'job:' .. id
   local state, name = unpack(rcall('HMGET', jk, 'state', 'name'))
   if not state then return 0 end
@@ -361,6 +394,7 @@ local function claim(P, names, now, claimer, chained, prefetched)
     while true do
       local id = rcall('LPOP', q)
       if not id then break end
+      materialize(P, id)
       local jk = P .. 'job:' .. id
       local state, raw_opts = unpack(rcall('HMGET', jk, 'state', 'opts'))
       if state == 'new' or state == 'queued' then
@@ -402,7 +436,10 @@ end
 -- Returns its state (false: no such job) and whether the caller may end the run.
 local function owns(P, id, token, claimer)
   local state, attempt, owner = unpack(rcall('HMGET', P .. 'job:' .. id, 'state', 'attempt', 'owner'))
-  if not state then return false, false end
+  if not state then
+    if rcall('HEXISTS', P .. 'newjobs', id) == 1 then return 'new', false end  -- never claimed
+    return false, false
+  end
   return state, state == 'processing' and attempt == token and not (claimer ~= '' and owner and owner ~= claimer)
 end
 

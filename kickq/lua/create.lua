@@ -6,7 +6,8 @@
   ARGV[4+5i .. 8+5i]  per job: name, data JSON ("" = null), stored opts JSON ("" = defaults),
                       delay ms ("" = no delay), unused (reserved)
   Returns  {id1, create_time, id2, ...}; state is 'delayed' when a delay was given, else 'new'.
-  Transitions: (none) -> new (queue + wake token), (none) -> delayed (zset 'delayed'); a new job
+  Transitions: (none) -> new (queue + wake token; its record packed in P.."newjobs" until its
+  first claim), (none) -> delayed (zset 'delayed', a job hash); a new job
   whose name has an idle worker registered is claimed for it at once (new -> processing, handed
   over in its inbox: hand_off in _lib.lua).
 ]]
@@ -24,7 +25,7 @@ for i = 0, n - 1 do
     delay_job(P, id, due, {})
     note(P, id, name, false, 'delayed', 'create', now)
   else
-    id = new_job(P, name, data, opts, now, {'state', 'new'})
+    id = new_queued_job(P, name, data, opts, now)
     push_queued(P, id, name)
     note(P, id, name, false, 'new', 'create', now)
     hand_off(P, name, now)

@@ -15,6 +15,7 @@
 local P = ARGV[1]
 local now = clock(ARGV[2])
 local id = ARGV[3]
+materialize(P, id)  -- a packed new job gets its hash: the code below reads and writes it
 local jk = P .. 'job:' .. id
 local state, name, due = unpack(rcall('HMGET', jk, 'state', 'name', 'scheduled_for'))
 local own

@@ -3,13 +3,21 @@
   ARGV[1]  P
   ARGV[2]  job id
   ARGV[3..] job names whose queue may hold the id (the job's own name is added here)
-  Returns  {exists (1 or 0), state or '', name or '', structure, count, ...}: whether the job hash
-           exists, its state and name, then every structure that holds the id ("queue:<name>", "delayed", "processing", "finished") with how many times.
+  Returns  {exists (1 or 0), state or '', name or '', structure, count, ...}: whether the job has a
+           record (its hash, or a packed entry of P.."newjobs"), its state and name, then every structure that holds the id ("queue:<name>", "delayed", "processing", "finished") with how many times.
 ]]
 local P, id = ARGV[1], ARGV[2]
 local jk = P .. 'job:' .. id
 local state, name = unpack(rcall('HMGET', jk, 'state', 'name'))
-local out = {rcall('EXISTS', jk), state or '', name or ''}
+local exists = rcall('EXISTS', jk)
+if exists == 0 then
+  local packed = rcall('HGET', P .. 'newjobs', id)
+  if packed then
+    local fields = unpack_new(packed)
+    exists, state, name = 1, 'new', fields[2]
+  end
+end
+local out = {exists, state or '', name or ''}
 local seen = {}
 local names = {}
 if name then names[1] = name end

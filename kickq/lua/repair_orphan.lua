@@ -4,14 +4,15 @@
   ARGV[2]  now (epoch ms, or "" for Redis' clock)
   ARGV[3]  job id
   ARGV[4..] job names whose queue holds the id
-  Returns  number of entries removed; 0 when the hash exists (then it is no orphan: nothing written).
+  Returns  number of entries removed; 0 when the job has a record (its hash, or its packed entry
+           in P.."newjobs": then it is no orphan and nothing is written).
   Notes a 'repair' event (no state change, counts untouched). Extra wake tokens are trimmed by the
   next claim, as after a delete.
 ]]
 local P = ARGV[1]
 local now = clock(ARGV[2])
 local id = ARGV[3]
-if rcall('EXISTS', P .. 'job:' .. id) == 1 then return 0 end
+if rcall('EXISTS', P .. 'job:' .. id) == 1 or rcall('HEXISTS', P .. 'newjobs', id) == 1 then return 0 end
 local removed = 0
 for i = 4, #ARGV do removed = removed + rcall('LREM', P .. 'queue:' .. ARGV[i], 0, id) end
 for _, z in ipairs({'delayed', 'processing', 'finished'}) do removed = removed + rcall('ZREM', P .. z, id) end

@@ -15,7 +15,10 @@ local now = clock(ARGV[2])
 local id = ARGV[3]
 local jk = P .. 'job:' .. id
 local state, name, tick = unpack(rcall('HMGET', jk, 'state', 'name', 'tick'))
-if not state then return {'missing', ''} end
+if not state then
+  if rcall('HEXISTS', P .. 'newjobs', id) == 1 then return {'not_failed', 'new'} end
+  return {'missing', ''}
+end
 if state ~= 'fail' then return {'not_failed', state} end
 rcall('ZREM', P .. 'finished', id)
 rcall('HDEL', jk, 'finish_time', 'total_process_time')

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence
 import psutil
 import redis
 
-from kickq.job import TERMINAL_STATES, Job
+from kickq.job import TERMINAL_STATES, Job, stored_fields
 from kickq.keys import Keys
 from kickq.scripts import Scripts
 from tests.helpers import ping, redis_server_binary, start_redis, stop_redis, wait_until
@@ -203,6 +203,13 @@ for _, k in ipairs(keys) do
     local f = redis.call('HMGET', k, 'state', 'name', 'attempt', 'create_time', 'update_time', 'finish_time')
     jobs[#jobs + 1] = {string.sub(rest, 5), f[1] or '', f[2] or '', f[3] or '', f[4] or '', f[5] or '',
                        f[6] or ''}
+  elseif rest == 'newjobs' then
+    -- packed new jobs not claimed yet: "name\ncreate_time\nopts\ndata" (kickq.job.unpack_new)
+    local flat = redis.call('HGETALL', k)
+    for i = 1, #flat, 2 do
+      local name, created = string.match(flat[i + 1], '^([^\n]*)\n([^\n]*)\n')
+      jobs[#jobs + 1] = {flat[i], 'new', name or '', '', created or '', '', '', 'packed'}
+    end
   elseif string.sub(rest, 1, 6) == 'queue:' and redis.call('TYPE', k).ok == 'list' then
     lists[#lists + 1] = {rest, redis.call('LRANGE', k, 0, -1)}
   elseif rest == 'delayed' or rest == 'processing' or rest == 'finished' then
@@ -237,12 +244,16 @@ class Snapshot:
     where: dict[str, list[str]]  # id -> every structure holding it (a list may hold it twice)
     leases: dict[str, float]
     now: int
+    twice: list[str] = field(default_factory=list)  # ids with both a hash and a packed entry
 
 
 def snapshot(r: redis.Redis, ns: str) -> Snapshot:
     raw = json.loads(r.register_script(SNAPSHOT_LUA)(keys=[prefix(ns) + "id"], args=[prefix(ns)]))
     jobs = {}
-    for job_id, state, name, attempt, ct, ut, ft in _list(raw["jobs"]):
+    twice = []
+    for job_id, state, name, attempt, ct, ut, ft, *packed in _list(raw["jobs"]):
+        if job_id in jobs:
+            twice.append(job_id)
         jobs[job_id] = JobRow(job_id, state, name, int(attempt or 0), ct, ut, ft)
     where: dict[str, list[str]] = defaultdict(list)
     for key, members in _list(raw["lists"]):
@@ -255,7 +266,7 @@ def snapshot(r: redis.Redis, ns: str) -> Snapshot:
             where[member].append(zset)
             if zset == "processing":
                 leases[member] = float(score)
-    return Snapshot(_list(raw["keys"]), jobs, dict(where), leases, int(raw["now"]))
+    return Snapshot(_list(raw["keys"]), jobs, dict(where), leases, int(raw["now"]), twice)
 
 
 def violations(snap: Snapshot) -> list[str]:
@@ -283,6 +294,8 @@ def violations(snap: Snapshot) -> list[str]:
             out.append(f"job {job.id} is processing without a lease or attempt token")
         if job.state in TERMINAL_STATES and not job.finish_time:
             out.append(f"job {job.id} is {job.state} without finish_time")
+    if snap.twice:
+        out.append(f"jobs with both a hash and a packed new-job entry: {sorted(snap.twice, key=_id_order)[:20]}")
     orphans = sorted(set(snap.where) - set(snap.jobs), key=_id_order)
     if orphans:
         out.append(f"structures hold ids without a job hash: {orphans[:20]}")
@@ -413,6 +426,8 @@ def purge_and_find_strays(r: redis.Redis, ns: str, names: Iterable[str] = ()) ->
     p = prefix(ns)
     for key in list(r.scan_iter(match=p + "job:*", count=1000)):
         scr.delete(keys, key[len(p) + 4 :])
+    for job_id in r.hkeys(keys.new_jobs):
+        scr.delete(keys, job_id)
     all_names = set(names) | set(r.smembers(keys.names))
     if all_names:
         assert scr.claim(keys, sorted(all_names)) is None, "a job appeared while purging"
@@ -432,8 +447,11 @@ def purge_and_find_strays(r: redis.Redis, ns: str, names: Iterable[str] = ()) ->
 def job_states(r: redis.Redis, ns: str, ids: Sequence[str]) -> dict[str, str | None]:
     pipe = r.pipeline(transaction=False)
     for job_id in ids:
+        pipe.hexists(prefix(ns) + "newjobs", job_id)  # a new job not claimed yet
         pipe.hget(prefix(ns) + "job:" + job_id, "state")
-    return dict(zip(ids, pipe.execute(), strict=True))
+    replies = pipe.execute()
+    return {job_id: "new" if packed else state
+            for job_id, packed, state in zip(ids, replies[::2], replies[1::2], strict=True)}
 
 
 def jobs_of(r: redis.Redis, ns: str, ids: Sequence[str]) -> dict[str, Job | None]:
@@ -443,8 +461,11 @@ def jobs_of(r: redis.Redis, ns: str, ids: Sequence[str]) -> dict[str, Job | None
         chunk = ids[start : start + 2000]
         pipe = r.pipeline(transaction=False)
         for job_id in chunk:
+            pipe.hget(prefix(ns) + "newjobs", job_id)
             pipe.hgetall(prefix(ns) + "job:" + job_id)
-        for job_id, fields in zip(chunk, pipe.execute(), strict=True):
+        replies = pipe.execute()
+        for job_id, packed, fields in zip(chunk, replies[::2], replies[1::2], strict=True):
+            fields = stored_fields(packed, fields)
             out[job_id] = Job.from_fields(job_id, fields) if fields else None
     return out
 

@@ -128,6 +128,9 @@ def slow_handler(job: Any, data: dict[str, Any]) -> Any:
 
 
 def fast_handler(job: Any, data: dict[str, Any]) -> Any:
+    if data and data.get("report") == "gc":
+        import gc
+        return gc.get_freeze_count()
     return "fast done"
 
 
