@@ -111,6 +111,45 @@ def test_create_new_goes_to_its_queue_with_a_wake_token(m):
     assert m.r.sismember(m.keys.names, "a")
 
 
+def test_a_new_job_is_packed_without_a_key_until_its_first_claim(m):
+    # Awkward content: newlines inside JSON strings (escaped by JSON), a name with spaces, colons and
+    # non-ASCII letters, stored options.
+    data = {"text": "line 1\nline 2", "empty": ""}
+    job_id = m.create("mail: señor ✓", opts={"process_timeout": 7}, data=data)
+    empty_id = m.create("mail: señor ✓")
+    assert not m.r.exists(m.keys.job(job_id)) and not m.r.exists(m.keys.job(empty_id))
+    keys_before = m.r.dbsize()
+    m.create_many([("mail: señor ✓", None, None, {"i": i}) for i in range(20)])
+    assert m.r.dbsize() == keys_before  # no key per job
+    assert m.r.hlen(m.keys.new_jobs) == 22
+    packed = m.job(job_id)
+    assert (packed.state, packed.name, packed.data, packed.process_timeout, packed.create_time) == (
+        "new", "mail: señor ✓", data, 7, T0)
+    assert m.job(empty_id).data is None
+    got = m.claim("mail: señor ✓", now=T0 + 5)
+    assert got[:2] == (job_id, 1)
+    assert not m.r.hexists(m.keys.new_jobs, job_id) and m.r.hexists(m.keys.new_jobs, empty_id)
+    fields = m.r.hgetall(m.keys.job(job_id))
+    assert got[2] == fields
+    assert {k: fields[k] for k in ("state", "attempt", "update_time", "run_start")} == {
+        "state": "processing", "attempt": "1", "update_time": str(T0 + 5), "run_start": str(T0 + 5)}
+    claimed = m.job(job_id)
+    assert (claimed.name, claimed.data, claimed.process_timeout, claimed.create_time) == (
+        "mail: señor ✓", data, 7, T0)
+    assert m.r.zscore(m.keys.processing, job_id) == T0 + 5 + 7000 + LEASE_GRACE_MS
+
+
+def test_a_packed_new_job_answers_every_script_as_a_new_job(m):
+    job_id = m.create("a")
+    assert m.finish(job_id, "1", "success") == ("stale", "new", None)  # never claimed: not its run
+    assert m.s.run("requeue", ([m.keys.id], [m.keys.prefix, T0, job_id])) == ["not_failed", "new"]
+    assert m.r.hexists(m.keys.new_jobs, job_id)  # neither wrote anything
+    assert m.delete(job_id) == 1
+    assert not m.r.hexists(m.keys.new_jobs, job_id) and not m.r.exists(m.keys.job(job_id))
+    assert m.r.llen(m.keys.queue("a")) == 0
+    assert m.delete(job_id) == 0
+
+
 def test_create_delayed_goes_to_the_delayed_zset(m):
     pubsub = m.r.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(m.keys.reaper)

@@ -143,23 +143,32 @@ local function new_queued_job(P, name, data, opts, now)
   return id
 end
 
--- The fields of a packed new job, as new_job would have written them.
+-- The fields of a packed new job as new_job would have written them, but for its state ('new');
+-- and its stored options (JSON) or nil.
 local function unpack_new(packed)
   local name, created, opts, data = string.match(packed, '^([^\n]*)\n([^\n]*)\n([^\n]*)\n(.*)$')
   local fields = {'name', name, 'create_time', created}
   if data ~= '' then fields[#fields + 1] = 'data'; fields[#fields + 1] = data end
-  if opts ~= '' then fields[#fields + 1] = 'opts'; fields[#fields + 1] = opts end
-  fields[#fields + 1] = 'state'; fields[#fields + 1] = 'new'
-  return fields
+  if opts == '' then opts = nil else fields[#fields + 1] = 'opts'; fields[#fields + 1] = opts end
+  return fields, opts
+end
+
+-- If job `id` is a packed new job, take it out of P.."newjobs": its fields (state not included)
+-- and stored options, for the caller to write its hash with (in the same script). Else nil.
+local function unpack_if_new(P, id)
+  local nk = P .. 'newjobs'
+  local packed = rcall('HGET', nk, id)
+  if not packed then return nil end
+  rcall('HDEL', nk, id)
+  return unpack_new(packed)
 end
 
 -- Give job `id` its hash if it is a packed new job (before anything but a read touches it).
 local function materialize(P, id)
-  local nk = P .. 'newjobs'
-  local packed = rcall('HGET', nk, id)
-  if not packed then return end
-  rcall('HDEL', nk, id)
-  rcall('HSET', P .. 'job:' .. id, unpack(unpack_new(packed)))
+  local fields = unpack_if_new(P, id)
+  if not fields then return end
+  fields[#fields + 1] = 'state'; fields[#fields + 1] = 'new'
+  rcall('HSET', P .. 'job:' .. id, unpack(fields))
 end
 
 -- The queue entry and the wake token of a job whose state already says new or queued.
@@ -394,21 +403,32 @@ local function claim(P, names, now, claimer, chained, prefetched)
     while true do
       local id = rcall('LPOP', q)
       if not id then break end
-      materialize(P, id)
       local jk = P .. 'job:' .. id
-      local state, raw_opts = unpack(rcall('HMGET', jk, 'state', 'opts'))
+      -- A packed new job gets its hash in the same HSET that makes it processing.
+      local writes, raw_opts = unpack_if_new(P, id)
+      local state = 'new'
+      if not writes then state, raw_opts = unpack(rcall('HMGET', jk, 'state', 'opts')) end
       if state == 'new' or state == 'queued' then
         local timeout = raw_opts and cjson.decode(raw_opts).process_timeout or DEFAULTS.process_timeout
-        local attempt = rcall('HINCRBY', jk, 'attempt', 1)
+        local attempt = 1
+        if writes then
+          writes[#writes + 1] = 'attempt'; writes[#writes + 1] = 1
+        else
+          writes = {}
+          attempt = rcall('HINCRBY', jk, 'attempt', 1)
+        end
+        local n = #writes
+        writes[n + 1] = 'state'; writes[n + 2] = 'processing'; writes[n + 3] = 'update_time'; writes[n + 4] = now
         if prefetched then
-          rcall('HSET', jk, 'state', 'processing', 'update_time', now, 'owner', claimer)
+          writes[n + 5] = 'owner'; writes[n + 6] = claimer
         elseif claimer ~= '' then
           -- The claimer owns the run: after Redis lost its data, ids and attempts start again at 1,
           -- and only the owner tells a new job 1 from the old one a late finish was for.
-          rcall('HSET', jk, 'state', 'processing', 'update_time', now, 'run_start', now, 'owner', claimer)
+          writes[n + 5] = 'run_start'; writes[n + 6] = now; writes[n + 7] = 'owner'; writes[n + 8] = claimer
         else
-          rcall('HSET', jk, 'state', 'processing', 'update_time', now, 'run_start', now)
+          writes[n + 5] = 'run_start'; writes[n + 6] = now
         end
+        rcall('HSET', jk, unpack(writes))
         note(P, id, name, state, 'processing', 'processing', now)
         rcall('ZADD', P .. 'processing', now + ms(timeout) + LEASE_GRACE_MS, id)
         if chained then

@@ -12,10 +12,7 @@ local state, name = unpack(rcall('HMGET', jk, 'state', 'name'))
 local exists = rcall('EXISTS', jk)
 if exists == 0 then
   local packed = rcall('HGET', P .. 'newjobs', id)
-  if packed then
-    local fields = unpack_new(packed)
-    exists, state, name = 1, 'new', fields[2]
-  end
+  if packed then exists, state, name = 1, 'new', unpack_new(packed)[2] end
 end
 local out = {exists, state or '', name or ''}
 local seen = {}
