@@ -57,7 +57,8 @@ def job_exists(r: Any, ns: str, job_id: str) -> bool:
 
 def stored(r: Any, ns: str, job_id: str) -> dict[str, str]:
     """The job's fields (empty: gone), from its packed new-job entry or its hash."""
-    return dict(stored_fields(r.hget(prefix(ns) + "newjobs", job_id), r.hgetall(prefix(ns) + "job:" + job_id)))
+    packed = r.hget(prefix(ns) + "newjobs", job_id)
+    return dict(stored_fields(packed, r.hgetall(prefix(ns) + "job:" + job_id)))
 
 
 def give_hash(r: Any, ns: str, job_id: str) -> None:

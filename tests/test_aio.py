@@ -31,7 +31,8 @@ from kickq.hotjob import HotjobWaiter
 from kickq.keys import Keys
 from kickq.scripts import Scripts
 from tests.helpers import free_port, wait_until
-from tests.structures import assert_consistent, assert_gone, assert_one_structure, job_exists, snapshot, stored
+from tests.structures import (assert_consistent, assert_gone, assert_one_structure, job_exists, snapshot,
+                              stored)
 
 HOT = {"hotjob": True, "hotjob_timeout": 10}
 

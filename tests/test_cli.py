@@ -19,8 +19,8 @@ from kickq import scripts
 from kickq.keys import Keys
 from kickq.scripts import LEASE_GRACE_MS, Scripts
 from tests.helpers import free_port, redis_now, wait_until
-from tests.structures import (assert_consistent, assert_one_structure, give_hash, job_exists, namespace_keys, prefix,
-                              state_and_name)
+from tests.structures import (assert_consistent, assert_one_structure, give_hash, job_exists, namespace_keys,
+                              prefix, state_and_name)
 
 REPO = Path(__file__).resolve().parents[1]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "kickq"

@@ -74,7 +74,8 @@ class Machine:
 
     def hash(self, job_id):
         """The job's fields: its packed new-job entry, else its hash (kickq.job.stored_fields)."""
-        return dict(stored_fields(self.r.hget(self.keys.new_jobs, job_id), self.r.hgetall(self.keys.job(job_id))))
+        packed = self.r.hget(self.keys.new_jobs, job_id)
+        return dict(stored_fields(packed, self.r.hgetall(self.keys.job(job_id))))
 
     def job(self, job_id):
         fields = self.hash(job_id)

@@ -208,7 +208,7 @@ for _, k in ipairs(keys) do
     local flat = redis.call('HGETALL', k)
     for i = 1, #flat, 2 do
       local name, created = string.match(flat[i + 1], '^([^\n]*)\n([^\n]*)\n')
-      jobs[#jobs + 1] = {flat[i], 'new', name or '', '', created or '', '', '', 'packed'}
+      jobs[#jobs + 1] = {flat[i], 'new', name or '', '', created or '', '', ''}
     end
   elseif string.sub(rest, 1, 6) == 'queue:' and redis.call('TYPE', k).ok == 'list' then
     lists[#lists + 1] = {rest, redis.call('LRANGE', k, 0, -1)}
@@ -251,7 +251,7 @@ def snapshot(r: redis.Redis, ns: str) -> Snapshot:
     raw = json.loads(r.register_script(SNAPSHOT_LUA)(keys=[prefix(ns) + "id"], args=[prefix(ns)]))
     jobs = {}
     twice = []
-    for job_id, state, name, attempt, ct, ut, ft, *packed in _list(raw["jobs"]):
+    for job_id, state, name, attempt, ct, ut, ft in _list(raw["jobs"]):
         if job_id in jobs:
             twice.append(job_id)
         jobs[job_id] = JobRow(job_id, state, name, int(attempt or 0), ct, ut, ft)
@@ -295,7 +295,8 @@ def violations(snap: Snapshot) -> list[str]:
         if job.state in TERMINAL_STATES and not job.finish_time:
             out.append(f"job {job.id} is {job.state} without finish_time")
     if snap.twice:
-        out.append(f"jobs with both a hash and a packed new-job entry: {sorted(snap.twice, key=_id_order)[:20]}")
+        twice = sorted(snap.twice, key=_id_order)[:20]
+        out.append(f"jobs with both a hash and a packed new-job entry: {twice}")
     orphans = sorted(set(snap.where) - set(snap.jobs), key=_id_order)
     if orphans:
         out.append(f"structures hold ids without a job hash: {orphans[:20]}")

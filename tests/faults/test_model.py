@@ -331,7 +331,8 @@ class LuaMachine(RuleBasedStateMachine):
         pipe.hgetall(k.counts)
         replies = pipe.execute()
         reads, rest = replies[: 2 * len(ids)], replies[2 * len(ids) :]
-        hashes = [stored_fields(packed, fields) for packed, fields in zip(reads[::2], reads[1::2], strict=True)]
+        hashes = [stored_fields(packed, fields)
+                  for packed, fields in zip(reads[::2], reads[1::2], strict=True)]
         for job_id, fields in zip(ids, hashes, strict=True):
             mj = m.jobs.get(job_id)
             assert bool(fields) == (mj is not None), (
