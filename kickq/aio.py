@@ -58,7 +58,7 @@ from .config import current, merge_settings, normalise_job_options, on_reset, va
 from .connection import async_server_info, check_version, client_options, make_client, redis_errors
 from .errors import JobNotFound, KickqError
 from .hotjob import recheck_message
-from .job import Job, stored_fields
+from .job import Job, queue_reads, read_fields
 from .keys import Keys, validate_name
 
 __all__ = ["Kickq", "AsyncScripts", "connect"]
@@ -541,12 +541,10 @@ class Kickq:
 
 
 async def _read_job(client: aioredis.Redis, keys: Keys, job_id: str) -> Mapping[str, str]:
-    """The job's fields (empty: no such job), read as job.stored_fields wants them."""
+    """The job's fields (empty: no such job), from its packed entry or its hash (job.queue_reads)."""
     async with client.pipeline(transaction=False) as pipe:
-        pipe.hget(keys.new_jobs, job_id)
-        pipe.hgetall(keys.job(job_id))
-        packed, fields = await pipe.execute()
-    return stored_fields(packed, fields)
+        queue_reads(pipe, keys, [job_id])
+        return read_fields(await pipe.execute())[0]
 
 
 def _retrieve(task: "asyncio.Task[Any]") -> None:

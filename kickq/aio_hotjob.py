@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from .errors import HotjobTimeout, KickqError, RedisUnavailable
 from .hotjob import EARLY_KEEP_SECONDS, final_job, parse_message, recheck_message
-from .job import Job, stored_fields
+from .job import Job, queue_reads, read_fields
 from .keys import Keys
 
 log = logging.getLogger("kickq.aio.hotjob")
@@ -269,11 +269,9 @@ class AsyncHotjobWaiter:
         for start in range(0, len(ids), RECHECK_CHUNK):
             chunk = ids[start:start + RECHECK_CHUNK]
             async with client.pipeline(transaction=False) as pipe:
-                for job_id in chunk:
-                    pipe.hget(self._keys.new_jobs, job_id)
-                    pipe.hgetall(self._keys.job(job_id))
+                queue_reads(pipe, self._keys, chunk)
                 replies = await pipe.execute()
-            for job_id, packed, fields in zip(chunk, replies[::2], replies[1::2], strict=True):
-                message = recheck_message(job_id, stored_fields(packed, fields))
+            for job_id, fields in zip(chunk, read_fields(replies), strict=True):
+                message = recheck_message(job_id, fields)
                 if message is not None:
                     self.deliver(job_id, message, keep_early=False)

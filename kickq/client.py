@@ -17,7 +17,7 @@ from .config import version as config_version
 from .connection import Lane, check_version, connect, redis_errors, server_info
 from .errors import JobNotFound, KickqError
 from .hotjob import HotjobWaiter
-from .job import Job, stored_fields
+from .job import Job, queue_reads, read_fields
 from .keys import Keys, validate_name
 
 Callback = Callable[[BaseException | None, "Job | None", Any], Any]
@@ -341,9 +341,8 @@ class Kickq:
         keys = Keys(settings["redis_namespace"])
         with redis_errors(settings):
             pipe = client.pipeline(transaction=False)
-            pipe.hget(keys.new_jobs, job_id)
-            pipe.hgetall(keys.job(job_id))
-            fields = stored_fields(*pipe.execute())
+            queue_reads(pipe, keys, [job_id])
+            fields = read_fields(pipe.execute())[0]
         if not fields:
             raise JobNotFound(job_id)
         try:

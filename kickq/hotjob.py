@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 import redis
 
 from .errors import HotjobTimeout, JobNotFound, RedisUnavailable
-from .job import TERMINAL_STATES, Job, stored_fields
+from .job import TERMINAL_STATES, Job, queue_reads, read_fields
 from .keys import Keys
 
 log = logging.getLogger("kickq.hotjob")
@@ -53,7 +53,7 @@ def final_job(job_id: str, message: dict[str, Any]) -> Job:
 def recheck_message(job_id: str, fields: Mapping[str, str]) -> dict[str, Any] | None:
     """What the `done` channel would have said about a job read from Redis (its HGETALL), or None
     while it still runs: after a reconnect, when messages may have been missed. `fields` as
-    job.stored_fields gives them."""
+    job.read_fields gives them."""
     if not fields:
         return {"id": job_id, "deleted": True}
     if fields.get("state") in TERMINAL_STATES:
@@ -223,11 +223,8 @@ class HotjobWaiter:
         if not ids:
             return
         pipe = client.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hget(self._keys.new_jobs, job_id)
-            pipe.hgetall(self._keys.job(job_id))
-        replies = pipe.execute()
-        for job_id, packed, fields in zip(ids, replies[::2], replies[1::2], strict=True):
-            message = recheck_message(job_id, stored_fields(packed, fields))
+        queue_reads(pipe, self._keys, ids)
+        for job_id, fields in zip(ids, read_fields(pipe.execute()), strict=True):
+            message = recheck_message(job_id, fields)
             if message is not None:
                 self._deliver(job_id, message)

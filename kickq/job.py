@@ -1,10 +1,12 @@
-"""The Job: a read-only snapshot of one job as stored in Redis. No I/O here."""
+"""The Job: a read-only snapshot of one job as stored in Redis. No I/O here (queue_reads only
+queues commands on a pipeline the caller executes)."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from . import payload
 from .config import JOB_OPTION_DEFAULTS
+from .keys import Keys
 
 STATES = ("new", "delayed", "queued", "processing", "retry", "ghost", "success", "fail")
 TERMINAL_STATES = frozenset({"success", "fail"})
@@ -35,6 +37,19 @@ def stored_fields(packed: str | None, fields: Mapping[str, str]) -> Mapping[str,
     (at its first claim), so reading them in that order never misses an existing job: empty
     means gone."""
     return unpack_new(packed) if packed is not None else fields
+
+
+def queue_reads(pipe: Any, keys: Keys, job_ids: Iterable[str]) -> None:
+    """Queue the two reads of each job on `pipe` (sync or asyncio), in the order stored_fields
+    needs; read_fields turns the replies into each job's fields."""
+    for job_id in job_ids:
+        pipe.hget(keys.new_jobs, job_id)
+        pipe.hgetall(keys.job(job_id))
+
+
+def read_fields(replies: Sequence[Any]) -> list[Mapping[str, str]]:
+    """Each job's fields (empty: gone) from the replies to queue_reads, in its order."""
+    return [stored_fields(packed, fields) for packed, fields in zip(replies[::2], replies[1::2], strict=True)]
 
 
 def _int(value: str | None) -> int | None:

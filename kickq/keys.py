@@ -42,7 +42,7 @@ class Keys:
     @property
     def new_jobs(self) -> str:
         """Hash: the packed records of jobs created straight into their queue and not claimed
-        yet, by id (see new_queued_job in lua/_lib.lua; read them with job.stored_fields)."""
+        yet, by id (see new_queued_job in lua/_lib.lua; read them with job.queue_reads)."""
         return self.prefix + "newjobs"
 
     def queue(self, name: str) -> str:

@@ -45,7 +45,7 @@ def state_and_name(r: Any, ns: str, job_id: str) -> tuple[str | None, str | None
     p = prefix(ns)
     packed = r.hget(p + "newjobs", job_id)
     if packed is not None:
-        return "new", packed.split("\n", 1)[0]
+        return "new", unpack_new(packed)["name"]
     state, name = r.hmget(p + "job:" + job_id, "state", "name")
     return state, name
 
@@ -118,7 +118,7 @@ def assert_consistent(r: Any, ns: str) -> None:
         for member in members:
             where.setdefault(member, []).append(zset)
     records = list(zip(job_ids, replies[:len(job_ids)], strict=True))
-    records += [(job_id, ["new", entry.split("\n", 1)[0]]) for job_id, entry in packed.items()]
+    records += [(job_id, ["new", unpack_new(entry)["name"]]) for job_id, entry in packed.items()]
     for job_id, (state, name) in records:
         assert state in STRUCTURE_OF_STATE, f"job {job_id} has state {state!r}"
         expected = STRUCTURE_OF_STATE[state]

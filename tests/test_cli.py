@@ -16,6 +16,7 @@ import pytest
 
 import kickq
 from kickq import scripts
+from kickq.job import unpack_new
 from kickq.keys import Keys
 from kickq.scripts import LEASE_GRACE_MS, Scripts
 from tests.helpers import free_port, redis_now, wait_until
@@ -54,7 +55,7 @@ def counts_match(r, ns):
             state, name = r.hmget(key, "state", "name")
             actual[f"{state}:{name}"] = actual.get(f"{state}:{name}", 0) + 1
     for packed in r.hvals(p + "newjobs"):
-        name = packed.split("\n", 1)[0]
+        name = unpack_new(packed)["name"]
         actual[f"new:{name}"] = actual.get(f"new:{name}", 0) + 1
     return {f: int(v) for f, v in r.hgetall(p + "counts").items()} == actual
 

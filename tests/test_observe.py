@@ -15,7 +15,7 @@ import pytest
 
 import kickq
 from kickq import scripts
-from kickq.job import STATES
+from kickq.job import STATES, unpack_new
 from kickq.keys import Keys
 from kickq.scripts import Scripts
 from tests.helpers import redis_now, wait_until
@@ -31,7 +31,7 @@ def actual_counts(r, ns):
             state, name = r.hmget(key, "state", "name")
             out[(name, state)] += 1
     for packed in r.hvals(p + "newjobs"):  # new jobs not claimed yet
-        out[(packed.split("\n", 1)[0], "new")] += 1
+        out[(unpack_new(packed)["name"], "new")] += 1
     return out
 
 

@@ -10,11 +10,11 @@ import re
 
 import pytest
 
-from kickq.job import Job, stored_fields
+from kickq.job import Job
 from kickq.keys import Keys
 from kickq.scripts import LEASE_GRACE_MS, NAMES, Scripts, _read, create_args, finish_args, parse_create
 from tests.structures import (assert_consistent, assert_gone, assert_one_structure, bookkeeping,
-                              namespace_keys, structures_of)
+                              namespace_keys, stored, structures_of)
 
 T0 = 1_700_000_000_000  # epoch ms; every test moves time by argument from here
 
@@ -73,9 +73,8 @@ class Machine:
         return result
 
     def hash(self, job_id):
-        """The job's fields: its packed new-job entry, else its hash (kickq.job.stored_fields)."""
-        packed = self.r.hget(self.keys.new_jobs, job_id)
-        return dict(stored_fields(packed, self.r.hgetall(self.keys.job(job_id))))
+        """The job's fields: its packed new-job entry, else its hash."""
+        return stored(self.r, self.ns, job_id)
 
     def job(self, job_id):
         fields = self.hash(job_id)

@@ -163,6 +163,11 @@ local function unpack_if_new(P, id)
   return unpack_new(packed)
 end
 
+-- Is job `id` a packed new job (created straight into its queue, never claimed)?
+local function is_packed(P, id)
+  return rcall('HEXISTS', P .. 'newjobs', id) == 1
+end
+
 -- Give job `id` its hash if it is a packed new job (before anything but a read touches it).
 local function materialize(P, id)
   local fields = unpack_if_new(P, id)
@@ -457,7 +462,7 @@ end
 local function owns(P, id, token, claimer)
   local state, attempt, owner = unpack(rcall('HMGET', P .. 'job:' .. id, 'state', 'attempt', 'owner'))
   if not state then
-    if rcall('HEXISTS', P .. 'newjobs', id) == 1 then return 'new', false end  -- never claimed
+    if is_packed(P, id) then return 'new', false end  -- never claimed
     return false, false
   end
   return state, state == 'processing' and attempt == token and not (claimer ~= '' and owner and owner ~= claimer)

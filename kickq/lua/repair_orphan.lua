@@ -12,7 +12,7 @@
 local P = ARGV[1]
 local now = clock(ARGV[2])
 local id = ARGV[3]
-if rcall('EXISTS', P .. 'job:' .. id) == 1 or rcall('HEXISTS', P .. 'newjobs', id) == 1 then return 0 end
+if rcall('EXISTS', P .. 'job:' .. id) == 1 or is_packed(P, id) then return 0 end
 local removed = 0
 for i = 4, #ARGV do removed = removed + rcall('LREM', P .. 'queue:' .. ARGV[i], 0, id) end
 for _, z in ipairs({'delayed', 'processing', 'finished'}) do removed = removed + rcall('ZREM', P .. z, id) end

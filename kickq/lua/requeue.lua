@@ -16,7 +16,7 @@ local id = ARGV[3]
 local jk = P .. 'job:' .. id
 local state, name, tick = unpack(rcall('HMGET', jk, 'state', 'name', 'tick'))
 if not state then
-  if rcall('HEXISTS', P .. 'newjobs', id) == 1 then return {'not_failed', 'new'} end
+  if is_packed(P, id) then return {'not_failed', 'new'} end
   return {'missing', ''}
 end
 if state ~= 'fail' then return {'not_failed', state} end

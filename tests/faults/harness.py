@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence
 import psutil
 import redis
 
-from kickq.job import TERMINAL_STATES, Job, stored_fields
+from kickq.job import TERMINAL_STATES, Job, queue_reads, read_fields
 from kickq.keys import Keys
 from kickq.scripts import Scripts
 from tests.helpers import ping, redis_server_binary, start_redis, stop_redis, wait_until
@@ -461,12 +461,8 @@ def jobs_of(r: redis.Redis, ns: str, ids: Sequence[str]) -> dict[str, Job | None
     for start in range(0, len(ids), 2000):
         chunk = ids[start : start + 2000]
         pipe = r.pipeline(transaction=False)
-        for job_id in chunk:
-            pipe.hget(prefix(ns) + "newjobs", job_id)
-            pipe.hgetall(prefix(ns) + "job:" + job_id)
-        replies = pipe.execute()
-        for job_id, packed, fields in zip(chunk, replies[::2], replies[1::2], strict=True):
-            fields = stored_fields(packed, fields)
+        queue_reads(pipe, Keys(ns), chunk)
+        for job_id, fields in zip(chunk, read_fields(pipe.execute()), strict=True):
             out[job_id] = Job.from_fields(job_id, fields) if fields else None
     return out
 

@@ -30,7 +30,7 @@ from hypothesis.stateful import (
 )
 
 from kickq.config import JOB_OPTION_DEFAULTS
-from kickq.job import Job, stored_fields
+from kickq.job import Job, queue_reads, read_fields
 from kickq.keys import Keys
 from kickq.scripts import LEASE_GRACE_MS, Scripts, create_args
 from tests.faults.harness import Case, Checker, snapshot, sizes
@@ -321,18 +321,14 @@ class LuaMachine(RuleBasedStateMachine):
         m, k = self.model, self.keys
         pipe = self.r.pipeline(transaction=False)
         ids = sorted(set(m.jobs) | set(snap.jobs), key=int)
-        for job_id in ids:
-            pipe.hget(k.new_jobs, job_id)
-            pipe.hgetall(k.job(job_id))
+        queue_reads(pipe, k, ids)
         for name in NAMES:
             pipe.lrange(k.queue(name), 0, -1)
         for zset in (k.delayed, k.processing, k.finished):
             pipe.zrange(zset, 0, -1, withscores=True)
         pipe.hgetall(k.counts)
         replies = pipe.execute()
-        reads, rest = replies[: 2 * len(ids)], replies[2 * len(ids) :]
-        hashes = [stored_fields(packed, fields)
-                  for packed, fields in zip(reads[::2], reads[1::2], strict=True)]
+        hashes, rest = read_fields(replies[: 2 * len(ids)]), replies[2 * len(ids) :]
         for job_id, fields in zip(ids, hashes, strict=True):
             mj = m.jobs.get(job_id)
             assert bool(fields) == (mj is not None), (
