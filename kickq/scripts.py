@@ -74,15 +74,26 @@ def source(name: str) -> str:
     body = _read(name)
     blocks = _lib_blocks()
     defined = {n: text for n, text in blocks if n is not None}
+    needed = _closure(defined, [word for word in _IDENTIFIER.findall(body) if word in defined])
+    if "note" in needed:
+        # Counts and stats noted during the call are written once, after the body (see tally).
+        needed = _closure(defined, [*needed, "flush_notes"])
+        body = (f"local function transition()\n{body}\nend\n"
+                "local reply = transition()\nflush_notes(ARGV[1])\nreturn reply\n")
+    lib = "".join(text for n, text in blocks if n is None or n in needed)
+    return lib + "\n" + body
+
+
+def _closure(defined: dict[str, str], names: list[str]) -> set[str]:
+    """The helpers `names` and all those they use, transitively."""
     needed: set[str] = set()
-    todo = [word for word in _IDENTIFIER.findall(body) if word in defined]
+    todo = list(names)
     while todo:
         word = todo.pop()
         if word not in needed:
             needed.add(word)
             todo += [w for w in _IDENTIFIER.findall(defined[word]) if w in defined and w not in needed]
-    lib = "".join(text for n, text in blocks if n is None or n in needed)
-    return lib + "\n" + body
+    return needed
 
 
 SOURCES = {name: source(name) for name in NAMES}

@@ -263,6 +263,51 @@ def test_window_figures(kq_config, r, namespace):
     assert kickq.Kickq(stats_window=300).stats("w")["names"]["w"]["window"]["processed"] == 8
 
 
+def test_a_batch_writes_the_figures_single_finishes_would(kq, r, namespace):
+    """finish_many sums counts and stats over the whole call and writes them once: the figures are
+    those of one finish per run, across names, outcomes and two 10 s buckets, and every transition
+    is still one event, in order."""
+    s, keys = Scripts(r), Keys(namespace)
+    now = redis_now(r)
+    now += 10_000 - now % 10_000 + 2_000  # 2 s into a bucket: a run that ended 5 s ago is in the last one
+    items = [("a", "", "", None)] * 4 + [("b", "", "", None)] * 2
+    scripts.parse_create(s.run("create", scripts.create_args(keys, items, now - 9_000)))
+    _, claimed, _ = s.finish_many(keys, "w", claim=6, claim_names=["a", "b"], now=now - 8_000)
+    assert len(claimed) == 6
+    # (outcome, run ms, ms ago): in the journal for the first four, sent in the call for the rest
+    plan = [("success", 30, 5_000), ("success", 70, 0), ("fail", 20, 0), ("success", 10, 0),
+            ("success", 40, 5_000), ("fail", 90, 0)]
+    mono = 1_000_000.0
+    journal = []
+    for (job_id, token, _), (outcome, run_ms, ago) in zip(claimed[:4], plan[:4], strict=True):
+        journal.append(scripts.journal_entry(job_id, token, "start", "", 0, mono - ago - run_ms))
+        journal.append(scripts.journal_entry(job_id, token, outcome, "", run_ms, mono - ago))
+    r.rpush(keys.journal("w"), *journal)
+    direct = [(job_id, token, outcome, "", run_ms, ago)
+              for (job_id, token, _), (outcome, run_ms, ago) in zip(claimed[4:], plan[4:], strict=True)]
+    statuses, _, rejected = s.finish_many(keys, "w", direct, now=now, mono_ms=mono)
+    assert statuses == [("ok", "success"), ("ok", "fail")] and rejected == []
+    # No run keeps a start mark: ending the run in the same journal made it moot.
+    assert all(not r.hexists(keys.job(job_id), "run_start") for job_id, _, _ in claimed)
+    pre = prefix(namespace)
+    last, this = now - now % 10_000 - 10_000, now - now % 10_000
+    assert r.hgetall(f"{pre}stats:{last}") == {
+        "bucket": str(last), "created:a": "4", "created:b": "2",
+        "processed:a": "1", "success:a": "1", "time:a": "30", "max:a": "30",
+        "processed:b": "1", "success:b": "1", "time:b": "40", "max:b": "40"}
+    assert r.hgetall(f"{pre}stats:{this}") == {
+        "bucket": str(this), "processed:a": "3", "success:a": "2", "fail:a": "1", "time:a": "100",
+        "max:a": "70", "processed:b": "1", "fail:b": "1", "time:b": "90", "max:b": "90"}
+    assert r.lrange(f"{pre}times:{last}", 0, -1) == ["30:a", "40:b"]
+    assert r.lrange(f"{pre}times:{this}", 0, -1) == ["70:a", "20:a", "10:a", "90:b"]
+    assert 0 < r.ttl(f"{pre}stats:{this}") <= 3700 and 0 < r.ttl(f"{pre}times:{this}") <= 3700
+    assert r.hgetall(f"{pre}counts") == {"success:a": "3", "fail:a": "1", "success:b": "1", "fail:b": "1"}
+    events = [(e["id"], e["event"]) for _, e in r.xrange(f"{pre}events")]
+    assert [event for _, event in events] == ["create"] * 6 + ["processing"] * 6 + [
+        "success", "success", "fail", "success", "success", "fail"]
+    assert [job_id for job_id, _ in events[12:]] == [job_id for job_id, _, _ in claimed]
+
+
 def test_window_of_an_idle_name_has_no_times(kq):
     kq.create("idle")
     window = kq.stats()["names"]["idle"]["window"]

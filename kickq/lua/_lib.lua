@@ -50,43 +50,99 @@ local BUCKET_MS = 10000
 local BUCKET_TTL = 3700  -- seconds: longer than the longest stats window (1 h)
 local SAMPLES_PER_BUCKET = 1000
 
--- The stats hash of the bucket holding `now`, given its expiry the first time it is used.
-local function bucket_of(P, now)
+-- Counts, stats and samples are summed over the whole call and written once at its end
+-- (flush_notes; scripts.py runs it after the body of every script that notes): a batch of runs
+-- then costs a few writes, not several per job. Nothing in a call reads them back. A count is
+-- changed by its net delta: one that nets to 0 in a call is not written at all.
+local tally = {counts = {}, count_order = {}, buckets = {}, bucket_order = {}}
+
+local function add_count(field, by)
+  local counts = tally.counts
+  if counts[field] == nil then
+    counts[field] = 0
+    tally.count_order[#tally.count_order + 1] = field
+  end
+  counts[field] = counts[field] + by
+end
+
+-- The tally of the 10 s bucket holding `now`: {incr = field -> n, max = name -> ms, samples}.
+local function bucket_tally(now)
   local bucket = now - now % BUCKET_MS
-  local bk = P .. 'stats:' .. bucket
-  if rcall('HSETNX', bk, 'bucket', bucket) == 1 then rcall('EXPIRE', bk, BUCKET_TTL) end
-  return bk, bucket
+  local b = tally.buckets[bucket]
+  if not b then
+    b = {incr = {}, order = {}, max = {}, max_order = {}, samples = {}}
+    tally.buckets[bucket] = b
+    tally.bucket_order[#tally.bucket_order + 1] = bucket
+  end
+  return b
+end
+
+local function add_stat(now, field, by)
+  local b = bucket_tally(now)
+  if b.incr[field] == nil then
+    b.incr[field] = 0
+    b.order[#b.order + 1] = field
+  end
+  b.incr[field] = b.incr[field] + by
+end
+
+local function add_run_time(now, name, run_ms)
+  add_stat(now, 'processed:' .. name, 1)
+  add_stat(now, 'time:' .. name, run_ms)
+  local b = bucket_tally(now)
+  if b.max[name] == nil then b.max_order[#b.max_order + 1] = name end
+  if run_ms > (b.max[name] or -1) then b.max[name] = run_ms end
+  b.samples[#b.samples + 1] = run_ms .. ':' .. name
 end
 
 -- Record a transition of job `id` (name `name`) from state `from` to `to` (either may be false).
--- `event` names it; `run_ms` is the processing time of a run that just ended.
+-- `event` names it; `run_ms` is the processing time of a run that just ended. The event goes to
+-- the stream at once (in order); counts and stats go to the tally.
 local function note(P, id, name, from, to, event, now, run_ms)
   name = name or '?'
-  local counts = P .. 'counts'
-  if from then
-    if rcall('HINCRBY', counts, from .. ':' .. name, -1) <= 0 then rcall('HDEL', counts, from .. ':' .. name) end
+  if from then add_count(from .. ':' .. name, -1) end
+  if to then add_count(to .. ':' .. name, 1) end
+  local maxlen = tally.maxlen
+  if maxlen == nil then
+    maxlen = tonumber(rcall('HGET', P .. 'meta', 'events_maxlen') or EVENTS_MAXLEN) or false
+    tally.maxlen = maxlen
   end
-  if to then rcall('HINCRBY', counts, to .. ':' .. name, 1) end
-  local maxlen = tonumber(rcall('HGET', P .. 'meta', 'events_maxlen') or EVENTS_MAXLEN)
   if maxlen and maxlen > 0 then
     rcall('XADD', P .. 'events', 'MAXLEN', '~', maxlen, '*', 'id', id, 'name', name, 'event', event,
           'state', to or '', 'time', now)
   end
-  local counted = event == 'create' or event == 'success' or event == 'fail' or event == 'retry'
-                  or event == 'ghost'
-  if not (counted or run_ms) then return end
-  local bk, bucket = bucket_of(P, now)
-  if counted then rcall('HINCRBY', bk, (event == 'create' and 'created' or event) .. ':' .. name, 1) end
-  if run_ms then
-    rcall('HINCRBY', bk, 'processed:' .. name, 1)
-    rcall('HINCRBY', bk, 'time:' .. name, run_ms)
-    if run_ms > (tonumber(rcall('HGET', bk, 'max:' .. name)) or -1) then rcall('HSET', bk, 'max:' .. name, run_ms) end
+  if event == 'create' or event == 'success' or event == 'fail' or event == 'retry' or event == 'ghost' then
+    add_stat(now, (event == 'create' and 'created' or event) .. ':' .. name, 1)
+  end
+  if run_ms then add_run_time(now, name, run_ms) end
+end
+
+-- Write what the call's notes summed up (see tally).
+local function flush_notes(P)
+  local counts = P .. 'counts'
+  for _, field in ipairs(tally.count_order) do
+    local by = tally.counts[field]
+    if by ~= 0 and rcall('HINCRBY', counts, field, by) <= 0 then rcall('HDEL', counts, field) end
+  end
+  for _, bucket in ipairs(tally.bucket_order) do
+    local b = tally.buckets[bucket]
+    local bk = P .. 'stats:' .. bucket
+    if rcall('HSETNX', bk, 'bucket', bucket) == 1 then rcall('EXPIRE', bk, BUCKET_TTL) end
+    for _, field in ipairs(b.order) do rcall('HINCRBY', bk, field, b.incr[field]) end
+    for _, name in ipairs(b.max_order) do
+      if b.max[name] > (tonumber(rcall('HGET', bk, 'max:' .. name)) or -1) then
+        rcall('HSET', bk, 'max:' .. name, b.max[name])
+      end
+    end
     -- percentiles come from the first SAMPLES_PER_BUCKET runs of each 10 s bucket
-    local tk = P .. 'times:' .. bucket
-    local held = rcall('LLEN', tk)
-    if held < SAMPLES_PER_BUCKET then
-      rcall('RPUSH', tk, run_ms .. ':' .. name)
-      if held == 0 then rcall('EXPIRE', tk, BUCKET_TTL) end
+    if #b.samples > 0 then
+      local tk = P .. 'times:' .. bucket
+      local held = rcall('LLEN', tk)
+      local room = math.min(SAMPLES_PER_BUCKET - held, #b.samples)
+      if room > 0 then
+        rcall('RPUSH', tk, unpack(b.samples, 1, room))
+        if held == 0 then rcall('EXPIRE', tk, BUCKET_TTL) end
+      end
     end
   end
 end
@@ -332,15 +388,19 @@ local function count_runs(runs, state)
   return n
 end
 
+-- What end_run reads of a job, in this order.
+local RUN_FIELDS = {'opts', 'runs', 'run_start', 'name'}
+
 -- End the current run of a processing job (already checked to be owned by the caller).
 -- outcome: 'success' | 'fail' | 'ghost'. Returns the job's new state.
 -- `run_ms`, when the worker measured it, gives the run's start (a prefetched job starts after its
--- claim); otherwise the run started at its claim ('run_start').
-local function end_run(P, id, now, outcome, result, err, run_ms)
+-- claim); otherwise the run started at its claim ('run_start'). `read` (optional): the job's
+-- RUN_FIELDS as the caller read them with its ownership check.
+local function end_run(P, id, now, outcome, result, err, run_ms, read)
   local jk = P .. 'job:' .. id
   rcall('ZREM', P .. 'processing', id)
   -- The run in progress lives in 'run_start' until it ends (claim then writes no JSON).
-  local raw_opts, raw_runs, start, name = unpack(rcall('HMGET', jk, 'opts', 'runs', 'run_start', 'name'))
+  local raw_opts, raw_runs, start, name = unpack(read or rcall('HMGET', jk, unpack(RUN_FIELDS)))
   local opts = setmetatable(raw_opts and cjson.decode(raw_opts) or {}, DEFAULTS_META)
   local runs = raw_runs and cjson.decode(raw_runs) or {}
   start = run_ms and now - run_ms or tonumber(start) or now
@@ -388,7 +448,7 @@ local function end_run(P, id, now, outcome, result, err, run_ms)
       finalise(P, id, new_state, now, opts, runs, fields)
     end
     -- every ghosted run counts as a ghost, whatever comes of the job
-    if new_state == 'fail' then rcall('HINCRBY', (bucket_of(P, now)), 'ghost:' .. name, 1) end
+    if new_state == 'fail' then add_stat(now, 'ghost:' .. (name or '?'), 1) end
   end
   note(P, id, name, 'processing', new_state, new_state, now, run.time)
   return new_state
@@ -411,6 +471,7 @@ local function claim(P, names, now, claimer, chained, prefetched)
       local jk = P .. 'job:' .. id
       -- A packed new job gets its hash in the same HSET that makes it processing.
       local writes, raw_opts = unpack_if_new(P, id)
+      local fresh = writes ~= nil  -- then its new hash is exactly `writes`: no need to read it back
       local state = 'new'
       if not writes then state, raw_opts = unpack(rcall('HMGET', jk, 'state', 'opts')) end
       if state == 'new' or state == 'queued' then
@@ -446,8 +507,9 @@ local function claim(P, names, now, claimer, chained, prefetched)
           rcall('SET', P .. 'claim:' .. claimer, id .. ' ' .. attempt, 'EX', 86400)
         end
         local reply = {id, attempt}
-        local fields = rcall('HGETALL', jk)
-        for i = 1, #fields do reply[#reply + 1] = fields[i] end
+        local fields = fresh and writes or rcall('HGETALL', jk)
+        -- tostring: a number read back from the hash would be the string HSET stored (%.14g)
+        for i = 1, #fields do reply[#reply + 1] = tostring(fields[i]) end
         return reply
       end
       -- Anything else is a leftover of a job that moved on; dropping it keeps one structure per job.
@@ -458,24 +520,33 @@ local function claim(P, names, now, claimer, chained, prefetched)
 end
 
 -- Is job `id` processing under this attempt `token`, and (when it names one) run by `claimer`?
--- Returns its state (false: no such job) and whether the caller may end the run.
-local function owns(P, id, token, claimer)
-  local state, attempt, owner = unpack(rcall('HMGET', P .. 'job:' .. id, 'state', 'attempt', 'owner'))
+-- Returns its state (false: no such job), whether the caller may end the run, and the values of
+-- the `more` fields (a list, optional) read in the same call.
+local function owns(P, id, token, claimer, more)
+  local got = rcall('HMGET', P .. 'job:' .. id, 'state', 'attempt', 'owner', unpack(more or {}))
+  local state, attempt, owner = got[1], got[2], got[3]
   if not state then
     if is_packed(P, id) then return 'new', false end  -- never claimed
     return false, false
   end
-  return state, state == 'processing' and attempt == token and not (claimer ~= '' and owner and owner ~= claimer)
+  local values = {}
+  for i = 4, #got do values[i - 3] = got[i] end
+  return state, state == 'processing' and attempt == token and not (claimer ~= '' and owner and owner ~= claimer),
+         values
 end
 
 -- Add `pairs` ("id attempt" each) to the claim record P.."claim:"..claimer, keeping the jobs it
 -- names that the claimer still holds, so that whoever cleans up after it finds them all.
-local function record_claims(P, claimer, pairs)
+-- `ended` (optional): a set of "id attempt" known to be ended already (no need to look).
+local function record_claims(P, claimer, pairs, ended)
   local ck = P .. 'claim:' .. claimer
   local held = {}
   for id, token in string.gmatch(rcall('GET', ck) or '', '(%S+) (%S+)') do
-    local _, mine = owns(P, id, token, claimer)
-    if mine then held[#held + 1] = id .. ' ' .. token end
+    local pair = id .. ' ' .. token
+    if not (ended and ended[pair]) then
+      local _, mine = owns(P, id, token, claimer)
+      if mine then held[#held + 1] = pair end
+    end
   end
   for _, pair in ipairs(pairs) do held[#held + 1] = pair end
   rcall('SET', ck, table.concat(held, ' '), 'EX', 86400)
@@ -497,7 +568,7 @@ end
 -- End one run the caller reports finished: checked against token and owner first. `ago`: ms
 -- since it ended. Returns its status (ok | stale | missing) and the job's state after this ('' = gone).
 local function finish_one(P, now, claimer, id, token, outcome, payload, run_ms, ago)
-  local state, mine = owns(P, id, token, claimer)
+  local state, mine, read = owns(P, id, token, claimer, RUN_FIELDS)
   if not state then return 'missing', '' end
   if not mine then return 'stale', state end
   local result, err = false, false
@@ -508,7 +579,7 @@ local function finish_one(P, now, claimer, id, token, outcome, payload, run_ms, 
   end
   -- whole ms: every time field, score and event is an integer
   local ended = now - math.floor(math.min(math.max(ago or 0, 0), 60000) + 0.5)
-  return 'ok', end_run(P, id, ended, outcome, result, err, run_ms and math.floor(run_ms + 0.5))
+  return 'ok', end_run(P, id, ended, outcome, result, err, run_ms and math.floor(run_ms + 0.5), read)
 end
 
 -- End each run of a batch: `args` from index `at` holds `n` groups of (id, token, outcome, payload,
@@ -527,11 +598,10 @@ end
 -- from now on a lost run of it is ghosted, not given back as never started. `ago`: ms since it
 -- started (false: not known; its claim time then).
 local function mark_started(P, claimer, id, token, now, ago)
-  local jk = P .. 'job:' .. id
-  local _, mine = owns(P, id, token, claimer)
-  if not mine or rcall('HEXISTS', jk, 'run_start') == 1 then return end
+  local _, mine, read = owns(P, id, token, claimer, {'run_start', 'update_time'})
+  if not mine or read[1] then return end
   local start = ago and now - math.floor(math.min(math.max(ago, 0), 60000) + 0.5)
-  rcall('HSET', jk, 'run_start', start or tonumber(rcall('HGET', jk, 'update_time')) or now)
+  rcall('HSET', P .. 'job:' .. id, 'run_start', start or tonumber(read[2]) or now)
 end
 
 -- A worker's journal, P.."done:"..claimer. The worker RPUSHes one entry the moment a handler
@@ -541,28 +611,35 @@ end
 -- host's monotonic clock in ms]; `mono_now` is that clock now (false: not known, the runs then
 -- ended now). Outcome 'start' marks the start of a job claimed ahead (mark_started), sent before
 -- its handler runs; `marks` false skips them (abandon: the master knows which run began, and a
--- mark may precede a start the worker did not live to make). Returns the entries not saved, as
--- {id, token, status, state} each.
+-- mark may precede a start the worker did not live to make). A mark whose run ends in the same
+-- journal is skipped: ending the run would erase it. Returns the entries not saved, as
+-- {id, token, status, state} each, and the set of "id token" of the runs the journal ended.
 local function apply_journal(P, claimer, now, mono_now, marks)
   local key = P .. 'done:' .. claimer
-  local entries = rcall('LRANGE', key, 0, -1)
-  if #entries == 0 then return {} end
+  local raws = rcall('LRANGE', key, 0, -1)
+  if #raws == 0 then return {}, {} end
   rcall('DEL', key)
-  local rejected = {}
-  for _, raw in ipairs(entries) do
+  local entries, ended = {}, {}
+  for _, raw in ipairs(raws) do
     local ok, e = pcall(cjson.decode, raw)
     if ok and type(e) == 'table' and e[1] then
-      local id, token = tostring(e[1]), tostring(e[2])
-      local ago = mono_now and e[6] and (mono_now - tonumber(e[6]))
-      if e[3] == 'start' then
-        if marks then mark_started(P, claimer, id, token, now, ago) end
-      else
-        local status, state = finish_one(P, now, claimer, id, token, e[3], e[4] or '', tonumber(e[5]), ago or 0)
-        if status ~= 'ok' then rejected[#rejected + 1] = {id, token, status, state} end
-      end
+      e[1], e[2] = tostring(e[1]), tostring(e[2])
+      entries[#entries + 1] = e
+      if e[3] ~= 'start' then ended[e[1] .. ' ' .. e[2]] = true end
     end
   end
-  return rejected
+  local rejected = {}
+  for _, e in ipairs(entries) do
+    local id, token = e[1], e[2]
+    local ago = mono_now and e[6] and (mono_now - tonumber(e[6]))
+    if e[3] == 'start' then
+      if marks and not ended[id .. ' ' .. token] then mark_started(P, claimer, id, token, now, ago) end
+    else
+      local status, state = finish_one(P, now, claimer, id, token, e[3], e[4] or '', tonumber(e[5]), ago or 0)
+      if status ~= 'ok' then rejected[#rejected + 1] = {id, token, status, state} end
+    end
+  end
+  return rejected, ended
 end
 
 -- Hand-off to idle workers. A supervisor's worker that finds nothing to claim registers as idle

@@ -26,7 +26,7 @@ local P = ARGV[1]
 local now = clock(ARGV[2])
 local claimer = ARGV[3]
 unidle(P, claimer)
-local rejected = apply_journal(P, claimer, now, tonumber(ARGV[4]) or false, true)
+local rejected, ended = apply_journal(P, claimer, now, tonumber(ARGV[4]) or false, true)
 local statuses, states, at = finish_runs(P, now, claimer, ARGV, 6, tonumber(ARGV[5]))
 local given_back = tonumber(ARGV[at])
 -- Last first: each goes to the front of its queue, so they keep their order there.
@@ -51,7 +51,7 @@ end
 if #record > 0 then
   -- The record keeps the earlier batches' jobs still held (the worker claims its next batch before
   -- the last one is done), so that the master can give back all it never started.
-  record_claims(P, claimer, record)
+  record_claims(P, claimer, record, ended)
 end
 if wanted > 0 and #claimed == 0 and idle_ms > 0 then register_idle(P, claimer, names, now, idle_ms) end
 return {statuses, states, claimed, rejected}
