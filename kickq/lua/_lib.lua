@@ -54,44 +54,50 @@ local SAMPLES_PER_BUCKET = 1000
 -- (flush_notes; scripts.py runs it after the body of every script that notes): a batch of runs
 -- then costs a few writes, not several per job. Nothing in a call reads them back. A count is
 -- changed by its net delta: one that nets to 0 in a call is not written at all.
-local tally = {counts = {}, count_order = {}, buckets = {}, bucket_order = {}}
+local tally_counts = {}  -- "<state>:<name>" -> net change in this call
+local tally_count_order = {}  -- those fields, in the order first noted
+local tally_buckets = {}  -- bucket ms -> its stats (bucket_tally)
+local tally_bucket_order = {}
+local tally_maxlen  -- events_maxlen, read at the first note of the call
 
 local function add_count(field, by)
-  local counts = tally.counts
-  if counts[field] == nil then
-    counts[field] = 0
-    tally.count_order[#tally.count_order + 1] = field
+  local n = tally_counts[field]
+  if n == nil then
+    n = 0
+    tally_count_order[#tally_count_order + 1] = field
   end
-  counts[field] = counts[field] + by
+  tally_counts[field] = n + by
 end
 
--- The tally of the 10 s bucket holding `now`: {incr = field -> n, max = name -> ms, samples}.
+-- The tally of the 10 s bucket holding `now`: field -> n (every field holds a ':'), `order` (of
+-- the fields), and once a run ended in it `max` (name -> ms), `max_order` and `samples`.
 local function bucket_tally(now)
   local bucket = now - now % BUCKET_MS
-  local b = tally.buckets[bucket]
+  local b = tally_buckets[bucket]
   if not b then
-    b = {incr = {}, order = {}, max = {}, max_order = {}, samples = {}}
-    tally.buckets[bucket] = b
-    tally.bucket_order[#tally.bucket_order + 1] = bucket
+    b = {order = {}}
+    tally_buckets[bucket] = b
+    tally_bucket_order[#tally_bucket_order + 1] = bucket
   end
   return b
 end
 
-local function add_stat(now, field, by)
-  local b = bucket_tally(now)
-  if b.incr[field] == nil then
-    b.incr[field] = 0
+local function add_stat(b, field, by)
+  local n = b[field]
+  if n == nil then
+    n = 0
     b.order[#b.order + 1] = field
   end
-  b.incr[field] = b.incr[field] + by
+  b[field] = n + by
 end
 
-local function add_run_time(now, name, run_ms)
-  add_stat(now, 'processed:' .. name, 1)
-  add_stat(now, 'time:' .. name, run_ms)
-  local b = bucket_tally(now)
-  if b.max[name] == nil then b.max_order[#b.max_order + 1] = name end
-  if run_ms > (b.max[name] or -1) then b.max[name] = run_ms end
+local function add_run_time(b, name, run_ms)
+  add_stat(b, 'processed:' .. name, 1)
+  add_stat(b, 'time:' .. name, run_ms)
+  if not b.max then b.max, b.max_order, b.samples = {}, {}, {} end
+  local max = b.max[name]
+  if max == nil then b.max_order[#b.max_order + 1] = name end
+  if run_ms > (max or -1) then b.max[name] = run_ms end
   b.samples[#b.samples + 1] = run_ms .. ':' .. name
 end
 
@@ -102,40 +108,40 @@ local function note(P, id, name, from, to, event, now, run_ms)
   name = name or '?'
   if from then add_count(from .. ':' .. name, -1) end
   if to then add_count(to .. ':' .. name, 1) end
-  local maxlen = tally.maxlen
-  if maxlen == nil then
-    maxlen = tonumber(rcall('HGET', P .. 'meta', 'events_maxlen') or EVENTS_MAXLEN) or false
-    tally.maxlen = maxlen
+  if tally_maxlen == nil then
+    tally_maxlen = tonumber(rcall('HGET', P .. 'meta', 'events_maxlen') or EVENTS_MAXLEN) or false
   end
-  if maxlen and maxlen > 0 then
-    rcall('XADD', P .. 'events', 'MAXLEN', '~', maxlen, '*', 'id', id, 'name', name, 'event', event,
+  if tally_maxlen and tally_maxlen > 0 then
+    rcall('XADD', P .. 'events', 'MAXLEN', '~', tally_maxlen, '*', 'id', id, 'name', name, 'event', event,
           'state', to or '', 'time', now)
   end
-  if event == 'create' or event == 'success' or event == 'fail' or event == 'retry' or event == 'ghost' then
-    add_stat(now, (event == 'create' and 'created' or event) .. ':' .. name, 1)
-  end
-  if run_ms then add_run_time(now, name, run_ms) end
+  local counted = event == 'create' or event == 'success' or event == 'fail' or event == 'retry'
+                  or event == 'ghost'
+  if not (counted or run_ms) then return end
+  local b = bucket_tally(now)
+  if counted then add_stat(b, (event == 'create' and 'created' or event) .. ':' .. name, 1) end
+  if run_ms then add_run_time(b, name, run_ms) end
 end
 
--- Write what the call's notes summed up (see tally).
+-- Write what the call's notes summed up (see tally_counts and bucket_tally).
 local function flush_notes(P)
   local counts = P .. 'counts'
-  for _, field in ipairs(tally.count_order) do
-    local by = tally.counts[field]
+  for _, field in ipairs(tally_count_order) do
+    local by = tally_counts[field]
     if by ~= 0 and rcall('HINCRBY', counts, field, by) <= 0 then rcall('HDEL', counts, field) end
   end
-  for _, bucket in ipairs(tally.bucket_order) do
-    local b = tally.buckets[bucket]
+  for _, bucket in ipairs(tally_bucket_order) do
+    local b = tally_buckets[bucket]
     local bk = P .. 'stats:' .. bucket
     if rcall('HSETNX', bk, 'bucket', bucket) == 1 then rcall('EXPIRE', bk, BUCKET_TTL) end
-    for _, field in ipairs(b.order) do rcall('HINCRBY', bk, field, b.incr[field]) end
-    for _, name in ipairs(b.max_order) do
-      if b.max[name] > (tonumber(rcall('HGET', bk, 'max:' .. name)) or -1) then
-        rcall('HSET', bk, 'max:' .. name, b.max[name])
+    for _, field in ipairs(b.order) do rcall('HINCRBY', bk, field, b[field]) end
+    if b.max then
+      for _, name in ipairs(b.max_order) do
+        if b.max[name] > (tonumber(rcall('HGET', bk, 'max:' .. name)) or -1) then
+          rcall('HSET', bk, 'max:' .. name, b.max[name])
+        end
       end
-    end
-    -- percentiles come from the first SAMPLES_PER_BUCKET runs of each 10 s bucket
-    if #b.samples > 0 then
+      -- percentiles come from the first SAMPLES_PER_BUCKET runs of each 10 s bucket
       local tk = P .. 'times:' .. bucket
       local held = rcall('LLEN', tk)
       local room = math.min(SAMPLES_PER_BUCKET - held, #b.samples)
@@ -448,7 +454,7 @@ local function end_run(P, id, now, outcome, result, err, run_ms, read)
       finalise(P, id, new_state, now, opts, runs, fields)
     end
     -- every ghosted run counts as a ghost, whatever comes of the job
-    if new_state == 'fail' then add_stat(now, 'ghost:' .. (name or '?'), 1) end
+    if new_state == 'fail' then add_stat(bucket_tally(now), 'ghost:' .. (name or '?'), 1) end
   end
   note(P, id, name, 'processing', new_state, new_state, now, run.time)
   return new_state
