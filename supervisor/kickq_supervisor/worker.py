@@ -11,8 +11,10 @@ Redis about once per batch, and a finished run is never held back.
 It tells the master through a pipe when a run starts ("S id token start timeout name") and when
 the handler has returned ("F id outcome seconds [payload as a JSON string]"), so that the master,
 which never waits on Redis, enforces process_timeout from outside, and saves an outcome the worker
-died before sending (abandon.lua). Signals: TERM kills (default action, also for the job's own
-children through the process group); USR1 asks for a graceful stop after the current job.
+died before sending (abandon.lua). When the next job is sure to start at once (it is in hand, and
+nothing may give it back), its S goes in the same write as the last job's F: one write per job.
+Signals: TERM kills (default action, also for the job's own children through the process group);
+USR1 asks for a graceful stop after the current job.
 """
 from __future__ import annotations
 
@@ -53,6 +55,9 @@ MAX_PREFETCH_WAIT = 0.25
 #: Outcomes up to this size go to the master too, so it can save one the worker died before
 #: sending; a bigger one is ghosted if that happens, as it was before batches.
 RETAINED_PAYLOAD = 512
+#: A start told to the master ahead (with the last job's end) is told again if the job starts this
+#: much later (the worker waited on Redis in between): the master's deadline runs from the start.
+ANNOUNCED_STALE = 0.005
 
 
 class Ready(NamedTuple):
@@ -101,6 +106,8 @@ class Worker:
         self.journaled = 0  # runs in the journal since the last finish_many
         self.journal_fresh = True  # nothing pushed to it since the last finish_many: it has no TTL
         self.marked: set[str] = set()  # jobs claimed ahead whose start marker has been sent
+        # The job whose start the master was told of ahead, and when: it is the next one to run.
+        self.announced: tuple[str, float] | None = None
         # Jobs whose runs went to the journal and may not be ended yet (a lost-claim recovery must
         # not take them for jobs to run), in the order sent; and whether a claim's reply was lost.
         self.journal_ids: list[str] = []
@@ -172,7 +179,8 @@ class Worker:
         self.scripts = scripts.Scripts(self.client)
         self.channel = Channel(self.client)
         try:
-            while not self.stopping and os.getppid() == self.parent:
+            # A job announced to the master runs even if a stop was asked meanwhile: it is current.
+            while (not self.stopping or self.announced) and os.getppid() == self.parent:
                 if not self.ready:
                     self._refill()
                 if not self.ready:
@@ -182,21 +190,32 @@ class Worker:
                         # a claim ahead (a hand-off) has no run_start; a claim to start at once has
                         self.ready.append(Ready(*claimed, time.monotonic(), "run_start" not in claimed[2]))
                     continue
-                job = self.ready.popleft()
-                if job.prefetched and time.monotonic() - job.claimed_at > MAX_PREFETCH_WAIT:
-                    self._give_back_ready(job)
-                    continue
-                if job.prefetched and not self._mark_start(job):
-                    continue
-                done = self._work(job)
-                last = self._should_retire()
-                self._save(done, claim=not last)
-                if last:
+                if not self._run_next():
                     break
         except _Stop:
             pass
         self._leave()
         return 0
+
+    def _run_next(self) -> bool:
+        """Run the first job in hand (or give it back) and save its outcome. False: retire now."""
+        job = self.ready.popleft()
+        announced = self.announced is not None and self.announced[0] == job.job_id
+        if job.prefetched and not announced and time.monotonic() - job.claimed_at > MAX_PREFETCH_WAIT:
+            self._give_back_ready(job)
+            return True
+        if job.prefetched and not self._mark_start(job):
+            return True
+        done, finished = self._work(job)
+        last = self._should_retire()
+        upcoming = None if last else self._starts_next()
+        if upcoming is not None:
+            now = time.monotonic()
+            self.announced = (upcoming.job_id, now)
+            finished += "\n" + self._start_line(upcoming, now)
+        self._notify(finished)
+        self._save(done, claim=not last)
+        return not last
 
     def _save(self, done: Done, *, claim: bool) -> None:
         """Send the run's outcome at once, without waiting for the reply. When few jobs are left, a
@@ -448,13 +467,32 @@ class Worker:
         self.registered = claimed is None
         return claimed
 
-    def _work(self, job: Ready) -> Done:
+    def _starts_next(self) -> Ready | None:
+        """The job the loop starts right after this one's save, if nothing can stop it: in hand, not
+        waiting too long to be given back, not waiting for Redis to have its start mark."""
+        if not self.ready or self.stopping:
+            return None
+        job = self.ready[0]
+        if job.prefetched and time.monotonic() - job.claimed_at > MAX_PREFETCH_WAIT:
+            return None
+        if job.prefetched and _options(job.fields).get("ghost_retry", True) is False:
+            return None
+        return job
+
+    @staticmethod
+    def _start_line(job: Ready, started: float, opts: Mapping[str, Any] | None = None) -> str:
+        timeout = _process_timeout(_options(job.fields) if opts is None else opts)
+        # The job name goes last: it may contain spaces (the master splits at most 5 times).
+        return f"S {job.job_id} {job.token} {started:.6f} {timeout} {job.fields.get('name', '')}"
+
+    def _work(self, job: Ready) -> tuple[Done, str]:
+        """Run the job; its outcome, and the F line for the master (the caller sends it)."""
         job_id, token, fields = job.job_id, job.token, job.fields
         started = time.monotonic()
         opts = _options(fields)
-        timeout = _process_timeout(opts)
-        # The job name goes last: it may contain spaces (the master splits at most 5 times).
-        self._notify(f"S {job_id} {token} {started:.6f} {timeout} {fields.get('name', '')}")
+        announced, self.announced = self.announced, None
+        if announced is None or announced[0] != job_id or started - announced[1] > ANNOUNCED_STALE:
+            self._notify(self._start_line(job, started, opts))
         self._title_busy = (fields.get("name", "?"), job_id, started)
         self._title_wake.set()
         outcome = self._run(job_id, fields)
@@ -464,13 +502,13 @@ class Worker:
         kind = "success" if outcome.success else "fail"
         body = (outcome.result_json if outcome.success else outcome.error) or ""
         retained = len(body) <= RETAINED_PAYLOAD
-        # Before the outcome leaves for Redis: the master then always knows at least what the
+        # Sent before the outcome leaves for Redis: the master then always knows at least what the
         # journal does, so it never ghosts a run whose outcome the journal holds.
-        self._notify(f"F {job_id} {kind} {ran:.6f}" + (" " + json.dumps(body) if retained else ""))
+        finished = f"F {job_id} {kind} {ran:.6f}" + (" " + json.dumps(body) if retained else "")
         self.jobs_done += 1
         self.last_busy = ended
         self.run_seconds = ran if self.run_seconds <= 0 else 0.8 * self.run_seconds + 0.2 * ran
-        return Done(job_id, token, kind, body, int(round(ran * 1000)), ended, hot or not retained)
+        return Done(job_id, token, kind, body, int(round(ran * 1000)), ended, hot or not retained), finished
 
     def _run(self, job_id: str, fields: Mapping[str, str]) -> Outcome:
         if "run_start" not in fields:  # prefetched: its run starts now, as the handler sees it

@@ -127,3 +127,64 @@ def test_a_job_that_must_not_run_twice_starts_only_once_redis_has_its_mark(worke
     worker._send([], 0)
     worker._settled(worker.channel.settle())
     assert kq.get(nxt.job_id).state == "queued" and kq.get(nxt.job_id).runs == []
+
+
+def told_master(worker, monkeypatch):
+    """Each write the worker makes to the master's pipe, as a list of its lines."""
+    writes = []
+    monkeypatch.setattr(worker, "_notify", lambda message: writes.append(message.split("\n")))
+    return writes
+
+
+def test_the_next_start_goes_to_the_master_in_the_same_write_as_the_last_end(worker, kq, monkeypatch):
+    jobs = claim_batch(worker, kq, 4, {"process_timeout": 7})
+    ids = [j.id for j in jobs]
+    writes = told_master(worker, monkeypatch)
+    for _ in range(4):
+        assert worker._run_next()
+    assert [[line.split()[:2] for line in lines] for lines in writes] == [
+        [["S", ids[0]]],
+        [["F", ids[0]], ["S", ids[1]]],  # the next job is in hand: its start rides along
+        [["F", ids[1]], ["S", ids[2]]],
+        [["F", ids[2]], ["S", ids[3]]],
+        [["F", ids[3]]]]  # nothing left in hand
+    assert writes[1][1].split()[2] == "1" and float(writes[1][1].split()[4]) == 7.0  # token, timeout
+    worker._send([], 0)
+    worker._settled(worker.channel.settle())
+    assert [kq.get(i).state for i in ids] == ["success"] * 4
+
+
+def test_a_start_told_ahead_is_told_again_when_the_job_starts_late(worker, kq, monkeypatch):
+    jobs = claim_batch(worker, kq, 4)
+    writes = told_master(worker, monkeypatch)
+    assert worker._run_next()
+    assert [line.split()[:2] for line in writes[-1]] == [["F", jobs[0].id], ["S", jobs[1].id]]
+    worker.announced = (jobs[1].id, time.monotonic() - 1)  # e.g. the save waited on Redis
+    assert worker._run_next()
+    assert [line.split()[:2] for line in writes[-2]] == [["S", jobs[1].id]]  # its deadline runs from now
+
+
+def test_no_start_is_told_ahead_for_a_job_that_may_be_given_back(worker, kq, monkeypatch):
+    jobs = claim_batch(worker, kq, 4, {"ghost_retry": False})  # starts only once Redis has its mark
+    writes = told_master(worker, monkeypatch)
+    assert worker._run_next() and worker._run_next()
+    assert [[line.split()[:2] for line in lines] for lines in writes] == [
+        [["S", jobs[0].id]], [["F", jobs[0].id]], [["S", jobs[1].id]], [["F", jobs[1].id]]]
+    worker.stopping = True  # a stop was asked: the job in hand will not start
+    assert not worker._run_next()
+    assert [line.split()[:2] for line in writes[-1]] == [["F", jobs[2].id]]
+
+
+def test_a_job_told_ahead_runs_even_if_a_stop_comes_before_it_starts(worker, kq, monkeypatch):
+    jobs = claim_batch(worker, kq, 4)
+    writes = told_master(worker, monkeypatch)
+    assert worker._run_next()
+    assert worker.announced[0] == jobs[1].id
+    worker.stopping = True  # USR1 between the two jobs: the master already holds the next one's start
+    monkeypatch.setattr(worker, "_refill", lambda: None)
+    monkeypatch.setattr(worker, "_install_signals", lambda: None)
+    monkeypatch.setattr(worker, "_leave", lambda: None)
+    monkeypatch.setattr("kickq_supervisor.worker.connect", lambda settings: kq.redis)
+    worker.run()
+    assert [line.split()[:2] for line in writes[-1]] == [["F", jobs[1].id]]
+    assert worker.announced is None and [j.job_id for j in worker.ready] == [j.id for j in jobs[2:4]]
