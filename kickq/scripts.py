@@ -76,7 +76,7 @@ def source(name: str) -> str:
     defined = {n: text for n, text in blocks if n is not None}
     needed = _closure(defined, [word for word in _IDENTIFIER.findall(body) if word in defined])
     if "note" in needed:
-        # Counts and stats noted during the call are written once, after the body (see flush_notes in _lib.lua).
+        # Counts and stats noted during the call are written once, after the body (flush_notes).
         needed = _closure(defined, [*needed, "flush_notes"])
         body = (f"local function transition()\n{body}\nend\n"
                 "local reply = transition()\nflush_notes(ARGV[1])\nreturn reply\n")
