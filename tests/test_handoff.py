@@ -72,6 +72,40 @@ def test_a_delayed_job_is_not_handed_over_when_created(m):
     assert m.state(job_id) == "delayed" and inbox(m) == [] and m.r.zcard(m.keys.idle("a")) == 1
 
 
+def test_a_new_job_for_an_idle_worker_never_enters_its_queue(m):
+    wait_idle(m)
+    m.r.config_resetstat()
+    job_id = m.create("a", now=T0 + 1)
+    assert inbox(m)[0][0] == job_id and m.state(job_id) == "processing"
+    calls = {k[len("cmdstat_"):]: v["calls"] for k, v in m.r.info("commandstats").items()}
+    assert "lpop" not in calls and "llen" in calls  # no queue entry nor token to take back
+    assert not m.r.exists(m.keys.queue("a")) and not m.r.exists(m.keys.wake("a"))
+
+
+def test_an_idle_worker_is_handed_the_oldest_waiting_job_not_the_new_one(m):
+    older = m.create("a", delay_ms=0, now=T0)
+    wait_idle(m, now=T0)  # nothing waiting yet: it registers
+    assert m.promote(now=T0 + 1)[0] == 1  # the delayed job is queued; promote hands nothing over
+    assert m.state(older) == "queued" and inbox(m) == []
+    newer = m.create("a", now=T0 + 2)
+    assert [job_id for job_id, _, _ in inbox(m)] == [older]
+    assert m.state(newer) == "new" and m.r.lrange(m.keys.queue("a"), 0, -1) == [newer]
+    assert m.r.llen(m.keys.wake("a")) == 1
+
+
+def test_registering_as_idle_drops_the_ended_jobs_from_the_claim_record(m):
+    ids = m.create_many([("a", None, None, None)] * 3, now=T0)
+    _, claimed, _ = m.s.finish_many(m.keys, "w1", claim=3, claim_names=["a"], now=T0 + 1)
+    assert len(parse_claim_record(m.r.get(m.keys.claim("w1")))) == 3
+    runs = [(job_id, token, "success", "", 1, 0) for job_id, token, _ in claimed]
+    m.s.finish_many(m.keys, "w1", runs, claim=4, claim_names=["a"], now=T0 + 2, idle_ms=IDLE_MS)
+    m.check()
+    assert [m.state(i) for i in ids] == ["success"] * 3
+    assert not m.r.exists(m.keys.claim("w1"))  # nothing held: a hand-off has nothing to look over
+    job_id = m.create("a", now=T0 + 3)
+    assert parse_claim_record(m.r.get(m.keys.claim("w1"))) == [(job_id, "1")]
+
+
 def test_a_lapsed_registration_is_not_used_and_is_dropped(m):
     wait_idle(m, now=T0)
     job_id = m.create("a", now=T0 + IDLE_MS + 1)

@@ -460,6 +460,49 @@ local function end_run(P, id, now, outcome, result, err, run_ms, read)
   return new_state
 end
 
+-- Claim job `id` of `name`, just taken from its queue or never queued (a new job handed over as it
+-- is created): see claim. Returns the claim reply, or nil when `id` was no waiting job (a leftover
+-- of a job that moved on).
+local function claim_job(P, id, name, now, claimer, prefetched)
+  local jk = P .. 'job:' .. id
+  -- A packed new job gets its hash in the same HSET that makes it processing.
+  local writes, raw_opts = unpack_if_new(P, id)
+  local fresh = writes ~= nil  -- then its new hash is exactly `writes`: no need to read it back
+  local state = 'new'
+  if not writes then state, raw_opts = unpack(rcall('HMGET', jk, 'state', 'opts')) end
+  if state ~= 'new' and state ~= 'queued' then return nil end
+  local timeout = raw_opts and cjson.decode(raw_opts).process_timeout or DEFAULTS.process_timeout
+  local attempt = 1
+  if writes then
+    writes[#writes + 1] = 'attempt'; writes[#writes + 1] = 1
+  else
+    writes = {}
+    attempt = rcall('HINCRBY', jk, 'attempt', 1)
+  end
+  local n = #writes
+  writes[n + 1] = 'state'; writes[n + 2] = 'processing'; writes[n + 3] = 'update_time'; writes[n + 4] = now
+  if prefetched then
+    writes[n + 5] = 'owner'; writes[n + 6] = claimer
+  elseif claimer ~= '' then
+    -- The claimer owns the run: after Redis lost its data, ids and attempts start again at 1,
+    -- and only the owner tells a new job 1 from the old one a late finish was for.
+    writes[n + 5] = 'run_start'; writes[n + 6] = now; writes[n + 7] = 'owner'; writes[n + 8] = claimer
+  else
+    writes[n + 5] = 'run_start'; writes[n + 6] = now
+  end
+  rcall('HSET', jk, unpack(writes))
+  note(P, id, name, state, 'processing', 'processing', now)
+  rcall('ZADD', P .. 'processing', now + ms(timeout) + LEASE_GRACE_MS, id)
+  if claimer ~= '' and not prefetched then
+    rcall('SET', P .. 'claim:' .. claimer, id .. ' ' .. attempt, 'EX', 86400)
+  end
+  local reply = {id, attempt}
+  local fields = fresh and writes or rcall('HGETALL', jk)
+  -- tostring: a number read back from the hash would be the string HSET stored (%.14g)
+  for i = 1, #fields do reply[#reply + 1] = tostring(fields[i]) end
+  return reply
+end
+
 -- Take the first waiting job of the first non-empty queue, in the priority order of `names`.
 -- A plain claim (a worker woke on a token, or polled) leaves the wake tokens equal to the queue
 -- lengths; a `chained` claim (inside finish) just takes the claimed job's own token.
@@ -474,48 +517,14 @@ local function claim(P, names, now, claimer, chained, prefetched)
     while true do
       local id = rcall('LPOP', q)
       if not id then break end
-      local jk = P .. 'job:' .. id
-      -- A packed new job gets its hash in the same HSET that makes it processing.
-      local writes, raw_opts = unpack_if_new(P, id)
-      local fresh = writes ~= nil  -- then its new hash is exactly `writes`: no need to read it back
-      local state = 'new'
-      if not writes then state, raw_opts = unpack(rcall('HMGET', jk, 'state', 'opts')) end
-      if state == 'new' or state == 'queued' then
-        local timeout = raw_opts and cjson.decode(raw_opts).process_timeout or DEFAULTS.process_timeout
-        local attempt = 1
-        if writes then
-          writes[#writes + 1] = 'attempt'; writes[#writes + 1] = 1
-        else
-          writes = {}
-          attempt = rcall('HINCRBY', jk, 'attempt', 1)
-        end
-        local n = #writes
-        writes[n + 1] = 'state'; writes[n + 2] = 'processing'; writes[n + 3] = 'update_time'; writes[n + 4] = now
-        if prefetched then
-          writes[n + 5] = 'owner'; writes[n + 6] = claimer
-        elseif claimer ~= '' then
-          -- The claimer owns the run: after Redis lost its data, ids and attempts start again at 1,
-          -- and only the owner tells a new job 1 from the old one a late finish was for.
-          writes[n + 5] = 'run_start'; writes[n + 6] = now; writes[n + 7] = 'owner'; writes[n + 8] = claimer
-        else
-          writes[n + 5] = 'run_start'; writes[n + 6] = now
-        end
-        rcall('HSET', jk, unpack(writes))
-        note(P, id, name, state, 'processing', 'processing', now)
-        rcall('ZADD', P .. 'processing', now + ms(timeout) + LEASE_GRACE_MS, id)
+      local reply = claim_job(P, id, name, now, claimer, prefetched)
+      if reply then
         if chained then
           -- Claimed in the same call that finished the last job: the job's token is still there.
           rcall('LPOP', P .. 'wake:' .. name)
         else
           reconcile_wake(P, names)
         end
-        if claimer ~= '' and not prefetched then
-          rcall('SET', P .. 'claim:' .. claimer, id .. ' ' .. attempt, 'EX', 86400)
-        end
-        local reply = {id, attempt}
-        local fields = fresh and writes or rcall('HGETALL', jk)
-        -- tostring: a number read back from the hash would be the string HSET stored (%.14g)
-        for i = 1, #fields do reply[#reply + 1] = tostring(fields[i]) end
         return reply
       end
       -- Anything else is a leftover of a job that moved on; dropping it keeps one structure per job.
@@ -555,7 +564,11 @@ local function record_claims(P, claimer, pairs, ended)
     end
   end
   for _, pair in ipairs(pairs) do held[#held + 1] = pair end
-  rcall('SET', ck, table.concat(held, ' '), 'EX', 86400)
+  if #held == 0 then
+    rcall('DEL', ck)
+  else
+    rcall('SET', ck, table.concat(held, ' '), 'EX', 86400)
+  end
 end
 
 -- Give a claimed job that never started back to the front of its queue (processing -> queued).
@@ -618,14 +631,15 @@ end
 -- ended now). Outcome 'start' marks the start of a job claimed ahead (mark_started), sent before
 -- its handler runs; `marks` false skips them (abandon: the master knows which run began, and a
 -- mark may precede a start the worker did not live to make). A mark whose run ends in the same
--- journal is skipped: ending the run would erase it. Returns the entries not saved, as
--- {id, token, status, state} each, and the set of "id token" of the runs the journal ended.
-local function apply_journal(P, claimer, now, mono_now, marks)
+-- journal, or in the same call (`ending`, optional: a set of "id token"), is skipped: ending the
+-- run would erase it. Returns the entries not saved, as {id, token, status, state} each, and the
+-- set of "id token" of the runs the journal ended, with `ending`.
+local function apply_journal(P, claimer, now, mono_now, marks, ending)
   local key = P .. 'done:' .. claimer
   local raws = rcall('LRANGE', key, 0, -1)
-  if #raws == 0 then return {}, {} end
+  if #raws == 0 then return {}, ending or {} end
   rcall('DEL', key)
-  local entries, ended = {}, {}
+  local entries, ended = {}, ending or {}
   for _, raw in ipairs(raws) do
     local ok, e = pcall(cjson.decode, raw)
     if ok and type(e) == 'table' and e[1] then
@@ -669,6 +683,9 @@ end
 
 -- Called only after the caller's inbox was taken (claim.lua, finish_many.lua): it is empty here.
 local function register_idle(P, claimer, names, now, ttl_ms)
+  -- The claim record drops the jobs the worker no longer holds (none, as it found nothing to do):
+  -- a create that hands it a job then has none to look at.
+  record_claims(P, claimer, {})
   -- Both keys lapse a minute after the last registration that renewed them (dead workers' leftovers).
   for _, name in ipairs(names) do
     local ik = P .. 'idle:' .. name
@@ -678,24 +695,30 @@ local function register_idle(P, claimer, names, now, ttl_ms)
   rcall('SET', P .. 'idler:' .. claimer, cjson.encode(names), 'PX', ttl_ms + 60000)
 end
 
--- Claim job `name`'s oldest waiting job for an idle worker of that name, if one is registered.
-local function hand_off(P, name, now)
+-- Job `id` of `name` was just created, not queued yet: if a worker of that name is registered as
+-- idle, claim the oldest waiting job of the name for it (this one when none waits), else queue it.
+local function hand_off(P, name, now, id)
   local ik = P .. 'idle:' .. name
   -- One call when no worker is idle (a busy queue: every create asks)
   local first = rcall('ZRANGE', ik, 0, 0, 'WITHSCORES')
-  if not first[1] then return end
-  if tonumber(first[2]) < now then  -- lapsed registrations (dead workers) go first
+  if first[1] and tonumber(first[2]) < now then  -- lapsed registrations (dead workers) go first
     rcall('ZREMRANGEBYSCORE', ik, '-inf', '(' .. now)
     first = rcall('ZRANGE', ik, 0, 0)
-    if not first[1] then return end
   end
+  if not first[1] then return push_queued(P, id, name) end
   local claimer = first[1]
   unidle(P, claimer)
   -- Claimed as a batch claim is (no 'run_start'): Redis cannot know whether the worker got it (a
   -- BLPOP served to a worker whose host just died pops the entry all the same), so a death before
   -- its start was known (the master's S message, the worker's start mark) gives it back rather
   -- than ghosting a run that never began.
-  local got = claim(P, {name}, now, claimer, false, true)
+  local got
+  if rcall('LLEN', P .. 'queue:' .. name) == 0 then
+    got = claim_job(P, id, name, now, claimer, true)  -- never queued: no queue entry, no token
+  else
+    push_queued(P, id, name)  -- older jobs wait: the oldest goes first
+    got = claim(P, {name}, now, claimer, false, true)
+  end
   if not got then return end
   record_claims(P, claimer, {got[1] .. ' ' .. got[2]})
   local box = P .. 'inbox:' .. claimer

@@ -26,9 +26,8 @@ for i = 0, n - 1 do
     note(P, id, name, false, 'delayed', 'create', now)
   else
     id = new_queued_job(P, name, data, opts, now)
-    push_queued(P, id, name)
     note(P, id, name, false, 'new', 'create', now)
-    hand_off(P, name, now)
+    hand_off(P, name, now, id)  -- or queued
   end
   out[#out + 1] = id
   out[#out + 1] = now

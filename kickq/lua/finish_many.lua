@@ -26,7 +26,9 @@ local P = ARGV[1]
 local now = clock(ARGV[2])
 local claimer = ARGV[3]
 unidle(P, claimer)
-local rejected, ended = apply_journal(P, claimer, now, tonumber(ARGV[4]) or false, true)
+local ending = {}  -- the runs this call ends: their start marks in the journal are moot
+for i = 0, tonumber(ARGV[5]) - 1 do ending[ARGV[6 + 6 * i] .. ' ' .. ARGV[7 + 6 * i]] = true end
+local rejected, ended = apply_journal(P, claimer, now, tonumber(ARGV[4]) or false, true, ending)
 local statuses, states, at = finish_runs(P, now, claimer, ARGV, 6, tonumber(ARGV[5]))
 local given_back = tonumber(ARGV[at])
 -- Last first: each goes to the front of its queue, so they keep their order there.
