@@ -223,7 +223,10 @@ class Worker:
         otherwise it goes to the journal, which the next finish_many applies."""
         refilling = any(claims for _, claims, _ in self.inflight)
         low = len(self.ready) <= self._batch_size() // 2
-        want = self._batch_size() if claim and low and not refilling else 0
+        # A waiter wants this outcome and nothing else is in hand: it goes alone, so the script
+        # that publishes it is short; the next claim follows once its reply is read (_refill).
+        alone = done.urgent and not self.ready
+        want = self._batch_size() if claim and low and not refilling and not alone else 0
         # The next job's start marker rides along (see _mark_start): no write of its own.
         upcoming = self.ready[0] if self.ready else None
         marks = [self._start_marker(upcoming)] \

@@ -188,3 +188,18 @@ def test_a_job_told_ahead_runs_even_if_a_stop_comes_before_it_starts(worker, kq,
     worker.run()
     assert [line.split()[:2] for line in writes[-1]] == [["F", jobs[1].id]]
     assert worker.announced is None and [j.job_id for j in worker.ready] == [j.id for j in jobs[2:4]]
+
+
+def test_a_hotjobs_outcome_goes_alone_when_nothing_else_is_in_hand(worker, kq):
+    job = kq.create("w", None, {"hotjob": True})
+    worker.run_seconds = 0.001
+    worker.jobs_done, worker.last_busy = 1, time.monotonic()
+    worker._refill()
+    ready = worker.ready.popleft()
+    assert ready.job_id == job.id and not worker.ready
+    worker._save(Done(job.id, ready.token, "success", "1", 1, time.monotonic(), True), claim=True)
+    (runs, claims, kind), = [call for call in worker.inflight if call[2].startswith("finish_many")]
+    assert [d.job_id for d in runs] == [job.id] and not claims  # no claim in the script that publishes
+    later = kq.create("w")
+    worker._refill()  # reads the reply, then claims (the worker was busy a moment ago)
+    assert kq.get(job.id).state == "success" and [j.job_id for j in worker.ready] == [later.id]
