@@ -146,7 +146,10 @@ class Job:
             "schedule_id": fields.get("schedule"),
             "tick": _int(fields.get("tick")),
         }
-        return cls(values, hotjob_promise)
+        job = cls.__new__(cls)  # values is ours: no copy (see __init__)
+        object.__setattr__(job, "_values", values)
+        object.__setattr__(job, "hotjob_promise", hotjob_promise)
+        return job
 
     @classmethod
     def created(cls, job_id: str, name: str, create_time: int, delay_ms: int | None, stored_opts: str,

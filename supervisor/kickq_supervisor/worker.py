@@ -18,6 +18,7 @@ USR1 asks for a graceful stop after the current job.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from typing import Any, Mapping, NamedTuple
 import redis
 
 from kickq import scripts
+from kickq.config import JOB_OPTION_DEFAULTS
 from kickq.connection import connect
 from kickq.job import Job
 from kickq.keys import Keys
@@ -563,17 +565,23 @@ class Worker:
         self._delay = min(self._delay * 2, 2.0)
 
 
-def _options(fields: Mapping[str, str]) -> dict[str, Any]:
-    """The job's stored options (those that differ from the defaults); {} if they do not decode."""
+def _options(fields: Mapping[str, str]) -> Mapping[str, Any]:
+    """The job's stored options (those that differ from the defaults); {} if they do not decode.
+    Read-only: jobs with the same stored options share one decoded copy."""
+    return _decoded_options(fields.get("opts") or "")
+
+
+@functools.lru_cache(maxsize=256)
+def _decoded_options(stored: str) -> Mapping[str, Any]:
+    # Asked several times per job (its start, its deadline, its hotjob flag): decoded once.
     try:
-        opts = json.loads(fields.get("opts") or "{}")
+        opts = json.loads(stored or "{}")
     except ValueError:
         return {}
     return opts if isinstance(opts, dict) else {}
 
 
 def _process_timeout(opts: Mapping[str, Any]) -> float:
-    from kickq.config import JOB_OPTION_DEFAULTS
     default = float(JOB_OPTION_DEFAULTS["process_timeout"])
     try:
         return float(opts.get("process_timeout", default))
