@@ -76,10 +76,12 @@ def source(name: str) -> str:
     defined = {n: text for n, text in blocks if n is not None}
     needed = _closure(defined, [word for word in _IDENTIFIER.findall(body) if word in defined])
     if "note" in needed:
-        # Counts and stats noted during the call are written once, after the body (flush_notes).
+        # Counts and stats noted during the call are written once, after the body (flush_notes),
+        # also when the body fails midway: Redis keeps the writes done so far, and their counts.
         needed = _closure(defined, [*needed, "flush_notes"])
         body = (f"local function transition()\n{body}\nend\n"
-                "local reply = transition()\nflush_notes(ARGV[1])\nreturn reply\n")
+                "local ok, reply = pcall(transition)\nflush_notes(ARGV[1])\n"
+                "if not ok then error(reply, 0) end\nreturn reply\n")
     lib = "".join(text for n, text in blocks if n is None or n in needed)
     return lib + "\n" + body
 

@@ -12,6 +12,7 @@ import threading
 from collections import Counter
 
 import pytest
+import redis
 
 import kickq
 from kickq import scripts
@@ -306,6 +307,23 @@ def test_a_batch_writes_the_figures_single_finishes_would(kq, r, namespace):
     assert [event for _, event in events] == ["create"] * 6 + ["processing"] * 6 + [
         "success", "success", "fail", "success", "success", "fail"]
     assert [job_id for job_id, _ in events[12:]] == [job_id for job_id, _, _ in claimed]
+
+
+def test_a_script_that_fails_midway_still_counts_what_it_changed(kq, r, namespace):
+    """Redis keeps the writes a script made before an error: their counts are written too. Here a
+    batch ends a run, then its claim meets a corrupt job record (options that are not JSON)."""
+    s, keys = Scripts(r), Keys(namespace)
+    job = kq.create("a")
+    _, claimed, _ = s.finish_many(keys, "w", claim=1, claim_names=["a"])
+    (job_id, token, _), = claimed
+    r.hset(keys.job("bad"), mapping={"name": "a", "state": "queued", "opts": "{not json"})
+    r.rpush(keys.queue("a"), "bad")
+    with pytest.raises(redis.exceptions.ResponseError, match="(?i)json|decode|expect"):
+        s.finish_many(keys, "w", [(job_id, token, "success", "", 1, 0)], claim=1, claim_names=["a"])
+    assert kq.get(job.id).state == "success"
+    assert r.hgetall(prefix(namespace) + "counts") == {"success:a": "1"}  # not processing:a any more
+    succeeded = [e for _, e in r.xrange(prefix(namespace) + "events") if e["event"] == "success"]
+    assert [e["id"] for e in succeeded] == [job.id]
 
 
 def test_window_of_an_idle_name_has_no_times(kq):

@@ -51,7 +51,8 @@ local BUCKET_TTL = 3700  -- seconds: longer than the longest stats window (1 h)
 local SAMPLES_PER_BUCKET = 1000
 
 -- Counts, stats and samples are summed over the whole call and written once at its end
--- (flush_notes; scripts.py runs it after the body of every script that notes): a batch of runs
+-- (flush_notes; scripts.py runs it after the body of every script that notes, even one that
+-- fails midway, since Redis keeps the writes made before an error): a batch of runs
 -- then costs a few writes, not several per job. Nothing in a call reads them back. A count is
 -- changed by its net delta: one that nets to 0 in a call is not written at all.
 local tally_counts = {}  -- "<state>:<name>" -> net change in this call
