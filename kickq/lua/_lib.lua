@@ -199,11 +199,12 @@ end
 -- A job created straight into its queue is one entry of P.."newjobs": id -> "name\ncreate_time
 -- \nopts\ndata" (opts and data as new_job stores them, "" when absent). Names have no control
 -- characters and compact JSON no raw newline, so the split is unambiguous. Its state is 'new'.
+-- Returns the new job's id and that record, not written yet: queue_packed writes it, unless
+-- hand_off gives the job to an idle worker at once (its claim then writes the job's hash).
 local function new_queued_job(P, name, data, opts, now)
   local id = tostring(rcall('INCR', P .. 'id'))
-  rcall('HSET', P .. 'newjobs', id, name .. '\n' .. now .. '\n' .. (opts or '') .. '\n' .. (data or ''))
   rcall('SADD', P .. 'names', name)
-  return id
+  return id, name .. '\n' .. now .. '\n' .. (opts or '') .. '\n' .. (data or '')
 end
 
 -- The fields of a packed new job as new_job would have written them, but for its state ('new');
@@ -243,6 +244,12 @@ end
 local function push_queued(P, id, name)
   rcall('RPUSH', P .. 'queue:' .. name, id)
   rcall('RPUSH', P .. 'wake:' .. name, '1')
+end
+
+-- A new job's packed record (new_queued_job) written, and the job queued.
+local function queue_packed(P, id, name, packed)
+  rcall('HSET', P .. 'newjobs', id, packed)
+  push_queued(P, id, name)
 end
 
 -- keep_due: a schedule's tick job keeps scheduled_for = its tick; others drop it once queued.
@@ -462,12 +469,13 @@ local function end_run(P, id, now, outcome, result, err, run_ms, read)
 end
 
 -- Claim job `id` of `name`, just taken from its queue or never queued (a new job handed over as it
--- is created): see claim. Returns the claim reply, or nil when `id` was no waiting job (a leftover
--- of a job that moved on).
-local function claim_job(P, id, name, now, claimer, prefetched)
+-- is created, with its `packed` record, never written): see claim. Returns the claim reply, or nil
+-- when `id` was no waiting job (a leftover of a job that moved on).
+local function claim_job(P, id, name, now, claimer, prefetched, packed)
   local jk = P .. 'job:' .. id
   -- A packed new job gets its hash in the same HSET that makes it processing.
-  local writes, raw_opts = unpack_if_new(P, id)
+  local writes, raw_opts
+  if packed then writes, raw_opts = unpack_new(packed) else writes, raw_opts = unpack_if_new(P, id) end
   local fresh = writes ~= nil  -- then its new hash is exactly `writes`: no need to read it back
   local state = 'new'
   if not writes then state, raw_opts = unpack(rcall('HMGET', jk, 'state', 'opts')) end
@@ -696,9 +704,10 @@ local function register_idle(P, claimer, names, now, ttl_ms)
   rcall('SET', P .. 'idler:' .. claimer, cjson.encode(names), 'PX', ttl_ms + 60000)
 end
 
--- Job `id` of `name` was just created, not queued yet: if a worker of that name is registered as
--- idle, claim the oldest waiting job of the name for it (this one when none waits), else queue it.
-local function hand_off(P, name, now, id)
+-- Job `id` of `name` was just created (`packed`: its record, from new_queued_job), not queued yet:
+-- if a worker of that name is registered as idle, claim the oldest waiting job of the name for it
+-- (this one when none waits: its record is then never written), else queue it.
+local function hand_off(P, name, now, id, packed)
   local ik = P .. 'idle:' .. name
   -- One call when no worker is idle (a busy queue: every create asks)
   local first = rcall('ZRANGE', ik, 0, 0, 'WITHSCORES')
@@ -706,7 +715,7 @@ local function hand_off(P, name, now, id)
     rcall('ZREMRANGEBYSCORE', ik, '-inf', '(' .. now)
     first = rcall('ZRANGE', ik, 0, 0)
   end
-  if not first[1] then return push_queued(P, id, name) end
+  if not first[1] then return queue_packed(P, id, name, packed) end
   local claimer = first[1]
   unidle(P, claimer)
   -- Claimed as a batch claim is (no 'run_start'): Redis cannot know whether the worker got it (a
@@ -715,9 +724,9 @@ local function hand_off(P, name, now, id)
   -- than ghosting a run that never began.
   local got
   if rcall('LLEN', P .. 'queue:' .. name) == 0 then
-    got = claim_job(P, id, name, now, claimer, true)  -- never queued: no queue entry, no token
+    got = claim_job(P, id, name, now, claimer, true, packed)  -- never queued nor packed
   else
-    push_queued(P, id, name)  -- older jobs wait: the oldest goes first
+    queue_packed(P, id, name, packed)  -- older jobs wait: the oldest goes first
     got = claim(P, {name}, now, claimer, false, true)
   end
   if not got then return end

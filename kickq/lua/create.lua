@@ -25,9 +25,10 @@ for i = 0, n - 1 do
     delay_job(P, id, due, {})
     note(P, id, name, false, 'delayed', 'create', now)
   else
-    id = new_queued_job(P, name, data, opts, now)
+    local packed
+    id, packed = new_queued_job(P, name, data, opts, now)
     note(P, id, name, false, 'new', 'create', now)
-    hand_off(P, name, now, id)  -- or queued
+    hand_off(P, name, now, id, packed)  -- or queued
   end
   out[#out + 1] = id
   out[#out + 1] = now

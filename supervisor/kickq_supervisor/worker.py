@@ -203,7 +203,7 @@ class Worker:
         """Run the first job in hand (or give it back) and save its outcome. False: retire now."""
         job = self.ready.popleft()
         announced = self.announced is not None and self.announced[0] == job.job_id
-        if job.prefetched and not announced and time.monotonic() - job.claimed_at > MAX_PREFETCH_WAIT:
+        if not announced and _waited_too_long(job):
             self._give_back_ready(job)
             return True
         if job.prefetched and not self._mark_start(job):
@@ -251,7 +251,7 @@ class Worker:
         if Redis cannot be reached, it is given back instead of started. False: not to be run."""
         sent = job.job_id in self.marked or self._push_journal([self._start_marker(job)], [])
         self.marked.discard(job.job_id)
-        if _options(job.fields).get("ghost_retry", True) is not False:
+        if not _must_not_run_twice(job):
             return True
         assert self.channel is not None
         try:
@@ -478,9 +478,7 @@ class Worker:
         if not self.ready or self.stopping:
             return None
         job = self.ready[0]
-        if job.prefetched and time.monotonic() - job.claimed_at > MAX_PREFETCH_WAIT:
-            return None
-        if job.prefetched and _options(job.fields).get("ghost_retry", True) is False:
+        if _waited_too_long(job) or (job.prefetched and _must_not_run_twice(job)):
             return None
         return job
 
@@ -563,6 +561,16 @@ class Worker:
         finally:
             self.idle = False
         self._delay = min(self._delay * 2, 2.0)
+
+
+def _waited_too_long(job: Ready) -> bool:
+    """A job claimed ahead that waited so long it is given back instead of started."""
+    return job.prefetched and time.monotonic() - job.claimed_at > MAX_PREFETCH_WAIT
+
+
+def _must_not_run_twice(job: Ready) -> bool:
+    """ghost_retry false: a job claimed ahead starts only once Redis has its start mark."""
+    return _options(job.fields).get("ghost_retry", True) is False
 
 
 def _options(fields: Mapping[str, str]) -> Mapping[str, Any]:
