@@ -40,7 +40,7 @@ from kickq.keys import Keys
 from kickq.registry import Registration
 
 from .channel import Channel
-from .osapi import current_rss, die_with_parent, set_title
+from .osapi import current_rss, die_with_parent, release_free_heap, set_title
 from .runner import Outcome, Runner
 
 log = logging.getLogger("kickq.worker")
@@ -446,6 +446,8 @@ class Worker:
             finally:
                 self.idle = False
             self.registered = False  # a hand-off ended it; the claim below renews it
+            if got is None:  # idle for a whole wait: off the hot path, the heap can shrink
+                release_free_heap()
             if got is not None and got[0] == inbox:
                 handed = scripts.parse_handoff(got[1])
                 if handed is not None:
