@@ -293,6 +293,19 @@ NAMES = ["job name", "email:send", "email", "email:send:", "émail", "日本語�
          "delayed", "a:b", "a", "{a}", "*", "a b ", "🚀"]
 
 
+def test_names_holds_every_name_created_delayed_or_again_after_its_jobs_went(kq, r, namespace):
+    # The set is kept by the counts: a name is added when one of its counts rises from zero.
+    names = Keys(namespace).names
+    kq.create("later", None, {"delay": 60})
+    first = kq.create("again")
+    assert r.smembers(names) == {"later", "again"}
+    r.srem(names, "again")  # as if lost: the next rise from zero adds it back
+    assert kq.delete(first.id)
+    assert r.hget(Keys(namespace).counts, "new:again") is None
+    kq.create("again")
+    assert r.smembers(names) == {"later", "again"}
+
+
 def test_names_work_and_never_collide(kq, r, namespace, worker):
     jobs = {name: kq.create(name, {"for": name}) for name in NAMES}
     assert len({job.id for job in jobs.values()}) == len(NAMES)

@@ -293,11 +293,11 @@ def test_a_batch_writes_the_figures_single_finishes_would(kq, r, namespace):
     pre = prefix(namespace)
     last, this = now - now % 10_000 - 10_000, now - now % 10_000
     assert r.hgetall(f"{pre}stats:{last}") == {
-        "bucket": str(last), "created:a": "4", "created:b": "2",
+        "created:a": "4", "created:b": "2",
         "processed:a": "1", "success:a": "1", "time:a": "30", "max:a": "30",
         "processed:b": "1", "success:b": "1", "time:b": "40", "max:b": "40"}
     assert r.hgetall(f"{pre}stats:{this}") == {
-        "bucket": str(this), "processed:a": "3", "success:a": "2", "fail:a": "1", "time:a": "100",
+        "processed:a": "3", "success:a": "2", "fail:a": "1", "time:a": "100",
         "max:a": "70", "processed:b": "1", "fail:b": "1", "time:b": "90", "max:b": "90"}
     assert r.lrange(f"{pre}times:{last}", 0, -1) == ["30:a", "40:b"]
     assert r.lrange(f"{pre}times:{this}", 0, -1) == ["70:a", "20:a", "10:a", "90:b"]

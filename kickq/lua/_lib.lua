@@ -129,13 +129,26 @@ local function flush_notes(P)
   local counts = P .. 'counts'
   for _, field in ipairs(tally_count_order) do
     local by = tally_counts[field]
-    if by ~= 0 and rcall('HINCRBY', counts, field, by) <= 0 then rcall('HDEL', counts, field) end
+    if by ~= 0 then
+      local count = rcall('HINCRBY', counts, field, by)
+      if count <= 0 then
+        rcall('HDEL', counts, field)
+      elseif count <= by then
+        -- A count of the name rose from zero: the first job of a name always does, so this keeps
+        -- P.."names" whole without a SADD per job (nothing ever removes a name).
+        rcall('SADD', P .. 'names', string.sub(field, string.find(field, ':', 1, true) + 1))
+      end
+    end
   end
   for _, bucket in ipairs(tally_bucket_order) do
     local b = tally_buckets[bucket]
     local bk = P .. 'stats:' .. bucket
-    if rcall('HSETNX', bk, 'bucket', bucket) == 1 then rcall('EXPIRE', bk, BUCKET_TTL) end
-    for _, field in ipairs(b.order) do rcall('HINCRBY', bk, field, b[field]) end
+    local fresh = false  -- a field written for the first time: the hash may be new, give it a TTL
+    for _, field in ipairs(b.order) do
+      local by = b[field]
+      if rcall('HINCRBY', bk, field, by) == by then fresh = true end
+    end
+    if fresh then rcall('EXPIRE', bk, BUCKET_TTL) end
     if b.max then
       for _, name in ipairs(b.max_order) do
         if b.max[name] > (tonumber(rcall('HGET', bk, 'max:' .. name)) or -1) then
@@ -192,7 +205,6 @@ local function new_job(P, name, data, opts, now, extra)
   if opts and opts ~= '' then fields[#fields + 1] = 'opts'; fields[#fields + 1] = opts end
   if extra then for i = 1, #extra do fields[#fields + 1] = extra[i] end end
   rcall('HSET', P .. 'job:' .. id, unpack(fields))
-  rcall('SADD', P .. 'names', name)
   return id
 end
 
@@ -203,7 +215,6 @@ end
 -- hand_off gives the job to an idle worker at once (its claim then writes the job's hash).
 local function new_queued_job(P, name, data, opts, now)
   local id = tostring(rcall('INCR', P .. 'id'))
-  rcall('SADD', P .. 'names', name)
   return id, name .. '\n' .. now .. '\n' .. (opts or '') .. '\n' .. (data or '')
 end
 
