@@ -68,37 +68,50 @@ def _lib_blocks() -> list[tuple[str | None, str]]:
     return [(name, "".join(lines)) for name, lines in blocks]
 
 
+class _Lib:
+    """_lib.lua's blocks, and which helpers each one uses: read once for all the scripts (every
+    process that imports kickq builds the sources at import)."""
+
+    def __init__(self) -> None:
+        self.blocks = _lib_blocks()
+        defined = {n for n, _ in self.blocks if n is not None}
+        self.uses = {n: set(_IDENTIFIER.findall(text)) & defined for n, text in self.blocks if n is not None}
+
+    def closure(self, names: Iterable[str]) -> set[str]:
+        """The helpers `names` and all those they use, transitively."""
+        needed: set[str] = set()
+        todo = [n for n in names if n in self.uses]
+        while todo:
+            word = todo.pop()
+            if word not in needed:
+                needed.add(word)
+                todo += [w for w in self.uses[word] if w not in needed]
+        return needed
+
+    def source(self, name: str) -> str:
+        """Full text of one script: the shared helpers it uses (Redis runs a script's top level at
+        every call, so helpers it never calls would only cost), then the transition itself."""
+        body = _read(name)
+        needed = self.closure(set(_IDENTIFIER.findall(body)))
+        if "note" in needed:
+            # Counts and stats noted during the call are written once, after the body (flush_notes),
+            # also when the body fails midway: Redis keeps the writes done so far, and their counts.
+            needed = self.closure([*needed, "flush_notes"])
+            body = (f"local function transition()\n{body}\nend\n"
+                    "local ok, reply = pcall(transition)\nflush_notes(ARGV[1])\n"
+                    "if not ok then error(reply, 0) end\nreturn reply\n")
+        lib = "".join(text for n, text in self.blocks if n is None or n in needed)
+        return lib + "\n" + body
+
+
 def source(name: str) -> str:
-    """Full text of one script: the shared helpers it uses (Redis runs a script's top level at every
-    call, so helpers it never calls would only cost), then the transition itself."""
-    body = _read(name)
-    blocks = _lib_blocks()
-    defined = {n: text for n, text in blocks if n is not None}
-    needed = _closure(defined, [word for word in _IDENTIFIER.findall(body) if word in defined])
-    if "note" in needed:
-        # Counts and stats noted during the call are written once, after the body (flush_notes),
-        # also when the body fails midway: Redis keeps the writes done so far, and their counts.
-        needed = _closure(defined, [*needed, "flush_notes"])
-        body = (f"local function transition()\n{body}\nend\n"
-                "local ok, reply = pcall(transition)\nflush_notes(ARGV[1])\n"
-                "if not ok then error(reply, 0) end\nreturn reply\n")
-    lib = "".join(text for n, text in blocks if n is None or n in needed)
-    return lib + "\n" + body
+    """Full text of one script (see _Lib.source)."""
+    return _Lib().source(name)
 
 
-def _closure(defined: dict[str, str], names: list[str]) -> set[str]:
-    """The helpers `names` and all those they use, transitively."""
-    needed: set[str] = set()
-    todo = list(names)
-    while todo:
-        word = todo.pop()
-        if word not in needed:
-            needed.add(word)
-            todo += [w for w in _IDENTIFIER.findall(defined[word]) if w in defined and w not in needed]
-    return needed
-
-
-SOURCES = {name: source(name) for name in NAMES}
+_LIB = _Lib()
+SOURCES = {name: _LIB.source(name) for name in NAMES}
+del _LIB
 
 
 def _now(now: int | None) -> str:
