@@ -104,14 +104,15 @@ class _Lib:
         return lib + "\n" + body
 
 
+_LIB = _Lib()
+
+
 def source(name: str) -> str:
     """Full text of one script (see _Lib.source)."""
-    return _Lib().source(name)
+    return _LIB.source(name)
 
 
-_LIB = _Lib()
-SOURCES = {name: _LIB.source(name) for name in NAMES}
-del _LIB
+SOURCES = {name: source(name) for name in NAMES}
 
 
 def _now(now: int | None) -> str:

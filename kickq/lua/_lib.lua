@@ -119,8 +119,8 @@ local function note(P, id, name, from, to, event, now, run_ms)
   if from then add_count(from .. ':' .. name, -1) end
   if to then add_count(to .. ':' .. name, 1) end
   if tally_maxlen == nil then
-    tally_maxlen = tonumber(rcall('HGET', P .. 'meta', 'events_maxlen') or EVENTS_MAXLEN) or false
-    if tally_maxlen and tally_maxlen > 0 then tally_maxlen = string.format('%d', tally_maxlen) else tally_maxlen = false end
+    local maxlen = tonumber(rcall('HGET', P .. 'meta', 'events_maxlen') or EVENTS_MAXLEN)
+    tally_maxlen = maxlen and maxlen > 0 and string.format('%d', maxlen) or false
   end
   if tally_maxlen then
     rcall('XADD', P .. 'events', 'MAXLEN', '~', tally_maxlen, '*', 'id', id, 'name', name, 'event', event,

@@ -118,10 +118,11 @@ def test_current_rss_reads_this_process_resident_size():
     del block
 
 
-def test_the_master_gives_free_heap_back_before_it_forks():
+def test_release_free_heap_gives_freed_heap_back():
     # A child inherits every resident page of the master, free ones too: start-up leaves freed
-    # blocks in the middle of the C heap (glibc keeps them resident), release_free_heap() returns
-    # them to the system. Run in a fresh interpreter so this test process' heap does not matter.
+    # blocks in the middle of the C heap (glibc keeps them resident), release_free_heap() (called
+    # by the master before each fork) returns them to the system. Run in a fresh interpreter so
+    # this test process' heap does not matter.
     import platform
     import subprocess
     import sys
