@@ -6,7 +6,8 @@
 Starts its own redis-server on a free port (no persistence), then runs every case for every queue,
 each (case, queue, run) in a fresh driver process of that queue's interpreter (bench/driver.py),
 bounded in time, with FLUSHDB before each. Cases: enqueue one by one and in bulk; drain N
-pre-enqueued no-op jobs with 2 worker processes; idle-pool latency (enqueue-to-start,
+pre-enqueued no-op jobs with 2 worker processes (and drain-io: the same with a Redis round trip in
+each job); idle-pool latency (enqueue-to-start,
 enqueue-to-result) and the worker tree's memory at rest; Redis memory per queued job; kickq only:
 deadline precision, orphan recovery after SIGKILL of a whole supervisor, scaling with 1/2/4 workers
 and 1/2 supervisors. Medians of --runs runs. Writes bench/RESULTS.md and bench/results.json.
@@ -35,7 +36,7 @@ if str(REPO) not in sys.path:
 from bench import procs  # noqa: E402
 from bench.peers import PEERS  # noqa: E402
 
-ALL_CASES = ["enqueue", "drain", "latency", "memory", "kickq", "scaling"]
+ALL_CASES = ["enqueue", "drain", "drain-io", "latency", "memory", "kickq", "scaling"]
 SCALING = [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2)]  # (supervisors, workers per supervisor)
 
 
@@ -223,6 +224,13 @@ class Runner:
                         rec = self.drive(peer, "drain", (60 + a.jobs / 30) * scale, jobs=a.jobs, workers=2,
                                          variant=variant)
                         self.record("drain", peer, variant, {}, rec)
+        if "drain-io" in a.case_list:  # the same drain with a Redis round trip in every job's body
+            for _ in range(a.runs):
+                for peer in peers:
+                    for variant in info[peer]["variants"]:
+                        rec = self.drive(peer, "drain", (60 + a.jobs / 30) * scale, jobs=a.jobs, workers=2,
+                                         variant=variant, body="incr")
+                        self.record("drain-io", peer, variant, {}, rec)
         if "latency" in a.case_list:
             for _ in range(a.runs):
                 for peer in peers:

@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", default="default")
     p.add_argument("--jobs", type=int, default=2000)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--body", choices=["noop", "incr"], default="noop",
+                   help="drain: how a no-op job marks its completion (bench/peers/body.py)")
     p.add_argument("--supervisors", type=int, default=1)
     p.add_argument("--count", type=int, default=500, help="latency probes / deadline or orphan trials")
     p.add_argument("--gap", type=float, default=0.005, help="idle time before each latency probe (s)")
@@ -290,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     bench_procs.become_subreaper()
     os.environ["BENCH_REDIS_URL"] = args.url
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    os.environ["BENCH_BODY"] = args.body
+    os.environ["BENCH_DONE_FILE"] = str(Path(args.workdir) / "done")
+    Path(os.environ["BENCH_DONE_FILE"]).write_bytes(b"")
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"peer": args.peer, "case": args.case, "variant": args.variant}

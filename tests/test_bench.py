@@ -40,6 +40,9 @@ def test_kickq_adapter_end_to_end(redis_server: Any, tmp_path: Path) -> None:
     assert one["rate"] > 0 and bulk["rate"] > 0
     drain = drive(url, tmp_path, "drain", "--jobs", "50", "--workers", "2")
     assert drain["rate"] > 0 and drain["first_completion"] <= drain["seconds"]
+    assert (tmp_path / "drain" / "done").stat().st_size == 50  # one byte per no-op job
+    drain_io = drive(url, tmp_path, "drain", "--jobs", "50", "--workers", "2", "--body", "incr")
+    assert drain_io["rate"] > 0 and (tmp_path / "drain" / "done").stat().st_size == 0
     latency = drive(url, tmp_path, "latency", "--count", "5")
     assert 0 < latency["start_p50"] <= latency["result_p99"] + 1000
     assert latency["rest_memory"]["processes"] == 4  # master, 2 workers, reaper
@@ -71,6 +74,10 @@ def fake_results() -> dict[str, Any]:
                                      "first_completion": 0.2}]),
             task("drain", "rq", [{"rate": 100.0, "seconds": 9.0, "steady_rate": 110.0,
                                   "first_completion": 0.5}], "simple"),
+            task("drain-io", "kickq", [{"rate": 450.0, "seconds": 2.0, "steady_rate": 500.0,
+                                        "first_completion": 0.2}]),
+            task("drain-io", "rq", [{"rate": 300.0, "seconds": 3.0, "steady_rate": 310.0,
+                                     "first_completion": 0.5}], "simple"),
             task("latency", "kickq", [{"start_p50": 1.0, "start_p99": 3.0, "result_p50": 2.0,
                                        "result_p99": 4.0, "rest_memory": rest}]),
             task("memory", "kickq", [{"bytes_per_job": 200.0, "keys": 11}]),
@@ -95,9 +102,11 @@ def test_report_renders_ratios_and_targets() -> None:
     assert "| RQ | 150 | 0.75× | enqueue_many | 400 | 0.40× | 150 / 400 |" in text
     assert "| RQ (simple) | s | 100 | 0.11× |" in text
     assert "| RQ (fork) | f | not run |" in text
+    assert "| RQ (simple) | s | 300 | 0.67× |" in text  # the drain-io table
     assert "does not run here: ImportError" in text
     rows = {row[0]: row for row in report.targets(report.View(fake_results()))}
     assert rows["processing ≥ 2× the fastest peer"][2] == "met"
+    assert rows["processing ≥ 2× the fastest peer"][1].endswith("RQ (simple) 300/s: 1.50×)")
     assert rows["enqueue one by one ≥ the fastest peer"][2] == "met"
     assert rows["bulk create ≥ 2× RQ enqueue_many"][2] == "met"
     assert rows["Redis memory per job ≤ the leanest peer"][2].startswith("**missed** (+50 B/job)")

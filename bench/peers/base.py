@@ -176,14 +176,14 @@ class Adapter:
 
     def wait_done(self, n: int, procs: list[subprocess.Popen], timeout: float,
                   logdir: Path | None = None) -> dict[str, float]:
-        """Poll the bench:done counter every 2 ms until it reaches n; perf_counter times of the first
-        completion seen and of the last."""
+        """Poll the completions (body.done_count) every 2 ms until they reach n; perf_counter times of
+        the first completion seen and of the last."""
         deadline = time.perf_counter() + timeout
         first = None
         first_count = 0
         polls = 0
         while True:
-            done = int(self.redis.get(body.DONE) or 0)
+            done = body.done_count(self.redis)
             now = time.perf_counter()
             if done and first is None:
                 first = now

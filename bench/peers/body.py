@@ -1,12 +1,16 @@
-"""The job body every queue runs: the same work, the same Redis round trip.
+"""The job body every queue runs: the same work for each.
 
-- ``run()`` (no t0): a no-op job; it increments ``bench:done``, the counter the drain case waits on.
+- ``run()`` (no t0): a no-op job. It marks its completion by appending one byte to the file named
+  by BENCH_DONE_FILE (one write(2) with O_APPEND: no Redis, no lock), whose size the drain case
+  polls. With BENCH_BODY=incr (the drain-io case) it increments ``bench:done`` in Redis instead: a
+  job that makes one round trip to the Redis its queue lives on, which that queue's work competes
+  with.
 - ``run(t0)``: a latency probe; ``t0`` is the producer's time.time() just before it enqueued the job.
   The body takes time.time() first thing and appends "t0 start" to ``bench:starts``, then returns 1
   (a result to wait for).
 
-Async queues (arq, SAQ) call ``run_async``, which does the same with redis.asyncio. Clients are made
-lazily per process (and per event loop), never inherited across a fork.
+Async queues (arq, SAQ) call ``run_async``, which does the same with redis.asyncio. Clients and the
+file are opened lazily per process (and per event loop), never inherited across a fork.
 """
 from __future__ import annotations
 
@@ -36,10 +40,34 @@ def client() -> redis.Redis:
     return _sync[1]
 
 
+_done: tuple[int, int] | None = None  # (pid, fd of BENCH_DONE_FILE)
+
+
+def counts_in_redis() -> bool:
+    return os.environ.get("BENCH_BODY") == "incr"
+
+
+def mark_done() -> None:
+    global _done
+    if counts_in_redis():
+        client().incr(DONE)
+        return
+    if _done is None or _done[0] != os.getpid():
+        _done = (os.getpid(), os.open(os.environ["BENCH_DONE_FILE"], os.O_WRONLY | os.O_APPEND))
+    os.write(_done[1], b".")
+
+
+def done_count(redis_client: Any) -> int:
+    """Jobs completed so far (read by the harness)."""
+    if counts_in_redis():
+        return int(redis_client.get(DONE) or 0)
+    return os.stat(os.environ["BENCH_DONE_FILE"]).st_size
+
+
 def run(t0: float | None = None) -> int | None:
     now = time.time()
     if t0 is None:
-        client().incr(DONE)
+        mark_done()
         return None
     client().rpush(STARTS, f"{t0!r} {now!r}")
     return 1
@@ -53,7 +81,10 @@ async def run_async(t0: float | None = None) -> int | None:
         import redis.asyncio
         conn = _async[key] = redis.asyncio.Redis.from_url(url())
     if t0 is None:
-        await conn.incr(DONE)
+        if counts_in_redis():
+            await conn.incr(DONE)
+        else:
+            mark_done()
         return None
     await conn.rpush(STARTS, f"{t0!r} {now!r}")
     return 1
