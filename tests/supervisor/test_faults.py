@@ -7,12 +7,13 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 
 import kickq
 from tests.helpers import ping, redis_server_binary, start_redis, stop_redis, wait_until
 from tests.supervisor import handlers
-from tests.supervisor.conftest import alive, wait_job
+from tests.supervisor.conftest import alive, session_processes, wait_job
 
 LEASE_GRACE = 1.0  # kickq.scripts.LEASE_GRACE_MS
 
@@ -50,12 +51,21 @@ def test_a_job_handed_to_a_dead_supervisors_idle_worker_goes_back_to_its_queue(s
     first = start_supervisor()
     keys = kickq.keys.Keys(namespace)
     wait_until(lambda: kq.redis.zcard(keys.idle("pid")) == 1, timeout=10, interval=0.01)
-    os.killpg(first.pid, signal.SIGKILL)
+    # Every process of it at once, as when its host dies: its workers have process groups of their
+    # own, and killed through the master's group alone they outlive it by a moment (until their
+    # parent-death signal), in which the worker could still take the job and mark its start.
+    for proc in session_processes(first.pid):
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    first.proc.wait(timeout=5)
+    wait_until(lambda: not session_processes(first.pid), timeout=5.0, interval=0.01,
+               message="every process of the supervisor died")
     killed = time.monotonic()
     timeout = 1.0
     job = kq.create("pid", None, {"process_timeout": timeout})
     assert kq.get(job.id).state == "processing"  # handed to the dead worker: its registration lives on
-    first.proc.wait(timeout=5)
 
     second = start_supervisor()
     done = wait_job(kq, job.id, timeout=timeout + LEASE_GRACE + 10)
