@@ -7,10 +7,10 @@ Starts its own redis-server on a free port (no persistence), then runs every cas
 each (case, queue, run) in a fresh driver process of that queue's interpreter (bench/driver.py),
 bounded in time, with FLUSHDB before each. Cases: enqueue one by one and in bulk; drain N
 pre-enqueued no-op jobs with 2 worker processes (and drain-io: the same with a Redis round trip in
-each job); idle-pool latency (enqueue-to-start,
-enqueue-to-result) and the worker tree's memory at rest; Redis memory per queued job; kickq only:
-deadline precision, orphan recovery after SIGKILL of a whole supervisor, scaling with 1/2/4 workers
-and 1/2 supervisors. Medians of --runs runs. Writes bench/RESULTS.md and bench/results.json.
+each job); idle-pool latency (enqueue-to-start, enqueue-to-result) and the worker tree's memory at
+rest; Redis memory per queued job; kickq only: deadline precision, orphan recovery after SIGKILL of
+a whole supervisor, scaling with 1/2/4 workers and 1/2 supervisors. Medians of --runs runs. Writes
+bench/RESULTS.md and bench/results.json.
 Every process it starts is stopped; a psutil check at the end proves it. Run from the repo root.
 """
 from __future__ import annotations
@@ -217,20 +217,16 @@ class Runner:
                             continue
                         rec = self.drive(peer, f"enqueue-{mode}", (60 + a.jobs / 100) * scale, jobs=a.jobs)
                         self.record(f"enqueue-{mode}", peer, "default", {}, rec)
-        if "drain" in a.case_list:
+        # drain-io: the same drain with a Redis round trip in every job's body
+        for case, body in (("drain", "noop"), ("drain-io", "incr")):
+            if case not in a.case_list:
+                continue
             for _ in range(a.runs):
                 for peer in peers:
                     for variant in info[peer]["variants"]:
                         rec = self.drive(peer, "drain", (60 + a.jobs / 30) * scale, jobs=a.jobs, workers=2,
-                                         variant=variant)
-                        self.record("drain", peer, variant, {}, rec)
-        if "drain-io" in a.case_list:  # the same drain with a Redis round trip in every job's body
-            for _ in range(a.runs):
-                for peer in peers:
-                    for variant in info[peer]["variants"]:
-                        rec = self.drive(peer, "drain", (60 + a.jobs / 30) * scale, jobs=a.jobs, workers=2,
-                                         variant=variant, body="incr")
-                        self.record("drain-io", peer, variant, {}, rec)
+                                         variant=variant, body=body)
+                        self.record(case, peer, variant, {}, rec)
         if "latency" in a.case_list:
             for _ in range(a.runs):
                 for peer in peers:

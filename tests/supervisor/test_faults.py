@@ -7,13 +7,12 @@ import signal
 import subprocess
 import time
 
-import psutil
 import pytest
 
 import kickq
 from tests.helpers import ping, redis_server_binary, start_redis, stop_redis, wait_until
 from tests.supervisor import handlers
-from tests.supervisor.conftest import alive, session_processes, wait_job
+from tests.supervisor.conftest import alive, wait_job
 
 LEASE_GRACE = 1.0  # kickq.scripts.LEASE_GRACE_MS
 
@@ -51,17 +50,10 @@ def test_a_job_handed_to_a_dead_supervisors_idle_worker_goes_back_to_its_queue(s
     first = start_supervisor()
     keys = kickq.keys.Keys(namespace)
     wait_until(lambda: kq.redis.zcard(keys.idle("pid")) == 1, timeout=10, interval=0.01)
-    # Every process of it at once, as when its host dies: its workers have process groups of their
-    # own, and killed through the master's group alone they outlive it by a moment (until their
-    # parent-death signal), in which the worker could still take the job and mark its start.
-    for proc in session_processes(first.pid):
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    first.proc.wait(timeout=5)
-    wait_until(lambda: not session_processes(first.pid), timeout=5.0, interval=0.01,
-               message="every process of the supervisor died")
+    # The create waits until every process of it is gone, as when its host dies: its workers have
+    # process groups of their own and outlive the master by a moment (until their parent-death
+    # signal), in which the worker could still take the job and mark its start.
+    assert first.destroy() == [], "every process of the supervisor died"
     killed = time.monotonic()
     timeout = 1.0
     job = kq.create("pid", None, {"process_timeout": timeout})
