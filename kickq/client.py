@@ -304,12 +304,18 @@ class Kickq:
         hot = [p for p in prepared if p.opts["hotjob"]]
         waiter = self._hotjob_waiter(settings) if hot else None
         generations = [waiter.ensure_subscribed() for _ in hot] if waiter else []
+        drafts: list[dict[str, Any]] = []
+
+        def draft_jobs() -> None:  # the Jobs but for their ids and times, built while Redis works
+            drafts.extend(Job.draft(p.name, p.delay_ms, p.stored, p.data) for p in prepared)
+
         started = time.monotonic()
         try:
             with redis_errors(settings):
                 if len(prepared) == 1:
-                    created = scripts.parse_create(scr.run("create", scripts.create_args(
-                        keys, [prepared[0].script_item()])))
+                    created = scripts.parse_create(scr.run(
+                        "create", scripts.create_args(keys, [prepared[0].script_item()]),
+                        meanwhile=draft_jobs))
                 else:
                     pipe = client.pipeline(transaction=True)
                     for start in range(0, len(prepared), _CREATE_CHUNK):
@@ -321,15 +327,16 @@ class Kickq:
                 assert waiter is not None
                 waiter.abandon()
             raise
+        if not drafts:
+            draft_jobs()
         jobs = []
-        for p, (job_id, create_time) in zip(prepared, created, strict=True):
+        for p, draft, (job_id, create_time) in zip(prepared, drafts, created, strict=True):
             promise = None
             if p.opts["hotjob"]:
                 assert waiter is not None
                 promise = waiter.watch(job_id, float(p.opts["hotjob_timeout"]), started,
                                        generations.pop(), client)
-            jobs.append(Job.created(job_id, p.name, create_time, p.delay_ms, p.stored, p.data,
-                                    promise))
+            jobs.append(Job.from_draft(draft, job_id, create_time, p.delay_ms, promise))
         return jobs
 
     # --- read and delete ---------------------------------------------------------------------------

@@ -6,13 +6,14 @@ import select
 import socket
 import threading
 import weakref
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .errors import KickqError, RedisUnavailable, RedisVersionError
+from .scripts import is_out_of_memory
 
 #: Redis 6.0 brought ACL users and TLS, both of which kickq supports; the scripts rely on
 #: effect replication of scripts that read TIME, the default since 5.0.
@@ -123,17 +124,18 @@ class Lane:
             local.polled = sock
         return bool(local.poller.poll(0))
 
-    def script(self, script: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        """Run a redis-py Script (registered with register_script), loading it after NOSCRIPT."""
+    def execute(self, command: Sequence[Any], meanwhile: Callable[[], Any] | None = None) -> Any:
+        """Send one command and read its reply. `meanwhile()` runs once the command is sent, before
+        its reply is read: the caller's own work then overlaps Redis' (a create's Job is built so)."""
         conn = self._connection()
-        try:
-            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            return conn.read_response()
-        except redis.exceptions.NoScriptError:  # SCRIPT FLUSH or a restarted Redis: never ran
-            conn.send_command("SCRIPT", "LOAD", script.script)
-            script.sha = conn.read_response()
-            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            return conn.read_response()
+        conn.send_command(*command)
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except BaseException:
+                conn.disconnect()  # its reply is never read: the next call must not read it
+                raise
+        return conn.read_response()
 
     def close(self) -> None:
         with self._lock:
@@ -197,9 +199,6 @@ def check_version(info: Mapping[str, Any]) -> None:
                                 f"replication); this server is {version}")
 
 
-_OUT_OF_MEMORY = getattr(redis.exceptions, "OutOfMemoryError", ())
-
-
 class redis_errors:  # noqa: N801 - used as a function: `with redis_errors(settings):`
     """Turn redis-py's errors into kickq's, with where Redis is and without the password.
     (A class: @contextlib.contextmanager costs a create 1.5 µs more.)"""
@@ -218,9 +217,7 @@ class redis_errors:  # noqa: N801 - used as a function: `with redis_errors(setti
         settings = self.settings
         if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
             raise RedisUnavailable(f"Redis at {describe(settings)} is unavailable: {exc}") from exc
-        # redis-py parses "-OOM ..." into OutOfMemoryError and drops the "OOM" prefix from the text.
-        if isinstance(exc, redis.exceptions.ResponseError) and (
-                isinstance(exc, _OUT_OF_MEMORY) or str(exc).startswith("OOM")):
+        if is_out_of_memory(exc):
             raise KickqError(f"Redis at {describe(settings)} is out of memory (maxmemory): "
                              "nothing was written") from exc
         return False

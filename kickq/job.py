@@ -156,15 +156,31 @@ class Job:
                 data_json: str, hotjob_promise: Any = None) -> "Job":
         """The job the create script just wrote: from_fields of its hash, without building the hash
         (a create is a producer's hottest call; tests hold the two equal)."""
-        opts = _options(stored_opts)
-        values: dict[str, Any] = {
-            "id": job_id, "name": name, "complete": False, "success": False,
-            "create_time": create_time, "update_time": create_time, "finish_time": None,
-            "total_process_time": None, "state": "new" if delay_ms is None else "delayed", **opts,
+        return cls.from_draft(cls.draft(name, delay_ms, stored_opts, data_json), job_id, create_time,
+                              delay_ms, hotjob_promise)
+
+    @staticmethod
+    def draft(name: str, delay_ms: int | None, stored_opts: str, data_json: str) -> dict[str, Any]:
+        """What created() knows before Redis answers (all but the id and the times): a producer
+        builds it while the create script runs, so that its CPU and Redis' overlap."""
+        return {
+            "id": "", "name": name, "complete": False, "success": False,
+            "create_time": 0, "update_time": 0, "finish_time": None,
+            "total_process_time": None, "state": "new" if delay_ms is None else "delayed",
+            **_options(stored_opts),
             "data": payload.decode(data_json) if data_json else None, "result": None,
-            "last_error": None, "scheduled_for": None if delay_ms is None else create_time + delay_ms,
+            "last_error": None, "scheduled_for": None,
             "runs": [], "attempt": 0, "schedule_id": None, "tick": None,
         }
+
+    @classmethod
+    def from_draft(cls, values: dict[str, Any], job_id: str, create_time: int, delay_ms: int | None,
+                   hotjob_promise: Any = None) -> "Job":
+        """The Job of a draft (which it takes over) once the create script gave its id and time."""
+        values["id"] = job_id
+        values["create_time"] = values["update_time"] = create_time
+        if delay_ms is not None:
+            values["scheduled_for"] = create_time + delay_ms
         job = cls.__new__(cls)
         object.__setattr__(job, "_values", values)
         object.__setattr__(job, "hotjob_promise", hotjob_promise)

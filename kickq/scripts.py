@@ -6,10 +6,13 @@ share them; only `Scripts` (sync) and its async twin touch a connection. Every t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
+
+import redis
 
 from .config import JOB_OPTION_DEFAULTS
 from .keys import Keys
@@ -88,9 +91,8 @@ class _Lib:
                 todo += [w for w in self.uses[word] if w not in needed]
         return needed
 
-    def source(self, name: str) -> str:
-        """Full text of one script: the shared helpers it uses (Redis runs a script's top level at
-        every call, so helpers it never calls would only cost), then the transition itself."""
+    def body(self, name: str) -> tuple[set[str], str]:
+        """The helpers one script uses and its body, as a chunk that sees KEYS and ARGV."""
         body = _read(name)
         needed = self.closure(set(_IDENTIFIER.findall(body)))
         if "note" in needed:
@@ -100,10 +102,37 @@ class _Lib:
             body = (f"local function transition()\n{body}\nend\n"
                     "local ok, reply = pcall(transition)\nflush_notes(ARGV[1])\n"
                     "if not ok then error(reply, 0) end\nreturn reply\n")
+        return needed, body
+
+    def source(self, name: str) -> str:
+        """Full text of one script: the shared helpers it uses (Redis runs a script's top level at
+        every call, so helpers it never calls would only cost), then the transition itself."""
+        needed, body = self.body(name)
         lib = "".join(text for n, text in self.blocks if n is None or n in needed)
         return lib + "\n" + body
 
+    def library(self, names: Iterable[str], name: str, prefix: str) -> str:
+        """Every script as one Redis function library (Redis 7): its top level, every helper
+        included, runs once at load; function `prefix + script` runs one script per call."""
+        lib = "".join(text for _, text in self.blocks)
+        if _RCALL_AT_LOAD not in lib:
+            raise RuntimeError("_lib.lua must read redis.call in one line: " + _RCALL_AT_LOAD)
+        parts = [f"#!lua name={name}\n", lib.replace(_RCALL_AT_LOAD, "local rcall\n", 1)]
+        for script in names:
+            flags = "" if script in ADDS_JOBS else "'allow-oom'"
+            parts.append(f"\nlocal function script_{script}(KEYS, ARGV)\n{self.body(script)[1]}\nend\n"
+                         f"redis.register_function{{function_name = '{prefix}{script}',\n"
+                         f"  flags = {{{flags}}}, callback = function(keys, args)\n"
+                         f"    begin_call()\n    return script_{script}(keys, args)\n  end}}\n")
+        return "".join(parts)
 
+
+#: Redis at maxmemory (noeviction) refuses these functions whole, before they write: they add jobs.
+#: The others move, finish or remove jobs and run ('allow-oom'), so that work in flight drains (an
+#: EVALSHA script is refused at its first write that may grow memory, which these mostly do late).
+ADDS_JOBS = ("create", "schedule", "extend")
+
+_RCALL_AT_LOAD = "local rcall = redis.call\n"
 _LIB = _Lib()
 
 
@@ -113,6 +142,61 @@ def source(name: str) -> str:
 
 
 SOURCES = {name: source(name) for name in NAMES}
+SHAS = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in SOURCES.items()}
+
+#: The library's name and its functions' carry a hash of the code: kickq versions that share a Redis
+#: each call their own (a library is never replaced, so a running one is never changed under it).
+_VERSION = hashlib.sha1("".join(SOURCES[n] for n in NAMES).encode()).hexdigest()[:12]
+LIBRARY_NAME = f"kickq_{_VERSION}"
+FUNCTIONS = {name: f"kickq_{_VERSION}_{name}" for name in NAMES}
+LIBRARY = _LIB.library(NAMES, LIBRARY_NAME, f"kickq_{_VERSION}_")
+
+
+def load(client: Any) -> bool | None:
+    """Load kickq's scripts into `client`'s Redis. True: the function library is there (Redis 7 on).
+    False: Redis has no functions (6.x), every script is loaded for EVALSHA. None: Redis is at
+    maxmemory, which refuses FUNCTION LOAD but not SCRIPT LOAD: scripts are loaded, and the
+    library is tried again at the next call. Callers load only once Redis said it lacks them."""
+    try:
+        client.execute_command("FUNCTION", "LOAD", LIBRARY)
+    except redis.exceptions.ResponseError as exc:
+        if "already exists" in str(exc):
+            return True
+        functions_unknown = "unknown command" in str(exc).lower()
+        if not (functions_unknown or is_out_of_memory(exc)):
+            raise
+        for source in SOURCES.values():
+            client.execute_command("SCRIPT", "LOAD", source)
+        return False if functions_unknown else None
+    return True
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Redis at maxmemory refused the command (redis-py drops the "OOM" of its reply's text)."""
+    return isinstance(exc, redis.exceptions.ResponseError) and (
+        isinstance(exc, _OUT_OF_MEMORY) or str(exc).startswith("OOM"))
+
+
+_OUT_OF_MEMORY = getattr(redis.exceptions, "OutOfMemoryError", ())
+
+
+def command(name: str, keys: Sequence[Any], args: Sequence[Any], functions: bool | None,
+            retry: bool = False) -> tuple[Any, ...]:
+    """The command that runs script `name`: FCALL of its function, or EVALSHA. `functions` is what
+    load() said last; `retry`: the call is made again right after that load."""
+    if functions or (functions is None and not retry):
+        return ("FCALL", FUNCTIONS[name], len(keys), *keys, *args)
+    return ("EVALSHA", SHAS[name], len(keys), *keys, *args)
+
+
+def is_unloaded(exc: BaseException) -> bool:
+    """Whether a call failed only because Redis does not hold the scripts (a restart, SCRIPT or
+    FUNCTION FLUSH, another server behind the address): it did not run; load() and call again."""
+    if isinstance(exc, redis.exceptions.NoScriptError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, redis.exceptions.ResponseError) and (
+        text.startswith("function not found") or ("unknown command" in text and "fcall" in text))
 
 
 def _now(now: int | None) -> str:
@@ -260,19 +344,40 @@ def parse_claim_record(record: str | None) -> list[tuple[str, str]]:
 
 
 class Scripts:
-    """The scripts registered on one redis-py client. redis-py reloads a script after NOSCRIPT
-    (SCRIPT FLUSH, a Redis restart), in plain calls and in pipelines alike. With a `lane`
-    (connection.Lane), plain calls go through it rather than the client's pool."""
+    """The scripts, run on one redis-py client: as functions of kickq's library where Redis has
+    them, else by EVALSHA; either is loaded again by itself when Redis lost it (a restart, a flush).
+    With a `lane` (connection.Lane), plain calls go through it rather than the client's pool. In a
+    pipeline a script runs by EVALSHA (redis-py loads it first if need be)."""
 
     def __init__(self, client: Any, lane: Any = None) -> None:
+        self._client = client
         self._scripts = {name: client.register_script(text) for name, text in SOURCES.items()}
         self._lane = lane
+        self._functions: bool | None = True  # what load() said last
 
-    def run(self, name: str, keys_and_args: tuple[list[str], list[Any]], client: Any = None) -> Any:
+    def run(self, name: str, keys_and_args: tuple[list[str], list[Any]], client: Any = None,
+            meanwhile: Callable[[], Any] | None = None) -> Any:
+        """One script call (queued, when `client` is a pipeline). `meanwhile()` (optional) runs
+        while Redis works on it where the call goes through the lane, else before it is sent."""
         keys, args = keys_and_args
-        if client is None and self._lane is not None:
-            return self._lane.script(self._scripts[name], keys, args)
-        return self._scripts[name](keys=keys, args=args, client=client)
+        if client is not None:
+            if meanwhile is not None:
+                meanwhile()
+            return self._scripts[name](keys=keys, args=args, client=client)
+        try:
+            return self._execute(command(name, keys, args, self._functions), meanwhile)
+        except redis.exceptions.ResponseError as exc:
+            if not is_unloaded(exc):
+                raise
+        self._functions = load(self._client)  # the call did not run: run it once loaded
+        return self._execute(command(name, keys, args, self._functions, retry=True), None)
+
+    def _execute(self, call: tuple[Any, ...], meanwhile: Callable[[], Any] | None) -> Any:
+        if self._lane is not None:
+            return self._lane.execute(call, meanwhile)
+        if meanwhile is not None:
+            meanwhile()
+        return self._client.execute_command(*call)
 
     # Convenience wrappers used by the supervisor, the reaper and tests (time moved by argument).
     def claim(self, keys: Keys, names: Iterable[str], now: int | None = None,

@@ -70,6 +70,15 @@ local tally_buckets = {}  -- bucket ms -> its stats (bucket_tally)
 local tally_bucket_order = {}
 local tally_maxlen  -- events_maxlen as text (false: no events), read at the first note of the call
 
+-- On Redis 7 the scripts are one function library (scripts.py), whose top level runs once, at
+-- load, rather than at every call: each call starts here, so that no tally outlives its call
+-- (redis.call itself cannot be read at load time).
+local function begin_call()
+  rcall = redis.call
+  tally_counts, tally_count_order, tally_buckets, tally_bucket_order = {}, {}, {}, {}
+  tally_maxlen = nil
+end
+
 local function add_count(field, by)
   local n = tally_counts[field]
   if n == nil then

@@ -15,18 +15,15 @@ from kickq import scripts
 
 
 class Channel:
-    def __init__(self, client: redis.Redis, names: tuple[str, ...] = ("finish_many",)) -> None:
+    def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self.sources = {name: scripts.SOURCES[name] for name in names}
-        self.shas: dict[str, str] = {}
+        self.functions: bool | None = True  # what scripts.load() said last
         self.conn: Any = None
         # per call sent and not settled: (script name, (keys, args)), or ("", command args)
         self.sent: list[tuple[str, Any]] = []
 
     def _connection(self) -> Any:
         if self.conn is None:
-            for name, source in self.sources.items():
-                self.shas[name] = self.client.script_load(source)
             pool = self.client.connection_pool
             try:
                 self.conn = pool.get_connection()
@@ -36,7 +33,8 @@ class Channel:
 
     def _send(self, name: str, keys_and_args: tuple[list[str], list[Any]]) -> None:
         keys, args = keys_and_args
-        self._connection().send_command("EVALSHA", self.shas[name], len(keys), *keys, *args)
+        conn = self._connection()
+        conn.send_command(*scripts.command(name, keys, args, self.functions))
 
     def send(self, name: str, keys_and_args: tuple[list[str], list[Any]]) -> None:
         """Send a script call; its reply comes with the next `settle`."""
@@ -68,15 +66,15 @@ class Channel:
                 name, keys_and_args = self.sent[0]
                 try:
                     replies.append(self.conn.read_response())
-                except redis.exceptions.NoScriptError:
-                    if not name:
-                        raise
-                    # Redis lost its scripts (a restart or SCRIPT FLUSH): load them, run this again.
-                    self.shas = {n: self.client.script_load(s) for n, s in self.sources.items()}
-                    replies.append(self.client.evalsha(self.shas[name], len(keys_and_args[0]),
-                                                       *keys_and_args[0], *keys_and_args[1]))
                 except redis.exceptions.ResponseError as exc:
-                    replies.append(exc)
+                    if not (name and scripts.is_unloaded(exc)):
+                        replies.append(exc)
+                    else:
+                        # Redis lost its scripts (a restart, a flush): load them, run this again.
+                        self.functions = scripts.load(self.client)
+                        keys, args = keys_and_args
+                        replies.append(self.client.execute_command(
+                            *scripts.command(name, keys, args, self.functions, retry=True)))
                 self.sent.pop(0)
         except BaseException:
             self.reset()

@@ -1,0 +1,127 @@
+"""The scripts as a Redis function library (Redis 7) and the EVALSHA fallback: loaded when Redis
+lacks them, the same replies either way, no state carried from one call to the next."""
+from __future__ import annotations
+
+import redis
+import pytest
+
+import kickq
+from kickq import scripts
+from kickq.keys import Keys
+from kickq_supervisor.channel import Channel
+from tests.helpers import start_redis, stop_redis
+
+
+def _library_loaded(r) -> bool:
+    return bool(r.function_list(library=scripts.LIBRARY_NAME))
+
+
+def test_the_first_call_loads_the_library_and_runs_as_a_function(kq, r):
+    r.function_flush()
+    kq.create("a")
+    assert _library_loaded(r)
+    assert r.info("commandstats").get("cmdstat_fcall", {}).get("calls", 0) >= 1
+
+
+def test_no_tally_outlives_its_call(kq, r):
+    # A library's top level runs once: were the tallies not reset per call, each create would add
+    # the counts of all creates before it again.
+    for _ in range(5):
+        kq.create("a")
+    job = kq.create("b", {"x": 1})
+    assert r.hgetall(Keys(kq.settings()["redis_namespace"]).counts) == {"new:a": "5", "new:b": "1"}
+    assert kq.get(job.id).data == {"x": 1}
+
+
+def test_calls_after_function_flush_load_the_library_again(kq, r):
+    kq.create("a")
+    r.function_flush()
+    assert kq.create("a", {"x": 1}).data == {"x": 1}  # through the lane
+    r.function_flush()
+    scr = scripts.Scripts(kq.redis)  # through the pool
+    keys = Keys(kq.settings()["redis_namespace"])
+    assert scr.claim(keys, ["a"])[0] == "1"
+    assert _library_loaded(r)
+
+
+def test_the_workers_channel_loads_the_library_again_for_a_call_in_flight(kq, r):
+    kq.create("a")
+    keys = Keys(kq.settings()["redis_namespace"])
+    claimed = scripts.Scripts(kq.redis).claim(keys, ["a"], claimer="w1")
+    assert claimed is not None
+    r.function_flush()
+    channel = Channel(kq.redis)
+    try:
+        channel.send("finish_many", scripts.finish_many_args(
+            keys, "w1", [(claimed[0], claimed[1], "success", "", 1, 0)]))
+        [reply] = channel.settle()
+    finally:
+        channel.reset()
+    assert scripts.parse_finish_many(reply)[0] == [("ok", "success")]
+    assert kq.get(claimed[0]).state == "success"
+
+
+def test_library_functions_cover_every_script():
+    assert set(scripts.FUNCTIONS) == set(scripts.NAMES)
+    for name, function in scripts.FUNCTIONS.items():
+        assert f"function_name = '{function}'," in scripts.LIBRARY, name
+    # only what adds jobs is refused at maxmemory; everything else lets work in flight drain
+    assert scripts.LIBRARY.count("flags = {'allow-oom'}") == len(scripts.NAMES) - len(scripts.ADDS_JOBS)
+
+
+@pytest.fixture
+def redis_without_functions(tmp_path):
+    """A Redis 7 whose FCALL and FUNCTION are renamed away: to kickq it looks like Redis 6."""
+    proc, port = start_redis(tmp_path, "--rename-command", "FCALL", "", "--rename-command", "FUNCTION", "")
+    try:
+        yield port
+    finally:
+        stop_redis(proc)
+
+
+def test_without_functions_every_call_falls_back_to_evalsha(redis_without_functions):
+    url = f"redis://127.0.0.1:{redis_without_functions}/0"
+    r = redis.Redis.from_url(url, decode_responses=True)
+    kq = kickq.Kickq(redis_url=url, redis_namespace="nofn")
+    try:
+        job = kq.create("a", {"x": 1})
+        assert kq.get(job.id).data == {"x": 1}
+        keys = Keys("nofn")
+        claimed = scripts.Scripts(r).claim(keys, ["a"], claimer="w1")
+        assert claimed is not None and claimed[0] == job.id
+        channel = Channel(r)
+        try:
+            channel.send("finish_many", scripts.finish_many_args(
+                keys, "w1", [(claimed[0], claimed[1], "success", "", 1, 0)]))
+            assert scripts.parse_finish_many(channel.settle()[0])[0] == [("ok", "success")]
+        finally:
+            channel.reset()
+        r.script_flush()
+        assert kq.create("a").id == "2"  # NOSCRIPT: loaded again
+        assert r.info("commandstats")["cmdstat_evalsha"]["calls"] >= 4
+        assert "cmdstat_fcall" not in r.info("commandstats")
+    finally:
+        kq.close()
+        r.close()
+
+
+def test_at_maxmemory_a_missing_library_falls_back_to_scripts(kq, r):
+    """Redis refuses FUNCTION LOAD at maxmemory (SCRIPT LOAD it takes): jobs in flight still finish."""
+    kq.create("a")
+    keys = Keys(kq.settings()["redis_namespace"])
+    claimed = scripts.Scripts(kq.redis).claim(keys, ["a"], claimer="w1")
+    assert claimed is not None
+    r.function_flush()
+    before = r.config_get("maxmemory")["maxmemory"]
+    r.config_set("maxmemory", 1)  # every write that may grow memory is refused from here
+    try:
+        scr = scripts.Scripts(kq.redis)
+        status = scr.finish(keys, claimed[0], claimed[1], "success", claimer="w1")
+        with pytest.raises(kickq.KickqError, match="out of memory"):
+            kq.create("a")
+    finally:
+        r.config_set("maxmemory", before)
+    assert status[:2] == ("ok", "success")
+    assert not _library_loaded(r)
+    assert kq.create("a").state == "new"  # memory back: loaded and called as a function again
+    assert _library_loaded(r)
