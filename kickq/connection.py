@@ -12,6 +12,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+try:
+    import hiredis
+except ImportError:  # optional (the `hiredis` extra): redis-py's own calls then
+    hiredis = None  # type: ignore[assignment]
+
 from .errors import KickqError, RedisUnavailable, RedisVersionError
 from .scripts import is_out_of_memory
 
@@ -70,6 +75,59 @@ def connect(settings: Mapping[str, Any], **overrides: Any) -> redis.Redis:
     return client
 
 
+_PLAIN_CONNECTIONS = (redis.connection.Connection, redis.connection.UnixDomainSocketConnection)
+
+
+class _Wire:
+    """One command and its reply straight on a connected plain socket, parsed by hiredis: redis-py's
+    send_command and read_response around the same socket calls cost about 10 µs of CPU per call
+    (bench/README.md, session 9), a tenth of a create. Used once redis-py has connected the socket
+    (handshake, auth, db) and read everything it asked for; replies and errors are what redis-py
+    would give (its own error classes, its decoding). Any error closes the connection, as redis-py
+    does, so a call never reads another call's reply."""
+
+    def __init__(self, sock: socket.socket, conn: Any) -> None:
+        self.sock = sock
+        kwargs: dict[str, Any] = {"protocolError": redis.exceptions.InvalidResponse,
+                                  "replyError": conn._parser.parse_error}
+        encoder = conn.encoder
+        if encoder.decode_responses:
+            kwargs.update(encoding=encoder.encoding, errors=encoder.encoding_errors)
+        self.reader = hiredis.Reader(**kwargs)
+        self.buffer = bytearray(65536)
+
+    def execute(self, conn: Any, command: Sequence[Any], meanwhile: Callable[[], Any] | None) -> Any:
+        sock, reader = self.sock, self.reader
+        try:
+            try:
+                packed = hiredis.pack_command(tuple(command))
+            except TypeError:  # an argument hiredis cannot write: redis-py's encoder can
+                packed = b"".join(conn.pack_command(*command))
+            sock.sendall(packed)
+            if meanwhile is not None:
+                meanwhile()
+            reply = reader.gets()
+            while reply is False:
+                n = sock.recv_into(self.buffer)
+                if not n:
+                    raise redis.exceptions.ConnectionError("Connection closed by server.")
+                reader.feed(self.buffer, 0, n)  # type: ignore[arg-type]  # any buffer
+                reply = reader.gets()
+        except socket.timeout:
+            conn.disconnect()
+            raise redis.exceptions.TimeoutError(f"Timeout reading from {conn.host}:{conn.port}") from None
+        except OSError as exc:
+            conn.disconnect()
+            raise redis.exceptions.ConnectionError(f"Error while talking to {conn.host}:{conn.port}: "
+                                                   f"{exc}") from exc
+        except BaseException:
+            conn.disconnect()
+            raise
+        if isinstance(reply, redis.exceptions.ResponseError):
+            raise reply
+        return reply
+
+
 class Lane:
     """Single commands on a connection of the calling thread's own, outside the client's pool.
 
@@ -82,7 +140,8 @@ class Lane:
     connects again. A process forked from this one opens its own.
     """
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, lean: bool = True) -> None:
+        self.lean = lean  # the lean path (_Wire) where it applies; False: redis-py's calls always
         pool = client.connection_pool
         self._connection_class = pool.connection_class
         self._connection_kwargs = pool.connection_kwargs
@@ -128,6 +187,9 @@ class Lane:
         """Send one command and read its reply. `meanwhile()` runs once the command is sent, before
         its reply is read: the caller's own work then overlaps Redis' (a create's Job is built so)."""
         conn = self._connection()
+        wire = self._wire(conn)
+        if wire is not None:
+            return wire.execute(conn, command, meanwhile)
         conn.send_command(*command)
         if meanwhile is not None:
             try:
@@ -136,6 +198,22 @@ class Lane:
                 conn.disconnect()  # its reply is never read: the next call must not read it
                 raise
         return conn.read_response()
+
+    def _wire(self, conn: Any) -> "_Wire | None":
+        """The lean path to `conn`'s socket, where it applies (see _Wire); else None."""
+        local = self._local
+        sock = getattr(conn, "_sock", None)
+        wire = getattr(local, "wire", None)
+        if wire is not None and wire.sock is sock:
+            return wire  # type: ignore[no-any-return]
+        wire = None
+        # Plain TCP or Unix connections only: not TLS (its socket may hold decrypted bytes), not
+        # redis-py's client-side cache (another class), not periodic health checks (send_command's).
+        if (self.lean and hiredis is not None and type(sock) is socket.socket
+                and type(conn) in _PLAIN_CONNECTIONS and not getattr(conn, "health_check_interval", 0)):
+            wire = _Wire(sock, conn)
+        local.wire = wire
+        return wire
 
     def close(self) -> None:
         with self._lock:
