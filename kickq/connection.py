@@ -5,6 +5,7 @@ import os
 import select
 import socket
 import threading
+import time
 import weakref
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -123,6 +124,8 @@ class _Wire:
         except BaseException:
             conn.disconnect()
             raise
+        if conn.health_check_interval:
+            conn.next_health_check = time.monotonic() + conn.health_check_interval  # as redis-py
         if isinstance(reply, redis.exceptions.ResponseError):
             raise reply
         return reply
@@ -201,16 +204,18 @@ class Lane:
 
     def _wire(self, conn: Any) -> "_Wire | None":
         """The lean path to `conn`'s socket, where it applies (see _Wire); else None."""
+        if getattr(conn, "health_check_interval", 0) and time.monotonic() > conn.next_health_check:
+            conn.check_health()  # a PING after that long without a reply, as send_command does
         local = self._local
         sock = getattr(conn, "_sock", None)
         wire = getattr(local, "wire", None)
         if wire is not None and wire.sock is sock:
             return wire  # type: ignore[no-any-return]
         wire = None
-        # Plain TCP or Unix connections only: not TLS (its socket may hold decrypted bytes), not
-        # redis-py's client-side cache (another class), not periodic health checks (send_command's).
+        # Plain TCP or Unix connections only: not TLS (its socket may hold decrypted bytes), nor
+        # redis-py's client-side cache (another class).
         if (self.lean and hiredis is not None and type(sock) is socket.socket
-                and type(conn) in _PLAIN_CONNECTIONS and not getattr(conn, "health_check_interval", 0)):
+                and type(conn) in _PLAIN_CONNECTIONS and hasattr(conn, "next_health_check")):
             wire = _Wire(sock, conn)
         local.wire = wire
         return wire

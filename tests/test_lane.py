@@ -107,3 +107,54 @@ def test_a_server_that_never_answers_costs_one_timeout_per_call():
         lane.close()
     finally:
         frozen.close()
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["hiredis-wire", "redis-py"])
+def test_replies_and_errors_are_redis_pys_on_either_path(r, lean):
+    import redis
+
+    from kickq.connection import Lane
+    client = redis.Redis(connection_pool=r.connection_pool)
+    lane = Lane(client, lean=lean)
+    try:
+        assert lane.execute(("ECHO", "zé")) == "zé"  # decoded as the client decodes
+        assert lane.execute(("EVAL", "return {1, 'a', {2}}", 0)) == [1, "a", [2]]
+        big = "x" * 200_000  # more than one read
+        assert lane.execute(("ECHO", big)) == big
+        with pytest.raises(redis.exceptions.NoScriptError):
+            lane.execute(("EVALSHA", "0" * 40, 0))
+        with pytest.raises(redis.exceptions.ResponseError, match="boom"):
+            lane.execute(("EVAL", "return redis.error_reply('boom')", 0))
+        assert lane.execute(("PING",)) in (True, "PONG")  # the connection is still in step
+        conn = lane._connection()
+        assert (lane._wire(conn) is not None) == lean
+        built = []
+        assert lane.execute(("ECHO", "b"), meanwhile=lambda: built.append(1)) == "b" and built == [1]
+        with pytest.raises(ZeroDivisionError):
+            lane.execute(("ECHO", "c"), meanwhile=lambda: 1 / 0)
+        assert lane.execute(("ECHO", "d")) == "d"  # not "c": that reply went with its connection
+    finally:
+        lane.close()
+
+
+def test_the_wire_reconnects_after_the_server_closed_its_connection(kq, r, lane_clients):
+    kq.create("a")
+    [lane] = lane_clients(r)
+    assert kq._lane is not None and kq._lane._wire(kq._lane._connection()) is not None
+    r.client_kill_filter(_id=lane)
+    assert kq.create("a").id == "2"
+
+
+def test_the_wire_pings_when_the_health_check_is_due(kq, r):
+    kq.create("a")
+    lane = kq._lane
+    assert lane is not None
+    conn = lane._connection()
+    assert conn.health_check_interval and lane._wire(conn) is not None
+    pings = r.info("commandstats").get("cmdstat_ping", {}).get("calls", 0)
+    kq.create("a")
+    assert r.info("commandstats").get("cmdstat_ping", {}).get("calls", 0) == pings  # not due
+    conn.next_health_check = 0  # as if the last reply were older than health_check_interval
+    assert kq.create("a").id == "3"
+    assert r.info("commandstats")["cmdstat_ping"]["calls"] == pings + 1
+    assert conn.next_health_check > 0
