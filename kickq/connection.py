@@ -126,8 +126,8 @@ class _Wire:
             raise
         if conn.health_check_interval:
             conn.next_health_check = time.monotonic() + conn.health_check_interval  # as redis-py
-        if isinstance(reply, redis.exceptions.ResponseError):
-            raise reply
+        if isinstance(reply, Exception):  # an error reply, as parse_error classed it (not always a
+            raise reply  # ResponseError: LOADING is a BusyLoadingError, a ConnectionError)
         return reply
 
 

@@ -158,3 +158,17 @@ def test_the_wire_pings_when_the_health_check_is_due(kq, r):
     assert kq.create("a").id == "3"
     assert r.info("commandstats")["cmdstat_ping"]["calls"] == pings + 1
     assert conn.next_health_check > 0
+
+
+def test_an_error_reply_that_redis_py_classes_as_a_connection_error_is_raised(r):
+    # LOADING (Redis reading its data after a restart) is a BusyLoadingError, not a ResponseError.
+    import redis
+
+    from kickq.connection import Lane
+    lane = Lane(redis.Redis(connection_pool=r.connection_pool))
+    try:
+        with pytest.raises(redis.exceptions.BusyLoadingError):
+            lane.execute(("EVAL", "return redis.error_reply('LOADING Redis is loading the dataset')", 0))
+        assert lane.execute(("ECHO", "after")) == "after"
+    finally:
+        lane.close()
