@@ -133,6 +133,7 @@ class _Lib:
 ADDS_JOBS = ("create", "schedule", "extend")
 
 _RCALL_AT_LOAD = "local rcall = redis.call\n"
+
 _LIB = _Lib()
 
 
@@ -152,23 +153,38 @@ FUNCTIONS = {name: f"kickq_{_VERSION}_{name}" for name in NAMES}
 LIBRARY = _LIB.library(NAMES, LIBRARY_NAME, f"kickq_{_VERSION}_")
 
 
-def load(client: Any) -> bool | None:
-    """Load kickq's scripts into `client`'s Redis. True: the function library is there (Redis 7 on).
-    False: Redis has no functions (6.x), every script is loaded for EVALSHA. None: Redis is at
-    maxmemory, which refuses FUNCTION LOAD but not SCRIPT LOAD: scripts are loaded, and the
-    library is tried again at the next call. Callers load only once Redis said it lacks them."""
-    try:
-        client.execute_command("FUNCTION", "LOAD", LIBRARY)
-    except redis.exceptions.ResponseError as exc:
-        if "already exists" in str(exc):
+def load(client: Any, failed: BaseException | None = None) -> bool | None:
+    """Load kickq's scripts into `client`'s Redis, after call `failed` (if any) said Redis lacks
+    them. True: the function library is there (Redis 7 on). False: every script is loaded for
+    EVALSHA, because Redis has no functions (6.x) or an ACL denies this user FUNCTION LOAD or FCALL.
+    None: Redis is at maxmemory, which refuses FUNCTION LOAD but not SCRIPT LOAD: scripts are
+    loaded, and the library is tried again at the next call."""
+    if failed is None or not _denied(failed, "fcall"):
+        try:
+            client.execute_command("FUNCTION", "LOAD", LIBRARY)
             return True
-        functions_unknown = "unknown command" in str(exc).lower()
-        if not (functions_unknown or is_out_of_memory(exc)):
-            raise
-        for source in SOURCES.values():
-            client.execute_command("SCRIPT", "LOAD", source)
-        return False if functions_unknown else None
-    return True
+        except redis.exceptions.ResponseError as exc:
+            if "already exists" in str(exc):
+                return True
+            if is_out_of_memory(exc):
+                _load_scripts(client)
+                return None
+            if "unknown command" not in str(exc).lower() and not _denied(exc, "function"):
+                raise
+    _load_scripts(client)
+    return False
+
+
+def _load_scripts(client: Any) -> None:
+    for source in SOURCES.values():
+        client.execute_command("SCRIPT", "LOAD", source)
+
+
+def _denied(exc: BaseException, command: str) -> bool:
+    """An ACL denied this user `command` (redis-py: "User u has no permissions to run the 'fcall'
+    command")."""
+    text = str(exc).lower()
+    return "no permissions" in text and f"'{command}" in text
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -196,7 +212,8 @@ def is_unloaded(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, redis.exceptions.ResponseError) and (
-        text.startswith("function not found") or ("unknown command" in text and "fcall" in text))
+        text.startswith("function not found") or ("unknown command" in text and "fcall" in text)
+        or _denied(exc, "fcall"))
 
 
 def _now(now: int | None) -> str:
@@ -369,7 +386,8 @@ class Scripts:
         except redis.exceptions.ResponseError as exc:
             if not is_unloaded(exc):
                 raise
-        self._functions = load(self._client)  # the call did not run: run it once loaded
+            failed = exc
+        self._functions = load(self._client, failed)  # the call did not run: run it once loaded
         return self._execute(command(name, keys, args, self._functions, retry=True), None)
 
     def _execute(self, call: tuple[Any, ...], meanwhile: Callable[[], Any] | None) -> Any:

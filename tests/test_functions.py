@@ -125,3 +125,23 @@ def test_at_maxmemory_a_missing_library_falls_back_to_scripts(kq, r):
     assert not _library_loaded(r)
     assert kq.create("a").state == "new"  # memory back: loaded and called as a function again
     assert _library_loaded(r)
+
+
+@pytest.mark.parametrize("denied", [["-fcall", "-function"], ["-fcall"]], ids=["no-functions", "no-fcall"])
+def test_an_acl_user_without_functions_runs_the_scripts_by_evalsha(r, namespace, denied):
+    user, password = f"nofn-{namespace}", "acl-pw"
+    pattern = "{" + namespace + "}:*"
+    r.acl_setuser(user, enabled=True, passwords=["+" + password], keys=[pattern], channels=[pattern],
+                  commands=["+@all", *denied])
+    host, port = r.connection_pool.connection_kwargs["host"], r.connection_pool.connection_kwargs["port"]
+    kq = kickq.Kickq(redis_url=f"redis://{user}:{password}@{host}:{port}/0", redis_namespace=namespace)
+    try:
+        r.function_flush()
+        evalsha = r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+        job = kq.create("a", {"x": 1})
+        assert kq.create("a").id == "2"
+        assert kq.get(job.id).data == {"x": 1}
+        assert r.info("commandstats")["cmdstat_evalsha"]["calls"] == evalsha + 2
+    finally:
+        kq.close()
+        r.acl_deluser(user)

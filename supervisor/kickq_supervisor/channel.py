@@ -71,7 +71,7 @@ class Channel:
                         replies.append(exc)
                     else:
                         # Redis lost its scripts (a restart, a flush): load them, run this again.
-                        self.functions = scripts.load(self.client)
+                        self.functions = scripts.load(self.client, exc)
                         keys, args = keys_and_args
                         replies.append(self.client.execute_command(
                             *scripts.command(name, keys, args, self.functions, retry=True)))
