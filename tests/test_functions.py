@@ -44,20 +44,31 @@ def test_calls_after_function_flush_load_the_library_again(kq, r):
     assert _library_loaded(r)
 
 
-def test_the_workers_channel_loads_the_library_again_for_a_call_in_flight(kq, r):
+def _claimed_by_w1_then_flushed(kq, r) -> tuple[Keys, tuple]:
+    """A job created and claimed by worker "w1"; then Redis loses kickq's functions."""
     kq.create("a")
     keys = Keys(kq.settings()["redis_namespace"])
     claimed = scripts.Scripts(kq.redis).claim(keys, ["a"], claimer="w1")
     assert claimed is not None
     r.function_flush()
-    channel = Channel(kq.redis)
+    return keys, claimed
+
+
+def _finished_by_channel(client, keys: Keys, claimed: tuple) -> list:
+    """End w1's run of `claimed` as a worker does (finish_many on its Channel): (status, state)s."""
+    channel = Channel(client)
     try:
         channel.send("finish_many", scripts.finish_many_args(
             keys, "w1", [(claimed[0], claimed[1], "success", "", 1, 0)]))
         [reply] = channel.settle()
     finally:
         channel.reset()
-    assert scripts.parse_finish_many(reply)[0] == [("ok", "success")]
+    return scripts.parse_finish_many(reply)[0]
+
+
+def test_the_workers_channel_loads_the_library_again_for_a_call_in_flight(kq, r):
+    keys, claimed = _claimed_by_w1_then_flushed(kq, r)
+    assert _finished_by_channel(kq.redis, keys, claimed) == [("ok", "success")]
     assert kq.get(claimed[0]).state == "success"
 
 
@@ -89,13 +100,7 @@ def test_without_functions_every_call_falls_back_to_evalsha(redis_without_functi
         keys = Keys("nofn")
         claimed = scripts.Scripts(r).claim(keys, ["a"], claimer="w1")
         assert claimed is not None and claimed[0] == job.id
-        channel = Channel(r)
-        try:
-            channel.send("finish_many", scripts.finish_many_args(
-                keys, "w1", [(claimed[0], claimed[1], "success", "", 1, 0)]))
-            assert scripts.parse_finish_many(channel.settle()[0])[0] == [("ok", "success")]
-        finally:
-            channel.reset()
+        assert _finished_by_channel(r, keys, claimed) == [("ok", "success")]
         r.script_flush()
         assert kq.create("a").id == "2"  # NOSCRIPT: loaded again
         assert r.info("commandstats")["cmdstat_evalsha"]["calls"] >= 4
@@ -107,11 +112,7 @@ def test_without_functions_every_call_falls_back_to_evalsha(redis_without_functi
 
 def test_at_maxmemory_a_missing_library_falls_back_to_scripts(kq, r):
     """Redis refuses FUNCTION LOAD at maxmemory (SCRIPT LOAD it takes): jobs in flight still finish."""
-    kq.create("a")
-    keys = Keys(kq.settings()["redis_namespace"])
-    claimed = scripts.Scripts(kq.redis).claim(keys, ["a"], claimer="w1")
-    assert claimed is not None
-    r.function_flush()
+    keys, claimed = _claimed_by_w1_then_flushed(kq, r)
     before = r.config_get("maxmemory")["maxmemory"]
     r.config_set("maxmemory", 1)  # every write that may grow memory is refused from here
     try:
