@@ -1,8 +1,8 @@
 """The Lua scripts: loading, and the arguments and replies of each transition.
 
 Argument builders and reply parsers are plain functions so that the sync and the asyncio client
-share them; only `Scripts` (sync) and its async twin touch a connection. Every transition takes
-`now` (epoch ms); None lets the script read Redis' own clock, so that every host agrees on time.
+share them; only `Scripts` (sync), its async twin and `load()` touch a connection. Every transition
+takes `now` (epoch ms); None lets the script read Redis' own clock, so that every host agrees on time.
 """
 from __future__ import annotations
 
@@ -370,7 +370,7 @@ class Scripts:
         self._client = client
         self._scripts = {name: client.register_script(text) for name, text in SOURCES.items()}
         self._lane = lane
-        self._functions: bool | None = True  # what load() said last
+        self.functions: bool | None = True  # what load() said last (see command())
 
     def run(self, name: str, keys_and_args: tuple[list[str], list[Any]], client: Any = None,
             meanwhile: Callable[[], Any] | None = None) -> Any:
@@ -382,13 +382,20 @@ class Scripts:
                 meanwhile()
             return self._scripts[name](keys=keys, args=args, client=client)
         try:
-            return self._execute(command(name, keys, args, self._functions), meanwhile)
+            return self._execute(command(name, keys, args, self.functions), meanwhile)
         except redis.exceptions.ResponseError as exc:
             if not is_unloaded(exc):
                 raise
             failed = exc
-        self._functions = load(self._client, failed)  # the call did not run: run it once loaded
-        return self._execute(command(name, keys, args, self._functions, retry=True), None)
+        return self.load_and_run(name, keys_and_args, failed)
+
+    def load_and_run(self, name: str, keys_and_args: tuple[list[str], list[Any]],
+                     failed: BaseException) -> Any:
+        """Call `name` again once loaded, after call `failed` said Redis lacks the scripts (it
+        did not run). Also for calls sent elsewhere (the worker's Channel)."""
+        keys, args = keys_and_args
+        self.functions = load(self._client, failed)
+        return self._execute(command(name, keys, args, self.functions, retry=True), None)
 
     def _execute(self, call: tuple[Any, ...], meanwhile: Callable[[], Any] | None) -> Any:
         if self._lane is not None:

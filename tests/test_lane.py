@@ -1,6 +1,7 @@
 """connection.Lane: the Kickq client's single script calls on a connection per thread, outside the
-pool. Same behaviour as the pool's: reloads after SCRIPT FLUSH, reconnects a connection the server
-closed, one connection per thread and per process, all closed by Kickq.close()."""
+pool. Same behaviour as the pool's: reloads after SCRIPT FLUSH (FUNCTION FLUSH: test_functions.py),
+reconnects a connection the server closed, one connection per thread and per process, all closed by
+Kickq.close(); the same replies and errors on its hiredis wire as through redis-py."""
 from __future__ import annotations
 
 import os

@@ -17,7 +17,7 @@ from kickq import scripts
 class Channel:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self.functions: bool | None = True  # what scripts.load() said last
+        self.scripts = scripts.Scripts(client)  # FCALL or EVALSHA, and loading them again
         self.conn: Any = None
         # per call sent and not settled: (script name, (keys, args)), or ("", command args)
         self.sent: list[tuple[str, Any]] = []
@@ -34,7 +34,7 @@ class Channel:
     def _send(self, name: str, keys_and_args: tuple[list[str], list[Any]]) -> None:
         keys, args = keys_and_args
         conn = self._connection()
-        conn.send_command(*scripts.command(name, keys, args, self.functions))
+        conn.send_command(*scripts.command(name, keys, args, self.scripts.functions))
 
     def send(self, name: str, keys_and_args: tuple[list[str], list[Any]]) -> None:
         """Send a script call; its reply comes with the next `settle`."""
@@ -69,12 +69,8 @@ class Channel:
                 except redis.exceptions.ResponseError as exc:
                     if not (name and scripts.is_unloaded(exc)):
                         replies.append(exc)
-                    else:
-                        # Redis lost its scripts (a restart, a flush): load them, run this again.
-                        self.functions = scripts.load(self.client, exc)
-                        keys, args = keys_and_args
-                        replies.append(self.client.execute_command(
-                            *scripts.command(name, keys, args, self.functions, retry=True)))
+                    else:  # Redis lost its scripts (a restart, a flush): load them, run this again
+                        replies.append(self.scripts.load_and_run(name, keys_and_args, exc))
                 self.sent.pop(0)
         except BaseException:
             self.reset()
