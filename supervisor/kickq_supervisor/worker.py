@@ -66,7 +66,9 @@ class Ready(NamedTuple):
     job_id: str
     token: int
     fields: dict[str, str]
-    claimed_at: float  # monotonic
+    # monotonic: for a job claimed ahead, when the call that claimed it was sent (Redis claimed it
+    # after that), so its wait is never counted short; for a hand-off, when BLPOP returned it
+    claimed_at: float
     prefetched: bool  # claimed ahead (a batch, a hand-off): Redis learns its start from a start mark
 
 
@@ -82,6 +84,16 @@ class Done(NamedTuple):
     def run(self, now: float) -> scripts.RunOutcome:
         return (self.job_id, self.token, self.outcome, self.payload, self.run_ms,
                 int((now - self.ended_at) * 1000))
+
+
+class Call(NamedTuple):
+    """A call sent on the channel whose reply is not read yet."""
+    runs: list[Done]  # the outcomes it saves
+    claims: bool  # it claims jobs
+    kind: str  # "finish_many <journal runs it ends> <registers as idle: 0|1>", "journal", "expire"
+    # monotonic, when it was sent. Redis claimed its jobs after that, so a claimed job's wait is
+    # counted from here: a reply read late (behind a slow job) does not make its jobs look fresh.
+    sent_at: float
 
 
 class _Stop(Exception):
@@ -103,8 +115,8 @@ class Worker:
         self.claimer = claimer or uuid.uuid4().hex
         self.prefetch = max(1, prefetch)
         self.ready: deque[Ready] = deque()
-        # per call sent, until its reply is read: its runs, whether it claims, what it is
-        self.inflight: list[tuple[list[Done], bool, str]] = []
+        # per call sent, until its reply is read
+        self.inflight: list[Call] = []
         self.journaled = 0  # runs in the journal since the last finish_many
         self.journal_fresh = True  # nothing pushed to it since the last finish_many: it has no TTL
         self.marked: set[str] = set()  # jobs claimed ahead whose start marker has been sent
@@ -223,7 +235,7 @@ class Worker:
         """Send the run's outcome at once, without waiting for the reply. When few jobs are left, a
         finish_many ends it and claims the next batch (its reply is read when they run out);
         otherwise it goes to the journal, which the next finish_many applies."""
-        refilling = any(claims for _, claims, _ in self.inflight)
+        refilling = any(call.claims for call in self.inflight)
         low = len(self.ready) <= self._batch_size() // 2
         # A waiter wants this outcome and nothing else is in hand: it goes alone, so the script
         # that publishes it is short; the next claim follows once its reply is read (_refill).
@@ -278,7 +290,8 @@ class Worker:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             self._lost_connection(exc, runs, want > 0)
             return
-        self.inflight.append((runs, want > 0, f"finish_many {len(self.journal_ids)} {int(idle_ms > 0)}"))
+        self.inflight.append(Call(runs, want > 0, f"finish_many {len(self.journal_ids)} {int(idle_ms > 0)}",
+                                  now))
         self.unsaved, self.give_back = [], []
         self.journaled = 0
         self.journal_fresh = True
@@ -303,9 +316,10 @@ class Worker:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             self._lost_connection(exc, runs, False)
             return False
-        self.inflight.append((runs, False, "journal"))
+        sent_at = time.monotonic()
+        self.inflight.append(Call(runs, False, "journal", sent_at))
         if self.journal_fresh:
-            self.inflight.append(([], False, "expire"))
+            self.inflight.append(Call([], False, "expire", sent_at))
             self.journal_fresh = False
         return True
 
@@ -317,7 +331,7 @@ class Worker:
         try:
             claimed_nothing = False
             if self.inflight:
-                claimed_nothing = any(claims for _, claims, _ in self.inflight)
+                claimed_nothing = any(call.claims for call in self.inflight)
                 self._settled(self.channel.settle())
             if self.claims_lost:
                 # Only with nothing in flight: a claim whose reply is still to be read is not lost.
@@ -335,9 +349,8 @@ class Worker:
     def _settled(self, replies: list[Any]) -> None:
         """Take the replies of the calls in flight, in order: log rejected saves, keep claimed jobs,
         keep the runs of a call Redis refused for now (OOM, loading) to send again."""
-        stamp = time.monotonic()
         calls, self.inflight = self.inflight[:len(replies)], self.inflight[len(replies):]
-        for reply, (runs, _, kind) in zip(replies, calls, strict=True):
+        for reply, (runs, _, kind, sent_at) in zip(replies, calls, strict=True):
             if isinstance(reply, redis.exceptions.ResponseError):
                 transient = isinstance(reply, (_OUT_OF_MEMORY, redis.exceptions.BusyLoadingError)) \
                     or str(reply).startswith(("OOM", "BUSY"))
@@ -363,7 +376,8 @@ class Worker:
                     log.warning("worker %d: finish of job %s attempt %s rejected (%s, job is %s): a "
                                 "newer attempt owns it or it was deleted", self.number, job_id, token,
                                 status, state or "gone")
-            self.ready.extend(Ready(job_id, token, fields, stamp, True) for job_id, token, fields in claimed)
+            self.ready.extend(Ready(job_id, token, fields, sent_at, True)
+                              for job_id, token, fields in claimed)
 
     def _lost_connection(self, exc: Exception, runs: list[Done], claimed: bool) -> None:
         """The connection failed with calls in flight: they may or may not have run. Their runs
@@ -374,8 +388,8 @@ class Worker:
         self.registered = False
         self.journal_fresh = True  # whether the TTL got there is not known: set it again
         self.marked.clear()  # nor whether a start mark did: the next job's is sent again
-        claimed = claimed or any(claims for _, claims, _ in self.inflight)
-        self.unsaved = [d for call_runs, _, _ in self.inflight for d in call_runs] + self.unsaved + runs
+        claimed = claimed or any(call.claims for call in self.inflight)
+        self.unsaved = [d for call in self.inflight for d in call.runs] + self.unsaved + runs
         self.inflight = []
         self.claims_lost = self.claims_lost or claimed
         self._backoff(exc)
@@ -530,7 +544,7 @@ class Worker:
         Called with nothing in flight (a reply still to be read would bring its jobs again)."""
         assert self.client is not None and not self.inflight
         held = ({j.job_id for j in self.ready} | {d.job_id for d in self.unsaved} | set(self.journal_ids)
-                | {d.job_id for runs, _, _ in self.inflight for d in runs})
+                | {d.job_id for call in self.inflight for d in call.runs})
         stamp = time.monotonic()
         try:
             # In one step: no more hand-offs, and what the inbox held (the record names those jobs
@@ -540,7 +554,9 @@ class Worker:
                 pipe.zrem(self.keys.idle(name), self.claimer)
             pipe.delete(self.keys.idler(self.claimer), self.keys.inbox(self.claimer))
             pipe.get(self.keys.claim(self.claimer))
-            record = pipe.execute()[-1]
+            pipe.time()
+            record, (seconds, micros) = pipe.execute()[-2:]
+            redis_ms = seconds * 1000 + micros // 1000
             self.registered = False
             for job_id, token in scripts.parse_claim_record(record):
                 if job_id in held:
@@ -548,7 +564,11 @@ class Worker:
                 fields = self.client.hgetall(self.keys.job(job_id))
                 if fields.get("state") == "processing" and fields.get("attempt") == token \
                         and fields.get("owner") in (None, self.claimer):
-                    self.ready.append(Ready(job_id, int(token), fields, stamp, "run_start" not in fields))
+                    # Claimed who knows how long ago (the reply was lost): its wait counts from the
+                    # claim, by Redis' clock (update_time), as if the reply had come at once.
+                    claimed_at = stamp - _age_seconds(fields.get("update_time"), redis_ms)
+                    self.ready.append(Ready(job_id, int(token), fields, claimed_at,
+                                            "run_start" not in fields))
             self.claims_lost = False
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             self._backoff(exc)
@@ -563,6 +583,14 @@ class Worker:
         finally:
             self.idle = False
         self._delay = min(self._delay * 2, 2.0)
+
+
+def _age_seconds(stamp_ms: str | None, now_ms: int) -> float:
+    """Seconds from a time Redis stamped (ms) to `now_ms`; unknown counts as too old to start."""
+    try:
+        return max(0.0, (now_ms - int(stamp_ms or "")) / 1000)
+    except ValueError:
+        return float("inf")
 
 
 def _waited_too_long(job: Ready) -> bool:

@@ -43,7 +43,7 @@ def test_a_dropped_connection_loses_no_outcome_and_takes_no_job_twice(worker, kq
         job = worker.ready.popleft()
         dones.append(Done(job.job_id, job.token, "success", f'"ok {job.job_id}"', 1, time.monotonic(), False))
         worker._save(dones[-1], claim=True)
-    assert [kind for _, _, kind in worker.inflight][:1] == ["journal"] and worker.inflight[-1][1]
+    assert [call.kind for call in worker.inflight][:1] == ["journal"] and worker.inflight[-1].claims
     # Redis ran them (the next batch is claimed) ... then the connection drops, the replies unread
     wait_until(lambda: kq.get(jobs[7].id).state == "processing", timeout=5)
     conn = worker.channel.conn
@@ -71,7 +71,7 @@ def test_a_lost_idle_claim_is_looked_up_only_once_nothing_is_in_flight(worker, k
     for _ in range(2):
         job = worker.ready.popleft()
         worker._save(Done(job.job_id, job.token, "success", "", 1, time.monotonic(), False), claim=True)
-    assert worker.inflight[-1][1]  # the next batch is claimed, its reply not read yet
+    assert worker.inflight[-1].claims  # the next batch is claimed, its reply not read yet
     worker.claims_lost = True  # e.g. an idle claim failed meanwhile
     worker._refill()
     assert [j.job_id for j in worker.ready] == [j.id for j in jobs[2:]]  # each once
@@ -198,8 +198,55 @@ def test_a_hotjobs_outcome_goes_alone_when_nothing_else_is_in_hand(worker, kq):
     ready = worker.ready.popleft()
     assert ready.job_id == job.id and not worker.ready
     worker._save(Done(job.id, ready.token, "success", "1", 1, time.monotonic(), True), claim=True)
-    (runs, claims, kind), = [call for call in worker.inflight if call[2].startswith("finish_many")]
+    (runs, claims, _, _), = [call for call in worker.inflight if call.kind.startswith("finish_many")]
     assert [d.job_id for d in runs] == [job.id] and not claims  # no claim in the script that publishes
     later = kq.create("w")
     worker._refill()  # reads the reply, then claims (the worker was busy a moment ago)
     assert kq.get(job.id).state == "success" and [j.job_id for j in worker.ready] == [later.id]
+
+
+def test_a_batch_read_late_counts_its_wait_from_the_claim(worker, kq, monkeypatch):
+    """A refill's reply is read when the worker runs out, maybe long after Redis claimed the jobs
+    (a slow job ran meanwhile): the wait counts from the call, so they are given back, not started."""
+    monkeypatch.setattr("kickq_supervisor.worker.MAX_PREFETCH_WAIT", 0.05)
+    jobs = claim_batch(worker, kq, 8)
+    for _ in range(2):  # the second save claims the next batch
+        job = worker.ready.popleft()
+        worker._save(Done(job.job_id, job.token, "success", "", 1, time.monotonic(), False), claim=True)
+    sent = time.monotonic()
+    assert worker.inflight[-1].claims
+    wait_until(lambda: time.monotonic() - sent > 0.06, timeout=5, interval=0.01, message="a slow job's time")
+    for _ in range(2):
+        job = worker.ready.popleft()
+        worker._save(Done(job.job_id, job.token, "success", "", 1, time.monotonic(), False), claim=True)
+    worker._refill()  # out of jobs: the reply is read now
+    assert [j.job_id for j in worker.ready] == [j.id for j in jobs[4:]]
+    assert all(j.claimed_at <= sent for j in worker.ready)
+    assert worker._run_next()  # not run: given back, all four
+    assert not worker.ready and worker.jobs_done == 1
+    worker._send([], 0)
+    worker._settled(worker.channel.settle())
+    assert [kq.get(j.id).state for j in jobs] == ["success"] * 4 + ["queued"] * 4
+
+
+def test_a_lost_claim_found_again_counts_its_wait_from_the_claim(worker, kq):
+    jobs = [kq.create("w") for _ in range(4)]
+    worker.run_seconds = 0.001
+    worker.jobs_done, worker.last_busy = 1, time.monotonic()
+    conn = worker.channel._connection()
+
+    def dropped(*args, **kwargs):
+        raise redis.exceptions.ConnectionError("connection dropped (test)")
+
+    conn.read_response = dropped
+    worker._refill()  # the claim ran, its reply is lost
+    del conn.read_response
+    assert worker.claims_lost and not worker.ready
+    for job in jobs:  # as if claimed a minute ago (update_time is the claim's, by Redis' clock)
+        stamp = int(kq.redis.hget(worker.keys.job(job.id), "update_time"))
+        kq.redis.hset(worker.keys.job(job.id), "update_time", stamp - 60_000)
+    before = time.monotonic()
+    worker._refill()
+    assert [j.job_id for j in worker.ready] == [j.id for j in jobs]
+    assert all(j.claimed_at < before - 59 for j in worker.ready)  # too old to start: given back
+    assert worker._run_next() and not worker.ready and worker.give_back
