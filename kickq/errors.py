@@ -11,7 +11,8 @@ class ConfigError(KickqError, ValueError):
 
 
 class InvalidPayload(KickqError, TypeError):
-    """Job data (or a handler's result) that JSON cannot carry: sets, objects, NaN, cycles, deep nesting."""
+    """Job data (or a handler's result) that JSON cannot carry: sets, objects, NaN, cycles, deep nesting,
+    and text with a lone surrogate (UTF-8, which Redis gets, cannot hold it)."""
 
 
 class PayloadTooLarge(KickqError, ValueError):

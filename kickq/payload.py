@@ -16,10 +16,17 @@ def encode(value: Any, *, what: str = "job data", limit: int | None = None) -> s
         text = _ENCODER.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidPayload(f"{what} must be JSON-serialisable: {exc}") from None
-    if limit is not None:
-        size = len(text) if text.isascii() else len(text.encode("utf-8"))
-        if size > limit:
-            raise PayloadTooLarge(f"{what} is {size} bytes as JSON, over max_payload_bytes={limit}")
+    if text.isascii():
+        size = len(text)
+    else:
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:  # a lone surrogate (say, a file name read with surrogateescape)
+            lone = exc.object[exc.start]
+            raise InvalidPayload(f"{what} must be valid Unicode text: character {exc.start} of its JSON is "
+                                 f"a lone surrogate ({lone!a}), which UTF-8 cannot hold") from None
+    if limit is not None and size > limit:
+        raise PayloadTooLarge(f"{what} is {size} bytes as JSON, over max_payload_bytes={limit}")
     return text
 
 

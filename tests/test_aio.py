@@ -172,6 +172,7 @@ def test_create_many_is_atomic_and_checked_first(kq_config, r, namespace):
     (("a", None, {"nope": 1}), kickq.ConfigError), (("a", None, {"hotjob_timeout": 0}), kickq.ConfigError),
     (("a", None, "opts"), kickq.ConfigError), (("a", {1, 2}), kickq.InvalidPayload),
     (("a", float("nan")), kickq.InvalidPayload), (("a", "x" * 2000), kickq.PayloadTooLarge),
+    (("a", "f\udcff.txt"), kickq.InvalidPayload), (("a", "f\udcff" * 2000), kickq.InvalidPayload),
 ])
 def test_bad_input_raises_the_sync_errors_and_writes_nothing(kq_config, r, namespace, sync_kq, args, error):
     kickq.config(max_payload_bytes=1000)

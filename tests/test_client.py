@@ -271,6 +271,7 @@ def test_create_many_chunks_still_one_batch(kq, r, namespace):
 
 @pytest.mark.parametrize("items, error", [
     ([("a",), ("b", {1, 2})], kickq.InvalidPayload),
+    ([("a",), ("b", {"file": "f\udcff.txt"})], kickq.InvalidPayload),  # UTF-8 cannot hold it
     ([("a",), "b"], TypeError),
     ([("a",), ()], TypeError),
     ([("a",), ("a", 1, {}, "extra")], TypeError),

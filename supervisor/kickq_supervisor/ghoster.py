@@ -85,4 +85,9 @@ class Ghoster:
                     log.warning("cannot settle %s yet (%s); retrying", about, exc)
                     time.sleep(delay)
                     delay = min(delay * 2, 2.0)
+                except Exception:  # noqa: BLE001 - this thread must outlive any one item
+                    # Not a passing outage: trying again would fail again. The runs are left to
+                    # lease recovery (the reaper), as if this supervisor had gone.
+                    log.exception("cannot settle %s; its runs are left to lease recovery", about)
+                    break
             self.pending.task_done()

@@ -26,8 +26,14 @@ class Outcome:
 def describe_error(err: Any) -> str:
     if isinstance(err, BaseException):
         text = str(err)
-        return f"{type(err).__name__}: {text}" if text else type(err).__name__
-    return str(err)
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    else:
+        text = str(err)
+    if not text.isascii():
+        # Stored as UTF-8, which cannot hold a lone surrogate (an OSError about a file name read
+        # with surrogateescape has them): written as \udcxx instead of failing the save.
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def takes_callback(handler: Callable[..., Any]) -> bool:

@@ -42,6 +42,11 @@ def _hang() -> None:
 def sync_handler(job: Any, data: dict[str, Any]) -> Any:
     if "raise" in data:
         raise ValueError(data["raise"])
+    if "lone_surrogate" in data:  # as in a file name read with surrogateescape
+        text = data["lone_surrogate"] + "\udcff"
+        if data.get("returned"):
+            return text
+        raise ValueError(f"cannot open {text}")
     return {"echo": data.get("value"), "job": job.id}
 
 

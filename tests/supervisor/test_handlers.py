@@ -36,6 +36,18 @@ def test_sync_raise_is_a_failure(kq):
     assert_failure(run(kq, "style.sync", {"raise": "bad input"}), "ValueError: bad input")
 
 
+@pytest.mark.parametrize("hotjob", [False, True])  # a hotjob's outcome is saved alone, at once
+def test_an_error_text_utf8_cannot_hold_is_saved_escaped(kq, hotjob):
+    job = kq.create("style.sync", {"lone_surrogate": "f"}, {"hotjob": hotjob})
+    assert_failure(wait_job(kq, job.id), "ValueError: cannot open f\\udcff")
+
+
+def test_a_result_utf8_cannot_hold_fails_the_job(kq):
+    job = run(kq, "style.sync", {"lone_surrogate": "f", "returned": True})
+    assert_failure(job, "InvalidPayload: handler result must be valid Unicode text: character 2 of its JSON "
+                        "is a lone surrogate ('\\udcff'), which UTF-8 cannot hold")
+
+
 @pytest.mark.parametrize("mode", ["ok", "ok-none"])
 def test_callback_success_and_late_calls_ignored(kq, mode):
     # "ok" calls cb() and then cb("late error after success"): the late call changes nothing.
