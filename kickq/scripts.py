@@ -263,7 +263,16 @@ def journal_entry(job_id: str, token: int | str, outcome: str, payload: str, run
                   ended_mono_ms: float) -> str:
     """One run for a worker's journal (apply_journal in lua/_lib.lua): ended_mono_ms is the end on
     time.monotonic() in ms, which every process of one host shares."""
-    return json.dumps([job_id, str(token), outcome, payload, int(run_ms), round(ended_mono_ms, 3)])
+    token = str(token)
+    if _PLAIN_WORD.match(job_id) and _PLAIN_WORD.match(token) and _PLAIN_WORD.match(outcome):
+        # What json.dumps writes, a third of its cost: two entries go out per job (an outcome, the
+        # next start), from the worker's hottest loop. Only words JSON writes as they are.
+        text = '""' if not payload else json.dumps(payload)
+        return f'["{job_id}", "{token}", "{outcome}", {text}, {int(run_ms)}, {round(ended_mono_ms, 3)!r}]'
+    return json.dumps([job_id, token, outcome, payload, int(run_ms), round(ended_mono_ms, 3)])
+
+
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_]+\Z")
 
 
 def _mono(mono_ms: float | None) -> str:

@@ -2,9 +2,11 @@
 prefetched jobs, with time moved by argument and the one-structure invariant after every call."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from kickq.scripts import LEASE_GRACE_MS, parse_claim_record
+from kickq.scripts import LEASE_GRACE_MS, journal_entry, parse_claim_record
 from tests.test_scripts import T0, Machine
 
 
@@ -152,7 +154,6 @@ def test_finish_many_needs_a_claimer(m):
 # --- the journal: runs a worker finished, pushed with a plain RPUSH, ended by the next call -----------
 
 def journal(m, claimer, job_id, token, outcome="success", payload="", run_ms=3, ended_mono_ms=1000.0):
-    from kickq.scripts import journal_entry
     m.r.rpush(m.keys.journal(claimer), journal_entry(job_id, token, outcome, payload, run_ms, ended_mono_ms))
 
 
@@ -223,3 +224,19 @@ def test_times_stay_whole_milliseconds_with_fractional_ages(m):
         assert fields[field].isdigit(), (field, fields[field])
     assert fields["finish_time"] == str(T0 + 50 - 11)
     assert float(m.r.zscore(m.keys.finished, a)).is_integer()
+
+
+@pytest.mark.parametrize("entry", [
+    ("12345", 1, "success", "", 1, 1481421.118),
+    ("1", "7", "start", "", 0, 5000.0),
+    ("12", 2, "fail", 'ValueError: "x"\n\u00e9\u2028', 3, 12.3456789),
+    ("12", 2, "success", '{"a": [1, 2.5e-07]}', 3, 1e9 + 0.1),
+    ("a b", 1, "success", "", 1, 1.0),  # not a plain word: json.dumps writes it
+    ("\u0661\u0662", 1, "success", "", 1, 1.0),  # digits, but not ASCII ones
+    ("12", 1, 'succ"ess', "", 1, 1.0),
+    ("12", 1, "success", "", 1.7, 2.0004),
+])
+def test_a_journal_entry_is_what_json_dumps_writes(entry):
+    job_id, token, outcome, payload, run_ms, ended = entry
+    expected = json.dumps([job_id, str(token), outcome, payload, int(run_ms), round(ended, 3)])
+    assert journal_entry(*entry) == expected
