@@ -20,8 +20,9 @@ from kickq import scripts
 
 
 def _packed(conn: Any, commands: Sequence[Sequence[Any]]) -> list[bytes]:
-    """`commands` as one write. hiredis packs a command in a third of the time redis-py's encoder
-    takes (two writes leave a busy worker per job); an argument it cannot write goes to redis-py."""
+    """`commands` as one write, packed by hiredis directly: a third of the time redis-py's
+    pack_commands takes around the same packer (two writes leave a busy worker per job). An
+    argument hiredis cannot write goes to redis-py's encoder."""
     if hiredis is not None:
         try:
             return [b"".join([hiredis.pack_command(tuple(command)) for command in commands])]
