@@ -79,6 +79,18 @@ def connect(settings: Mapping[str, Any], **overrides: Any) -> redis.Redis:
 _PLAIN_CONNECTIONS = (redis.connection.Connection, redis.connection.UnixDomainSocketConnection)
 
 
+def packed(conn: Any, commands: Sequence[Sequence[Any]]) -> bytes:
+    """`commands` as one write for `conn`, packed by hiredis directly where it is installed: a third
+    of the time redis-py's pack_commands takes around the same packer. An argument hiredis cannot
+    write goes to redis-py's encoder."""
+    if hiredis is not None:
+        try:
+            return b"".join([hiredis.pack_command(tuple(command)) for command in commands])
+        except TypeError:
+            pass
+    return b"".join(conn.pack_commands(commands))
+
+
 class _Wire:
     """One command and its reply straight on a connected plain socket, parsed by hiredis: redis-py's
     send_command and read_response around the same socket calls cost about 10 µs of CPU per call
@@ -100,11 +112,7 @@ class _Wire:
     def execute(self, conn: Any, command: Sequence[Any], meanwhile: Callable[[], Any] | None) -> Any:
         sock, reader = self.sock, self.reader
         try:
-            try:
-                packed = hiredis.pack_command(tuple(command))
-            except TypeError:  # an argument hiredis cannot write: redis-py's encoder can
-                packed = b"".join(conn.pack_command(*command))
-            sock.sendall(packed)
+            sock.sendall(packed(conn, [command]))
             if meanwhile is not None:
                 meanwhile()
             reply = reader.gets()

@@ -7,28 +7,12 @@ Redis runs the calls of one connection in the order they were sent.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import redis
 
-try:
-    import hiredis
-except ImportError:  # optional (the `hiredis` extra)
-    hiredis = None  # type: ignore[assignment]
-
 from kickq import scripts
-
-
-def _packed(conn: Any, commands: Sequence[Sequence[Any]]) -> list[bytes]:
-    """`commands` as one write, packed by hiredis directly: a third of the time redis-py's
-    pack_commands takes around the same packer (two writes leave a busy worker per job). An
-    argument hiredis cannot write goes to redis-py's encoder."""
-    if hiredis is not None:
-        try:
-            return [b"".join([hiredis.pack_command(tuple(command)) for command in commands])]
-        except TypeError:
-            pass
-    return conn.pack_commands(commands)  # type: ignore[no-any-return]
+from kickq.connection import packed
 
 
 class Channel:
@@ -51,7 +35,7 @@ class Channel:
     def _send(self, name: str, keys_and_args: tuple[list[str], list[Any]]) -> None:
         keys, args = keys_and_args
         conn = self._connection()
-        conn.send_packed_command(_packed(conn, [scripts.command(name, keys, args, self.scripts.functions)]))
+        conn.send_packed_command([packed(conn, [scripts.command(name, keys, args, self.scripts.functions)])])
 
     def send(self, name: str, keys_and_args: tuple[list[str], list[Any]]) -> None:
         """Send a script call; its reply comes with the next `settle`."""
@@ -66,7 +50,7 @@ class Channel:
         """Send plain commands in one write; their replies come with the next `settle`."""
         try:
             conn = self._connection()
-            conn.send_packed_command(_packed(conn, commands))
+            conn.send_packed_command([packed(conn, commands)])
         except BaseException:
             self.reset()
             raise
