@@ -6,16 +6,23 @@ cannot slip past; a completion that arrives before the creator registered its fu
 a while in `_early`; after a reconnect every pending job is re-read from Redis, because messages
 sent while disconnected are gone. Deadlines are kept by the timer thread, so no future outlives
 its hotjob_timeout whatever the subscriber is doing.
+
+A thread that blocks in a promise's result() reads the subscription itself while it waits (one
+such thread at a time; the subscriber thread steps aside until it is done): its answer then wakes
+it straight from the socket, instead of waking the subscriber thread, which would wake it in turn.
+That second wake-up was a sixth of an idle hotjob round trip (bench/README.md, session 11).
 """
 from __future__ import annotations
 
 import heapq
 import json
 import logging
+import selectors
+import socket
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import redis
 
@@ -61,6 +68,37 @@ def recheck_message(job_id: str, fields: Mapping[str, str]) -> dict[str, Any] | 
     return None
 
 
+class HotjobPromise(Future[Job]):
+    """The future of a hotjob's final Job. result() and exception() wait as any Future's do, but
+    while they wait the calling thread reads the subscription itself (see the module's docstring)."""
+
+    def __init__(self, waiter: "HotjobWaiter", deadline: float) -> None:
+        super().__init__()
+        self._hotjob_waiter = waiter
+        self._deadline = deadline  # monotonic: the timer fails the future with HotjobTimeout then
+
+    def result(self, timeout: float | None = None) -> Job:
+        return super().result(self._lead(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return super().exception(self._lead(timeout))
+
+    def _lead(self, timeout: float | None) -> float | None:
+        """Read the subscription until this future is done or `timeout` passes (when no other
+        thread is reading for itself); the time left of `timeout`."""
+        if self.done():
+            return timeout
+        started = time.monotonic()
+        until = self._deadline if timeout is None else min(self._deadline, started + timeout)
+        self._hotjob_waiter.lead(self, until)
+        return None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+
+
+class _Subscription(NamedTuple):
+    pubsub: Any  # redis.client.PubSub
+    selector: selectors.BaseSelector  # its socket and the nudge socket
+
+
 class HotjobWaiter:
     def __init__(self, connect: Callable[[], redis.Redis], keys: Keys, timeout: float) -> None:
         self._connect = connect
@@ -77,6 +115,17 @@ class HotjobWaiter:
         self._creating = 0  # creates between ensure_subscribed() and watch()/abandon()
         self._timer_wakes_at = 0.0  # monotonic: when the timer thread next looks at the deadlines
         self._generation = 0  # bumped at every (re)subscription
+        # Reading the subscription: the subscriber thread, or a thread waiting in result() (the
+        # leader) while the subscriber thread waits on _lead_over. Taken before _lock, never after.
+        self._reading = threading.Lock()
+        self._subscription: _Subscription | None = None  # set and cleared holding _reading
+        self._leading = False
+        self._lead_over = threading.Condition(self._lock)
+        self._broken = False  # a leader's read failed: the subscriber thread must subscribe again
+        # A byte on it makes the subscriber thread leave its wait and give the leader its place.
+        self._nudge_out, self._nudge_in = socket.socketpair()
+        self._nudge_out.setblocking(False)
+        self._nudge_in.setblocking(False)
 
     # --- used by the creating thread --------------------------------------------------------------
 
@@ -103,10 +152,10 @@ class HotjobWaiter:
                 self._early.clear()
 
     def watch(self, job_id: str, timeout: float, started: float, generation: int,
-              client: redis.Redis) -> Future[Job]:
+              client: redis.Redis) -> HotjobPromise:
         """A future for `job_id`, failing with HotjobTimeout at `started + timeout` (monotonic)."""
-        future: Future[Job] = Future()
         deadline = started + timeout
+        future = HotjobPromise(self, deadline)
         with self._lock:
             self._creating = max(0, self._creating - 1)
             resubscribed = generation != self._generation
@@ -129,10 +178,47 @@ class HotjobWaiter:
         with self._lock:
             return len(self._pending)
 
+    def lead(self, future: Future[Job], until: float) -> None:
+        """Called by a thread about to wait for `future`: read the subscription in this thread
+        until the future is done or `until` (monotonic) passes, if no other thread does so for
+        itself. Any other message read meanwhile settles its own future here."""
+        with self._lock:
+            if self._leading or self._stopping.is_set() or not self._subscribed.is_set():
+                return
+            self._leading = True
+        try:
+            if not self._reading.acquire(blocking=False):  # the subscriber thread is reading
+                self._nudge()
+                if not self._reading.acquire(timeout=max(0.0, until - time.monotonic())):
+                    return
+            try:
+                subscription = self._subscription
+                while subscription is not None and not (future.done() or self._broken
+                                                        or self._stopping.is_set()):
+                    self._drain(subscription.pubsub, future)
+                    left = until - time.monotonic()
+                    if future.done() or left <= 0:
+                        break
+                    self._wait(subscription, min(left, POLL_SECONDS))
+            except Exception as exc:  # the subscriber thread subscribes again and re-reads
+                log.debug("hotjob leader lost the subscription (%s)", exc)
+                self._broken = True
+            finally:
+                self._reading.release()
+        finally:
+            with self._lock:
+                self._leading = False
+                # The subscriber thread looks again within POLL_SECONDS by itself; it is woken
+                # at once only when other messages are awaited (a wake-up costs the caller).
+                if self._pending or self._creating or self._broken:
+                    self._lead_over.notify_all()
+
     def close(self) -> None:
         self._stopping.set()
+        self._nudge()
         with self._lock:
             self._deadline_changed.notify()
+            self._lead_over.notify_all()
             pending = list(self._pending.items())
             self._pending.clear()
         for _job_id, (future, _) in pending:
@@ -140,6 +226,15 @@ class HotjobWaiter:
                 future.cancel()
         for thread in self._threads:
             thread.join(timeout=2)
+        if not any(thread.is_alive() for thread in self._threads):
+            self._nudge_out.close()
+            self._nudge_in.close()
+
+    def _nudge(self) -> None:
+        try:
+            self._nudge_out.send(b"!")
+        except OSError:  # full (a wake-up is pending anyway) or closed
+            pass
 
     # --- outcomes ----------------------------------------------------------------------------------
 
@@ -196,6 +291,12 @@ class HotjobWaiter:
                     confirmed = pubsub.get_message(timeout=self._timeout)
                     if confirmed is None:
                         raise redis.exceptions.TimeoutError("no subscribe confirmation")
+                selector = selectors.DefaultSelector()
+                selector.register(pubsub.connection._sock, selectors.EVENT_READ)
+                selector.register(self._nudge_in, selectors.EVENT_READ)
+                with self._reading:
+                    self._subscription = _Subscription(pubsub, selector)
+                    self._broken = False
                 with self._lock:
                     self._generation += 1
                     ids = list(self._pending)
@@ -203,20 +304,51 @@ class HotjobWaiter:
                 self._subscribed.set()
                 backoff = 0.05
                 while not self._stopping.is_set():
-                    message = pubsub.get_message(timeout=POLL_SECONDS)
-                    if message and message.get("type") == "message":
-                        self._deliver(*parse_message(message["data"]))
+                    with self._lock:
+                        while self._leading and not self._stopping.is_set():
+                            self._lead_over.wait(POLL_SECONDS)
+                    with self._reading:
+                        if self._broken:
+                            raise redis.exceptions.ConnectionError("lost while another thread read it")
+                        if not self._leading:
+                            self._drain(pubsub)
+                            self._wait(self._subscription, POLL_SECONDS)
             except Exception as exc:  # never let the only subscriber thread die
                 self._subscribed.clear()
                 log.warning("hotjob subscriber lost Redis (%s); reconnecting", exc)
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:
+                with self._reading:
+                    subscription, self._subscription = self._subscription, None
+                if subscription is not None:
+                    subscription.selector.close()
                 if pubsub is not None:
                     try:
                         pubsub.close()
                     except Exception:
                         pass
+
+    def _drain(self, pubsub: Any, until_done: Future[Job] | None = None) -> None:
+        """Deliver every message that can be read without waiting (also one the parser holds
+        already, which the socket's readiness would not show), or those up to `until_done`'s."""
+        while pubsub.connection is not None and pubsub.connection.can_read(timeout=0):
+            message = pubsub.get_message(timeout=0)
+            if message and message.get("type") == "message":
+                self._deliver(*parse_message(message["data"]))
+                if until_done is not None and until_done.done():
+                    return
+
+    def _wait(self, subscription: _Subscription | None, seconds: float) -> None:
+        """Until the subscription's socket is readable, a nudge comes, or `seconds` pass."""
+        assert subscription is not None
+        for key, _ in subscription.selector.select(seconds):
+            if key.fileobj is self._nudge_in:
+                try:
+                    while self._nudge_in.recv(64):
+                        pass
+                except OSError:  # drained
+                    pass
 
     def _recheck(self, client: redis.Redis, ids: list[str]) -> None:
         """Settle each of `ids` that finished (or vanished) while we could not hear about it."""

@@ -493,6 +493,105 @@ def test_many_hotjobs_share_two_threads(kq, worker):
     assert threading.active_count() - before <= 2
 
 
+def test_the_waiting_thread_reads_its_own_answer(kq, worker, monkeypatch):
+    """result() reads the subscription in the calling thread: no hand-off from another thread."""
+    readers = []
+    original = HotjobWaiter._deliver
+
+    def deliver(self, job_id, message):
+        readers.append(threading.current_thread())
+        return original(self, job_id, message)
+
+    monkeypatch.setattr(HotjobWaiter, "_deliver", deliver)
+    for i in range(3):
+        job = kq.create("a", None, HOT)
+        finisher = threading.Timer(0.05, worker.run, ("success", str(i)))
+        finisher.start()
+        assert job.hotjob_promise.result(timeout=5).result == i
+        finisher.join()
+    assert readers == [threading.current_thread()] * 3
+
+
+def test_two_threads_waiting_each_get_their_own(kq, worker):
+    """One waiting thread reads; the other's answer, read by it, still wakes the other."""
+    names = ("a", "b")
+    jobs = [kq.create(name, None, HOT) for name in names]
+    results: dict[int, object] = {}
+
+    def wait(i):
+        results[i] = jobs[i].hotjob_promise.result(timeout=5).result
+
+    waiters = [threading.Thread(target=wait, args=(i,)) for i in range(2)]
+    for t in waiters:
+        t.start()
+    wait_until(lambda: kq._waiters[worker.ns]._leading, timeout=5, message="a thread reads")
+    for i in (1, 0):  # the second job first: whichever thread leads, the other's comes first once
+        assert worker.run("success", str(i), names=(names[i],))[1] == "success"
+        wait_until(jobs[i].hotjob_promise.done, timeout=5, message=f"job {i} settled")
+    for t in waiters:
+        t.join(timeout=5)
+    assert results == {0: 0, 1: 1}
+
+
+def test_subscription_lost_while_a_thread_waits_on_it(kq, r, worker):
+    """The waiting thread was reading when the connection died: the subscriber thread subscribes
+    again and re-reads the job, and the waiter gets its answer."""
+    job = kq.create("a", None, HOT)
+    waiter = kq._waiters[worker.ns]
+
+    def kill_then_finish():
+        wait_until(lambda: waiter._leading, timeout=5, message="the caller reads")
+        assert r.client_kill_filter(_type="pubsub") >= 1
+        worker.run("success", '"after the kill"')
+
+    helper = threading.Thread(target=kill_then_finish)
+    helper.start()
+    assert job.hotjob_promise.result(timeout=5).result == "after the kill"
+    helper.join(timeout=5)
+    later = kq.create("a", None, HOT)  # and it goes on working
+    worker.run("success", '"later"')
+    assert later.hotjob_promise.result(timeout=5).result == "later"
+
+
+def test_a_short_result_timeout_leaves_the_promise_to_the_subscriber(kq, worker):
+    job = kq.create("a", None, HOT)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        job.hotjob_promise.result(timeout=0.2)
+    assert 0.15 <= time.monotonic() - started < 2
+    assert not job.hotjob_promise.done()
+    worker.run("success", '"read by the subscriber thread"')
+    wait_until(job.hotjob_promise.done, timeout=5, message="settled with nobody waiting")
+    assert job.hotjob_promise.result(timeout=0).result == "read by the subscriber thread"
+
+
+def test_exception_waits_too(kq, worker):
+    job = kq.create("a", None, HOT)
+    threading.Timer(0.05, kq.delete, (job.id,)).start()
+    assert isinstance(job.hotjob_promise.exception(timeout=5), kickq.JobNotFound)
+
+
+def test_close_while_a_thread_waits_cancels_it_promptly(kq):
+    job = kq.create("a", None, HOT)
+    outcome = []
+
+    def wait():
+        try:
+            job.hotjob_promise.result(timeout=10)
+        except BaseException as exc:  # noqa: BLE001 - the test looks at which
+            outcome.append(exc)
+
+    waiting = threading.Thread(target=wait)
+    waiting.start()
+    wait_until(lambda: kq._waiters[kq.settings()["redis_namespace"]]._leading, timeout=5,
+               message="the caller reads")
+    started = time.monotonic()
+    kq.close()
+    waiting.join(timeout=5)
+    assert time.monotonic() - started < 1
+    assert len(outcome) == 1 and type(outcome[0]).__name__ == "CancelledError"
+
+
 def test_close_cancels_pending_promises_and_is_prompt(kq):
     job = kq.create("a", None, HOT)
     started = time.monotonic()
