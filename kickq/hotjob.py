@@ -332,12 +332,16 @@ class HotjobWaiter:
     def _drain(self, pubsub: Any, until_done: Future[Job] | None = None) -> None:
         """Deliver every message that can be read without waiting (also one the parser holds
         already, which the socket's readiness would not show), or those up to `until_done`'s."""
-        while pubsub.connection is not None and pubsub.connection.can_read(timeout=0):
+        while True:
+            # Called even when nothing is readable: it sends redis-py's health-check PING when one
+            # is due, without which a silently dead connection would go unnoticed while idle.
             message = pubsub.get_message(timeout=0)
             if message and message.get("type") == "message":
                 self._deliver(*parse_message(message["data"]))
                 if until_done is not None and until_done.done():
                     return
+            if pubsub.connection is None or not pubsub.connection.can_read(timeout=0):
+                return
 
     def _wait(self, subscription: _Subscription | None, seconds: float) -> None:
         """Until the subscription's socket is readable, a nudge comes, or `seconds` pass."""

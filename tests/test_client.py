@@ -592,6 +592,20 @@ def test_close_while_a_thread_waits_cancels_it_promptly(kq):
     assert len(outcome) == 1 and type(outcome[0]).__name__ == "CancelledError"
 
 
+def test_an_idle_subscription_is_still_health_checked(kq_config, r, worker):
+    """redis-py's health-check PING must still go out while no message comes, or a silently dead
+    subscription would go unnoticed."""
+    with kickq.Kickq(redis_options={"health_check_interval": 1}) as client:
+        job = client.create("a", None, HOT)
+        worker.run("success", "1")
+        assert job.hotjob_promise.result(timeout=5).result == 1
+
+        def pubsub_pinged():
+            return any(c.get("cmd") == "ping" and int(c.get("sub", 0)) >= 1 for c in r.client_list())
+
+        wait_until(pubsub_pinged, timeout=5, message="the subscriber's health-check PING")
+
+
 def test_close_cancels_pending_promises_and_is_prompt(kq):
     job = kq.create("a", None, HOT)
     started = time.monotonic()
