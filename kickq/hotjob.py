@@ -96,7 +96,37 @@ class HotjobPromise(Future[Job]):
 
 class _Subscription(NamedTuple):
     pubsub: Any  # redis.client.PubSub
-    selector: selectors.BaseSelector  # its socket and the nudge socket
+    sock: socket.socket  # its connection's socket when it subscribed
+    selector: selectors.BaseSelector  # that socket and the nudge socket
+
+    def read(self, deliver: Callable[[str, dict[str, Any]], None],
+             until_done: Future[Job] | None = None) -> None:
+        """Deliver every message that can be read without waiting (also one the parser holds
+        already, which the socket's readiness would not show), or those up to `until_done`'s."""
+        connection = self.pubsub.connection
+        if connection is None or connection._sock is not self.sock:
+            # redis-py connected again on its own: what was published in between is lost to us.
+            raise redis.exceptions.ConnectionError("the subscription's connection was replaced")
+        while True:
+            # Called even when nothing is readable: it sends redis-py's health-check PING when one
+            # is due, without which a silently dead connection would go unnoticed while idle.
+            message = self.pubsub.get_message(timeout=0)
+            if message and message.get("type") == "message":
+                deliver(*parse_message(message["data"]))
+                if until_done is not None and until_done.done():
+                    return
+            if not connection.can_read(timeout=0):
+                return
+
+    def wait(self, nudge: socket.socket, seconds: float) -> None:
+        """Until the socket is readable, a nudge comes, or `seconds` pass."""
+        for key, _ in self.selector.select(seconds):
+            if key.fileobj is nudge:
+                try:
+                    while nudge.recv(64):
+                        pass
+                except OSError:  # drained
+                    pass
 
 
 class HotjobWaiter:
@@ -118,10 +148,12 @@ class HotjobWaiter:
         # Reading the subscription: the subscriber thread, or a thread waiting in result() (the
         # leader) while the subscriber thread waits on _lead_over. Taken before _lock, never after.
         self._reading = threading.Lock()
-        self._subscription: _Subscription | None = None  # set and cleared holding _reading
+        # The live subscription, set and cleared holding _reading. A thread whose read of it fails
+        # clears it before letting go, so no one reads it again; the subscriber thread then
+        # subscribes anew and re-reads the pending jobs.
+        self._subscription: _Subscription | None = None
         self._leading = False
         self._lead_over = threading.Condition(self._lock)
-        self._broken = False  # a leader's read failed: the subscriber thread must subscribe again
         # A byte on it makes the subscriber thread leave its wait and give the leader its place.
         self._nudge_out, self._nudge_in = socket.socketpair()
         self._nudge_out.setblocking(False)
@@ -193,16 +225,15 @@ class HotjobWaiter:
                     return
             try:
                 subscription = self._subscription
-                while subscription is not None and not (future.done() or self._broken
-                                                        or self._stopping.is_set()):
-                    self._drain(subscription.pubsub, future)
+                while subscription is not None and not (future.done() or self._stopping.is_set()):
+                    subscription.read(self._deliver, future)
                     left = until - time.monotonic()
                     if future.done() or left <= 0:
                         break
-                    self._wait(subscription, min(left, POLL_SECONDS))
+                    subscription.wait(self._nudge_in, min(left, POLL_SECONDS))
             except Exception as exc:  # the subscriber thread subscribes again and re-reads
-                log.debug("hotjob leader lost the subscription (%s)", exc)
-                self._broken = True
+                log.debug("hotjob waiter lost the subscription (%s)", exc)
+                self._subscription = None
             finally:
                 self._reading.release()
         finally:
@@ -210,7 +241,7 @@ class HotjobWaiter:
                 self._leading = False
                 # The subscriber thread looks again within POLL_SECONDS by itself; it is woken
                 # at once only when other messages are awaited (a wake-up costs the caller).
-                if self._pending or self._creating or self._broken:
+                if self._pending or self._creating or self._subscription is None:
                     self._lead_over.notify_all()
 
     def close(self) -> None:
@@ -281,6 +312,7 @@ class HotjobWaiter:
         backoff = 0.05
         while not self._stopping.is_set():
             pubsub = None
+            subscription: _Subscription | None = None
             try:
                 client = self._connect()
                 pubsub = client.pubsub()
@@ -291,12 +323,13 @@ class HotjobWaiter:
                     confirmed = pubsub.get_message(timeout=self._timeout)
                     if confirmed is None:
                         raise redis.exceptions.TimeoutError("no subscribe confirmation")
+                sock = pubsub.connection._sock
                 selector = selectors.DefaultSelector()
-                selector.register(pubsub.connection._sock, selectors.EVENT_READ)
+                selector.register(sock, selectors.EVENT_READ)
                 selector.register(self._nudge_in, selectors.EVENT_READ)
+                subscription = _Subscription(pubsub, sock, selector)
                 with self._reading:
-                    self._subscription = _Subscription(pubsub, selector)
-                    self._broken = False
+                    self._subscription = subscription
                 with self._lock:
                     self._generation += 1
                     ids = list(self._pending)
@@ -308,11 +341,15 @@ class HotjobWaiter:
                         while self._leading and not self._stopping.is_set():
                             self._lead_over.wait(POLL_SECONDS)
                     with self._reading:
-                        if self._broken:
+                        if self._subscription is not subscription:
                             raise redis.exceptions.ConnectionError("lost while another thread read it")
                         if not self._leading:
-                            self._drain(pubsub)
-                            self._wait(self._subscription, POLL_SECONDS)
+                            try:
+                                subscription.read(self._deliver)
+                                subscription.wait(self._nudge_in, POLL_SECONDS)
+                            except Exception:
+                                self._subscription = None  # before letting go: no one reads it again
+                                raise
             except Exception as exc:  # never let the only subscriber thread die
                 self._subscribed.clear()
                 log.warning("hotjob subscriber lost Redis (%s); reconnecting", exc)
@@ -320,7 +357,7 @@ class HotjobWaiter:
                 backoff = min(backoff * 2, 2.0)
             finally:
                 with self._reading:
-                    subscription, self._subscription = self._subscription, None
+                    self._subscription = None
                 if subscription is not None:
                     subscription.selector.close()
                 if pubsub is not None:
@@ -328,31 +365,6 @@ class HotjobWaiter:
                         pubsub.close()
                     except Exception:
                         pass
-
-    def _drain(self, pubsub: Any, until_done: Future[Job] | None = None) -> None:
-        """Deliver every message that can be read without waiting (also one the parser holds
-        already, which the socket's readiness would not show), or those up to `until_done`'s."""
-        while True:
-            # Called even when nothing is readable: it sends redis-py's health-check PING when one
-            # is due, without which a silently dead connection would go unnoticed while idle.
-            message = pubsub.get_message(timeout=0)
-            if message and message.get("type") == "message":
-                self._deliver(*parse_message(message["data"]))
-                if until_done is not None and until_done.done():
-                    return
-            if pubsub.connection is None or not pubsub.connection.can_read(timeout=0):
-                return
-
-    def _wait(self, subscription: _Subscription | None, seconds: float) -> None:
-        """Until the subscription's socket is readable, a nudge comes, or `seconds` pass."""
-        assert subscription is not None
-        for key, _ in subscription.selector.select(seconds):
-            if key.fileobj is self._nudge_in:
-                try:
-                    while self._nudge_in.recv(64):
-                        pass
-                except OSError:  # drained
-                    pass
 
     def _recheck(self, client: redis.Redis, ids: list[str]) -> None:
         """Settle each of `ids` that finished (or vanished) while we could not hear about it."""

@@ -553,6 +553,19 @@ def test_subscription_lost_while_a_thread_waits_on_it(kq, r, worker):
     assert later.hotjob_promise.result(timeout=5).result == "later"
 
 
+def test_a_connection_redis_py_replaced_on_its_own_is_subscribed_again(kq, worker):
+    """redis-py may connect a pub/sub connection again by itself (and subscribe it again): what
+    was published in between is lost, so the waiter must notice and re-read the pending jobs."""
+    job = kq.create("a", None, HOT)
+    waiter = kq._waiters[worker.ns]
+    with waiter._reading:  # the subscriber thread is out of its read
+        connection = waiter._subscription.pubsub.connection
+        connection.disconnect()
+        worker.run("success", '"while it was away"')  # published while no one listened
+        connection.connect()  # redis-py's on_connect subscribes it again
+    assert job.hotjob_promise.result(timeout=5).result == "while it was away"
+
+
 def test_a_short_result_timeout_leaves_the_promise_to_the_subscriber(kq, worker):
     job = kq.create("a", None, HOT)
     started = time.monotonic()
