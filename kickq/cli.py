@@ -28,6 +28,7 @@ from .job import STATES, TERMINAL_STATES, unpack_new
 from .keys import Keys, validate_name
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell tool killed by it reports
 PAGE = 500
 #: Where each state's jobs are (see lua/_lib.lua).
 STRUCTURE = {"new": "queue", "queued": "queue", "delayed": "delayed", "retry": "delayed", "ghost": "delayed",
@@ -721,6 +722,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`kickq stats | head`): stop quietly, as shell tools do. Python
+        # would fail again flushing stdout at exit, so stdout goes nowhere from here on.
+        if out is sys.stdout:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     finally:
         if admin is not None:
             admin.close()
