@@ -72,6 +72,41 @@ def summarize_profiles(files: list[Path], out: Path, title: str) -> None:
     out.write_text(buf.getvalue())
 
 
+def slowlog_start(r: Any, room: int) -> None:
+    """Log every command Redis runs (SLOWLOG at 0 µs) from now on: a profile of the Redis side."""
+    r.config_set("slowlog-max-len", room)
+    r.config_set("slowlog-log-slower-than", 0)
+    r.slowlog_reset()
+
+
+def slowlog_summary(r: Any, probes: int, room: int, out: Path, title: str) -> None:
+    """What Redis ran since slowlog_start, per command (a script call per function or script): calls
+    per probe, the median and total of its execution time. Commands a script calls are logged too;
+    their time is part of the script's."""
+    entries = r.slowlog_get(room)
+    r.config_set("slowlog-log-slower-than", 10000)  # Redis' default
+    r.slowlog_reset()
+    by_command: dict[str, list[int]] = {}
+    for entry in entries:
+        words = entry["command"].decode("latin-1").split()
+        name = words[0].upper() if words else "?"
+        if name in ("FCALL", "FCALL_RO", "EVALSHA", "EVAL") and len(words) > 1:
+            # kickq's functions are kickq_<hash>_<script>; a script by its SHA's first 12 digits
+            name += " " + (words[1].split("_", 2)[-1] if name.startswith("FCALL") else words[1][:12])
+        by_command.setdefault(name, []).append(int(entry["duration"]))
+    rows = sorted(by_command.items(), key=lambda kv: -sum(kv[1]))
+    lines = [title, "",
+             "=== by own time (Redis, µs; a script's commands are listed too, their time inside the "
+             "script's) ===",
+             f"{'command':<28} {'calls/probe':>11} {'median µs':>10} {'µs/probe':>9}"]
+    for name, durations in rows[:20]:
+        if name in ("SLOWLOG", "CONFIG"):
+            continue
+        lines.append(f"{name:<28} {len(durations) / probes:>11.2f} {statistics.median(durations):>10.1f} "
+                     f"{sum(durations) / probes:>9.1f}")
+    out.write_text("\n".join(lines) + "\n")
+
+
 # --- cases ------------------------------------------------------------------------------------------
 
 def case_enqueue(ad: Any, args: argparse.Namespace, bulk: bool) -> dict[str, Any]:
@@ -214,6 +249,10 @@ def case_latency(ad: Any, args: argparse.Namespace) -> dict[str, Any]:
         if prof_path:
             import cProfile
             prof = cProfile.Profile()
+        redis_log = args.profile and Path(args.profile) / f"{ad.name}-redis-latency.txt"
+        room = args.count * 60
+        if redis_log:
+            slowlog_start(ad.redis, room)
         to_result: list[float] = []
         for _ in range(args.count):
             time.sleep(args.gap)  # the pool is idle again when the next job comes
@@ -224,6 +263,9 @@ def case_latency(ad: Any, args: argparse.Namespace) -> dict[str, Any]:
             to_result.append((time.time() - t0) * 1000)
             if prof:
                 prof.disable()
+        if redis_log:
+            slowlog_summary(ad.redis, args.count, room, redis_log,
+                            f"{ad.label}: Redis' own time per command over {args.count} idle round trips")
         if prof and prof_path:
             prof.dump_stats(str(prof_path))
             summarize_profiles([prof_path], prof_path.with_suffix(".txt"),

@@ -106,6 +106,12 @@ def profile_excerpt(name: str, lines: int = 14) -> str | None:
     return "\n".join(out[:lines + 2])
 
 
+def redis_latency_profiles() -> list[str]:
+    """The Redis side of the idle round trips (SLOWLOG of every command): kickq's, then the peer's."""
+    names = sorted(p.name for p in PROFILES.glob("*-redis-latency.txt")) if PROFILES.exists() else []
+    return sorted(names, key=lambda n: not n.startswith("kickq-"))
+
+
 def drain_table(w: Any, v: View, case: str) -> None:
     w("")
     w("| queue | workers | jobs/s | ÷ kickq | steady jobs/s | first completion (s) | runs (s) |")
@@ -314,7 +320,7 @@ def render(results: dict[str, Any]) -> str:
     # profiles
     excerpts = [(name, profile_excerpt(name)) for name in (
         "kickq-worker.txt", "kickq-worker.pyspy-summary.txt", "kickq-enqueue-one.txt",
-        "kickq-enqueue-bulk.txt", "kickq-roundtrip.txt")]
+        "kickq-enqueue-bulk.txt", "kickq-roundtrip.txt", *redis_latency_profiles())]
     if any(text for _, text in excerpts):
         w("")
         w("## Profiles (`--profile`, separate runs; full text in bench/profiles/)")
@@ -426,17 +432,17 @@ def targets(v: View) -> list[list[str]]:
     rows.append(["idle enqueue-to-start p50 ≤ the fastest peer's",
                  f"kickq {fmt(k, '.2f')} ms, {who} {fmt(b, '.2f')} ms",
                  verdict(None if k is None or b is None else k <= b, f"+{k - b:.2f} ms" if k and b else ""),
-                 why("kickq-roundtrip.txt") if k and b and k > b else ""])
+                 why("kickq-roundtrip.txt", *redis_latency_profiles()) if k and b and k > b else ""])
     k = v.value("latency", "kickq", "default", "start_p99")
     rows.append(["idle enqueue-to-start p99 ≤ 2 ms", f"kickq {fmt(k, '.2f')} ms",
                  verdict(None if k is None else k <= 2, f"+{k - 2:.2f} ms" if k else ""),
-                 why("kickq-roundtrip.txt") if k and k > 2 else ""])
+                 why("kickq-roundtrip.txt", *redis_latency_profiles()) if k and k > 2 else ""])
     k = v.value("latency", "kickq", "default", "result_p50")
     b, who = best("latency", "result_p50", min)
     rows.append(["hotjob round trip p50 ≤ the fastest peer's enqueue-to-result",
                  f"kickq {fmt(k, '.2f')} ms, {who} {fmt(b, '.2f')} ms",
                  verdict(None if k is None or b is None else k <= b, f"+{k - b:.2f} ms" if k and b else ""),
-                 why("kickq-roundtrip.txt") if k and b and k > b else ""])
+                 why("kickq-roundtrip.txt", *redis_latency_profiles()) if k and b and k > b else ""])
     k = v.value("latency", "kickq", "default", "rest_memory", "pss")
     b, who = best("latency", "pss", min, ("rest_memory",))
     rows.append(["supervisor PSS at rest ≤ the leanest peer's worker PSS",

@@ -43,9 +43,16 @@ def test_kickq_adapter_end_to_end(redis_server: Any, tmp_path: Path) -> None:
     assert (tmp_path / "drain" / "done").stat().st_size == 50  # one byte per no-op job
     drain_io = drive(url, tmp_path, "drain", "--jobs", "50", "--workers", "2", "--body", "incr")
     assert drain_io["rate"] > 0 and (tmp_path / "drain" / "done").stat().st_size == 0
-    latency = drive(url, tmp_path, "latency", "--count", "5")
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    latency = drive(url, tmp_path, "latency", "--count", "5", "--profile", str(profiles))
     assert 0 < latency["start_p50"] <= latency["result_p99"] + 1000
     assert latency["rest_memory"]["processes"] == 4  # master, 2 workers, reaper
+    # the Redis side of the round trips, per command: one create per probe, its finish
+    redis_side = (profiles / "kickq-redis-latency.txt").read_text().splitlines()
+    calls = {" ".join(line.split()[:2]): float(line.split()[2]) for line in redis_side
+             if line.startswith("FCALL ")}
+    assert calls["FCALL create"] == 1 and calls["FCALL finish_many"] >= 1
     memory = drive(url, tmp_path, "memory", "--jobs", "100")
     assert memory["bytes_per_job"] > 0
 
