@@ -112,6 +112,42 @@ def redis_latency_profiles() -> list[str]:
     return sorted(names, key=lambda n: not n.startswith("kickq-"))
 
 
+def redis_side(name: str) -> dict[str, tuple[float, float, float]] | None:
+    """A <queue>-redis-latency.txt profile: command -> (calls per probe, median µs, µs per probe)."""
+    path = PROFILES / name
+    if not path.exists():
+        return None
+    rows: dict[str, tuple[float, float, float]] = {}
+    for line in path.read_text(errors="replace").splitlines()[3:]:
+        words = line.split()
+        if len(words) < 4:
+            continue
+        try:
+            numbers = tuple(float(x) for x in words[-3:])
+        except ValueError:
+            continue
+        rows[" ".join(words[:-3])] = numbers  # type: ignore[assignment]
+    return rows
+
+
+def redis_side_text() -> str:
+    """Why an idle round trip is slower, from the Redis side: kickq's script time per probe against
+    all of the fastest peer's commands (the --profile run's SLOWLOG)."""
+    names = redis_latency_profiles()
+    kickq = redis_side("kickq-redis-latency.txt")
+    if not kickq:
+        return ""
+    scripts = {k: row for k, row in kickq.items() if k.startswith(("FCALL ", "EVALSHA "))}
+    parts = [f"{k.split(' ', 1)[1]} {row[1]:.0f} µs × {row[0]:.1f}" for k, row in scripts.items()]
+    text = (f"Redis' time per round trip (SLOWLOG, --profile run): kickq's scripts "
+            f"{sum(row[2] for row in scripts.values()):.0f} µs ({', '.join(parts)})")
+    for name in names:
+        if not name.startswith("kickq-"):
+            peer = redis_side(name) or {}
+            text += f", {name.split('-')[0]}'s commands {sum(row[2] for row in peer.values()):.0f} µs in all"
+    return text + "; "
+
+
 def drain_table(w: Any, v: View, case: str) -> None:
     w("")
     w("| queue | workers | jobs/s | ÷ kickq | steady jobs/s | first completion (s) | runs (s) |")
@@ -432,17 +468,20 @@ def targets(v: View) -> list[list[str]]:
     rows.append(["idle enqueue-to-start p50 ≤ the fastest peer's",
                  f"kickq {fmt(k, '.2f')} ms, {who} {fmt(b, '.2f')} ms",
                  verdict(None if k is None or b is None else k <= b, f"+{k - b:.2f} ms" if k and b else ""),
-                 why("kickq-roundtrip.txt", *redis_latency_profiles()) if k and b and k > b else ""])
+                 redis_side_text() + why("kickq-roundtrip.txt", *redis_latency_profiles())
+                 if k and b and k > b else ""])
     k = v.value("latency", "kickq", "default", "start_p99")
     rows.append(["idle enqueue-to-start p99 ≤ 2 ms", f"kickq {fmt(k, '.2f')} ms",
                  verdict(None if k is None else k <= 2, f"+{k - 2:.2f} ms" if k else ""),
-                 why("kickq-roundtrip.txt", *redis_latency_profiles()) if k and k > 2 else ""])
+                 redis_side_text() + why("kickq-roundtrip.txt", *redis_latency_profiles())
+                 if k and k > 2 else ""])
     k = v.value("latency", "kickq", "default", "result_p50")
     b, who = best("latency", "result_p50", min)
     rows.append(["hotjob round trip p50 ≤ the fastest peer's enqueue-to-result",
                  f"kickq {fmt(k, '.2f')} ms, {who} {fmt(b, '.2f')} ms",
                  verdict(None if k is None or b is None else k <= b, f"+{k - b:.2f} ms" if k and b else ""),
-                 why("kickq-roundtrip.txt", *redis_latency_profiles()) if k and b and k > b else ""])
+                 redis_side_text() + why("kickq-roundtrip.txt", *redis_latency_profiles())
+                 if k and b and k > b else ""])
     k = v.value("latency", "kickq", "default", "rest_memory", "pss")
     b, who = best("latency", "pss", min, ("rest_memory",))
     rows.append(["supervisor PSS at rest ≤ the leanest peer's worker PSS",

@@ -119,3 +119,23 @@ def test_report_renders_ratios_and_targets() -> None:
     assert rows["Redis memory per job ≤ the leanest peer"][2].startswith("**missed** (+50 B/job)")
     assert rows["a killed supervisor's job recovered ≤ process_timeout + 2 s"][2] == "met"
     assert rows["runaway job dead and ghosted ≤ 100 ms after its deadline (p99)"][1] == "not measured"
+
+
+def test_the_redis_side_of_a_missed_latency_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target rows say why from the --profile run's SLOWLOG files: kickq's scripts per round
+    trip against all of the fastest peer's commands."""
+    monkeypatch.setattr(report, "PROFILES", tmp_path)
+    header = ["title", "", "=== by own time (Redis) ===", "command  calls/probe  median µs  µs/probe"]
+    (tmp_path / "kickq-redis-latency.txt").write_text("\n".join(header + [
+        "FCALL finish_many   2.00   184.0   392.6", "FCALL create   1.00   307.0   321.5",
+        "XADD   3.00   6.0   25.2"]) + "\n")
+    (tmp_path / "huey-redis-latency.txt").write_text("\n".join(header + [
+        "LPUSH   2.00   9.5   21.6", "BLPOP   1.00   16.0   16.8"]) + "\n")
+    assert report.redis_latency_profiles() == ["kickq-redis-latency.txt", "huey-redis-latency.txt"]
+    assert report.redis_side("kickq-redis-latency.txt")["FCALL create"] == (1.0, 307.0, 321.5)
+    text = report.redis_side_text()
+    assert "kickq's scripts 714 µs (finish_many 184 µs × 2.0, create 307 µs × 1.0)" in text
+    assert "huey's commands 38 µs in all" in text
+    rows = {row[0]: row for row in report.targets(report.View(fake_results()))}
+    why = rows["idle enqueue-to-start p99 ≤ 2 ms"][3]  # missed in the fake results: 3 ms
+    assert why.startswith("Redis' time per round trip") and "bench/profiles/huey-redis-latency.txt" in why
