@@ -294,17 +294,24 @@ class HotjobWaiter:
     # --- the timer thread ----------------------------------------------------------------------------
 
     def _expire(self) -> None:
-        with self._lock:
-            while not self._stopping.is_set():
+        while not self._stopping.is_set():
+            expired = []
+            with self._lock:
                 now = time.monotonic()
                 while self._deadlines and self._deadlines[0][0] <= now:
                     _, job_id = heapq.heappop(self._deadlines)
                     entry = self._pending.pop(job_id, None)
-                    if entry and not entry[0].done():
-                        entry[0].set_exception(HotjobTimeout(job_id, entry[1]))
-                wait = min(self._deadlines[0][0] - now, TIMER_BEAT) if self._deadlines else TIMER_BEAT
-                self._timer_wakes_at = now + wait
-                self._deadline_changed.wait(wait)
+                    if entry:
+                        expired.append((job_id, entry))
+                if not expired:
+                    wait = min(self._deadlines[0][0] - now, TIMER_BEAT) if self._deadlines else TIMER_BEAT
+                    self._timer_wakes_at = now + wait
+                    self._deadline_changed.wait(wait)
+            # Settled outside the lock: a done callback runs here, and may call into this waiter
+            # (the result() of another promise takes the lock).
+            for job_id, (future, timeout) in expired:
+                if not future.done():
+                    future.set_exception(HotjobTimeout(job_id, timeout))
 
     # --- the subscriber thread -----------------------------------------------------------------------
 

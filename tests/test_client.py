@@ -619,6 +619,20 @@ def test_an_idle_subscription_is_still_health_checked(kq_config, r, worker):
         wait_until(pubsub_pinged, timeout=5, message="the subscriber's health-check PING")
 
 
+def test_a_timeout_callback_may_wait_on_another_promise(kq, worker):
+    """The timer thread settles a late promise outside the waiter's lock: a done callback that
+    then waits on another promise gets its answer (it would hang on the lock)."""
+    late = kq.create("a", None, {"hotjob": True, "hotjob_timeout": 0.3})
+    other = kq.create("b", None, HOT)
+    got = []
+    late.hotjob_promise.add_done_callback(
+        lambda _: got.append(other.hotjob_promise.result(timeout=5).result))
+    wait_until(late.hotjob_promise.done, timeout=5, message="the first timed out")
+    worker.run("success", '"other"', names=("b",))
+    wait_until(lambda: got, timeout=5, message="the callback had the other's answer")
+    assert got == ["other"]
+
+
 def test_close_cancels_pending_promises_and_is_prompt(kq):
     job = kq.create("a", None, HOT)
     started = time.monotonic()
