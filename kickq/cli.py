@@ -710,7 +710,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         with redis_errors(settings):
             admin = Admin(settings)
-            return int(args.func(admin, args, out))
+            code = int(args.func(admin, args, out))
+            out.flush()  # here, so that a reader gone away is met below, not at exit
+            return code
     except UsageError as exc:
         command_parser(str(exc))
         return EXIT_USAGE

@@ -653,8 +653,9 @@ def test_doctor_shows_progress_on_a_terminal_only(redis_url, kq, r, namespace, c
 
 def test_a_reader_that_goes_away_ends_it_quietly(redis_url, namespace):
     """`kickq stats | head -1`: the rest of the output has nowhere to go. No traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a shell runs it
     proc = subprocess.Popen([sys.executable, "-m", "kickq.cli", "--redis-url", redis_url,
-                             "--redis-namespace", namespace, "stats"], cwd=REPO,
+                             "--redis-namespace", namespace, "stats"], cwd=REPO, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # before it writes anything: every write fails with EPIPE
     _, err = proc.communicate(timeout=60)
