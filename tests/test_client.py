@@ -494,6 +494,11 @@ def test_many_hotjobs_share_two_threads(kq, worker):
     assert threading.active_count() - before <= 2
 
 
+def wait_for_a_reader(kq, namespace):
+    """Until a thread waiting in result() reads the hotjob subscription of `namespace`."""
+    wait_until(lambda: kq._waiters[namespace]._leading, timeout=5, message="a waiting thread reads")
+
+
 def test_the_waiting_thread_reads_its_own_answer(kq, worker, monkeypatch):
     """result() reads the subscription in the calling thread: no hand-off from another thread."""
     readers = []
@@ -506,7 +511,12 @@ def test_the_waiting_thread_reads_its_own_answer(kq, worker, monkeypatch):
     monkeypatch.setattr(HotjobWaiter, "_deliver", deliver)
     for i in range(3):
         job = kq.create("a", None, HOT)
-        finisher = threading.Timer(0.05, worker.run, ("success", str(i)))
+
+        def finish(i=i):
+            wait_for_a_reader(kq, worker.ns)  # the caller is in result(), reading
+            worker.run("success", str(i))
+
+        finisher = threading.Thread(target=finish)
         finisher.start()
         assert job.hotjob_promise.result(timeout=5).result == i
         finisher.join()
@@ -525,7 +535,7 @@ def test_two_threads_waiting_each_get_their_own(kq, worker):
     waiters = [threading.Thread(target=wait, args=(i,)) for i in range(2)]
     for t in waiters:
         t.start()
-    wait_until(lambda: kq._waiters[worker.ns]._leading, timeout=5, message="a thread reads")
+    wait_for_a_reader(kq, worker.ns)
     for i in (1, 0):  # the second job first: whichever thread leads, the other's comes first once
         assert worker.run("success", str(i), names=(names[i],))[1] == "success"
         wait_until(jobs[i].hotjob_promise.done, timeout=5, message=f"job {i} settled")
@@ -538,10 +548,9 @@ def test_subscription_lost_while_a_thread_waits_on_it(kq, r, worker):
     """The waiting thread was reading when the connection died: the subscriber thread subscribes
     again and re-reads the job, and the waiter gets its answer."""
     job = kq.create("a", None, HOT)
-    waiter = kq._waiters[worker.ns]
 
     def kill_then_finish():
-        wait_until(lambda: waiter._leading, timeout=5, message="the caller reads")
+        wait_for_a_reader(kq, worker.ns)
         assert r.client_kill_filter(_type="pubsub") >= 1
         worker.run("success", '"after the kill"')
 
@@ -597,8 +606,7 @@ def test_close_while_a_thread_waits_cancels_it_promptly(kq):
 
     waiting = threading.Thread(target=wait)
     waiting.start()
-    wait_until(lambda: kq._waiters[kq.settings()["redis_namespace"]]._leading, timeout=5,
-               message="the caller reads")
+    wait_for_a_reader(kq, kq.settings()["redis_namespace"])
     started = time.monotonic()
     kq.close()
     waiting.join(timeout=5)
