@@ -33,7 +33,7 @@ def drive(url: str, tmp_path: Path, case: str, *args: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_kickq_adapter_end_to_end(redis_server: Any, tmp_path: Path) -> None:
+def test_kickq_adapter_end_to_end(redis_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url = f"redis://{redis_server.host}:{redis_server.port}/9"
     one = drive(url, tmp_path, "enqueue-one", "--jobs", "50")
     bulk = drive(url, tmp_path, "enqueue-bulk", "--jobs", "50")
@@ -48,10 +48,9 @@ def test_kickq_adapter_end_to_end(redis_server: Any, tmp_path: Path) -> None:
     latency = drive(url, tmp_path, "latency", "--count", "5", "--profile", str(profiles))
     assert 0 < latency["start_p50"] <= latency["result_p99"] + 1000
     assert latency["rest_memory"]["processes"] == 4  # master, 2 workers, reaper
-    # the Redis side of the round trips, per command: one create per probe, its finish
-    redis_side = (profiles / "kickq-redis-latency.txt").read_text().splitlines()
-    calls = {" ".join(line.split()[:2]): float(line.split()[2]) for line in redis_side
-             if line.startswith("FCALL ")}
+    # the Redis side of the round trips, read as the report reads it: one create per probe, its finish
+    monkeypatch.setattr(report, "PROFILES", profiles)
+    calls = {command: row[0] for command, row in report.redis_side("kickq-redis-latency.txt").items()}
     assert calls["FCALL create"] == 1 and calls["FCALL finish_many"] >= 1
     memory = drive(url, tmp_path, "memory", "--jobs", "100")
     assert memory["bytes_per_job"] > 0
