@@ -8,7 +8,6 @@ never blocks on Redis: a job it must ghost is handed to `lost_job`, which runs i
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import select
@@ -16,6 +15,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
+from . import messages
 from .osapi import describe_exit
 
 log = logging.getLogger("kickq.master")
@@ -185,27 +185,24 @@ class Arbiter:
             self.on_message(slot, line.decode("utf-8", "replace"))
 
     def on_message(self, slot: Slot, line: str) -> None:
-        parts = line.split()
-        if not parts:
-            return
-        if parts[0] == "S" and len(parts) >= 5:  # "S id token start timeout [name, may hold spaces]"
-            job_id, token, started, timeout = parts[1], parts[2], float(parts[3]), float(parts[4])
-            name = line.split(" ", 5)[5] if len(parts) > 5 else ""
-            slot.run = Run(job_id, token, started + timeout, name=name, started=started)
-        elif parts[0] == "F" and slot.run is not None and slot.run.job_id == parts[1]:
-            slot.run.handler_returned = True
-            if len(parts) >= 4:  # "F id success|fail seconds [payload as a JSON string]"
-                self._observe("run", slot, name=slot.run.name, outcome=parts[2], seconds=float(parts[3]))
-            if len(parts) >= 5:
-                try:
-                    payload = json.loads(line.split(" ", 4)[4])
-                except ValueError:
-                    return
-                slot.run.retained = True
-                slot.unsaved[parts[1]] = (slot.run.token, parts[2], str(payload), float(parts[3]),
-                                          self.ops.monotonic())
-                if len(slot.unsaved) > UNSAVED_KEPT:
-                    del slot.unsaved[next(iter(slot.unsaved))]
+        message = messages.decode(line)
+        if isinstance(message, messages.Started):
+            slot.run = Run(message.job_id, message.token, message.started + message.timeout,
+                           name=message.name, started=message.started)
+        elif isinstance(message, messages.Finished) and slot.run is not None \
+                and slot.run.job_id == message.job_id:
+            run = slot.run
+            run.handler_returned = True
+            if message.outcome is None or message.seconds is None:
+                return
+            self._observe("run", slot, name=run.name, outcome=message.outcome, seconds=message.seconds)
+            if message.payload is None:
+                return
+            run.retained = True
+            slot.unsaved[message.job_id] = (run.token, message.outcome, message.payload, message.seconds,
+                                            self.ops.monotonic())
+            if len(slot.unsaved) > UNSAVED_KEPT:
+                del slot.unsaved[next(iter(slot.unsaved))]
 
     def _observe(self, kind: str, slot: Slot | None, **fields: object) -> None:
         if self.observe is not None:

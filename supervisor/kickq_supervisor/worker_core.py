@@ -1,0 +1,741 @@
+"""A worker's decisions, with no I/O: what to claim, when to give back, what to journal, when a job
+claimed ahead is too old to start, what to tell the master.
+
+`WorkerCore.steps()` is a generator. It yields typed commands (`Send`, `Settle`, `Start`, ...) and
+receives the result of each one; the process loop around it (worker.py) performs them on Redis, the
+pipe and the handler, and does nothing else. Time comes from an injected clock and memory from an
+injected reading, so tests drive the core command by command with fakes: no fork, no Redis.
+
+How a worker uses Redis (the scripts are in kickq/lua):
+- Idle, it claims one job (registering as idle when there is none: a job created meanwhile is claimed
+  for it by the create and handed over in its inbox), then blocks on its inbox and the wake tokens.
+- Busy, it sends each outcome the moment the handler returns, on its own connection, without waiting
+  for the reply: to its journal (a plain RPUSH), or in a finish_many that also claims the next jobs
+  ahead, in batches (up to `prefetch`, fewer when jobs are slow: a batch is about PREFETCH_WINDOW of
+  work). The next finish_many ends what the journal holds. So a busy worker waits on Redis about once
+  per batch, and a finished run is never held back.
+- A job claimed ahead has no start in Redis: before it starts, a start mark goes to the journal (with
+  the last job's outcome, in the same write), so that a lost run of it is ghosted, not given back as
+  never started. A job that must not run twice (ghost_retry false) waits until Redis has the mark.
+
+Where a finished run's outcome is, until Redis has ended the run: in hand (`unsaved`: to send), in a
+call in flight (`Call.runs`), or in the journal (`Journal.ids`: pushed, ended by the next
+finish_many). The master holds short outcomes too (the F message), to save them should the worker die.
+
+The core tracks its running jobs by id (`running`) and starts one at a time; the commands `Start`
+and `AwaitEnd` are separate so that a worker can hold several runs at once.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections import deque
+from typing import Any, Callable, Generator, Iterable, Mapping, NamedTuple, Union
+
+import redis
+
+from kickq import scripts
+from kickq.backoff import Backoff
+from kickq.config import JOB_OPTION_DEFAULTS
+from kickq.keys import Keys
+
+from .messages import Finished, Message, Started
+from .runner import Outcome
+
+log = logging.getLogger("kickq.worker")
+
+#: A batch holds about this much work (by the recent run times), so prefetched jobs wait little.
+PREFETCH_WINDOW = 0.05
+#: A prefetched job that waited longer than this is given back instead of started: its lease
+#: (process_timeout + 1 s from the claim) must outlast its run by a margin the master can use.
+MAX_PREFETCH_WAIT = 0.25
+#: Outcomes up to this size go to the master too, so it can save one the worker died before
+#: sending; a bigger one is ghosted if that happens.
+RETAINED_PAYLOAD = 512
+#: A start told to the master ahead (with the last job's end) is told again if the job starts this
+#: much later (the worker waited on Redis in between): the master's deadline runs from the start.
+ANNOUNCED_STALE = 0.005
+#: A run ended less than this ago: jobs are likely waiting, so an empty hand claims at once.
+BUSY_WINDOW = 0.05
+#: A journal's TTL, set at its first push after each finish_many: bounded, should its worker and
+#: supervisor vanish (abandon and recover empty it otherwise).
+JOURNAL_TTL = 86400
+
+
+# --- what the core holds ----------------------------------------------------------------------------
+
+class HeldJob(NamedTuple):
+    """A job claimed for this worker and not started."""
+    job_id: str
+    token: int
+    fields: dict[str, str]
+    # clock time: for a job claimed ahead, when the call that claimed it was sent (Redis claimed it
+    # after that), so its wait is never counted short; for a hand-off, when it was taken
+    claimed_at: float
+    prefetched: bool  # claimed ahead (a batch, a hand-off): Redis learns its start from a start mark
+
+
+class Running(NamedTuple):
+    job: HeldJob
+    started: float  # clock time
+    hotjob: bool
+
+
+class FinishedRun(NamedTuple):
+    """A run's outcome, until Redis has ended the run."""
+    job_id: str
+    token: int
+    outcome: str  # success | fail
+    payload: str
+    run_ms: int
+    ended_at: float  # clock time
+    urgent: bool  # a hotjob (a waiter wants the answer now), or an outcome the master does not hold
+
+    def as_args(self, now: float) -> scripts.RunOutcome:
+        return (self.job_id, self.token, self.outcome, self.payload, self.run_ms,
+                int((now - self.ended_at) * 1000))
+
+
+class FinishMany(NamedTuple):
+    """A finish_many call: ends `runs` and the journal, gives back, claims `want` jobs ahead."""
+    keys_and_args: tuple[list[str], list[Any]]
+    runs: list[FinishedRun]
+    give_back: list[tuple[str, int]]
+    want: int
+    idle_ms: int  # registers as idle for that long when it claims nothing (0: not)
+    journal_ends: int  # how many of Journal.ids it ends (those pushed before it)
+    sent_at: float  # clock time; Redis claimed its jobs after that
+
+    @property
+    def replies(self) -> int:
+        return 1
+
+
+class JournalPush(NamedTuple):
+    """RPUSH of journal entries (outcomes, start marks), with the journal's TTL when it is fresh."""
+    commands: tuple[tuple[Any, ...], ...]
+    runs: list[FinishedRun]  # the outcomes among the entries
+    marks: tuple[str, ...]  # the jobs whose start marks are among them
+
+    @property
+    def replies(self) -> int:
+        return len(self.commands)
+
+
+Call = Union[FinishMany, JournalPush]
+
+
+# --- commands the core yields, and what the process loop sends back ---------------------------------
+
+class Send(NamedTuple):
+    """Write `call` on the channel without waiting for its reply. Back: None, or Lost."""
+    call: Call
+
+
+class Settle(NamedTuple):
+    """Read the replies of every call sent, in order (an error reply is the exception object).
+    Back: the list of replies, or Lost."""
+
+
+class Tell(NamedTuple):
+    """Write these messages to the master, in one write. Back: None."""
+    messages: tuple[Message, ...]
+
+
+class Start(NamedTuple):
+    """Start the handler on `job`. Back: None."""
+    job: HeldJob
+
+
+class AwaitEnd(NamedTuple):
+    """Wait until a started run ends. Back: Ended."""
+
+
+class ClaimOne(NamedTuple):
+    """Run the claim script for one job, registering as idle for `idle_ms` if there is none.
+    Back: the claim (id, token, fields) or None; Lost; or Refused."""
+    idle_ms: int
+
+
+class WaitForWork(NamedTuple):
+    """Block on the inbox and the wake tokens for up to `timeout` seconds.
+    Back: Woke, Lost, Refused, or Interrupted (a stop was asked)."""
+    timeout: float
+
+
+class ShrinkHeap(NamedTuple):
+    """Give the C heap's free pages back: idle for a whole wait, off the hot path. Back: None."""
+
+
+class ReadClaimRecord(NamedTuple):
+    """End any idle registration, drop the inbox, and read the claim record with the fields of the
+    jobs it names that are not in `held`. Back: ClaimRecord, or Lost."""
+    held: frozenset[str]
+
+
+class Pause(NamedTuple):
+    """Sleep `seconds` (a backoff). Back: None, or Interrupted."""
+    seconds: float
+
+
+class ShowIdle(NamedTuple):
+    """Nothing in hand: the process title says idle. Back: None."""
+
+
+Command = Union[Send, Settle, Tell, Start, AwaitEnd, ClaimOne, WaitForWork, ShrinkHeap, ReadClaimRecord,
+                Pause, ShowIdle]
+
+
+class Lost(NamedTuple):
+    """The connection failed: what was in flight may or may not have run."""
+    error: Exception
+
+
+class Refused(NamedTuple):
+    """Redis refused the command (an error reply: OOM at maxmemory, ...)."""
+    error: Exception
+
+
+class Interrupted(NamedTuple):
+    """A stop was asked during a blocking wait."""
+
+
+class Woke(NamedTuple):
+    """WaitForWork's answer: `handoff` is the inbox entry taken, if any; `timed_out` when nothing came."""
+    handoff: str | None
+    timed_out: bool
+
+
+class Ended(NamedTuple):
+    job_id: str
+    outcome: Outcome
+
+
+class ClaimRecord(NamedTuple):
+    """The jobs the claim record names (id, token, their fields; {} when gone), and Redis' clock."""
+    jobs: list[tuple[str, str, dict[str, str]]]
+    redis_ms: int
+
+
+# --- the core ------------------------------------------------------------------------------------------
+
+class _Interrupted(Exception):
+    """A stop interrupted a blocking wait: the worker leaves at once."""
+
+
+class Pace:
+    """How fast this worker's jobs run: it sizes the batches claimed ahead."""
+
+    def __init__(self, prefetch: int) -> None:
+        self.prefetch = max(1, prefetch)
+        self.run_seconds = 0.0  # moving average of recent runs
+        self.jobs_done = 0
+        self.last_busy = 0.0  # clock time the last run ended
+
+    def ran(self, seconds: float, ended: float) -> None:
+        self.jobs_done += 1
+        self.last_busy = ended
+        self.run_seconds = seconds if self.run_seconds <= 0 else 0.8 * self.run_seconds + 0.2 * seconds
+
+    def batch_size(self) -> int:
+        if self.prefetch <= 1 or self.run_seconds <= 0:
+            return 1
+        return max(1, min(self.prefetch, int(PREFETCH_WINDOW / self.run_seconds)))
+
+    def busy(self, now: float) -> bool:
+        return self.jobs_done > 0 and now - self.last_busy < BUSY_WINDOW
+
+
+class Journal:
+    """What the worker pushed to its journal (P.."done:"..claimer) since its last finish_many."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.fresh = True  # nothing pushed since the last finish_many: the next push sets the TTL
+        self.pending = 0  # runs pushed since the last finish_many (the next one ends them)
+        self.ids: list[str] = []  # jobs whose runs were pushed and may not be ended yet, in order
+        self.marked: set[str] = set()  # jobs claimed ahead whose start mark was pushed
+
+    def push(self, entries: list[str], runs: list[FinishedRun], marks: tuple[str, ...]) -> JournalPush:
+        commands: tuple[tuple[Any, ...], ...] = (("RPUSH", self.key, *entries),)
+        if self.fresh:
+            commands += (("EXPIRE", self.key, JOURNAL_TTL),)
+        return JournalPush(commands, runs, marks)
+
+    def pushed(self, call: JournalPush) -> None:
+        self.fresh = False
+        self.marked.update(call.marks)
+
+    def ended(self) -> None:
+        """A finish_many was sent: it ends everything pushed before it."""
+        self.pending = 0
+        self.fresh = True
+
+    def lost(self) -> None:
+        """The connection failed: whether the TTL and the marks got there is not known."""
+        self.fresh = True
+        self.marked.clear()
+
+
+class WorkerCore:
+    def __init__(self, number: int, names: Iterable[str], keys: Keys, claimer: str, *,
+                 clock: Callable[[], float], memory: Callable[[], int] = lambda: 0,
+                 prefetch: int = 16, wait_timeout: float = 1.0, max_jobs: int = 0, max_memory: int = 0,
+                 backoff: Backoff | None = None) -> None:
+        self.number = number  # for logs
+        self.names = list(names)
+        self.keys = keys
+        self.claimer = claimer
+        self.clock = clock
+        self.memory = memory  # RSS in bytes
+        self.wait_timeout = wait_timeout
+        # How long an idle registration lasts: renewed at every wait that times out, so it lapses only
+        # when the worker is gone or stuck (a job handed over then waits for abandon or recovery).
+        self.idle_ms = int((wait_timeout + 0.5) * 1000)
+        self.max_jobs = max_jobs
+        self.max_memory = max_memory
+        self.backoff = backoff or Backoff(first=0.05, cap=2.0)
+        self.pace = Pace(prefetch)
+        self.journal = Journal(keys.journal(claimer))
+        self.hand: deque[HeldJob] = deque()
+        self.running: dict[str, Running] = {}
+        self.inflight: list[Call] = []  # sent, their replies not read yet, in order
+        self.unsaved: list[FinishedRun] = []  # outcomes to send (again: their call failed)
+        self.give_back: list[tuple[str, int]] = []  # claimed jobs to give back with the next call
+        # The job whose start the master was told of ahead, and when: it is the next one to run.
+        self.announced: tuple[str, float] | None = None
+        self.registered = False  # as idle, by the last claim or finish_many (every call ends it)
+        self.claims_lost = False  # a claim's reply was lost: the claim record says what it took
+        self.stopping = False
+        self.orphaned = False
+
+    # --- from outside ----------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """A graceful stop: no new job; a job already announced to the master still runs."""
+        self.stopping = True
+
+    def parent_gone(self) -> None:
+        self.stopping = self.orphaned = True
+
+    @property
+    def jobs_done(self) -> int:
+        return self.pace.jobs_done
+
+    # --- the loop ----------------------------------------------------------------------------------------
+
+    def steps(self) -> Generator[Command, Any, None]:
+        try:
+            # A job announced to the master runs even if a stop was asked meanwhile: it is current.
+            while (not self.stopping or self.announced) and not self.orphaned:
+                if not self.hand:
+                    yield from self._refill()
+                if not self.hand:
+                    yield ShowIdle()
+                    claimed = yield from self._next_job()
+                    if claimed is not None:
+                        # a claim ahead (a hand-off) has no run_start; a claim to start at once has
+                        job_id, token, fields = claimed
+                        prefetched = "run_start" not in fields
+                        self.hand.append(HeldJob(job_id, token, fields, self.clock(), prefetched))
+                    continue
+                if not (yield from self._run_next()):
+                    break
+        except _Interrupted:
+            pass
+        yield from self._leave()
+
+    def _run_next(self) -> Generator[Command, Any, bool]:
+        """Run the first job in hand (or give it back) and save its outcome. False: retire now."""
+        job = self.hand.popleft()
+        announced = self.announced is not None and self.announced[0] == job.job_id
+        if not announced and self._waited_too_long(job):
+            self._give_back_held(job)
+            return True
+        if job.prefetched and not (yield from self._mark_start(job)):
+            return True
+        run = yield from self._start(job)
+        ended = yield AwaitEnd()
+        done, finished = self._ended(self.running.pop(ended.job_id, run), ended.outcome)
+        last = self._should_retire()
+        upcoming = None if last else self._starts_next()
+        told: tuple[Message, ...] = (finished,)
+        if upcoming is not None:
+            now = self.clock()
+            self.announced = (upcoming.job_id, now)
+            told += (self._started(upcoming, now),)
+        yield Tell(told)
+        yield from self._save(done, claim=not last)
+        return not last
+
+    def _start(self, job: HeldJob) -> Generator[Command, Any, Running]:
+        started = self.clock()
+        announced, self.announced = self.announced, None
+        if announced is None or announced[0] != job.job_id or started - announced[1] > ANNOUNCED_STALE:
+            yield Tell((self._started(job, started),))
+        run = Running(job, started, _options(job.fields).get("hotjob") is True)
+        self.running[job.job_id] = run
+        yield Start(job)
+        return run
+
+    def _ended(self, run: Running, outcome: Outcome) -> tuple[FinishedRun, Finished]:
+        """The run's outcome to save, and the F message (sent before the outcome leaves for Redis:
+        the master then always knows at least what the journal does, so it never ghosts a run whose
+        outcome the journal holds)."""
+        ended = self.clock()
+        ran = ended - run.started
+        kind = "success" if outcome.success else "fail"
+        body = (outcome.result_json if outcome.success else outcome.error) or ""
+        retained = len(body) <= RETAINED_PAYLOAD
+        self.pace.ran(ran, ended)
+        job = run.job
+        done = FinishedRun(job.job_id, job.token, kind, body, int(round(ran * 1000)), ended,
+                           run.hotjob or not retained)
+        return done, Finished(job.job_id, kind, ran, body if retained else None)
+
+    @staticmethod
+    def _started(job: HeldJob, started: float) -> Started:
+        return Started(job.job_id, str(job.token), started, _process_timeout(_options(job.fields)),
+                       job.fields.get("name", ""))
+
+    # --- saving outcomes ---------------------------------------------------------------------------------
+
+    def _save(self, done: FinishedRun, *, claim: bool) -> Generator[Command, Any, None]:
+        """Send the run's outcome at once, without waiting for the reply. When few jobs are left, a
+        finish_many ends it and claims the next batch (its reply is read when they run out);
+        otherwise it goes to the journal, which the next finish_many applies."""
+        batch = self.pace.batch_size()
+        refilling = any(call.want for call in self.inflight if isinstance(call, FinishMany))
+        low = len(self.hand) <= batch // 2
+        # A waiter wants this outcome and nothing else is in hand: it goes alone, so the script
+        # that publishes it is short; the next claim follows once its reply is read (_refill).
+        alone = done.urgent and not self.hand
+        want = batch if claim and low and not refilling and not alone else 0
+        # The next job's start mark rides along (see _mark_start): no write of its own. None when
+        # this job is the last (the worker retires, and gives back what it holds).
+        upcoming = self.hand[0] if self.hand and claim else None
+        to_mark = upcoming if upcoming is not None and upcoming.prefetched \
+            and upcoming.job_id not in self.journal.marked else None
+        marks = [self._start_mark(to_mark)] if to_mark is not None else []
+        marked = (to_mark.job_id,) if to_mark is not None else ()
+        if want or done.urgent or self.unsaved:
+            if marks:
+                yield from self._push_journal(marks, [], marked)
+            yield from self._send(self.unsaved + [done], want)
+        else:
+            entry = scripts.journal_entry(done.job_id, done.token, done.outcome, done.payload, done.run_ms,
+                                          done.ended_at * 1000)
+            if (yield from self._push_journal([entry, *marks], [done], marked)):
+                self.journal.ids.append(done.job_id)
+                self.journal.pending += 1
+
+    def _start_mark(self, job: HeldJob) -> str:
+        return scripts.journal_entry(job.job_id, job.token, "start", "", 0, self.clock() * 1000)
+
+    def _mark_start(self, job: HeldJob) -> Generator[Command, Any, bool]:
+        """Before a job claimed ahead starts, say so in the journal, so that if the whole supervisor
+        is lost its run is ghosted rather than given back as never started (recover reads the
+        journal). A job that must not run twice (ghost_retry false) waits until Redis has the mark;
+        if Redis cannot be reached, it is given back instead of started. False: not to be run."""
+        if job.job_id not in self.journal.marked:
+            yield from self._push_journal([self._start_mark(job)], [], (job.job_id,))
+        if _must_not_run_twice(job):
+            if job.job_id in self.journal.marked and self.inflight:
+                yield from self._settle()  # the mark's RPUSH among them
+            # Sent, and not refused nor lost since: Redis has it.
+            confirmed = job.job_id in self.journal.marked and not self.inflight
+            self.journal.marked.discard(job.job_id)
+            if not confirmed:
+                self.give_back.append((job.job_id, job.token))
+            return confirmed
+        self.journal.marked.discard(job.job_id)
+        return True
+
+    def _send(self, runs: list[FinishedRun], want: int) -> Generator[Command, Any, None]:
+        """finish_many without waiting: the journal, these runs, the give-backs, `want` claims."""
+        now = self.clock()
+        # Holding nothing else, the worker is idle if no job comes back: it registers for hand-offs.
+        idle_ms = self.idle_ms if want and not self.hand else 0
+        args = scripts.finish_many_args(self.keys, self.claimer, [d.as_args(now) for d in runs],
+                                        self.give_back, want, self.names, mono_ms=now * 1000, idle_ms=idle_ms)
+        call = FinishMany(args, runs, self.give_back, want, idle_ms, len(self.journal.ids), now)
+        failed = yield Send(call)
+        if failed is not None:
+            yield from self._lost_connection(failed.error, runs, want > 0)
+            return
+        self.inflight.append(call)
+        self.unsaved, self.give_back = [], []
+        self.journal.ended()
+
+    def _push_journal(self, entries: list[str], runs: list[FinishedRun],
+                      marks: tuple[str, ...]) -> Generator[Command, Any, bool]:
+        """RPUSH to the journal without waiting (with its TTL when it is fresh), in one write."""
+        call = self.journal.push(entries, runs, marks)
+        failed = yield Send(call)
+        if failed is not None:
+            yield from self._lost_connection(failed.error, runs, False)
+            return False
+        self.inflight.append(call)
+        self.journal.pushed(call)
+        return True
+
+    # --- replies -------------------------------------------------------------------------------------------
+
+    def _settle(self) -> Generator[Command, Any, bool]:
+        """Read the replies of the calls in flight. False: the connection was lost meanwhile."""
+        replies = yield Settle()
+        if isinstance(replies, Lost):
+            yield from self._lost_connection(replies.error, [], False)
+            return False
+        yield from self._take_replies(replies)
+        return True
+
+    def _take_replies(self, replies: list[Any]) -> Generator[Command, Any, None]:
+        """The replies of the calls in flight, in order: log rejected saves, keep claimed jobs, keep
+        the runs of a call Redis refused for now (OOM, loading) to send again."""
+        refused: Exception | None = None
+        at = 0
+        calls, self.inflight = self.inflight, []
+        for call in calls:
+            reply = replies[at]
+            at += call.replies
+            if isinstance(reply, redis.exceptions.ResponseError):
+                if _transient(reply):
+                    log.warning("worker %d: saving %d runs refused (%s); retrying", self.number,
+                                len(call.runs), reply)
+                    self.unsaved += call.runs
+                    refused = reply
+                else:  # not transient: leave the runs to lease recovery rather than retry forever
+                    log.error("worker %d: cannot save %d runs: %s", self.number, len(call.runs), reply)
+                if isinstance(call, JournalPush):
+                    self.journal.marked.difference_update(call.marks)  # Redis has not got them
+                continue
+            if isinstance(call, FinishMany):
+                self._finished_many(call, reply)
+        if refused is not None:
+            yield from self._pause(refused)
+        else:
+            self.backoff.reset()
+
+    def _finished_many(self, call: FinishMany, reply: Any) -> None:
+        del self.journal.ids[:call.journal_ends]
+        statuses, claimed, rejected = scripts.parse_finish_many(reply)
+        self.registered = call.idle_ms > 0 and not claimed
+        lines = [(d.job_id, d.token, status, state)
+                 for d, (status, state) in zip(call.runs, statuses, strict=True)]
+        for job_id, token, status, state in lines + rejected:
+            if status != "ok":
+                log.warning("worker %d: finish of job %s attempt %s rejected (%s, job is %s): a "
+                            "newer attempt owns it or it was deleted", self.number, job_id, token,
+                            status, state or "gone")
+        self.hand.extend(HeldJob(job_id, token, fields, call.sent_at, True)
+                         for job_id, token, fields in claimed)
+
+    def _lost_connection(self, error: Exception, runs: list[FinishedRun],
+                         claimed: bool) -> Generator[Command, Any, None]:
+        """The connection failed with calls in flight: they may or may not have run. Their runs
+        are sent again (token-checked: a repeat is harmless) with the next call; what a lost
+        claim took is found through the claim record."""
+        self.registered = False
+        self.journal.lost()
+        claimed = claimed or any(call.want for call in self.inflight if isinstance(call, FinishMany))
+        self.unsaved = [d for call in self.inflight for d in call.runs] + self.unsaved + runs
+        self.inflight = []
+        self.claims_lost = self.claims_lost or claimed
+        yield from self._pause(error)
+
+    def _pause(self, error: Exception) -> Generator[Command, Any, None]:
+        delay = self.backoff.next_delay()
+        log.warning("worker %d: Redis unavailable (%s); retrying in %.2fs", self.number, error, delay)
+        if isinstance((yield Pause(delay)), Interrupted):
+            raise _Interrupted()
+
+    # --- out of jobs -----------------------------------------------------------------------------------
+
+    def _refill(self) -> Generator[Command, Any, None]:
+        """Out of jobs: read the replies of the calls in flight (a claim among them), then, if
+        still out, claim at once when the worker was busy a moment ago (jobs are likely waiting:
+        no blocking wait first), and send what must be sent again."""
+        claimed_nothing = False
+        if self.inflight:
+            claimed_nothing = any(call.want for call in self.inflight if isinstance(call, FinishMany))
+            if not (yield from self._settle()):
+                claimed_nothing = False  # its claims may have run: the claim record says
+        if self.claims_lost:
+            # Only with nothing in flight: a claim whose reply is still to be read is not lost.
+            yield from self._recover_claims()
+        # A claim that just came back empty says the queues are empty: wait rather than ask again.
+        busy = self.pace.busy(self.clock()) and not claimed_nothing
+        may_claim = busy and not self.stopping and not self._last_job_before_retiring()
+        if not self.hand and (may_claim or self.unsaved or self.give_back or self.journal.pending):
+            yield from self._send(self.unsaved, self.pace.batch_size() if may_claim else 0)
+            if self.inflight:
+                yield from self._settle()
+
+    def _next_job(self) -> Generator[Command, Any, tuple[str, int, dict[str, str]] | None]:
+        """Block until a job is handed over or a wake token arrives (or a wait times out); claim
+        after a token or a timeout (registering as idle again when there is nothing)."""
+        if not self.registered:  # claim (and register) before blocking, or hand-offs miss us
+            got = yield ClaimOne(self.idle_ms)
+            if isinstance(got, (Lost, Refused)):
+                yield from self._claim_failed(got)
+                return None
+            self.registered = got is None
+            if got is not None:
+                return got  # type: ignore[no-any-return]
+        if self.stopping:
+            raise _Interrupted()
+        woke = yield WaitForWork(self.wait_timeout)
+        if isinstance(woke, Interrupted):
+            raise _Interrupted()
+        if isinstance(woke, (Lost, Refused)):
+            yield from self._claim_failed(woke)
+            return None
+        self.registered = False  # a hand-off ended it; the claim below renews it
+        if woke.timed_out:
+            yield ShrinkHeap()
+        if woke.handoff is not None:
+            handed = scripts.parse_handoff(woke.handoff)
+            if handed is not None:
+                self.backoff.reset()
+                return handed
+        # Claim even after a timeout: a job whose token was lost is found by this poll.
+        got = yield ClaimOne(self.idle_ms)
+        if isinstance(got, (Lost, Refused)):
+            yield from self._claim_failed(got)
+            return None
+        self.registered = got is None
+        self.backoff.reset()
+        return got  # type: ignore[no-any-return]
+
+    def _claim_failed(self, failure: Lost | Refused) -> Generator[Command, Any, None]:
+        self.registered = False
+        if isinstance(failure, Lost):
+            self.claims_lost = True  # the claim may have run: _refill looks at the claim record
+        yield from self._pause(failure.error)  # e.g. OOM at maxmemory: wait, don't die
+
+    def _recover_claims(self) -> Generator[Command, Any, None]:
+        """After a lost reply that carried claims: take the jobs of our claim record that are still
+        ours and that we do not hold already (to run, or ran and not yet ended), as jobs to run.
+        Called with nothing in flight (a reply still to be read would bring its jobs again)."""
+        held = frozenset({j.job_id for j in self.hand} | {d.job_id for d in self.unsaved}
+                         | set(self.journal.ids) | set(self.running))
+        stamp = self.clock()
+        record = yield ReadClaimRecord(held)
+        if isinstance(record, Lost):
+            yield from self._pause(record.error)
+            return
+        self.registered = False
+        for job_id, token, fields in record.jobs:
+            if job_id in held:
+                continue
+            if fields.get("state") == "processing" and fields.get("attempt") == token \
+                    and fields.get("owner") in (None, self.claimer):
+                # Claimed who knows how long ago (the reply was lost): its wait counts from the
+                # claim, by Redis' clock (update_time), as if the reply had come at once.
+                claimed_at = stamp - _age_seconds(fields.get("update_time"), record.redis_ms)
+                self.hand.append(HeldJob(job_id, int(token), fields, claimed_at, "run_start" not in fields))
+        self.claims_lost = False
+
+    # --- leaving -----------------------------------------------------------------------------------------
+
+    def _leave(self) -> Generator[Command, Any, None]:
+        """Settle what ran and give back what did not start (the master's abandon is the fallback)."""
+        try:
+            for attempt in range(4):  # a claim settled here brings jobs in: they are given back too
+                if self.hand:
+                    self._give_back_held(self.hand.popleft())
+                # The first call also ends an idle registration and takes what its inbox holds.
+                if attempt == 0 or self.unsaved or self.give_back or self.journal.pending:
+                    yield from self._send(self.unsaved, 0)
+                if not self.inflight:
+                    break
+                if not (yield from self._settle()):
+                    break
+        except _Interrupted as exc:
+            log.warning("worker %d: leaving (%s): the master settles what is left", self.number, exc)
+
+    def _give_back_held(self, first: HeldJob) -> None:
+        self.give_back += [(first.job_id, first.token)] + [(j.job_id, j.token) for j in self.hand]
+        self.hand.clear()
+        self.journal.marked.clear()
+
+    # --- small decisions -------------------------------------------------------------------------------
+
+    def _should_retire(self) -> bool:
+        if self.stopping:
+            return True
+        if self.max_jobs and self.pace.jobs_done >= self.max_jobs:
+            log.info("worker %d retiring after %d jobs (max_jobs_per_worker)", self.number,
+                     self.pace.jobs_done)
+            return True
+        if self.max_memory:
+            rss = self.memory()
+            if rss > self.max_memory:
+                log.info("worker %d retiring: RSS %d bytes > max_memory_per_worker", self.number, rss)
+                return True
+        return False
+
+    def _last_job_before_retiring(self) -> bool:
+        """Checked before claiming: if the worker retires after its current job, claim no other."""
+        if self.stopping or (self.max_jobs and self.pace.jobs_done >= self.max_jobs):
+            return True
+        return bool(self.max_memory and self.memory() > self.max_memory)
+
+    def _starts_next(self) -> HeldJob | None:
+        """The job the loop starts right after this one's save, if nothing can stop it: in hand, not
+        waiting too long to be given back, not waiting for Redis to have its start mark."""
+        if not self.hand or self.stopping:
+            return None
+        job = self.hand[0]
+        if self._waited_too_long(job) or (job.prefetched and _must_not_run_twice(job)):
+            return None
+        return job
+
+    def _waited_too_long(self, job: HeldJob) -> bool:
+        """A job claimed ahead that waited so long it is given back instead of started."""
+        return job.prefetched and self.clock() - job.claimed_at > MAX_PREFETCH_WAIT
+
+
+def _transient(reply: Exception) -> bool:
+    """Refused for now (OOM at maxmemory, loading, a busy script): the call is made again."""
+    return isinstance(reply, redis.exceptions.BusyLoadingError) or scripts.is_out_of_memory(reply) \
+        or str(reply).startswith("BUSY")
+
+
+def _age_seconds(stamp_ms: str | None, now_ms: int) -> float:
+    """Seconds from a time Redis stamped (ms) to `now_ms`; unknown counts as too old to start."""
+    try:
+        return max(0.0, (now_ms - int(stamp_ms or "")) / 1000)
+    except ValueError:
+        return float("inf")
+
+
+def _must_not_run_twice(job: HeldJob) -> bool:
+    """ghost_retry false: a job claimed ahead starts only once Redis has its start mark."""
+    return _options(job.fields).get("ghost_retry", True) is False
+
+
+def _options(fields: Mapping[str, str]) -> Mapping[str, Any]:
+    """The job's stored options (those that differ from the defaults); {} if they do not decode.
+    Read-only: jobs with the same stored options share one decoded copy."""
+    return _decoded_options(fields.get("opts") or "")
+
+
+@functools.lru_cache(maxsize=256)
+def _decoded_options(stored: str) -> Mapping[str, Any]:
+    # Asked several times per job (its start, its deadline, its hotjob flag): decoded once.
+    try:
+        opts = json.loads(stored or "{}")
+    except ValueError:
+        return {}
+    return opts if isinstance(opts, dict) else {}
+
+
+def _process_timeout(opts: Mapping[str, Any]) -> float:
+    default = float(JOB_OPTION_DEFAULTS["process_timeout"])
+    try:
+        return float(opts.get("process_timeout", default))
+    except (ValueError, TypeError):
+        return default
