@@ -150,7 +150,7 @@ class Runner:
         status = record.get("error", "").splitlines()[0] if record.get("error") else "ok"
         if "result" in record and "skipped" in record["result"]:
             status = "skipped: " + record["result"]["skipped"]
-        print(f"[{time.strftime('%H:%M:%S')}] {case:<12} {peer:<9} {params.get('variant') or '':<8} "
+        print(f"[{time.strftime('%H:%M:%S')}] {case:<12} {peer:<9} {params.get('variant') or '':<9} "
               f"{record['wall_seconds']:6.1f}s  {status[:120]}", flush=True)
         return record
 

@@ -70,6 +70,8 @@ def fake_results() -> dict[str, Any]:
                             "bulk_label": "create_many"},
                   "rq": {"status": "ok", "label": "RQ", "variants": {"fork": "f", "simple": "s"},
                          "bulk_label": "enqueue_many"},
+                  "dramatiq": {"status": "ok", "label": "Dramatiq", "bulk_label": "group(...).run()",
+                               "variants": {"8 threads": "dramatiq -p n", "1 thread": "dramatiq -p n -t 1"}},
                   "arq": {"status": "does not run here: ImportError"}},
         "tasks": [
             task("enqueue-one", "kickq", [{"rate": 100.0, "seconds": 1.0}, {"rate": 300.0, "seconds": 0.3}]),
@@ -80,6 +82,10 @@ def fake_results() -> dict[str, Any]:
                                      "first_completion": 0.2}]),
             task("drain", "rq", [{"rate": 100.0, "seconds": 9.0, "steady_rate": 110.0,
                                   "first_completion": 0.5}], "simple"),
+            task("drain", "dramatiq", [{"rate": 400.0, "seconds": 2.0, "steady_rate": 420.0,
+                                        "first_completion": 0.3}], "8 threads"),
+            task("drain", "dramatiq", [{"rate": 120.0, "seconds": 7.0, "steady_rate": 125.0,
+                                        "first_completion": 0.3}], "1 thread"),
             task("drain-io", "kickq", [{"rate": 450.0, "seconds": 2.0, "steady_rate": 500.0,
                                         "first_completion": 0.2}]),
             task("drain-io", "rq", [{"rate": 300.0, "seconds": 3.0, "steady_rate": 310.0,
@@ -110,8 +116,14 @@ def test_report_renders_ratios_and_targets() -> None:
     assert "| RQ (fork) | f | not run |" in text
     assert "| RQ (simple) | s | 300 | 0.67× |" in text  # the drain-io table
     assert "does not run here: ImportError" in text
+    # a peer run two ways (Dramatiq's default threads and one thread) has a row for each
+    assert "| Dramatiq (8 threads) | dramatiq -p n | 400 | 0.44× |" in text
+    assert "| Dramatiq (1 thread) | dramatiq -p n -t 1 | 120 | 0.13× |" in text
+    assert "8 threads: `dramatiq -p n`; 1 thread: `dramatiq -p n -t 1`." in text  # how each queue runs
     rows = {row[0]: row for row in report.targets(report.View(fake_results()))}
     assert rows["processing ≥ 2× the fastest peer"][2] == "met"
+    processing = rows["processing ≥ 2× the fastest peer"][1]
+    assert processing.startswith("kickq 900/s, Dramatiq (8 threads) 400/s: 2.25×")
     assert rows["processing ≥ 2× the fastest peer"][1].endswith("RQ (simple) 300/s: 1.50×)")
     assert rows["enqueue one by one ≥ the fastest peer"][2] == "met"
     assert rows["bulk create ≥ 2× RQ enqueue_many"][2] == "met"

@@ -1,4 +1,5 @@
-"""Dramatiq: actor.send / group(...).run(); n processes with 1 thread each; Message.get_result(block)."""
+"""Dramatiq: actor.send / group(...).run(); n processes, each with Dramatiq's default 8 worker threads
+(as its users run it) or with one thread; Message.get_result(block)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,12 +10,16 @@ from dramatiq import group
 from . import dramatiq_jobs
 from .base import Adapter, module_cmd, spawn
 
+# variant -> the --threads option it adds (none: the CLI's default, 8 threads per process)
+THREADS = {"8 threads": [], "1 thread": ["-t", "1"]}
+
 
 class DramatiqAdapter(Adapter):
     name = "dramatiq"
     label = "Dramatiq"
     package = "dramatiq"
-    variants = {"default": "dramatiq -p n -t 1"}
+    variants = {"8 threads": "dramatiq -p n (its default: 8 threads per process)",
+                "1 thread": "dramatiq -p n -t 1"}
     bulk_label = "group(...).run()"
     notes = "Results middleware with the Redis backend (the latency actor stores results)"
 
@@ -35,5 +40,6 @@ class DramatiqAdapter(Adapter):
             raise RuntimeError("Dramatiq latency actor returned something else")
 
     def start_workers(self, n: int, variant: str, logdir: Path, **kw: Any) -> list:
-        cmd = module_cmd("dramatiq", "bench.peers.dramatiq_jobs", "-p", str(n), "-t", "1", "-Q", "bench")
-        return [spawn(cmd, logdir / "dramatiq.log")]
+        cmd = module_cmd("dramatiq", "bench.peers.dramatiq_jobs", "-p", str(n), *THREADS[variant],
+                         "-Q", "bench")
+        return [spawn(cmd, logdir / f"dramatiq-{variant.replace(' ', '-')}.log")]
