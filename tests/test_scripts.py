@@ -630,22 +630,50 @@ def _lua(name):
     return _read(name)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_each_script_header_names_its_keys_and_argv(name):
+def _header_and_body(name):
     text = _lua(name)
     header = re.match(r"--\[\[(.*?)\]\]", text, re.S)
     assert header, f"{name}.lua does not start with a --[[ ... ]] header"
-    doc, body = header.group(1), text[header.end():]
-    assert re.search(r"^\s*KEYS\[1\]\s+\S", doc, re.M), f"{name}.lua header does not describe KEYS[1]"
+    return header.group(1), text[header.end():]
+
+
+def _documented_and_used(doc, body, table):
+    """(indices the header describes one by one, the starts of ranges it describes as "T[n..]",
+    indices the body reads one by one, the starts of the ranges it reads to the end) of KEYS or ARGV."""
+    documented = {int(n) for n in re.findall(rf"^\s*{table}\[(\d+)\]", doc, re.M)}
+    open_ended = {int(n) for n in re.findall(rf"^\s*{table}\[(\d+)\s*\.\.", doc, re.M)}
+    used = {int(n) for n in re.findall(rf"\b{table}\[(\d+)\]", body)}
+    read_on = {int(n) for n in re.findall(rf"for i = (\d+), #{table}\b", body)}
+    read_on |= {int(n) for n in re.findall(rf"unpack\({table}, (\d+)\)", body)}
+    return documented, open_ended, used, read_on
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_script_header_names_its_keys_and_argv(name):
+    doc, body = _header_and_body(name)
     assert "Returns" in doc
-    documented = {int(n) for n in re.findall(r"^\s*ARGV\[(\d+)\]", doc, re.M)}
-    open_ended = [int(n) for n in re.findall(r"^\s*ARGV\[(\d+)\s*\.\.", doc, re.M)]
-    used = {int(n) for n in re.findall(r"ARGV\[(\d+)\]", body)}
-    used |= {int(n) for n in re.findall(r"for i = (\d+), #ARGV", body)}
-    assert 1 in documented and used, name
-    for index in used:
-        assert index in documented or any(index >= start for start in open_ended), (
+    documented, open_ended, used, read_on = _documented_and_used(doc, body, "ARGV")
+    assert 1 in documented and 1 in used, f"{name}.lua: ARGV[1] (the prefix P) is not described and read"
+    for index in used - documented:
+        assert any(index >= start for start in open_ended), (
             f"{name}.lua uses ARGV[{index}] without describing it in its header")
+    assert documented <= used, f"{name}.lua describes ARGV {sorted(documented - used)} it never reads"
+    assert open_ended == read_on, (
+        f"{name}.lua describes ARGV ranges from {sorted(open_ended)} but reads ranges from {sorted(read_on)}")
+    # Indices computed at run time (groups after a count) are described in prose: without a range
+    # to the end, the header describes groups exactly when the body reads ARGV by a computed index
+    # or hands ARGV to a helper.
+    computed = not open_ended and bool(re.search(r"ARGV\[(?!\d+\])", body)
+                                           or re.search(r"[(,]\s*ARGV\s*[,)]", body))
+    groups = re.search(r"^\s*ARGV\[.*(groups of|per job)", doc, re.M)
+    assert computed == bool(groups), (
+        f"{name}.lua: " + ("reads ARGV by computed indices its header does not describe as groups" if computed
+                           else "header describes groups of ARGV the body never reads"))
+    keys, keys_open, keys_used, keys_read_on = _documented_and_used(doc, body, "KEYS")
+    assert keys == {1} and not keys_open, f"{name}.lua header must describe KEYS[1], and only it"
+    assert re.search(r'^\s*KEYS\[1\]\s+P\.\."id"\s+\(routing only', doc, re.M), (
+        f'{name}.lua: KEYS[1] is P.."id", for routing only (every key derives from P)')
+    assert not keys_used and not keys_read_on, f"{name}.lua reads KEYS {sorted(keys_used)}"
     assert "KEYS[" not in body.replace("KEYS[1]", ""), f"{name}.lua reads undeclared KEYS"
 
 
