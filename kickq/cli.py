@@ -26,13 +26,11 @@ from .connection import connect, describe, redis_errors
 from .errors import ConfigError, HotjobTimeout, JobNotFound, KickqError
 from .job import STATES, TERMINAL_STATES, unpack_new
 from .keys import Keys, validate_name
+from .layout import JOB_ZSETS, QUEUE_STRUCTURE, STRUCTURE_OF_STATE, structure_of
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell tool killed by it reports
 PAGE = 500
-#: Where each state's jobs are (see lua/_lib.lua).
-STRUCTURE = {"new": "queue", "queued": "queue", "delayed": "delayed", "retry": "delayed", "ghost": "delayed",
-             "processing": "processing", "success": "finished", "fail": "finished"}
 
 
 class UsageError(Exception):
@@ -186,10 +184,10 @@ def cmd_stats(admin: Admin, args: argparse.Namespace, out: TextIO) -> int:
 
 def _sources(admin: Admin, state: str | None, name: str | None) -> list[tuple[str, str]]:
     """(kind, key) of the structures that may hold the jobs asked for, in listing order."""
-    kinds = ["queue", "delayed", "processing", "finished"] if state is None else [STRUCTURE[state]]
+    kinds = [QUEUE_STRUCTURE, *JOB_ZSETS] if state is None else [STRUCTURE_OF_STATE[state]]
     out = []
     for kind in kinds:
-        if kind == "queue":
+        if kind == QUEUE_STRUCTURE:
             for n in ([name] if name is not None else admin.names()):
                 out.append(("list", admin.keys.queue(n)))
         else:
@@ -396,17 +394,12 @@ class Problem:
                 "where": self.where, "description": self.DESCRIPTIONS[self.kind]}
 
 
-def expected_structure(state: str, name: str) -> str | None:
-    kind = STRUCTURE.get(state)
-    return None if kind is None else ("queue:" + name if kind == "queue" else kind)
-
-
 def diagnose(exists: bool, state: str, name: str, where: list[str]) -> str | None:
     """The kind of problem of one id, from whether its hash exists, its state and name, and every
     structure holding it (one entry per occurrence). None when it is where it should be."""
     if not exists:
         return "orphan" if where else None
-    expected = expected_structure(state, name)
+    expected = structure_of(state, name)
     if expected is None or not name:
         return "bad_state"
     if state == "processing" and "processing" not in where:
@@ -447,7 +440,7 @@ class Scan:
             for page in _ids(admin, "list", key):
                 for job_id in page:
                     self.where.setdefault(job_id, []).append("queue:" + key[len(queue_prefix):])
-        for kind in ("delayed", "processing", "finished"):
+        for kind in JOB_ZSETS:
             for job_id, _ in client.zscan_iter(keys.prefix + kind, count=1000, score_cast_func=str):
                 self.where.setdefault(job_id, []).append(kind)
             progress.update(f"{len(self.jobs)} jobs read, {kind} read")
@@ -474,7 +467,7 @@ class Scan:
         return sorted(set(out), key=_id_order)
 
     def actual_counts(self) -> Counter[str]:
-        return Counter(f"{state}:{name}" for state, name in self.jobs.values() if state in STRUCTURE)
+        return Counter(f"{state}:{name}" for state, name in self.jobs.values() if state in STRUCTURE_OF_STATE)
 
     def drift(self) -> dict[str, int]:
         """field -> recorded minus actual, for every field where they differ."""

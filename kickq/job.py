@@ -7,8 +7,9 @@ from typing import Any, Iterable, Mapping, Sequence
 from . import payload
 from .config import JOB_OPTION_DEFAULTS
 from .keys import Keys
+from .layout import STATES as STATES  # every state, in the order they are shown
+from .layout import unpack_new
 
-STATES = ("new", "delayed", "queued", "processing", "retry", "ghost", "success", "fail")
 TERMINAL_STATES = frozenset({"success", "fail"})
 
 FIELDS = (
@@ -18,24 +19,11 @@ FIELDS = (
 )
 
 
-def unpack_new(packed: str) -> dict[str, str]:
-    """The fields of a job created straight into its queue and not claimed yet, from its packed
-    entry in the hash `Keys.new_jobs` ("name\\ncreate_time\\nopts\\ndata"; see new_queued_job in
-    lua/_lib.lua), as its hash will hold them once claimed."""
-    name, created, opts, data = packed.split("\n", 3)
-    fields = {"name": name, "create_time": created, "state": "new"}
-    if data:
-        fields["data"] = data
-    if opts:
-        fields["opts"] = opts
-    return fields
-
-
 def stored_fields(packed: str | None, fields: Mapping[str, str]) -> Mapping[str, str]:
     """A job's fields from the two reads of it, in this order: HGET of its packed entry in
-    `Keys.new_jobs`, then HGETALL of its hash. A job only ever goes from the first to the second
-    (at its first claim), so reading them in that order never misses an existing job: empty
-    means gone."""
+    `Keys.new_jobs` (layout.unpack_new), then HGETALL of its hash. A job only ever goes from the
+    first to the second (at its first claim), so reading them in that order never misses an
+    existing job: empty means gone."""
     return unpack_new(packed) if packed is not None else fields
 
 

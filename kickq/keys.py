@@ -1,4 +1,4 @@
-"""The only place Redis key names are built.
+"""Where Python builds Redis key names, from the names kickq/layout.py defines.
 
 Every key of a namespace starts with the hash tag "{ns}:" so that all of them share one Redis
 Cluster slot and the Lua scripts may derive keys from the prefix. Job names are validated before
@@ -8,6 +8,8 @@ different names can never give the same key.
 from __future__ import annotations
 
 import unicodedata
+
+from . import layout
 
 MAX_NAME_LENGTH = 256
 
@@ -34,96 +36,96 @@ class Keys:
 
     @property
     def id(self) -> str:
-        return self.prefix + "id"
+        return self.prefix + layout.ID
 
     def job(self, job_id: str) -> str:
-        return self.prefix + "job:" + job_id
+        return self.prefix + layout.JOB + job_id
 
     @property
     def new_jobs(self) -> str:
         """Hash: the packed records of jobs created straight into their queue and not claimed
-        yet, by id (see new_queued_job in lua/_lib.lua; read them with job.queue_reads)."""
-        return self.prefix + "newjobs"
+        yet, by id (layout.pack_new; read them with job.queue_reads)."""
+        return self.prefix + layout.NEW_JOBS
 
     def queue(self, name: str) -> str:
-        return self.prefix + "queue:" + name
+        return self.prefix + layout.QUEUE + name
 
     def wake(self, name: str) -> str:
-        return self.prefix + "wake:" + name
+        return self.prefix + layout.WAKE + name
 
     def journal(self, claimer: str) -> str:
-        """A worker's finished runs not saved yet (see apply_journal in lua/_lib.lua)."""
-        return self.prefix + "done:" + claimer
+        """A worker's finished runs not saved yet (see apply_journal in lua/_lib_journal.lua)."""
+        return self.prefix + layout.JOURNAL + claimer
 
     def claim(self, claimer: str) -> str:
         """The last job a worker claimed ("<id> <attempt>"), for recovery after a lost reply.
         `claimer` is a worker's own generated hex id, never user input."""
-        return self.prefix + "claim:" + claimer
+        return self.prefix + layout.CLAIM + claimer
 
     def inbox(self, claimer: str) -> str:
-        """List: jobs claimed for an idle worker by their create (see hand_off in lua/_lib.lua)."""
-        return self.prefix + "inbox:" + claimer
+        """List: jobs claimed for an idle worker by their create (see hand_off in lua/_lib_handoff.lua)."""
+        return self.prefix + layout.INBOX + claimer
 
     def idle(self, name: str) -> str:
         """Zset: the workers waiting for jobs of this name -> when their registration lapses (ms)."""
-        return self.prefix + "idle:" + name
+        return self.prefix + layout.IDLE + name
 
     def idler(self, claimer: str) -> str:
         """The names an idle worker registered under (JSON), to unregister it from all at once."""
-        return self.prefix + "idler:" + claimer
+        return self.prefix + layout.IDLER + claimer
 
     @property
     def schedules(self) -> str:
         """Hash: schedule id -> JSON record (name, cron or every_ms, pending job, next_run, ...)."""
-        return self.prefix + "schedules"
+        return self.prefix + layout.SCHEDULES
 
     def ticks(self, schedule_id: str) -> str:
         """Zset of a cron schedule's upcoming ticks (epoch ms), computed ahead by croniter."""
-        return self.prefix + "ticks:" + schedule_id
+        return self.prefix + layout.TICKS + schedule_id
 
     @property
     def counts(self) -> str:
         """Hash "<state>:<name>" -> number of jobs in that state, kept by the transitions."""
-        return self.prefix + "counts"
+        return self.prefix + layout.COUNTS
 
     @property
     def events(self) -> str:
         """Stream of every transition: id, name, event, state, time."""
-        return self.prefix + "events"
+        return self.prefix + layout.EVENTS
 
     @property
     def meta(self) -> str:
         """Hash of namespace settings the scripts read (events_maxlen)."""
-        return self.prefix + "meta"
+        return self.prefix + layout.META
 
     def stats_bucket(self, bucket_ms: int) -> str:
-        return self.prefix + "stats:" + str(bucket_ms)
+        return self.prefix + layout.STATS + str(bucket_ms)
 
     def times_bucket(self, bucket_ms: int) -> str:
-        return self.prefix + "times:" + str(bucket_ms)
+        return self.prefix + layout.TIMES + str(bucket_ms)
 
     @property
     def delayed(self) -> str:
-        return self.prefix + "delayed"
+        return self.prefix + layout.DELAYED
 
     @property
     def processing(self) -> str:
-        return self.prefix + "processing"
+        return self.prefix + layout.PROCESSING
 
     @property
     def finished(self) -> str:
-        return self.prefix + "finished"
+        return self.prefix + layout.FINISHED
 
     @property
     def names(self) -> str:
-        return self.prefix + "names"
+        return self.prefix + layout.NAMES
 
     @property
     def reaper(self) -> str:
         """Pub/sub channel that wakes sleeping reapers when a job becomes due earlier than they planned."""
-        return self.prefix + "reaper"
+        return self.prefix + layout.REAPER
 
     @property
     def done(self) -> str:
         """Pub/sub channel: ids of hotjobs that reached success or fail, or were deleted."""
-        return self.prefix + "done"
+        return self.prefix + layout.DONE

@@ -55,25 +55,41 @@ def lua_literal(value: Any) -> str:
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DEFINITION = re.compile(r"^local (?:function )?([A-Za-z_][A-Za-z0-9_]*)")
+_HEADER = re.compile(r"\A--\[\[.*?\]\]\n", re.S)
+
+#: The shared helpers, one file per concern (lua/_lib_<concern>.lua), in dependency order: a Lua
+#: local is seen only by the lines after it, so each file uses only what the files before it and
+#: its own earlier lines define.
+LIB_FILES = ("_lib_core", "_lib_tally", "_lib_packed", "_lib_structures", "_lib_schedule", "_lib_run",
+             "_lib_claim", "_lib_journal", "_lib_handoff")
 
 
 def _lib_blocks() -> list[tuple[str | None, str]]:
-    """_lib.lua cut at each top-level `local` (a helper or a constant): (name defined, text)."""
-    lib = (_read("_lib")
-           .replace("__DEFAULTS__", lua_literal(JOB_OPTION_DEFAULTS))
-           .replace("__LEASE_GRACE_MS__", str(LEASE_GRACE_MS)))
-    blocks: list[tuple[str | None, list[str]]] = [(None, [])]
-    for line in lib.splitlines(keepends=True):
-        found = _DEFINITION.match(line)
-        if found:
-            blocks.append((found.group(1), []))
-        blocks[-1][1].append(line)
+    """The LIB_FILES in order, each cut at every top-level `local` (a helper or a constant): (name
+    defined, text). A file's header, and any comment before its first definition, is a block of
+    its own named None."""
+    blocks: list[tuple[str | None, list[str]]] = []
+    for file in LIB_FILES:
+        text = (_read(file)
+                .replace("__DEFAULTS__", lua_literal(JOB_OPTION_DEFAULTS))
+                .replace("__LEASE_GRACE_MS__", str(LEASE_GRACE_MS)))
+        header = _HEADER.match(text)
+        if not header:
+            raise RuntimeError(f"lua/{file}.lua must start with a --[[ ... ]] header")
+        blocks.append((None, [header.group(0)]))
+        for line in text[header.end():].splitlines(keepends=True):
+            found = _DEFINITION.match(line)
+            if found:
+                blocks.append((found.group(1), []))
+            elif blocks[-1][0] is None and line.strip() and not line.startswith("--"):
+                raise RuntimeError(f"lua/{file}.lua has code before its first definition: {line!r}")
+            blocks[-1][1].append(line)
     return [(name, "".join(lines)) for name, lines in blocks]
 
 
 class _Lib:
-    """_lib.lua's blocks, and which helpers each one uses: read once for all the scripts (every
-    process that imports kickq builds the sources at import)."""
+    """The shared helpers' blocks, and which helpers each one uses: read once for all the scripts
+    (every process that imports kickq builds the sources at import)."""
 
     def __init__(self) -> None:
         self.blocks = _lib_blocks()
@@ -106,17 +122,18 @@ class _Lib:
 
     def source(self, name: str) -> str:
         """Full text of one script: the shared helpers it uses (Redis runs a script's top level at
-        every call, so helpers it never calls would only cost), then the transition itself."""
+        every call, so helpers it never calls would only cost), then the transition itself. Here
+        and in the library the files' headers (comments for the reader of lua/) are left out."""
         needed, body = self.body(name)
-        lib = "".join(text for n, text in self.blocks if n is None or n in needed)
+        lib = "".join(text for n, text in self.blocks if n in needed)
         return lib + "\n" + body
 
     def library(self, names: Iterable[str], name: str, prefix: str) -> str:
         """Every script as one Redis function library (Redis 7): its top level, every helper
         included, runs once at load; function `prefix + script` runs one script per call."""
-        lib = "".join(text for _, text in self.blocks)
+        lib = "".join(text for n, text in self.blocks if n is not None)
         if _RCALL_AT_LOAD not in lib:
-            raise RuntimeError("_lib.lua must read redis.call in one line: " + _RCALL_AT_LOAD)
+            raise RuntimeError("_lib_core.lua must read redis.call in one line: " + _RCALL_AT_LOAD)
         parts = [f"#!lua name={name}\n", lib.replace(_RCALL_AT_LOAD, "local rcall\n", 1)]
         for script in names:
             flags = "" if script in ADDS_JOBS else "'allow-oom'"
@@ -261,7 +278,7 @@ def _runs_args(runs: Sequence[RunOutcome]) -> list[Any]:
 
 def journal_entry(job_id: str, token: int | str, outcome: str, payload: str, run_ms: int,
                   ended_mono_ms: float) -> str:
-    """One run for a worker's journal (apply_journal in lua/_lib.lua): ended_mono_ms is the end on
+    """One run for a worker's journal (apply_journal in lua/_lib_journal.lua): ended_mono_ms is the end on
     time.monotonic() in ms, which every process of one host shares."""
     token = str(token)
     if _PLAIN_WORD.match(job_id) and _PLAIN_WORD.match(token) and _PLAIN_WORD.match(outcome):
@@ -337,7 +354,7 @@ def parse_claim(reply: Any) -> tuple[str, int, dict[str, str]] | None:
 
 
 def parse_handoff(raw: str | bytes) -> tuple[str, int, dict[str, str]] | None:
-    """An inbox entry (see hand_off in lua/_lib.lua): the claim made for the worker, as JSON."""
+    """An inbox entry (see hand_off in lua/_lib_handoff.lua): the claim made for the worker, as JSON."""
     try:
         reply = json.loads(raw)
         return parse_claim(reply) if isinstance(reply, list) and len(reply) >= 2 else None

@@ -5,14 +5,17 @@ After every step the namespace is checked: each job in exactly the one structure
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 
 import pytest
 
+from kickq import layout
 from kickq.job import Job
 from kickq.keys import Keys
-from kickq.scripts import LEASE_GRACE_MS, NAMES, Scripts, _read, create_args, finish_args, parse_create
+from kickq.scripts import (_LIB, _LUA_DIR, LEASE_GRACE_MS, LIB_FILES, NAMES, Scripts, _read, create_args,
+                           finish_args, parse_create)
 from tests.structures import (assert_consistent, assert_gone, assert_one_structure, bookkeeping,
                               namespace_keys, stored, structures_of)
 
@@ -630,29 +633,210 @@ def _lua(name):
     return _read(name)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_each_script_header_names_its_keys_and_argv(name):
+def _header_and_body(name):
     text = _lua(name)
     header = re.match(r"--\[\[(.*?)\]\]", text, re.S)
     assert header, f"{name}.lua does not start with a --[[ ... ]] header"
-    doc, body = header.group(1), text[header.end():]
-    assert re.search(r"^\s*KEYS\[1\]\s+\S", doc, re.M), f"{name}.lua header does not describe KEYS[1]"
+    return header.group(1), text[header.end():]
+
+
+def _documented_and_used(doc, body, table):
+    """(indices the header describes one by one, the starts of ranges it describes as "T[n..]",
+    indices the body reads one by one, the starts of the ranges it reads to the end) of KEYS or ARGV."""
+    documented = {int(n) for n in re.findall(rf"^\s*{table}\[(\d+)\]", doc, re.M)}
+    open_ended = {int(n) for n in re.findall(rf"^\s*{table}\[(\d+)\s*\.\.", doc, re.M)}
+    used = {int(n) for n in re.findall(rf"\b{table}\[(\d+)\]", body)}
+    read_on = {int(n) for n in re.findall(rf"for i = (\d+), #{table}\b", body)}
+    read_on |= {int(n) for n in re.findall(rf"unpack\({table}, (\d+)\)", body)}
+    return documented, open_ended, used, read_on
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_script_header_names_its_keys_and_argv(name):
+    doc, body = _header_and_body(name)
     assert "Returns" in doc
-    documented = {int(n) for n in re.findall(r"^\s*ARGV\[(\d+)\]", doc, re.M)}
-    open_ended = [int(n) for n in re.findall(r"^\s*ARGV\[(\d+)\s*\.\.", doc, re.M)]
-    used = {int(n) for n in re.findall(r"ARGV\[(\d+)\]", body)}
-    used |= {int(n) for n in re.findall(r"for i = (\d+), #ARGV", body)}
-    assert 1 in documented and used, name
-    for index in used:
-        assert index in documented or any(index >= start for start in open_ended), (
+    documented, open_ended, used, read_on = _documented_and_used(doc, body, "ARGV")
+    assert 1 in documented and 1 in used, f"{name}.lua: ARGV[1] (the prefix P) is not described and read"
+    for index in used - documented:
+        assert any(index >= start for start in open_ended), (
             f"{name}.lua uses ARGV[{index}] without describing it in its header")
+    assert documented <= used, f"{name}.lua describes ARGV {sorted(documented - used)} it never reads"
+    assert open_ended == read_on, (
+        f"{name}.lua describes ARGV ranges from {sorted(open_ended)} but reads ranges from {sorted(read_on)}")
+    # Indices computed at run time (groups after a count) are described in prose: without a range
+    # to the end, the header describes groups exactly when the body reads ARGV by a computed index
+    # or hands ARGV to a helper.
+    computed = not open_ended and bool(re.search(r"ARGV\[(?!\d+\])", body)
+                                           or re.search(r"[(,]\s*ARGV\s*[,)]", body))
+    groups = re.search(r"^\s*ARGV\[.*(groups of|per job)", doc, re.M)
+    assert computed == bool(groups), (
+        f"{name}.lua: " + ("reads ARGV by computed indices its header does not describe as groups" if computed
+                           else "header describes groups of ARGV the body never reads"))
+    keys, keys_open, keys_used, keys_read_on = _documented_and_used(doc, body, "KEYS")
+    assert keys == {1} and not keys_open, f"{name}.lua header must describe KEYS[1], and only it"
+    assert re.search(r'^\s*KEYS\[1\]\s+P\.\."id"\s+\(routing only', doc, re.M), (
+        f'{name}.lua: KEYS[1] is P.."id", for routing only (every key derives from P)')
+    assert not keys_used and not keys_read_on, f"{name}.lua reads KEYS {sorted(keys_used)}"
     assert "KEYS[" not in body.replace("KEYS[1]", ""), f"{name}.lua reads undeclared KEYS"
 
 
 def test_lib_header_describes_the_structures():
-    header = re.match(r"--\[\[(.*?)\]\]", _lua("_lib"), re.S).group(1)
+    header = re.match(r"--\[\[(.*?)\]\]", _lua("_lib_core"), re.S).group(1)
     for word in ("queue:", "delayed", "processing", "finished", "KEYS[1]", "ARGV[1]"):
         assert word in header
+
+
+# --- the shared helpers' files, and the layout (kickq/layout.py) the Lua is held to ------------------
+
+def _code_only(text):
+    """Lua text without its comments and string literals (whose words name nothing)."""
+    return re.sub(r"--\[\[.*?\]\]|--[^\n]*|'(?:\\.|[^'\\\n])*'|\"(?:\\.|[^\"\\\n])*\"", " ", text, flags=re.S)
+
+
+def _named_keys(text):
+    """The keys a text names as P.."<key>" (a header) or P .. '<key>' (code): family keys (those
+    followed by a last part) end in ':'; any other is a single key."""
+    found = set()
+    for key, part in re.findall(r"""P ?\.\. ?["']([^"']*)["']( ?\.\.)?""", text):
+        assert key.endswith(":") == bool(part), f"P .. {key!r} {'with' if part else 'without'} a last part"
+        found.add(key)
+    return found
+
+
+def _without_comments(text):
+    return re.sub(r"--\[\[.*?\]\]|--[^\n]*", " ", text, flags=re.S)
+
+
+def _all_lua():
+    return {name: _lua(name) for name in (*LIB_FILES, *NAMES)}
+
+
+def test_the_lib_files_are_the_ones_read():
+    on_disk = {f[:-4] for f in os.listdir(_LUA_DIR) if f.endswith(".lua")}
+    assert {f for f in on_disk if f.startswith("_")} == set(LIB_FILES)
+    assert on_disk - set(LIB_FILES) == set(NAMES)
+
+
+@pytest.mark.parametrize("name", LIB_FILES)
+def test_each_lib_file_header_names_what_it_holds_and_the_keys_it_builds(name):
+    doc, body = _header_and_body(name)
+    assert doc.startswith(f" {name}.lua: "), f"{name}.lua's header does not start with its name and content"
+    assert "Keys:" in doc, f"{name}.lua's header has no 'Keys:' part"
+    described, built = _named_keys(doc.split("Keys:", 1)[1]), _named_keys(_without_comments(body))
+    assert described == built, f"{name}.lua: header {sorted(described)}, code {sorted(built)}"
+
+
+def test_every_helper_is_defined_before_it_is_used():
+    # A Lua local is seen only by the lines after it: a helper used above its definition would be
+    # read as an (absent) global, an error only when that line runs.
+    defined = set()
+    for name, text in _LIB.blocks:
+        if name is None:
+            continue
+        used = set(re.findall(r"[A-Za-z_]\w*", _code_only(text))) & set(_LIB.uses)
+        later = used - defined - {name}
+        assert later == set(), f"{name} uses {sorted(later)}, defined after it"
+        defined.add(name)
+
+
+def test_every_key_the_lua_names_is_one_of_the_layout():
+    named = set()
+    for name, text in _all_lua().items():
+        named |= _named_keys(_without_comments(text))
+        # Keys built from a variable: the job zsets, iterated
+        for zsets in re.findall(r"for _, (\w+) in ipairs\(\{([^}]*)\}\) do.*?\bP \.\. \1\b", text, re.S):
+            assert tuple(re.findall(r"'([^']*)'", zsets[1])) == layout.JOB_ZSETS, name
+        assert not re.search(r"\bP \.\. (?!'|z\b)", text), f"{name}.lua builds a key the test cannot read"
+    defined = set(layout.SINGLE_KEYS) | set(layout.KEY_FAMILIES)
+    assert named - defined == set(), "the Lua names keys kickq/layout.py does not define"
+    assert defined - named == set(), "kickq/layout.py defines keys no script uses"
+
+
+def test_the_core_header_gives_each_state_the_structure_of_the_layout():
+    header = _header_and_body("_lib_core")[0]
+    table = {}
+    for states, key in re.findall(r"^\s*([a-z, ]+?)\s*->\s*\w+\s+P\.\.\"([a-z:]+)\"", header, re.M):
+        for state in states.split(", "):
+            table[state] = layout.QUEUE_STRUCTURE if key == layout.QUEUE else key
+    assert table == layout.STRUCTURE_OF_STATE
+
+
+def test_the_design_doc_lists_the_keys_of_the_layout():
+    with open(os.path.join(os.path.dirname(_LUA_DIR), os.pardir, "docs", "design.md"), encoding="utf-8") as f:
+        doc = f.read()
+    rows = re.findall(r"^\| `\{ns\}:([a-z:]+)(?:<[^>]*>)?` \| ([a-z/ ]+?) \|", doc, re.M)
+    assert dict(rows) == {**layout.SINGLE_KEYS, **layout.KEY_FAMILIES}
+    assert len(rows) == len(dict(rows))
+
+
+def _plant(m, job_id, state, name="a", due=T0):
+    """A job hash in `state`, held by the structure the layout gives that state (and only it)."""
+    m.r.hset(m.keys.job(job_id), mapping={"name": name, "state": state, "create_time": T0, "update_time": T0,
+                                           "scheduled_for": due})
+    where = layout.structure_of(state, name)
+    if where.startswith(layout.QUEUE):
+        m.r.rpush(m.keys.queue(name), job_id)
+        m.r.rpush(m.keys.wake(name), "1")
+    else:
+        m.r.zadd(m.keys.prefix + where, {job_id: due})
+    m.check()
+
+
+@pytest.mark.parametrize("state", layout.STATES)
+def test_the_scripts_find_put_and_remove_a_job_where_the_layout_says(m, state):
+    where = layout.structure_of(state, "a")
+    queued = layout.STRUCTURE_OF_STATE[state] == layout.QUEUE_STRUCTURE
+    # repair_inspect finds it there; repair_index and repair_state find nothing wrong
+    _plant(m, "1", state)
+    assert m.s.run("repair_inspect", ([m.keys.id], [m.keys.prefix, "1"])) == [1, state, "a", where, 1]
+    assert m.s.run("repair_index", ([m.keys.id], [m.keys.prefix, T0, "1"])) == []
+    assert m.s.run("repair_state", ([m.keys.id], [m.keys.prefix, T0, "1"])) == 0
+    # repair_index puts it there from anywhere: from no structure, or from all of them
+    m.r.lrem(m.keys.queue("a"), 0, "1")
+    for zset in layout.JOB_ZSETS:
+        m.r.zrem(m.keys.prefix + zset, "1")
+    m.s.run("repair_index", ([m.keys.id], [m.keys.prefix, T0, "1"]))
+    assert structures_of(m.r, m.ns, "1") == [where]
+    m.r.rpush(m.keys.queue("a"), "1")
+    for zset in layout.JOB_ZSETS:
+        m.r.zadd(m.keys.prefix + zset, {"1": T0})
+    m.s.run("repair_index", ([m.keys.id], [m.keys.prefix, T0, "1"]))
+    assert structures_of(m.r, m.ns, "1") == [where]
+    m.check()
+    # delete takes it out of there
+    assert m.delete("1") == 1
+    assert_gone(m.r, m.ns, "1")
+    # claim takes it from its queue only if its state is a queue's; promote from delayed likewise
+    _plant(m, "2", state)
+    if not queued:
+        m.r.rpush(m.keys.queue("a"), "2")  # a stray entry, dropped
+    got = m.claim("a", now=T0)
+    assert (got is not None and got[0] == "2") == queued
+    assert m.r.llen(m.keys.queue("a")) == 0
+    _plant(m, "3", state)
+    if where != layout.DELAYED:
+        m.r.zadd(m.keys.delayed, {"3": T0})  # a stray entry, dropped
+    m.promote(now=T0 + 1)
+    assert m.state("3") == ("queued" if where == layout.DELAYED else state)
+    assert m.r.zcard(m.keys.delayed) == 0
+
+
+def test_new_jobs_are_packed_and_unpacked_as_the_layout_says(m):
+    data, opts = json.dumps({"text": "line 1\nline 2"}), json.dumps({"process_timeout": 7})
+    packed_ids = m.create_many([("mail: señor ✓", {"process_timeout": 7}, None, {"text": "line 1\nline 2"}),
+                                ("a", None, None, None)])
+    assert m.r.hget(m.keys.new_jobs, packed_ids[0]) == layout.pack_new("mail: señor ✓", T0, opts, data)
+    assert m.r.hget(m.keys.new_jobs, packed_ids[1]) == layout.pack_new("a", T0, "", "")
+    # and the scripts read a record packed as the layout packs it
+    job_id = str(m.r.incr(m.keys.id))
+    m.r.hset(m.keys.new_jobs, job_id, layout.pack_new("b", T0 - 5, opts, data))
+    m.r.rpush(m.keys.queue("b"), job_id)
+    m.check()
+    got = m.claim("b", now=T0)
+    assert got[0] == job_id
+    assert {k: v for k, v in got[2].items() if k in layout.PACKED_FIELDS} == {
+        "name": "b", "create_time": str(T0 - 5), "opts": opts, "data": data}
+    assert m.r.zscore(m.keys.processing, job_id) == T0 + 7000 + LEASE_GRACE_MS
 
 
 def test_scripts_are_reloaded_after_script_flush(m):

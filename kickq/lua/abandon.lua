@@ -10,7 +10,8 @@
            outcome) whose saving may not have reached Redis
   Returns  {saved, given_back, ghosted}
   First the worker's idle registration ends and its journal is applied (see apply_journal in
-  _lib.lua), then the runs above; jobs still in its inbox never reached it and are given back.
+  _lib_journal.lua), then the runs above; jobs still in its inbox never reached it and are given
+  back.
   Every job named by P.."claim:"..claimer that is still processing under that claim: a prefetched
   one (no 'run_start') never started (the master ghosts a run it saw start, token-checked, before
   this), so it goes back to the front of its queue; one claimed to start at once is ghosted.

@@ -5,7 +5,7 @@
   ARGV[3]  claimer id ("" = none): the claim is recorded in P.."claim:"..claimer
   ARGV[4]  idle registration ms ("" or 0 = none): with a claimer, when nothing is waiting the
            caller is registered as idle for that long, and new jobs are handed over to its inbox
-           (see hand_off in _lib.lua)
+           (see hand_off in _lib_handoff.lua)
   ARGV[5..] job names in priority order
   Returns  {id, attempt, field, value, ...} of the claimed job, or nil when every queue is empty.
   A claimer's registration ends here, and a job handed over to it meanwhile is returned first.

@@ -9,7 +9,7 @@
   Transitions: (none) -> new (queue + wake token; its record packed in P.."newjobs" until its
   first claim), (none) -> delayed (zset 'delayed', a job hash); a new job
   whose name has an idle worker registered is claimed for it at once (new -> processing, handed
-  over in its inbox: hand_off in _lib.lua).
+  over in its inbox: hand_off in _lib_handoff.lua).
 ]]
 local P = ARGV[1]
 local now = clock(ARGV[2])

@@ -12,7 +12,8 @@
   then     k, how many jobs to claim (0 = none), then idle registration ms (0 = none: as in
            claim.lua, when k > 0 and nothing is claimed), then the job names in priority order
   First the caller's idle registration ends, and its journal (P.."done:"..claimer, see apply_journal
-  in _lib.lua) is applied. Jobs handed over to its inbox are returned with the claimed ones.
+  in _lib_journal.lua) is applied. Jobs handed over to its inbox are returned with the claimed
+  ones.
   Returns  {statuses, states, claimed, rejected}: per finished run, its status (ok | stale | missing,
            as in finish.lua) and the job's state after this ('' = gone); up to k claims, each
            {id, attempt, field, value, ...}; the journal's runs not saved, {id, token, status, state}

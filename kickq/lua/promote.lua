@@ -1,5 +1,6 @@
 --[[ promote: delayed | retry | ghost jobs that are due -> queued. A schedule's pending tick job
-  also creates the next tick's job here, in the same step (see advance_schedule in _lib.lua).
+  also creates the next tick's job here, in the same step (see advance_schedule in
+  _lib_schedule.lua).
   KEYS[1]  P.."id"   (routing only)
   ARGV[1]  P
   ARGV[2]  now (epoch ms, or "" for Redis' clock)
