@@ -12,7 +12,7 @@ from .config import ConfigError
 CATCH_UP = ("one", "skip", "all")
 TICKS_AHEAD = 64  # cron ticks kept computed ahead in Redis
 REFILL_BELOW = 32  # the reaper computes more when fewer than this remain
-CATCH_UP_CAP = 100  # as in lua/_lib.lua
+CATCH_UP_CAP = 100  # as in lua/_lib_schedule.lua
 
 
 def validate(cron: Any, every: Any, timezone: Any, catch_up: Any) -> None:

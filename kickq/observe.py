@@ -1,4 +1,4 @@
-"""Stats and events: reading what the transition scripts record (see note() in lua/_lib.lua).
+"""Stats and events: reading what the transition scripts record (see note() in lua/_lib_tally.lua).
 
 Pure functions over raw Redis replies, so the sync and asyncio clients share them.
 """
@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from .job import STATES
 from .keys import Keys
 
-BUCKET_MS = 10_000  # as in lua/_lib.lua
+BUCKET_MS = 10_000  # as in lua/_lib_tally.lua
 WINDOW_EVENTS = ("created", "processed", "success", "fail", "retry", "ghost")
 
 

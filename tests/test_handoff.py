@@ -1,5 +1,5 @@
 """Hand-off to idle workers: a worker that finds nothing registers as idle, and a create claims its
-new job for that worker and puts the claim in the worker's inbox (hand_off in lua/_lib.lua).
+new job for that worker and puts the claim in the worker's inbox (hand_off in lua/_lib_handoff.lua).
 Time moved by argument; the one-structure invariant checked after every call."""
 from __future__ import annotations
 

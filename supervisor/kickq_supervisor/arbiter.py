@@ -56,7 +56,7 @@ class Slot:
     kill_sent: bool = False
     kill_reason: str = ""
     spawned_at: float = 0.0
-    claimer: str = ""  # the worker's claim record id (see claim in lua/_lib.lua)
+    claimer: str = ""  # the worker's claim record id (see claim in lua/_lib_claim.lua)
     failures: int = 0  # consecutive early deaths
     respawn_at: float = 0.0
     buffer: bytes = b""

@@ -2,7 +2,7 @@
 last line: created, processed, success, fail, retry, ghost and the average processing time, per job
 name and in total.
 
-Read from the 10 s stats buckets the transition scripts keep (see note() in kickq/lua/_lib.lua), so
+Read from the 10 s stats buckets the transition scripts keep (see note() in kickq/lua/_lib_tally.lua), so
 it costs a few reads whatever the number of jobs. Intervals do not overlap: the bucket a line ended
 in is remembered as it was then, and the next line counts only what was added to it afterwards. The
 figures are namespace-wide (every supervisor's work), like kq.stats().
@@ -22,7 +22,7 @@ from kickq.observe import BUCKET_MS
 log = logging.getLogger("kickq.vitals")
 
 COUNTS = ("created", "processed", "success", "fail", "retry", "ghost")
-#: Buckets live an hour (BUCKET_TTL in _lib.lua); a longer gap only loses what expired.
+#: Buckets live an hour (BUCKET_TTL in _lib_tally.lua); a longer gap only loses what expired.
 MAX_BUCKETS = 360
 
 
