@@ -52,6 +52,7 @@ from redis.backoff import NoBackoff
 
 from . import observe, payload, scripts
 from .aio_hotjob import AsyncHotjobWaiter, aclose_client
+from .backoff import Backoff
 from .client import (_CREATE_CHUNK, Prepared, item_triples, prepare, resolve, schedule_entry,
                      schedule_record, schedule_ticks)
 from .config import current, merge_settings, normalise_job_options, on_reset, validate_settings, version
@@ -517,7 +518,7 @@ class Kickq:
         block_ms = int(max(0.05, min(1.0, float(settings["redis_timeout"]) / 2)) * 1000)
         last = since
         idle_since = time.monotonic()
-        delay = 0.05
+        backoff = Backoff()
         while True:
             reply: Any = None
             try:
@@ -526,10 +527,9 @@ class Kickq:
                     newest = await client.xrevrange(keys.events, count=1)
                     last = newest[0][0] if newest else "0-0"
                 reply = await client.xread({keys.events: last}, count=500, block=block_ms)
-                delay = 0.05
+                backoff.reset()
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(backoff.next_delay())
             events, newest = observe.read_events(reply, wanted_names)
             last = newest or last
             if events:

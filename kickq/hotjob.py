@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import redis
 
+from .backoff import Backoff
 from .errors import HotjobTimeout, JobNotFound, RedisUnavailable
 from .job import TERMINAL_STATES, Job, queue_reads, read_fields
 from .keys import Keys
@@ -317,7 +318,7 @@ class HotjobWaiter:
     # --- the subscriber thread -----------------------------------------------------------------------
 
     def _listen(self) -> None:
-        backoff = 0.05
+        backoff = Backoff()
         while not self._stopping.is_set():
             pubsub = None
             subscription: _Subscription | None = None
@@ -343,7 +344,7 @@ class HotjobWaiter:
                     ids = list(self._pending)
                 self._recheck(client, ids)
                 self._subscribed.set()
-                backoff = 0.05
+                backoff.reset()
                 while not self._stopping.is_set():
                     with self._lock:
                         while self._leading and not self._stopping.is_set():
@@ -361,8 +362,7 @@ class HotjobWaiter:
             except Exception as exc:  # never let the only subscriber thread die
                 self._subscribed.clear()
                 log.warning("hotjob subscriber lost Redis (%s); reconnecting", exc)
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
+                self._stopping.wait(backoff.next_delay())
             finally:
                 with self._reading:
                     self._subscription = None
