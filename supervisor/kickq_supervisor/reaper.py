@@ -2,8 +2,10 @@
 
 It keeps nothing in memory that matters: every step is one atomic script over Redis state, so any
 number of reapers on any number of hosts may run at once and a reaper may die at any moment.
-It sleeps until the earliest due time it knows of (Redis' clock), or until a producer pushes a
-token on the namespace's reaper list because it scheduled something earlier, or `interval`.
+A reaper serves the namespaces it is given, all on one Redis. After each pass it sleeps until the
+earliest due time the scripts reported (on Redis' clock), at most `interval`, subscribed to each
+namespace's `reaper` channel: a script that puts a job at the head of the delayed set (a delayed
+create, a retry, a schedule's tick) publishes its due time there, which wakes the reaper at once.
 """
 from __future__ import annotations
 
