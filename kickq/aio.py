@@ -1,10 +1,10 @@
 """`kickq.aio.Kickq`: the client for asyncio applications (FastAPI, aiohttp, Starlette, ...).
 
 Same constructor and config as `kickq.Kickq`, and the same storage: validation and encoding are
-`kickq.client.prepare()`, keys are `Keys`, every transition is one of `scripts.SOURCES` run through
-redis.asyncio's `register_script` with the argument builders and reply parsers of kickq.scripts,
-and errors are translated by `connection.redis_errors`. A job made by either client can be read,
-deleted and awaited by the other.
+`kickq.client.prepare()`, keys are `Keys`, every transition is one of `scripts.SOURCES` run as the
+sync client runs it (the FCALL of kickq's function library, else EVALSHA: `AsyncScripts`) with the
+argument builders and reply parsers of kickq.scripts, and errors are translated by
+`connection.redis_errors`. A job made by either client can be read, deleted and awaited by the other.
 
     async with Kickq() as kq:
         job = await kq.create("email", {"to": "a@example.com"}, {"hotjob": True})
@@ -62,7 +62,7 @@ from .hotjob import recheck_message
 from .job import Job, queue_reads, read_fields
 from .keys import Keys, validate_name
 
-__all__ = ["Kickq", "AsyncScripts", "connect"]
+__all__ = ["Kickq", "AsyncScripts", "connect", "load"]
 
 log = logging.getLogger("kickq.aio")
 
@@ -85,16 +85,49 @@ def _ident(settings: Mapping[str, Any]) -> tuple[str, ...]:
                                              "redis_options", "redis_timeout"))
 
 
+async def load(client: Any, failed: BaseException | None = None) -> bool | None:
+    """`kickq.scripts.load()` on a redis.asyncio client: the same commands, the same answer."""
+    functions: bool | None = False
+    if scripts.tries_library(failed):
+        try:
+            await client.execute_command(*scripts.LOAD_LIBRARY)
+            return True
+        except redis.exceptions.ResponseError as exc:
+            functions = scripts.library_refused(exc)
+            if functions:
+                return True
+    for call in scripts.LOAD_SCRIPTS:
+        await client.execute_command(*call)
+    return functions
+
+
 class AsyncScripts:
-    """The async twin of `kickq.scripts.Scripts`: the same sources, registered on a redis.asyncio
-    client (which reloads a script after NOSCRIPT, in plain calls and pipelines alike)."""
+    """The async twin of `kickq.scripts.Scripts`, on a redis.asyncio client: a plain call is the
+    FCALL of kickq's function library where Redis has it, else EVALSHA (`scripts.command()`), and
+    a call that finds the scripts missing (`scripts.is_unloaded()`) loads them (`load()`) and runs
+    again, as the sync client does; so both behave alike at maxmemory, where the functions' flags
+    decide what runs. In a pipeline a script runs by EVALSHA, as in the sync client: redis.asyncio
+    loads the scripts a pipeline needs before sending it, whereas an FCALL that found no library
+    would fail inside the MULTI while the calls around it ran."""
 
     def __init__(self, client: Any) -> None:
+        self._client = client
         self._scripts = {name: client.register_script(text) for name, text in scripts.SOURCES.items()}
+        self.functions: bool | None = True  # what load() said last (see scripts.command())
 
     async def run(self, name: str, keys_and_args: tuple[list[str], list[Any]], client: Any = None) -> Any:
         keys, args = keys_and_args
-        return await self._scripts[name](keys=keys, args=args, client=client)
+        if client is not None:
+            return await self._scripts[name](keys=keys, args=args, client=client)
+        try:
+            return await self._client.execute_command(*scripts.command(name, keys, args, self.functions))
+        except redis.exceptions.ResponseError as exc:
+            if not scripts.is_unloaded(exc):
+                raise
+            failed = exc
+        self.functions = await load(self._client, failed)
+        return await self._client.execute_command(*scripts.command(name, keys, args, self.functions,
+                                                                   retry=True))
 
     async def delete(self, keys: Keys, job_id: str) -> bool:
         return bool(await self.run("delete", scripts.delete_args(keys, job_id)))
