@@ -15,7 +15,8 @@ Beside create / create_many / get / delete: `wait(id)` for a hotjob made elsewhe
 
 One client belongs to one event loop at a time (redis.asyncio's connections do); after that loop
 has stopped, the next call starts afresh in the current one (the old connections could not be
-closed from there: `await close()` before a loop ends).
+closed from there: `await close()` before a loop ends). In a process forked from the one it was
+used in, it starts afresh too, and leaves what it had from the parent alone (`_leave_to_parent`).
 
 Creates issued in the same loop iteration (`asyncio.gather(*(kq.create(...) ...))`) are sent as
 one create script call (at most 1000 jobs; more go in one MULTI), exactly as `create_many` sends
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import weakref
 from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
@@ -70,6 +72,7 @@ log = logging.getLogger("kickq.aio")
 CREATE_CHUNK = _CREATE_CHUNK
 _clients: "weakref.WeakSet[Kickq]" = weakref.WeakSet()
 _closing: set["asyncio.Task[None]"] = set()
+_inherited: list["_State"] = []  # see _leave_to_parent
 
 
 def connect(settings: Mapping[str, Any], **overrides: Any) -> aioredis.Redis:
@@ -161,6 +164,7 @@ class _State:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.pid = os.getpid()  # a process forked from this one has a copy it must not use
         self.lock = asyncio.Lock()
         self.redis: Any = None
         self.ident: tuple[str, ...] | None = None
@@ -301,6 +305,9 @@ class Kickq:
     def _bind(self) -> _State:
         loop = asyncio.get_running_loop()
         state = self._state
+        if state is not None and state.pid != os.getpid():
+            _leave_to_parent(state)
+            state = None
         if state is not None and state.loop is not loop:
             if state.loop.is_running():
                 raise KickqError("this kickq.aio.Kickq is in use by another running event loop: "
@@ -356,6 +363,9 @@ class Kickq:
         state, self._state = self._state, None
         if state is None:
             return
+        if state.pid != os.getpid():
+            _leave_to_parent(state)
+            return
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
@@ -375,6 +385,9 @@ class Kickq:
     def _detach(self) -> None:
         """kickq.reset(): close this client's connections without awaiting (reset is sync)."""
         state, self._state = self._state, None
+        if state is not None and state.pid != os.getpid():
+            _leave_to_parent(state)
+            return
         if state is None or state.loop.is_closed():
             return
         try:
@@ -584,6 +597,13 @@ def _retrieve(task: "asyncio.Task[Any]") -> None:
     """Mark a shielded task's exception as seen: its caller may have been cancelled."""
     if not task.cancelled():
         task.exception()
+
+
+def _leave_to_parent(state: _State) -> None:
+    """In a process forked from the one that made `state`: its loop runs there, not here, and its
+    sockets are the parent's. Kept, never closed or collected: closing a connection would also
+    unregister its socket from the loop's epoll, which the parent shares, and cut the parent off."""
+    _inherited.append(state)
 
 
 def _spawn_closing(state: _State) -> None:

@@ -53,13 +53,13 @@ def test_every_redis_of_the_registrations_gets_its_own_reaper(start_supervisor, 
     clients = [kickq.Kickq(redis_url=url, redis_namespace=namespace) for url in (redis_url, second_redis)]
     raws = [redis.Redis.from_url(url, decode_responses=True) for url in (redis_url, second_redis)]
     try:
-        delayed = [client.create(name, None, {"delay": 0.2}) for client, name in zip(clients, "ab")]
-        lost = [lost_run(client, r, namespace) for client, r in zip(clients, raws)]
-        for client, job in zip(clients, delayed):
+        delayed = [client.create(name, None, {"delay": 0.2})
+                   for client, name in zip(clients, "ab", strict=True)]
+        lost = [lost_run(client, r, namespace) for client, r in zip(clients, raws, strict=True)]
+        for client, job in zip(clients, delayed, strict=True):
             assert wait_job(client, job.id, timeout=15).state == "success"  # promoted, then run
-        for client, job_id in zip(clients, lost):
-            recovered = wait_until(lambda: client.get(job_id).state != "processing" and client.get(job_id),
-                                   timeout=15, message=f"job {job_id} recovered")
+        for client, job_id in zip(clients, lost, strict=True):
+            recovered = wait_job(client, job_id, states=("ghost", "fail"), timeout=15)
             assert "lease expired" in (recovered.last_error or "")
         assert len(sup.reapers()) == 2
         log = sup.log()
