@@ -1,10 +1,10 @@
 """`kickq.aio.Kickq`: the client for asyncio applications (FastAPI, aiohttp, Starlette, ...).
 
 Same constructor and config as `kickq.Kickq`, and the same storage: validation and encoding are
-`kickq.client.prepare()`, keys are `Keys`, every transition is one of `scripts.SOURCES` run through
-redis.asyncio's `register_script` with the argument builders and reply parsers of kickq.scripts,
-and errors are translated by `connection.redis_errors`. A job made by either client can be read,
-deleted and awaited by the other.
+`kickq.client.prepare()`, keys are `Keys`, every transition is one of `scripts.SOURCES` run as the
+sync client runs it (the FCALL of kickq's function library, else EVALSHA: `AsyncScripts`) with the
+argument builders and reply parsers of kickq.scripts, and errors are translated by
+`connection.redis_errors`. A job made by either client can be read, deleted and awaited by the other.
 
     async with Kickq() as kq:
         job = await kq.create("email", {"to": "a@example.com"}, {"hotjob": True})
@@ -15,7 +15,8 @@ Beside create / create_many / get / delete: `wait(id)` for a hotjob made elsewhe
 
 One client belongs to one event loop at a time (redis.asyncio's connections do); after that loop
 has stopped, the next call starts afresh in the current one (the old connections could not be
-closed from there: `await close()` before a loop ends).
+closed from there: `await close()` before a loop ends). In a process forked from the one it was
+used in, it starts afresh too, and leaves what it had from the parent alone (`_leave_to_parent`).
 
 Creates issued in the same loop iteration (`asyncio.gather(*(kq.create(...) ...))`) are sent as
 one create script call (at most 1000 jobs; more go in one MULTI), exactly as `create_many` sends
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import weakref
 from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
@@ -52,6 +54,7 @@ from redis.backoff import NoBackoff
 
 from . import observe, payload, scripts
 from .aio_hotjob import AsyncHotjobWaiter, aclose_client
+from .backoff import Backoff
 from .client import (_CREATE_CHUNK, Prepared, item_triples, prepare, resolve, schedule_entry,
                      schedule_record, schedule_ticks)
 from .config import current, merge_settings, normalise_job_options, on_reset, validate_settings, version
@@ -61,7 +64,7 @@ from .hotjob import recheck_message
 from .job import Job, queue_reads, read_fields
 from .keys import Keys, validate_name
 
-__all__ = ["Kickq", "AsyncScripts", "connect"]
+__all__ = ["Kickq", "AsyncScripts", "connect", "load"]
 
 log = logging.getLogger("kickq.aio")
 
@@ -69,6 +72,7 @@ log = logging.getLogger("kickq.aio")
 CREATE_CHUNK = _CREATE_CHUNK
 _clients: "weakref.WeakSet[Kickq]" = weakref.WeakSet()
 _closing: set["asyncio.Task[None]"] = set()
+_inherited: list["_State"] = []  # see _leave_to_parent
 
 
 def connect(settings: Mapping[str, Any], **overrides: Any) -> aioredis.Redis:
@@ -84,16 +88,49 @@ def _ident(settings: Mapping[str, Any]) -> tuple[str, ...]:
                                              "redis_options", "redis_timeout"))
 
 
+async def load(client: Any, failed: BaseException | None = None) -> bool | None:
+    """`kickq.scripts.load()` on a redis.asyncio client: the same commands, the same answer."""
+    functions: bool | None = False
+    if scripts.tries_library(failed):
+        try:
+            await client.execute_command(*scripts.LOAD_LIBRARY)
+            return True
+        except redis.exceptions.ResponseError as exc:
+            functions = scripts.library_refused(exc)
+            if functions:
+                return True
+    for call in scripts.LOAD_SCRIPTS:
+        await client.execute_command(*call)
+    return functions
+
+
 class AsyncScripts:
-    """The async twin of `kickq.scripts.Scripts`: the same sources, registered on a redis.asyncio
-    client (which reloads a script after NOSCRIPT, in plain calls and pipelines alike)."""
+    """The async twin of `kickq.scripts.Scripts`, on a redis.asyncio client: a plain call is the
+    FCALL of kickq's function library where Redis has it, else EVALSHA (`scripts.command()`), and
+    a call that finds the scripts missing (`scripts.is_unloaded()`) loads them (`load()`) and runs
+    again, as the sync client does; so both behave alike at maxmemory, where the functions' flags
+    decide what runs. In a pipeline a script runs by EVALSHA, as in the sync client: redis.asyncio
+    loads the scripts a pipeline needs before sending it, whereas an FCALL that found no library
+    would fail inside the MULTI while the calls around it ran."""
 
     def __init__(self, client: Any) -> None:
+        self._client = client
         self._scripts = {name: client.register_script(text) for name, text in scripts.SOURCES.items()}
+        self.functions: bool | None = True  # what load() said last (see scripts.command())
 
     async def run(self, name: str, keys_and_args: tuple[list[str], list[Any]], client: Any = None) -> Any:
         keys, args = keys_and_args
-        return await self._scripts[name](keys=keys, args=args, client=client)
+        if client is not None:
+            return await self._scripts[name](keys=keys, args=args, client=client)
+        try:
+            return await self._client.execute_command(*scripts.command(name, keys, args, self.functions))
+        except redis.exceptions.ResponseError as exc:
+            if not scripts.is_unloaded(exc):
+                raise
+            failed = exc
+        self.functions = await load(self._client, failed)
+        return await self._client.execute_command(*scripts.command(name, keys, args, self.functions,
+                                                                   retry=True))
 
     async def delete(self, keys: Keys, job_id: str) -> bool:
         return bool(await self.run("delete", scripts.delete_args(keys, job_id)))
@@ -127,6 +164,7 @@ class _State:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.pid = os.getpid()  # a process forked from this one has a copy it must not use
         self.lock = asyncio.Lock()
         self.redis: Any = None
         self.ident: tuple[str, ...] | None = None
@@ -267,6 +305,9 @@ class Kickq:
     def _bind(self) -> _State:
         loop = asyncio.get_running_loop()
         state = self._state
+        if state is not None and state.pid != os.getpid():
+            _leave_to_parent(state)
+            state = None
         if state is not None and state.loop is not loop:
             if state.loop.is_running():
                 raise KickqError("this kickq.aio.Kickq is in use by another running event loop: "
@@ -322,6 +363,9 @@ class Kickq:
         state, self._state = self._state, None
         if state is None:
             return
+        if state.pid != os.getpid():
+            _leave_to_parent(state)
+            return
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
@@ -341,6 +385,9 @@ class Kickq:
     def _detach(self) -> None:
         """kickq.reset(): close this client's connections without awaiting (reset is sync)."""
         state, self._state = self._state, None
+        if state is not None and state.pid != os.getpid():
+            _leave_to_parent(state)
+            return
         if state is None or state.loop.is_closed():
             return
         try:
@@ -517,7 +564,7 @@ class Kickq:
         block_ms = int(max(0.05, min(1.0, float(settings["redis_timeout"]) / 2)) * 1000)
         last = since
         idle_since = time.monotonic()
-        delay = 0.05
+        backoff = Backoff()
         while True:
             reply: Any = None
             try:
@@ -526,10 +573,9 @@ class Kickq:
                     newest = await client.xrevrange(keys.events, count=1)
                     last = newest[0][0] if newest else "0-0"
                 reply = await client.xread({keys.events: last}, count=500, block=block_ms)
-                delay = 0.05
+                backoff.reset()
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(backoff.next_delay())
             events, newest = observe.read_events(reply, wanted_names)
             last = newest or last
             if events:
@@ -551,6 +597,13 @@ def _retrieve(task: "asyncio.Task[Any]") -> None:
     """Mark a shielded task's exception as seen: its caller may have been cancelled."""
     if not task.cancelled():
         task.exception()
+
+
+def _leave_to_parent(state: _State) -> None:
+    """In a process forked from the one that made `state`: its loop runs there, not here, and its
+    sockets are the parent's. Kept, never closed or collected: closing a connection would also
+    unregister its socket from the loop's epoll, which the parent shares, and cut the parent off."""
+    _inherited.append(state)
 
 
 def _spawn_closing(state: _State) -> None:

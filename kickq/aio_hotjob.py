@@ -20,6 +20,7 @@ import logging
 import time
 from typing import Any, Callable
 
+from .backoff import Backoff
 from .errors import HotjobTimeout, KickqError, RedisUnavailable
 from .hotjob import EARLY_KEEP_SECONDS, final_job, parse_message, recheck_message
 from .job import Job, queue_reads, read_fields
@@ -210,7 +211,7 @@ class AsyncHotjobWaiter:
             log.warning("hotjob recheck failed (%s); the listener will retry after reconnecting", exc)
 
     async def _listen(self) -> None:
-        backoff = 0.05
+        backoff = Backoff()
         while not self._closed:
             generation = self._generation
             try:
@@ -219,9 +220,8 @@ class AsyncHotjobWaiter:
                 self._last_error = exc
                 log.warning("hotjob listener lost Redis (%s); reconnecting", exc)
             if self._generation != generation:  # it had subscribed: a fresh loss, retry soon
-                backoff = 0.05
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+                backoff.reset()
+            await asyncio.sleep(backoff.next_delay())
 
     async def _session(self) -> None:
         """One subscription, from connect to its loss (an exception)."""

@@ -1,20 +1,50 @@
-"""TEMPORARY (replaced by the fixes branch's helper at merge)."""
+"""How long to wait before trying Redis again: one helper for every retry loop of kickq and its
+supervisor. It only computes delays; a thread sleeps them with time.sleep (or an Event's wait),
+a coroutine with asyncio.sleep."""
 from __future__ import annotations
 
 import random
 from typing import Callable
 
+#: The first delay after a failure, and the longest: short enough that a passing blip costs
+#: little, long enough that a Redis that is down is not hammered.
+FIRST_DELAY = 0.05
+MAX_DELAY = 2.0
+
 
 class Backoff:
-    def __init__(self, first: float = 0.05, cap: float = 2.0,
-                 jitter: Callable[[], float] = lambda: random.uniform(0.5, 1.5)) -> None:
-        self.first, self.cap, self.jitter = first, cap, jitter
-        self.delay = first
+    """Delays for consecutive failures: `first`, then twice the previous, up to `cap`. With
+    `jitter` j each delay is multiplied by a random factor in [1 - j, 1 + j], so that processes
+    that lost Redis together do not all retry at the same moment. `reset()` after a success.
 
-    def reset(self) -> None:
-        self.delay = self.first
+        backoff = Backoff()
+        while True:
+            try:
+                work()
+                backoff.reset()
+            except redis.exceptions.ConnectionError:
+                time.sleep(backoff.next_delay())
+    """
+
+    def __init__(self, first: float = FIRST_DELAY, cap: float = MAX_DELAY, jitter: float = 0.0,
+                 rand: Callable[[], float] = random.random) -> None:
+        if not 0 < first <= cap:
+            raise ValueError(f"need 0 < first <= cap, got first={first!r}, cap={cap!r}")
+        if not 0 <= jitter <= 1:
+            raise ValueError(f"jitter must be between 0 and 1, got {jitter!r}")
+        self.first, self.cap, self.jitter = first, cap, jitter
+        self._rand = rand  # uniform in [0, 1), injected by the tests
+        self._delay = first
 
     def next_delay(self) -> float:
-        delay = self.delay * self.jitter()
-        self.delay = min(self.delay * 2, self.cap)
+        """Seconds to wait before the next attempt; the call after this one gives twice as long
+        (before jitter), at most `cap`."""
+        delay = self._delay
+        self._delay = min(delay * 2, self.cap)
+        if self.jitter:
+            delay *= 1 - self.jitter + 2 * self.jitter * self._rand()
         return delay
+
+    def reset(self) -> None:
+        """After a success: the next failure waits `first` again."""
+        self._delay = self.first

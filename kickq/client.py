@@ -10,6 +10,7 @@ import redis
 
 from . import cron as cron_rules
 from . import observe, payload, registry, scripts
+from .backoff import Backoff
 from .config import (GLOBAL_DEFAULTS, ConfigError, current, merge_settings, on_reset, resolve_job_options,
                      snake_case,
                      stored_options, validate_settings)
@@ -455,15 +456,14 @@ class Kickq:
         block_ms = int(max(0.05, min(1.0, float(settings["redis_timeout"]) / 2)) * 1000)
         last = since
         idle_since = time.monotonic()
-        delay = 0.05
+        backoff = Backoff()
         while True:
             try:
                 client, _ = self._connection(settings)
                 reply = client.xread({keys.events: last}, count=500, block=block_ms)
-                delay = 0.05
+                backoff.reset()
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                time.sleep(backoff.next_delay())
                 reply = None
             events, newest = observe.read_events(reply, wanted_names)
             last = newest or last

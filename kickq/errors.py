@@ -46,7 +46,3 @@ class RedisUnavailable(KickqError, ConnectionError):
 
 class RedisVersionError(KickqError):
     """The Redis server is older than kickq's minimum version."""
-
-
-class StaleAttempt(KickqError):
-    """A finish from an attempt that was superseded (ghosted, recovered, or the job deleted)."""

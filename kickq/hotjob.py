@@ -1,7 +1,7 @@
 """Waiting for hotjobs: one subscriber thread and one timer thread per client, however many wait.
 
 Every hotjob's final state is published on the namespace's `done` channel with the whole job
-(see finalise in lua/_lib.lua). The waiter subscribes *before* the job is created, so a completion
+(see finalise in lua/_lib_run.lua). The waiter subscribes *before* the job is created, so a completion
 cannot slip past; a completion that arrives before the creator registered its future is kept for
 a while in `_early`; after a reconnect every pending job is re-read from Redis, because messages
 sent while disconnected are gone. Deadlines are kept by the timer thread, so no future outlives
@@ -11,22 +11,32 @@ A thread that blocks in a promise's result() reads the subscription itself while
 such thread at a time; the subscriber thread steps aside until it is done): its answer then wakes
 it straight from the socket, instead of waking the subscriber thread, which would wake it in turn.
 From the message read to result() returning: 0.075-0.098 ms, against 0.143-0.188 ms through the
-subscriber thread, in a 2.5-3 ms idle round trip (bench/README.md, session 11).
+subscriber thread, in a 2.5-3 ms idle round trip (2026-11-29, a 2-core AMD EPYC VM: 300 hotjobs
+5 ms apart through a supervisor of 2 workers, each timed in the producer).
+
+A process forked from one whose waiter ran (gunicorn --preload, a multiprocessing pool) has none
+of its threads and holds copies of its locks (held, if another thread held them at the fork) and
+of its sockets. An at-fork hook, or else the first call that sees another pid, gives the child's
+waiter new ones; hotjobs pending at the fork stay pending there, re-read from Redis once the
+child's own subscriber has subscribed.
 """
 from __future__ import annotations
 
 import heapq
 import json
 import logging
+import os
 import selectors
 import socket
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from typing import Any, Callable, Mapping, NamedTuple
 
 import redis
 
+from .backoff import Backoff
 from .errors import HotjobTimeout, JobNotFound, RedisUnavailable
 from .job import TERMINAL_STATES, Job, queue_reads, read_fields
 from .keys import Keys
@@ -95,6 +105,23 @@ class HotjobPromise(Future[Job]):
         return None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
 
 
+#: Every waiter, to be made afresh in a forked child (see HotjobWaiter._forked).
+_waiters: "weakref.WeakSet[HotjobWaiter]" = weakref.WeakSet()
+#: Held while a waiter starts afresh in a process forked without the at-fork hook.
+_forks = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _forks
+    _forks = threading.Lock()  # another thread may have held it at the fork
+    for waiter in list(_waiters):
+        waiter._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _Subscription(NamedTuple):
     pubsub: Any  # redis.client.PubSub
     sock: socket.socket  # its connection's socket when it subscribed
@@ -135,17 +162,24 @@ class HotjobWaiter:
         self._connect = connect
         self._keys = keys
         self._timeout = timeout
-        self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self._stopping = threading.Event()
         self._pending: dict[str, tuple[Future[Job], float]] = {}
         self._early: dict[str, tuple[float, dict[str, Any]]] = {}
         self._deadlines: list[tuple[float, str]] = []
+        self._generation = 0  # bumped at every (re)subscription
+        self._stopping = threading.Event()
+        self._start_afresh()
+        _waiters.add(self)
+
+    def _start_afresh(self) -> None:
+        """The threads' side of the waiter, made here and made again in a process forked from
+        this one (see _forked)."""
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
         self._deadline_changed = threading.Condition(self._lock)
         self._threads: list[threading.Thread] = []
         self._creating = 0  # creates between ensure_subscribed() and watch()/abandon()
         self._timer_wakes_at = 0.0  # monotonic: when the timer thread next looks at the deadlines
-        self._generation = 0  # bumped at every (re)subscription
         # Reading the subscription: the subscriber thread, or a thread waiting in result() (the
         # leader) while the subscriber thread waits on _lead_over. Taken before _lock, never after.
         self._reading = threading.Lock()
@@ -160,22 +194,56 @@ class HotjobWaiter:
         self._nudge_out.setblocking(False)
         self._nudge_in.setblocking(False)
 
+    def _forked(self) -> None:
+        """In a child process, right after the fork: only the forking thread came along. The
+        subscriber and timer threads are gone, a lock another thread held stays held, and the
+        subscription's socket is the parent's (reading it would take the parent's messages).
+        So everything the threads use is made anew, as at the start; the jobs pending at the fork
+        stay pending: the new subscriber re-reads them from Redis, the new timer fails them at
+        their deadline. The parent's sockets are left to it: only this process' descriptors of
+        the nudge pair and the selector are closed (redis-py closes a connection made by another
+        process without shutting it down)."""
+        stopping = self._stopping.is_set()
+        subscription, nudges = self._subscription, (self._nudge_out, self._nudge_in)
+        self._stopping = threading.Event()
+        if stopping:
+            self._stopping.set()
+        self._early.clear()  # kept for creates of threads that are not in this process
+        self._start_afresh()
+        for closable in (*nudges, *((subscription.selector,) if subscription else ())):
+            try:
+                closable.close()
+            except OSError:
+                pass
+
+    def _in_this_process(self) -> None:
+        """Start afresh if this process was forked without the at-fork hook running (a fork made
+        outside Python, e.g. by uWSGI without py-call-osafterfork)."""
+        if self._pid != os.getpid():
+            with _forks:
+                if self._pid != os.getpid():
+                    self._forked()
+
     # --- used by the creating thread --------------------------------------------------------------
 
     def ensure_subscribed(self) -> int:
         """Block until the subscription is live; returns its generation, to be given to watch()."""
-        with self._lock:
-            if not self._threads:
-                for target, name in ((self._listen, "kickq-hotjob-listener"),
-                                     (self._expire, "kickq-hotjob-timer")):
-                    thread = threading.Thread(target=target, name=name, daemon=True)
-                    thread.start()
-                    self._threads.append(thread)
+        self._in_this_process()
+        self._start_threads()
         if not self._subscribed.wait(self._timeout):
             raise RedisUnavailable("could not subscribe for hotjob results within redis_timeout")
         with self._lock:
             self._creating += 1
             return self._generation
+
+    def _start_threads(self) -> None:
+        with self._lock:
+            if not self._threads and not self._stopping.is_set():
+                for target, name in ((self._listen, "kickq-hotjob-listener"),
+                                     (self._expire, "kickq-hotjob-timer")):
+                    thread = threading.Thread(target=target, name=name, daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
 
     def abandon(self) -> None:
         """The create that ensure_subscribed() prepared for did not happen."""
@@ -215,6 +283,9 @@ class HotjobWaiter:
         """Called by a thread about to wait for `future`: read the subscription in this thread
         until the future is done or `until` (monotonic) passes, if no other thread does so for
         itself. Any other message read meanwhile settles its own future here."""
+        self._in_this_process()
+        if not self._threads:  # a promise of the parent process, waited for in a forked child
+            self._start_threads()
         with self._lock:
             if self._leading or self._stopping.is_set() or not self._subscribed.is_set():
                 return
@@ -246,6 +317,7 @@ class HotjobWaiter:
                     self._lead_over.notify_all()
 
     def close(self) -> None:
+        self._in_this_process()
         self._stopping.set()
         self._nudge()
         with self._lock:
@@ -317,7 +389,7 @@ class HotjobWaiter:
     # --- the subscriber thread -----------------------------------------------------------------------
 
     def _listen(self) -> None:
-        backoff = 0.05
+        backoff = Backoff()
         while not self._stopping.is_set():
             pubsub = None
             subscription: _Subscription | None = None
@@ -331,7 +403,10 @@ class HotjobWaiter:
                     confirmed = pubsub.get_message(timeout=self._timeout)
                     if confirmed is None:
                         raise redis.exceptions.TimeoutError("no subscribe confirmation")
-                sock = pubsub.connection._sock
+                connection = pubsub.connection
+                sock = connection._sock if connection is not None else None
+                if sock is None:
+                    raise redis.exceptions.ConnectionError("subscribed, but its connection is gone")
                 selector = selectors.DefaultSelector()
                 selector.register(sock, selectors.EVENT_READ)
                 selector.register(self._nudge_in, selectors.EVENT_READ)
@@ -343,7 +418,7 @@ class HotjobWaiter:
                     ids = list(self._pending)
                 self._recheck(client, ids)
                 self._subscribed.set()
-                backoff = 0.05
+                backoff.reset()
                 while not self._stopping.is_set():
                     with self._lock:
                         while self._leading and not self._stopping.is_set():
@@ -361,8 +436,7 @@ class HotjobWaiter:
             except Exception as exc:  # never let the only subscriber thread die
                 self._subscribed.clear()
                 log.warning("hotjob subscriber lost Redis (%s); reconnecting", exc)
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
+                self._stopping.wait(backoff.next_delay())
             finally:
                 with self._reading:
                     self._subscription = None

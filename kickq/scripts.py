@@ -170,31 +170,47 @@ FUNCTIONS = {name: f"kickq_{_VERSION}_{name}" for name in NAMES}
 LIBRARY = _LIB.library(NAMES, LIBRARY_NAME, f"kickq_{_VERSION}_")
 
 
+#: The commands of load(): the function library, and every script for EVALSHA.
+LOAD_LIBRARY = ("FUNCTION", "LOAD", LIBRARY)
+LOAD_SCRIPTS = tuple(("SCRIPT", "LOAD", text) for text in SOURCES.values())
+
+
 def load(client: Any, failed: BaseException | None = None) -> bool | None:
     """Load kickq's scripts into `client`'s Redis, after call `failed` (if any) said Redis lacks
     them. True: the function library is there (Redis 7 on). False: every script is loaded for
     EVALSHA, because Redis has no functions (6.x) or an ACL denies this user FUNCTION LOAD or FCALL.
     None: Redis is at maxmemory, which refuses FUNCTION LOAD but not SCRIPT LOAD: scripts are
-    loaded, and the library is tried again at the next call."""
-    if failed is None or not _denied(failed, "fcall"):
+    loaded, and the library is tried again at the next call. (kickq.aio.load: the same steps.)"""
+    functions: bool | None = False
+    if tries_library(failed):
         try:
-            client.execute_command("FUNCTION", "LOAD", LIBRARY)
+            client.execute_command(*LOAD_LIBRARY)
             return True
         except redis.exceptions.ResponseError as exc:
-            if "already exists" in str(exc):
+            functions = library_refused(exc)
+            if functions:
                 return True
-            if is_out_of_memory(exc):
-                _load_scripts(client)
-                return None
-            if "unknown command" not in str(exc).lower() and not _denied(exc, "function"):
-                raise
-    _load_scripts(client)
-    return False
+    for call in LOAD_SCRIPTS:
+        client.execute_command(*call)
+    return functions
 
 
-def _load_scripts(client: Any) -> None:
-    for source in SOURCES.values():
-        client.execute_command("SCRIPT", "LOAD", source)
+def tries_library(failed: BaseException | None) -> bool:
+    """Whether load() tries FUNCTION LOAD: not after a call this user was denied FCALL."""
+    return failed is None or not _denied(failed, "fcall")
+
+
+def library_refused(exc: redis.exceptions.ResponseError) -> bool | None:
+    """What load() returns after Redis refused FUNCTION LOAD with `exc`: True (the library is
+    there already), None (maxmemory) or False (no functions, or denied), the last two once the
+    scripts are loaded. Any other refusal is raised."""
+    if "already exists" in str(exc):
+        return True
+    if is_out_of_memory(exc):
+        return None
+    if "unknown command" in str(exc).lower() or _denied(exc, "function"):
+        return False
+    raise exc
 
 
 def _denied(exc: BaseException, command: str) -> bool:

@@ -56,7 +56,7 @@ async def until(predicate: Callable[[], Any], timeout: float = 5.0, message: str
 
 def script_paused(r: redis.Redis) -> bool:
     """A script call held on the server by CLIENT PAUSE WRITE (such a client is flagged blocked)."""
-    return any("b" in c["flags"] and c["cmd"].startswith("eval") for c in r.client_list())
+    return any("b" in c["flags"] and c["cmd"].startswith(("fcall", "eval")) for c in r.client_list())
 
 
 class Worker:

@@ -46,7 +46,7 @@ class Harness:
         self.spawned: list[int] = []
         self.closed: list[int] = []
         self.arbiter = Arbiter(
-            [0] * slots, self.ops, self.spawn_worker, self.spawn_reaper if reaper else None,
+            [0] * slots, self.ops, self.spawn_worker, [self.spawn_reaper] if reaper else [],
             lost_job=lambda slot, job_id, token, error: self.lost.append((slot.number, job_id, token, error)),
             kill_grace=kill_grace, close_fd=self.closed.append)
 
@@ -76,7 +76,7 @@ def h() -> Harness:
 
 def test_first_tick_fills_every_slot_and_starts_the_reaper(h):
     assert [s.pid for s in h.arbiter.slots] == [1001, 1002]
-    assert h.arbiter.reaper_pid == 1003
+    assert [r.pid for r in h.arbiter.reapers] == [1003]
 
 
 def test_a_job_is_killed_at_its_deadline_not_before(h):
@@ -185,7 +185,7 @@ def test_a_worker_that_lived_long_is_respawned_at_once(h):
 
 def test_graceful_stop_asks_workers_to_finish_and_exits_zero_when_all_are_gone(h):
     pids = [s.pid for s in h.arbiter.slots]
-    reaper = h.arbiter.reaper_pid
+    reaper = h.arbiter.reapers[0].pid
     h.start(h.arbiter.slots[0], "1")
     h.arbiter.handle_term()
     assert [("pid", p, signal.SIGUSR1) for p in pids] == [e for e in h.ops.sent if e[2] == signal.SIGUSR1]
@@ -218,7 +218,7 @@ def test_second_int_is_a_quick_stop_that_kills_and_ghosts_and_exits_nonzero(h):
     assert ("group", slot.pid, signal.SIGKILL) in h.ops.sent
     for s in h.arbiter.slots:
         h.ops.exits.append((s.pid, signalled(signal.SIGKILL)))
-    h.ops.exits.append((h.arbiter.reaper_pid, signalled(signal.SIGTERM)))
+    h.ops.exits.append((h.arbiter.reapers[0].pid, signalled(signal.SIGTERM)))
     h.arbiter.tick()
     assert h.lost == [(1, "1", "4", QUICK_STOP)]
     assert h.arbiter.exit_code == 1
@@ -308,10 +308,59 @@ def test_a_grandchild_group_still_gets_the_kill_when_the_worker_died_of_the_term
 
 
 def test_a_dead_reaper_is_restarted(h):
-    old = h.arbiter.reaper_pid
+    old = h.arbiter.reapers[0].pid
     h.ops.now += 10
     h.die(old, signalled(signal.SIGKILL))
-    assert h.arbiter.reaper_pid not in (None, old)
+    assert h.arbiter.reapers[0].pid not in (None, old)
+
+
+def two_reapers() -> tuple[Harness, list[str]]:
+    """A harness whose arbiter keeps two reapers (two Redis servers), and which reaper each spawn was."""
+    h = Harness(reaper=False)
+    spawned: list[str] = []
+
+    def spawner(which: str):
+        def spawn() -> int:
+            spawned.append(which)
+            return h.spawn_reaper()
+        return spawn
+    h.arbiter = Arbiter([0, 0], h.ops, h.spawn_worker, [spawner("A"), spawner("B")],
+                        lost_job=lambda *args: None, close_fd=h.closed.append)
+    h.arbiter.tick()
+    return h, spawned
+
+
+def test_one_reaper_per_spawn_callable_each_restarted_on_its_own():
+    h, spawned = two_reapers()
+    a, b = h.arbiter.reapers
+    assert spawned == ["A", "B"] and a.pid and b.pid and a.pid != b.pid
+    b_pid = b.pid
+    for _ in range(4):  # A crash-loops: its backoff grows; B is left alone
+        h.die(a.pid, exited(1))
+        assert a.pid is None and a.respawn_at > h.ops.now
+        assert h.arbiter.next_wakeup(cap=60) == pytest.approx(a.respawn_at - h.ops.now)
+        h.ops.now = a.respawn_at
+        h.arbiter.tick()
+        assert a.pid is not None
+    assert (a.failures, b.failures) == (4, 0)
+    assert spawned == ["A", "B", "A", "A", "A", "A"] and b.pid == b_pid
+    h.ops.now += 10
+    h.die(b.pid, signalled(signal.SIGKILL))  # an old reaper dies: restarted at once
+    assert b.pid not in (None, b_pid) and b.failures == 0 and spawned[-1] == "B"
+
+
+def test_a_graceful_stop_ends_every_reaper_and_waits_for_all_of_them():
+    h, _ = two_reapers()
+    reapers = [r.pid for r in h.arbiter.reapers]
+    h.arbiter.handle_term()
+    assert all(("group", pid, signal.SIGTERM) in h.ops.sent for pid in reapers)
+    for slot in h.arbiter.slots:
+        h.die(slot.pid, exited(0))
+    h.die(reapers[0], signalled(signal.SIGTERM))
+    assert h.arbiter.exit_code is None  # the other reaper is still running
+    h.die(reapers[1], signalled(signal.SIGTERM))
+    assert h.arbiter.exit_code == 0
+    assert [r.pid for r in h.arbiter.reapers] == [None, None]  # not restarted while stopping
 
 
 def test_unknown_children_are_ignored(h):

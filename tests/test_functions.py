@@ -2,8 +2,10 @@
 lacks them, the same replies either way, no state carried from one call to the next."""
 from __future__ import annotations
 
-import redis
+import asyncio
+
 import pytest
+import redis
 
 import kickq
 from kickq import scripts
@@ -146,3 +148,92 @@ def test_an_acl_user_without_functions_runs_the_scripts_by_evalsha(r, namespace,
     finally:
         kq.close()
         r.acl_deluser(user)
+
+
+# --- the asyncio client: the same choice of FCALL or EVALSHA, and the same reloading ----------------
+
+def _fcalls(r) -> int:
+    return r.info("commandstats").get("cmdstat_fcall", {}).get("calls", 0)
+
+
+def test_the_asyncio_client_calls_the_library_and_loads_it_again_after_function_flush(kq_config, r):
+    from kickq import aio
+
+    async def main() -> tuple[str, str]:
+        async with aio.Kickq() as akq:
+            first = await akq.create("a", {"x": 1})
+            r.function_flush()
+            second = await akq.create("a", {"x": 2})  # "function not found": loaded, called again
+            return first.id, second.id
+
+    r.function_flush()
+    fcalls = _fcalls(r)
+    assert asyncio.run(main()) == ("1", "2")
+    assert _library_loaded(r)
+    assert _fcalls(r) >= fcalls + 2
+
+
+def test_at_maxmemory_the_asyncio_client_finishes_and_deletes_as_the_sync_one(kq_config, r):
+    """Functions that move or remove jobs carry 'allow-oom': at maxmemory a finish or a delete
+    still runs, from either client, and a create is refused by both."""
+    from kickq import aio
+
+    keys = Keys(kq_config["redis_namespace"])
+    sync_kq = kickq.Kickq()
+    try:
+        for _ in range(4):
+            sync_kq.create("a")
+        claimed = [scripts.Scripts(sync_kq.redis).claim(keys, ["a"], claimer="w1") for _ in range(2)]
+        assert _library_loaded(r)
+        before = r.config_get("maxmemory")["maxmemory"]
+
+        async def through_aio() -> tuple[tuple, bool]:
+            async with aio.Kickq() as akq:
+                scr = aio.AsyncScripts(await akq.connection())  # connected before maxmemory
+                r.config_set("maxmemory", 1)  # every write that may grow memory is refused from here
+                fcalls.append(_fcalls(r))
+                finished = scripts.parse_finish(await scr.run("finish", scripts.finish_args(
+                    keys, claimed[1][0], claimed[1][1], "success", claimer="w1")))
+                deleted = await akq.delete("4")
+                with pytest.raises(kickq.KickqError, match="out of memory"):
+                    await akq.create("a")
+                fcalls.append(_fcalls(r))
+                return finished[:2], deleted
+
+        fcalls: list[int] = []
+        try:
+            aio_finished, aio_deleted = asyncio.run(through_aio())
+            sync_finished = scripts.Scripts(sync_kq.redis).finish(keys, claimed[0][0], claimed[0][1],
+                                                                  "success", claimer="w1")[:2]
+            sync_deleted = sync_kq.delete("3")
+            with pytest.raises(kickq.KickqError, match="out of memory"):
+                sync_kq.create("a")
+        finally:
+            r.config_set("maxmemory", before)
+        assert sync_finished == aio_finished == ("ok", "success")
+        assert sync_deleted is aio_deleted is True
+        assert fcalls[1] >= fcalls[0] + 2  # the finish and the delete, as functions
+    finally:
+        sync_kq.close()
+
+
+def test_without_functions_the_asyncio_client_falls_back_to_evalsha(redis_without_functions):
+    from kickq import aio
+
+    url = f"redis://127.0.0.1:{redis_without_functions}/0"
+    r = redis.Redis.from_url(url, decode_responses=True)
+
+    async def main() -> list[str]:
+        async with aio.Kickq(redis_url=url, redis_namespace="nofn") as akq:
+            ids = [(await akq.create("a", {"x": 1})).id]
+            r.script_flush()
+            ids.append((await akq.create("a")).id)  # NOSCRIPT: loaded again
+            assert await akq.delete(ids[0])
+            return ids
+
+    try:
+        assert asyncio.run(main()) == ["1", "2"]
+        assert r.info("commandstats")["cmdstat_evalsha"]["calls"] >= 3
+        assert "cmdstat_fcall" not in r.info("commandstats")
+    finally:
+        r.close()

@@ -1,4 +1,4 @@
-"""The master: owns the worker processes and the reaper, and enforces every job's deadline.
+"""The master: owns the worker processes and the reapers, and enforces every job's deadline.
 
 Modelled on gunicorn's arbiter: signal handlers only queue the signal and wake the loop; the loop
 dispatches `handle_<sig>`, reads the workers' pipes, reaps dead children, kills workers whose job
@@ -70,16 +70,28 @@ UNSAVED_KEPT = 64
 
 
 @dataclass
+class ReaperProc:
+    """One reaper process the master keeps running: one per Redis the supervisor serves, each
+    restarted on its own (with its own crash-loop backoff) when it dies."""
+    spawn: Callable[[], int]  # starts it: returns its pid
+    pid: int | None = None
+    failures: int = 0  # consecutive early deaths
+    respawn_at: float = 0.0
+    spawned_at: float = 0.0
+
+
+@dataclass
 class Arbiter:
-    """Decisions only. `spawn_worker(slot) -> (pid, read fd)`, `spawn_reaper() -> pid`,
-    `lost_job(slot, job_id, token, error)` ghosts a job (token-checked, so a repeat is harmless),
-    `start_reload_check()` starts checking, without blocking, that the handler modules still
-    import, and returns something whose `poll()` gives None (still checking) or the answer."""
+    """Decisions only. `spawn_worker(slot) -> (pid, read fd)`, `spawn_reapers`: one `() -> pid`
+    per reaper to keep running, `lost_job(slot, job_id, token, error)` ghosts a job
+    (token-checked, so a repeat is harmless), `start_reload_check()` starts checking, without
+    blocking, that the handler modules still import, and returns something whose `poll()` gives
+    None (still checking) or the answer."""
 
     slot_specs: Sequence[int]
     ops: Ops
     spawn_worker: Callable[[Slot], tuple[int, int | None]]
-    spawn_reaper: Callable[[], int] | None
+    spawn_reapers: Sequence[Callable[[], int]]
     lost_job: Callable[[Slot, str, str, str], None]
     kill_grace: float = 0.3
     start_reload_check: Callable[[], Any] | None = None
@@ -91,10 +103,7 @@ class Arbiter:
     # "reaper_restart"). It must not block: the metrics thread does the work (see metrics.py).
     observe: Callable[..., None] | None = None
     slots: list[Slot] = field(default_factory=list)
-    reaper_pid: int | None = None
-    reaper_failures: int = 0
-    reaper_respawn_at: float = 0.0
-    reaper_spawned_at: float = 0.0
+    reapers: list[ReaperProc] = field(default_factory=list)
     # Process groups of workers that died of the TERM before their KILL was due: the rest of the
     # group (the job's own children, which may ignore TERM) still gets the KILL, at this time.
     pending_kills: dict[int, float] = field(default_factory=dict)
@@ -106,6 +115,8 @@ class Arbiter:
     def __post_init__(self) -> None:
         if not self.slots:
             self.slots = [Slot(number=i + 1, spec=spec) for i, spec in enumerate(self.slot_specs)]
+        if not self.reapers:
+            self.reapers = [ReaperProc(spawn) for spawn in self.spawn_reapers]
 
     # --- signals: dispatched from the loop, never from the handler ---------------------------------
 
@@ -158,7 +169,7 @@ class Arbiter:
         for slot in self.slots:
             if slot.pid is not None:
                 self.ops.kill(slot.pid, signal.SIGUSR1)
-        self._stop_reaper()
+        self._stop_reapers()
 
     def quick_stop(self) -> None:
         log.warning("quick stop: killing every worker; their jobs are ghosted")
@@ -170,11 +181,12 @@ class Arbiter:
                     slot.kill_reason = QUICK_STOP
                 self.ops.kill_group(slot.pid, signal.SIGKILL)
                 slot.kill_sent = True
-        self._stop_reaper()
+        self._stop_reapers()
 
-    def _stop_reaper(self) -> None:
-        if self.reaper_pid is not None:
-            self.ops.kill_group(self.reaper_pid, signal.SIGTERM)
+    def _stop_reapers(self) -> None:
+        for reaper in self.reapers:
+            if reaper.pid is not None:
+                self.ops.kill_group(reaper.pid, signal.SIGTERM)
 
     # --- what workers tell us ------------------------------------------------------------------------
 
@@ -215,13 +227,14 @@ class Arbiter:
 
     def on_exit(self, pid: int, status: int) -> None:
         now = self.ops.monotonic()
-        if pid == self.reaper_pid:
-            self.reaper_pid = None
+        reaper = next((r for r in self.reapers if r.pid == pid), None)
+        if reaper is not None:
+            reaper.pid = None
             if not self.stopping:
-                young = now - self.reaper_spawned_at < CRASH_WINDOW
-                self.reaper_failures = self.reaper_failures + 1 if young else 0
-                self.reaper_respawn_at = now + _backoff(self.reaper_failures)
-                log.warning("reaper %s; restarting", describe_exit(status))
+                young = now - reaper.spawned_at < CRASH_WINDOW
+                reaper.failures = reaper.failures + 1 if young else 0
+                reaper.respawn_at = now + _backoff(reaper.failures)
+                log.warning("reaper (pid %d) %s; restarting", pid, describe_exit(status))
                 self._observe("reaper_restart", None)
             return
         slot = next((s for s in self.slots if s.pid == pid), None)
@@ -305,8 +318,8 @@ class Arbiter:
                 times.append(slot.run.deadline)
             if slot.term_at is not None and not slot.kill_sent:
                 times.append(slot.term_at + self.kill_grace)
-        if self.reaper_pid is None and not self.stopping and self.spawn_reaper is not None:
-            times.append(self.reaper_respawn_at)
+        if not self.stopping:
+            times.extend(r.respawn_at for r in self.reapers if r.pid is None)
         times.extend(self.pending_kills.values())
         if not times:
             return cap
@@ -316,7 +329,7 @@ class Arbiter:
 
     def manage(self) -> None:
         if self.stopping:
-            if all(slot.pid is None for slot in self.slots) and self.reaper_pid is None:
+            if all(s.pid is None for s in self.slots) and all(r.pid is None for r in self.reapers):
                 for pgid in self.pending_kills:  # do not leave them behind
                     self.ops.kill_group(pgid, signal.SIGKILL)
                 self.pending_kills.clear()
@@ -327,9 +340,10 @@ class Arbiter:
             if slot.pid is None and now >= slot.respawn_at:
                 slot.pid, slot.fd = self.spawn_worker(slot)
                 slot.spawned_at = now
-        if self.spawn_reaper is not None and self.reaper_pid is None and now >= self.reaper_respawn_at:
-            self.reaper_pid = self.spawn_reaper()
-            self.reaper_spawned_at = now
+        for reaper in self.reapers:
+            if reaper.pid is None and now >= reaper.respawn_at:
+                reaper.pid = reaper.spawn()
+                reaper.spawned_at = now
 
     def reap(self) -> None:
         for pid, status in self.ops.reap():

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import redis
 
@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kickq-supervisor",
         description="Run kickq handlers in a pool of worker processes. Each MODULE (dotted name or "
                     "path to a .py file) registers handlers with Kickq().process(...). Workers whose "
-                    "job passes its process_timeout are killed and replaced; a reaper process "
-                    "promotes delayed jobs, recovers lost ones and purges finished ones.",
+                    "job passes its process_timeout are killed and replaced; a reaper process per "
+                    "Redis server promotes delayed jobs, recovers lost ones and purges finished ones.",
         epilog="Signals: TERM/INT graceful stop (a second INT: quick), HUP reload handlers, "
                "QUIT quick stop. Config from kickq.config() in MODULE applies; flags win.")
     p.add_argument("modules", nargs="+", metavar="MODULE", help="handler module or .py file")
@@ -233,19 +233,23 @@ def run_master(args: argparse.Namespace, registrations: list[registry.Registrati
         log.info("worker %d (pid %d) serving %s", slot.number, pid, ", ".join(registration.names))
         return pid, read_fd
 
-    def spawn_reaper() -> int:
-        by_redis: dict[str, list[str]] = {}
-        for s in per_registration:
-            by_redis.setdefault(describe(s), []).append(s["redis_namespace"])
-        settings = per_registration[0]
+    def reaper_spawner(settings: dict[str, Any], served: list[str]) -> Callable[[], int]:
+        """Starts the reaper of one Redis (with the settings of its first registration), for
+        every namespace this supervisor serves on it."""
+        def spawn() -> int:
+            def target() -> int:
+                signal.set_wakeup_fd(-1)
+                return Reaper(settings, served, interval=args.reaper_interval).run()
+            pid = ops.spawn(target)
+            log.info("reaper (pid %d) for %s on %s", pid, ", ".join(served), describe(settings))
+            return pid
+        return spawn
 
-        def target() -> int:
-            signal.set_wakeup_fd(-1)
-            return Reaper(settings, sorted(set(by_redis[describe(settings)])),
-                          interval=args.reaper_interval).run()
-        pid = ops.spawn(target)
-        log.info("reaper (pid %d) for %s", pid, ", ".join(namespaces))
-        return pid
+    by_redis: dict[str, tuple[dict[str, Any], set[str]]] = {}
+    for settings in per_registration:
+        by_redis.setdefault(describe(settings), (settings, set()))[1].add(settings["redis_namespace"])
+    spawn_reapers = [] if args.no_reaper else [reaper_spawner(settings, sorted(served))
+                                               for settings, served in by_redis.values()]
 
     slot_specs = [index for index, reg in enumerate(registrations) for _ in range(reg.concurrent_jobs)]
     exporter = None
@@ -256,14 +260,14 @@ def run_master(args: argparse.Namespace, registrations: list[registry.Registrati
         except MetricsError as exc:
             print(f"kickq-supervisor: {exc}", file=sys.stderr)
             return EXIT_FAILURE, False
-    arbiter = Arbiter(slot_specs, ops, spawn_worker, None if args.no_reaper else spawn_reaper,
+    arbiter = Arbiter(slot_specs, ops, spawn_worker, spawn_reapers,
                       lost_job=lost_job, lost_claim=lost_claim, kill_grace=args.kill_grace,
                       start_reload_check=lambda: ImportCheck(args.modules),
                       observe=exporter.observe if exporter else None)
     if exporter:
         exporter.watch(arbiter.slots)
     log.info("kickq-supervisor %s: %d worker(s) for %s on %s", kickq.__version__, len(slot_specs),
-             ", ".join(namespaces), describe(per_registration[0]))
+             ", ".join(namespaces), ", ".join(by_redis))
     code = MasterLoop(arbiter).run()
     for ghoster in ghosters.values():
         ghoster.flush(timeout=2.0)

@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 import redis
 
 from kickq import scripts
+from kickq.backoff import Backoff
 from kickq.connection import connect
 from kickq.keys import Keys
 
@@ -76,15 +77,14 @@ class Ghoster:
             if item is None:
                 return
             work, about = item
-            delay = 0.05
+            backoff = Backoff()
             while True:
                 try:
                     work(scr)
                     break
                 except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                     log.warning("cannot settle %s yet (%s); retrying", about, exc)
-                    time.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                    time.sleep(backoff.next_delay())
                 except Exception:  # noqa: BLE001 - this thread must outlive any one item
                     # Not a passing outage: trying again would fail again. The runs are left to
                     # lease recovery (the reaper), as if this supervisor had gone.

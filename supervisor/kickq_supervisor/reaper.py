@@ -2,8 +2,10 @@
 
 It keeps nothing in memory that matters: every step is one atomic script over Redis state, so any
 number of reapers on any number of hosts may run at once and a reaper may die at any moment.
-It sleeps until the earliest due time it knows of (Redis' clock), or until a producer pushes a
-token on the namespace's reaper list because it scheduled something earlier, or `interval`.
+A reaper serves the namespaces it is given, all on one Redis. After each pass it sleeps until the
+earliest due time the scripts reported (on Redis' clock), at most `interval`, subscribed to each
+namespace's `reaper` channel: a script that puts a job at the head of the delayed set (a delayed
+create, a retry, a schedule's tick) publishes its due time there, which wakes the reaper at once.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import redis
 
 from kickq import cron, scripts
+from kickq.backoff import Backoff
 from kickq.connection import connect
 from kickq.keys import Keys
 
@@ -124,7 +127,7 @@ class Reaper:
         self.client = connect(self.settings)
         self.scripts = scripts.Scripts(self.client)
         vitals = Vitals([k.namespace for k in self.keys], float(self.settings.get("vitals_interval", 300)))
-        delay = 0.05
+        backoff = Backoff()
         pubsub = None
         while True:
             try:
@@ -133,7 +136,7 @@ class Reaper:
                     pubsub.subscribe(*[k.reaper for k in self.keys])
                 wait = min(self.tick(keys) for keys in self.keys)
                 wait = min(wait, vitals.due(self.client))  # logs a vitals line when one is due
-                delay = 0.05
+                backoff.reset()
                 # Sleep on the subscription: a producer that schedules something earlier wakes us,
                 # and the timeout is kept by the client, to the millisecond (a blocking Redis
                 # command would only time out on the server's 100 ms cron).
@@ -144,9 +147,9 @@ class Reaper:
                             pass
                         break
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                delay = backoff.next_delay()
                 log.warning("reaper: Redis unavailable (%s); retrying in %.2fs", exc, delay)
                 if pubsub is not None:
                     pubsub.close()
                     pubsub = None
                 time.sleep(delay)
-                delay = min(delay * 2, 2.0)

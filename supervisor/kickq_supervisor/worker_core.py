@@ -295,7 +295,7 @@ class WorkerCore:
         self.idle_ms = int((wait_timeout + 0.5) * 1000)
         self.max_jobs = max_jobs
         self.max_memory = max_memory
-        self.backoff = backoff or Backoff(first=0.05, cap=2.0)
+        self.backoff = backoff or Backoff(jitter=0.5)  # workers that lost Redis together retry apart
         self.pace = Pace(prefetch)
         self.journal = Journal(keys.journal(claimer))
         self.hand: deque[HeldJob] = deque()

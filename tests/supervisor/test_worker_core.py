@@ -54,7 +54,7 @@ class Clock:
 
 def no_jitter() -> Backoff:
     """The core's backoff without randomness: 50 ms, then doubling."""
-    return Backoff(first=0.05, cap=2.0, jitter=lambda: 1.0)
+    return Backoff(first=0.05, cap=2.0)
 
 
 class Steps:
