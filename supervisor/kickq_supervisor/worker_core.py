@@ -319,10 +319,6 @@ class WorkerCore:
     def parent_gone(self) -> None:
         self.stopping = self.orphaned = True
 
-    @property
-    def jobs_done(self) -> int:
-        return self.pace.jobs_done
-
     # --- the loop ----------------------------------------------------------------------------------------
 
     def steps(self) -> Generator[Command, Any, None]:
