@@ -14,7 +14,7 @@ from .config import (GLOBAL_DEFAULTS, ConfigError, current, merge_settings, on_r
                      snake_case,
                      stored_options, validate_settings)
 from .config import version as config_version
-from .connection import PooledCalls, check_version, connect, redis_errors, server_info
+from .connection import Lane, check_version, connect, redis_errors, server_info
 from .errors import JobNotFound, KickqError
 from .hotjob import HotjobWaiter
 from .job import Job, queue_reads, read_fields
@@ -208,7 +208,7 @@ class Kickq:
                     else:
                         client.hset(meta, "events_maxlen", maxlen)
                 self._redis, self._redis_key = client, ident
-                self._scripts = scripts.Scripts(client, PooledCalls(client))
+                self._scripts = scripts.Scripts(client, Lane(client))
             assert self._scripts is not None
             return self._redis, self._scripts
 

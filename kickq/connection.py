@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import codecs
 import os
+import threading
+import weakref
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 import redis
@@ -111,38 +113,69 @@ def packed(conn: Any, commands: Sequence[Sequence[Any]], by_hiredis: bool) -> li
     return conn.pack_commands(commands)  # type: ignore[no-any-return]
 
 
-class PooledCalls:
-    """Single commands on a connection borrowed from the client's pool for each call, without
-    redis-py's command wrapper (its retry and observability layers, its reply callbacks).
+class Lane:
+    """Single commands on a connection that the calling thread keeps between calls, taken from the
+    client's pool.
 
-    Creating one job is a producer's hottest call; here its command is packed by hiredis (see
-    packed), and the caller's own work (`meanwhile`) runs while Redis works on it. The connection
-    is the pool's, with all that the pool does (see checkout; health-check pings as send_command
-    sends them). Nothing is retried: a create whose reply was lost may have been applied.
+    Creating one job is a producer's hottest call. redis-py's execute_command also checks a
+    connection out of the pool and back in, runs its retry and observability wrappers, and encodes
+    each argument in Python; here the thread keeps its connection, the command is packed by
+    hiredis (see packed), and the caller's own work (`meanwhile`) runs while Redis works on it.
+
+    Before each call the connection is checked as the pool checks one it lends: connected, and
+    opened again when the server closed it (its idle `timeout`, a restart, CLIENT KILL). redis-py
+    sends its health-check PING when one is due. The connection goes back to the pool when its
+    thread ends; a forked child takes one of its own. Nothing is retried: a create whose reply was
+    lost may have been applied. redis-py closes the connection on any error while sending or
+    reading, so a call never reads another call's reply.
     """
 
     def __init__(self, client: redis.Redis) -> None:
         self._pool = client.connection_pool
         self._by_hiredis = hiredis_packs(client)
+        self._local = threading.local()
+
+    def _connection(self) -> Any:
+        held = getattr(self._local, "held", None)
+        if held is None or held.pid != os.getpid():
+            held = self._local.held = _Held(self._pool)
+            return held.conn  # checked by the pool
+        conn = held.conn
+        conn.connect()  # nothing to do when connected; fails alone, after one redis_timeout
+        try:
+            if conn.can_read():  # a reply nobody asked for, or the end of the file
+                raise redis.exceptions.ConnectionError("connection has data")
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+            conn.disconnect()
+            conn.connect()
+        return conn
 
     def execute(self, command: Sequence[Any], meanwhile: Callable[[], Any] | None = None) -> Any:
         """Send one command and read its reply. `meanwhile()` runs once the command is sent, before
         its reply is read: the caller's own work then overlaps Redis' (a create's Job is built so).
-        An error reply is raised as redis-py's class for it; a connection error leaves the
-        connection closed (redis-py closes it), so that no later call reads this call's reply."""
-        pool = self._pool
-        conn = checkout(pool)
-        try:
-            conn.send_packed_command(packed(conn, [command], self._by_hiredis))
-            if meanwhile is not None:
-                try:
-                    meanwhile()
-                except BaseException:
-                    conn.disconnect()  # its reply is never read: the next borrower must not read it
-                    raise
-            return conn.read_response()
-        finally:
-            pool.release(conn)
+        An error reply is raised as redis-py's class for it."""
+        conn = self._connection()
+        conn.send_packed_command(packed(conn, [command], self._by_hiredis))
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except BaseException:
+                conn.disconnect()  # its reply is never read: the next call must not read it
+                raise
+        return conn.read_response()
+
+
+class _Held:
+    """A thread's connection of a Lane, given back to the pool when the thread ends (which clears
+    its threading.local) or the Lane goes. Given back in a forked child, the parent's connection is
+    closed there without a shutdown of the socket the parent still uses (redis-py's fork rule)."""
+
+    __slots__ = ("conn", "pid", "__weakref__")
+
+    def __init__(self, pool: Any) -> None:
+        self.conn = checkout(pool)
+        self.pid = os.getpid()
+        weakref.finalize(self, pool.release, self.conn)
 
 
 def server_info(client: redis.Redis) -> Mapping[str, Any]:

@@ -372,19 +372,19 @@ def parse_claim_record(record: str | None) -> list[tuple[str, str]]:
 class Scripts:
     """The scripts, run on one redis-py client: as functions of kickq's library where Redis has
     them, else by EVALSHA; either is loaded again by itself when Redis lost it (a restart, a flush).
-    With `calls` (connection.PooledCalls), single calls go through it rather than the client's
+    With a `lane` (connection.Lane), single calls go through it rather than the client's
     execute_command. In a pipeline a script runs by EVALSHA (redis-py loads it first if need be)."""
 
-    def __init__(self, client: Any, calls: Any = None) -> None:
+    def __init__(self, client: Any, lane: Any = None) -> None:
         self._client = client
         self._scripts = {name: client.register_script(text) for name, text in SOURCES.items()}
-        self._calls = calls
+        self._lane = lane
         self.functions: bool | None = True  # what load() said last (see command())
 
     def run(self, name: str, keys_and_args: tuple[list[str], list[Any]], client: Any = None,
             meanwhile: Callable[[], Any] | None = None) -> Any:
         """One script call (queued, when `client` is a pipeline). `meanwhile()` (optional) runs
-        while Redis works on it where the call goes through `calls`, else before it is sent."""
+        while Redis works on it where the call goes through the lane, else before it is sent."""
         keys, args = keys_and_args
         if client is not None:
             if meanwhile is not None:
@@ -407,8 +407,8 @@ class Scripts:
         return self._execute(command(name, keys, args, self.functions, retry=True), None)
 
     def _execute(self, call: tuple[Any, ...], meanwhile: Callable[[], Any] | None) -> Any:
-        if self._calls is not None:
-            return self._calls.execute(call, meanwhile)
+        if self._lane is not None:
+            return self._lane.execute(call, meanwhile)
         if meanwhile is not None:
             meanwhile()
         return self._client.execute_command(*call)

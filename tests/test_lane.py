@@ -1,7 +1,8 @@
-"""connection.PooledCalls: the Kickq client's single script calls on connections of redis-py's pool,
-packed by hiredis where it is installed. Same behaviour as redis-py's execute_command: reloads after
-SCRIPT FLUSH (FUNCTION FLUSH: test_functions.py), reconnects a connection the server closed, a
-forked child's own connections, redis-py's replies and error classes, and no automatic retry."""
+"""connection.Lane: the Kickq client's single script calls on a connection per thread, taken from
+redis-py's pool, packed by hiredis where it is installed. Same behaviour as redis-py's
+execute_command: reloads after SCRIPT FLUSH (FUNCTION FLUSH: test_functions.py), reconnects a
+connection the server closed, a forked child's own connection, redis-py's replies and error
+classes, no automatic retry; a thread's connection goes back to the pool when the thread ends."""
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 import kickq
-from kickq.connection import PooledCalls, hiredis_packs
+from kickq.connection import Lane, hiredis_packs
 from kickq.errors import RedisUnavailable
 from tests.helpers import wait_until
 
@@ -36,11 +37,23 @@ def client_ids(r: redis.Redis) -> set[int]:
 
 
 def test_creates_one_by_one_reuse_one_connection(kq, r):
+    kq.create("a")  # may load the scripts first, on another connection of the pool
     before = client_ids(r)
     for _ in range(20):
         kq.create("a")
-    assert len(script_clients(r, before)) == 1
-    assert len(client_ids(r) - before) == 1  # the pool's: no connection of their own
+    assert client_ids(r) == before
+
+
+def test_a_threads_connection_goes_back_to_the_pool_when_the_thread_ends(kq, r):
+    before = client_ids(r)
+    kq.create("a")
+    for _ in range(3):
+        thread = threading.Thread(target=kq.create, args=("a",))
+        thread.start()
+        thread.join()
+    assert kq.create("a").id == "5"
+    # The main thread's, and one that each thread in turn took from the pool and gave back.
+    assert len(client_ids(r) - before) == 2
 
 
 def test_create_after_script_flush(kq, r):
@@ -87,13 +100,31 @@ def test_a_forked_child_opens_its_own_connection(kq, r):
     if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
-            code = 0 if kq.create("a").id == "2" else 1
+            created = kq.create("a").id
+            own = script_clients(r, before | {parent_conn})  # r: a connection of the child's too
+            code = 0 if created == "2" and len(own) == 1 else 1
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
     assert kq.create("a").id == "3"  # the parent's connection still works: the child left it alone
     assert parent_conn in script_clients(r, before)
+
+
+def test_a_ping_goes_first_once_the_health_check_is_due(kq_config, r):
+    # redis-py's health check: a connection idle for longer than health_check_interval is PINGed
+    # before its next command, so that a silently dead one fails there and is opened again.
+    def pings():
+        return r.info("commandstats").get("cmdstat_ping", {}).get("calls", 0)
+    with kickq.Kickq(redis_options={"health_check_interval": 0.2}) as kq:
+        kq.create("a")
+        count = pings()
+        kq.create("a")
+        assert pings() == count  # not due
+        idle_since = time.monotonic()
+        wait_until(lambda: time.monotonic() - idle_since > 0.25, timeout=5)
+        assert kq.create("a").id == "3"
+        assert pings() == count + 1
 
 
 def redis_is_busy(url: str) -> bool:
@@ -140,11 +171,11 @@ def test_a_server_that_never_answers_costs_one_timeout_per_call():
     try:
         client = redis.Redis(host="127.0.0.1", port=frozen.getsockname()[1], socket_timeout=0.4,
                              socket_connect_timeout=0.4, retry=Retry(NoBackoff(), 0))
-        calls = PooledCalls(client)
+        lane = Lane(client)
         for _ in range(2):
             began = time.monotonic()
             with pytest.raises((redis.exceptions.TimeoutError, redis.exceptions.ConnectionError)):
-                calls.execute(("EVAL", "return 1", 0))
+                lane.execute(("EVAL", "return 1", 0))
             assert time.monotonic() - began < 0.75
         client.close()
     finally:
@@ -156,24 +187,24 @@ def test_a_server_that_never_answers_costs_one_timeout_per_call():
     False], ids=["hiredis-packer", "redis-py-packer"])
 def test_replies_and_errors_are_redis_pys(r, by_hiredis):
     client = redis.Redis(connection_pool=r.connection_pool)
-    calls = PooledCalls(client)
-    assert calls._by_hiredis == HIREDIS
-    calls._by_hiredis = by_hiredis
-    assert calls.execute(("ECHO", "zé")) == "zé"  # decoded as the client decodes
-    assert calls.execute(("EVAL", "return {1, 'a', {2}}", 0)) == [1, "a", [2]]
-    assert calls.execute(("ECHO", 1.5)) == "1.5"
+    lane = Lane(client)
+    assert lane._by_hiredis == HIREDIS
+    lane._by_hiredis = by_hiredis
+    assert lane.execute(("ECHO", "zé")) == "zé"  # decoded as the client decodes
+    assert lane.execute(("EVAL", "return {1, 'a', {2}}", 0)) == [1, "a", [2]]
+    assert lane.execute(("ECHO", 1.5)) == "1.5"
     big = "x" * 200_000  # more than one read
-    assert calls.execute(("ECHO", big)) == big
+    assert lane.execute(("ECHO", big)) == big
     with pytest.raises(redis.exceptions.NoScriptError):
-        calls.execute(("EVALSHA", "0" * 40, 0))
+        lane.execute(("EVALSHA", "0" * 40, 0))
     with pytest.raises(redis.exceptions.ResponseError, match="boom"):
-        calls.execute(("EVAL", "return redis.error_reply('boom')", 0))
-    assert calls.execute(("PING",)) in (True, "PONG")  # the connection is still in step
+        lane.execute(("EVAL", "return redis.error_reply('boom')", 0))
+    assert lane.execute(("PING",)) in (True, "PONG")  # the connection is still in step
     built = []
-    assert calls.execute(("ECHO", "b"), meanwhile=lambda: built.append(1)) == "b" and built == [1]
+    assert lane.execute(("ECHO", "b"), meanwhile=lambda: built.append(1)) == "b" and built == [1]
     with pytest.raises(ZeroDivisionError):
-        calls.execute(("ECHO", "c"), meanwhile=lambda: 1 / 0)
-    assert calls.execute(("ECHO", "d")) == "d"  # not "c": that reply went with its connection
+        lane.execute(("ECHO", "c"), meanwhile=lambda: 1 / 0)
+    assert lane.execute(("ECHO", "d")) == "d"  # not "c": that reply went with its connection
 
 
 def test_text_is_written_as_redis_py_writes_it_in_another_encoding(redis_url):
@@ -182,7 +213,7 @@ def test_text_is_written_as_redis_py_writes_it_in_another_encoding(redis_url):
     client = redis.Redis.from_url(redis_url, decode_responses=True, encoding="latin-1")
     try:
         assert not hiredis_packs(client)
-        assert PooledCalls(client).execute(("ECHO", "zé")) == client.echo("zé")
+        assert Lane(client).execute(("ECHO", "zé")) == client.echo("zé")
         assert hiredis_packs(redis.Redis.from_url(redis_url, encoding="UTF8")) == HIREDIS
     finally:
         client.close()
@@ -190,7 +221,7 @@ def test_text_is_written_as_redis_py_writes_it_in_another_encoding(redis_url):
 
 def test_an_error_reply_that_redis_py_classes_as_a_connection_error_is_raised(r):
     # LOADING (Redis reading its data after a restart) is a BusyLoadingError, not a ResponseError.
-    calls = PooledCalls(redis.Redis(connection_pool=r.connection_pool))
+    lane = Lane(redis.Redis(connection_pool=r.connection_pool))
     with pytest.raises(redis.exceptions.BusyLoadingError):
-        calls.execute(("EVAL", "return redis.error_reply('LOADING Redis is loading the dataset')", 0))
-    assert calls.execute(("ECHO", "after")) == "after"
+        lane.execute(("EVAL", "return redis.error_reply('LOADING Redis is loading the dataset')", 0))
+    assert lane.execute(("ECHO", "after")) == "after"
