@@ -73,7 +73,7 @@ bench: $(BENCH_STAMP)
 
 tox: venv
 	$(PY) -m pip install --quiet 'tox>=4'
-	PATH="$(TOX_PATH)" $(PY) -m tox -e py310,py313 $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
+	PATH="$(TOX_PATH)" $(PY) -m tox -e py310-oldest,py313 $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
 
 lint: venv
 	$(PY) -m pip install --quiet ruff

@@ -153,7 +153,6 @@ class Kickq:
         self._redis: redis.Redis | None = None
         self._redis_key: tuple[Any, ...] | None = None
         self._scripts: scripts.Scripts | None = None
-        self._lane: Lane | None = None
         self._waiters: dict[str, HotjobWaiter] = {}  # one per namespace
         _clients.add(self)
 
@@ -209,9 +208,8 @@ class Kickq:
                         client.hsetnx(meta, "events_maxlen", maxlen)
                     else:
                         client.hset(meta, "events_maxlen", maxlen)
-                self._lane = Lane(client)
                 self._redis, self._redis_key = client, ident
-                self._scripts = scripts.Scripts(client, self._lane)
+                self._scripts = scripts.Scripts(client, Lane(client))
             assert self._scripts is not None
             return self._redis, self._scripts
 
@@ -239,9 +237,6 @@ class Kickq:
             self._redis.close()
             self._redis = None
             self._scripts = None
-        if self._lane is not None:
-            self._lane.close()
-            self._lane = None
 
     def close(self) -> None:
         """Close connections; pending hotjob futures are cancelled. The client can be used again."""

@@ -1,11 +1,9 @@
 """Connections to Redis: options from the config, the version check, and error translation."""
 from __future__ import annotations
 
+import codecs
 import os
-import select
-import socket
 import threading
-import time
 import weakref
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -15,7 +13,7 @@ from redis.retry import Retry
 
 try:
     import hiredis
-except ImportError:  # optional (the `hiredis` extra): redis-py's own calls then
+except ImportError:  # optional (the `hiredis` extra): redis-py's packer then
     hiredis = None  # type: ignore[assignment]
 
 from .errors import KickqError, RedisUnavailable, RedisVersionError
@@ -76,132 +74,88 @@ def connect(settings: Mapping[str, Any], **overrides: Any) -> redis.Redis:
     return client
 
 
-_PLAIN_CONNECTIONS = (redis.connection.Connection, redis.connection.UnixDomainSocketConnection)
+def parse_version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
 
 
-def packed(conn: Any, commands: Sequence[Sequence[Any]]) -> bytes:
-    """`commands` as one write for `conn`, packed by hiredis directly where it is installed: a third
-    of the time redis-py's pack_commands takes around the same packer. An argument hiredis cannot
-    write goes to redis-py's encoder."""
-    if hiredis is not None:
+#: Before redis-py 5.3, ConnectionPool.get_connection takes a command name; from 5.3 on, passing one
+#: is deprecated.
+_GET_CONNECTION_WANTS_A_NAME = parse_version(redis.__version__) < (5, 3)
+
+
+def checkout(pool: Any) -> Any:
+    """A connection of `pool` for the caller alone, until `pool.release(conn)`. The pool connects
+    it, opens it again when the server closed it meanwhile (its idle `timeout`, a restart, CLIENT
+    KILL), and gives a forked child connections of its own."""
+    if _GET_CONNECTION_WANTS_A_NAME:
+        return pool.get_connection("EVALSHA")  # any name: the pool ignores it
+    return pool.get_connection()
+
+
+def hiredis_packs(client: redis.Redis) -> bool:
+    """Whether commands for `client` may be packed by hiredis: it is installed, and it writes text
+    as UTF-8, which must then be the client's encoding."""
+    return hiredis is not None and codecs.lookup(client.get_encoder().encoding).name == "utf-8"
+
+
+def packed(conn: Any, commands: Sequence[Sequence[Any]], by_hiredis: bool) -> list[bytes]:
+    """`commands` packed for `conn.send_packed_command`. With `by_hiredis` (see hiredis_packs) in
+    one call to hiredis.pack_command per command: redis-py's pack_commands encodes each argument in
+    Python, and a script call has 13 (a create) to 70 and more (a worker's batch) of them. A
+    finish_many call of 19 arguments: 17.4 µs against 2.1, of 73: 79.8 against 14.1 µs (redis-py
+    8.2.0, hiredis 3.5.0, 2-core AMD EPYC, 2026-12-07). An argument hiredis cannot write goes to
+    redis-py's encoder."""
+    if by_hiredis:
         try:
-            return b"".join([hiredis.pack_command(tuple(command)) for command in commands])
+            return [b"".join([hiredis.pack_command(tuple(command)) for command in commands])]
         except TypeError:
             pass
-    return b"".join(conn.pack_commands(commands))
-
-
-class _Wire:
-    """One command and its reply straight on a connected plain socket, parsed by hiredis: redis-py's
-    send_command and read_response around the same socket calls cost about 10 µs of CPU per call
-    (bench/README.md, session 9), a tenth of a create. Used once redis-py has connected the socket
-    (handshake, auth, db) and read everything it asked for; replies and errors are what redis-py
-    would give (its own error classes, its decoding). Any error closes the connection, as redis-py
-    does, so a call never reads another call's reply."""
-
-    def __init__(self, sock: socket.socket, conn: Any) -> None:
-        self.sock = sock
-        kwargs: dict[str, Any] = {"protocolError": redis.exceptions.InvalidResponse,
-                                  "replyError": conn._parser.parse_error}
-        encoder = conn.encoder
-        if encoder.decode_responses:
-            kwargs.update(encoding=encoder.encoding, errors=encoder.encoding_errors)
-        self.reader = hiredis.Reader(**kwargs)
-        self.buffer = bytearray(65536)
-
-    def execute(self, conn: Any, command: Sequence[Any], meanwhile: Callable[[], Any] | None) -> Any:
-        sock, reader = self.sock, self.reader
-        try:
-            sock.sendall(packed(conn, [command]))
-            if meanwhile is not None:
-                meanwhile()
-            reply = reader.gets()
-            while reply is False:
-                n = sock.recv_into(self.buffer)
-                if not n:
-                    raise redis.exceptions.ConnectionError("Connection closed by server.")
-                reader.feed(self.buffer, 0, n)  # type: ignore[arg-type]  # any buffer
-                reply = reader.gets()
-        except socket.timeout:
-            conn.disconnect()
-            raise redis.exceptions.TimeoutError(f"Timeout reading from {conn.host}:{conn.port}") from None
-        except OSError as exc:
-            conn.disconnect()
-            raise redis.exceptions.ConnectionError(f"Error while talking to {conn.host}:{conn.port}: "
-                                                   f"{exc}") from exc
-        except BaseException:
-            conn.disconnect()
-            raise
-        if conn.health_check_interval:
-            conn.next_health_check = time.monotonic() + conn.health_check_interval  # as redis-py
-        if isinstance(reply, Exception):  # an error reply, as parse_error classed it (not always a
-            raise reply  # ResponseError: LOADING is a BusyLoadingError, a ConnectionError)
-        return reply
+    return conn.pack_commands(commands)  # type: ignore[no-any-return]
 
 
 class Lane:
-    """Single commands on a connection of the calling thread's own, outside the client's pool.
+    """Single commands on a connection that the calling thread keeps between calls, taken from the
+    client's pool.
 
-    Creating one job is a producer's hottest call. Through redis-py's pool every command also pays
-    the checkout, the release and the command wrapper, about a sixth of a whole create on loopback
-    (bench/README.md); a connection kept per thread skips them. It is made with the pool's own
-    settings (address, auth, TLS, db, timeouts, health checks) and, like the pool, never retries:
-    a create whose reply was lost may have been applied. redis-py closes the connection on any
-    error while sending or reading, so a call never reads another call's reply; the next call
-    connects again. A process forked from this one opens its own.
+    Creating one job is a producer's hottest call. redis-py's execute_command also checks a
+    connection out of the pool and back in, runs its retry and observability wrappers, and encodes
+    each argument in Python; here the thread keeps its connection, the command is packed by
+    hiredis (see packed), and the caller's own work (`meanwhile`) runs while Redis works on it.
+
+    Before each call the connection is checked as the pool checks one it lends: connected, and
+    opened again when the server closed it (its idle `timeout`, a restart, CLIENT KILL). redis-py
+    sends its health-check PING when one is due. The connection goes back to the pool when its
+    thread ends; a forked child takes one of its own. Nothing is retried: a create whose reply was
+    lost may have been applied. redis-py closes the connection on any error while sending or
+    reading, so a call never reads another call's reply.
     """
 
-    def __init__(self, client: redis.Redis, lean: bool = True) -> None:
-        self.lean = lean  # the lean path (_Wire) where it applies; False: redis-py's calls always
-        pool = client.connection_pool
-        self._connection_class = pool.connection_class
-        self._connection_kwargs = pool.connection_kwargs
+    def __init__(self, client: redis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._by_hiredis = hiredis_packs(client)
         self._local = threading.local()
-        self._open: weakref.WeakSet[Any] = weakref.WeakSet()  # a thread's ends with the thread
-        self._lock = threading.Lock()
 
     def _connection(self) -> Any:
-        local = self._local
-        conn = getattr(local, "conn", None)
-        if conn is None or local.pid != os.getpid():
-            conn = self._connection_class(**self._connection_kwargs)
-            local.conn, local.pid = conn, os.getpid()
-            with self._lock:
-                self._open.add(conn)
-        # As the pool does before lending a connection. Connecting fails alone (one redis_timeout,
-        # not two); a connection that has something to read was closed by the server (its idle
-        # `timeout`, a restart, CLIENT KILL) and is opened again.
-        conn.connect()  # nothing to do when connected
+        held = getattr(self._local, "held", None)
+        if held is None or held.pid != os.getpid():
+            held = self._local.held = _Held(self._pool)
+            return held.conn  # checked by the pool
+        conn = held.conn
+        conn.connect()  # nothing to do when connected; fails alone, after one redis_timeout
         try:
-            if self._has_data(local, conn):
+            if conn.can_read():  # a reply nobody asked for, or the end of the file
                 raise redis.exceptions.ConnectionError("connection has data")
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
             conn.disconnect()
             conn.connect()
         return conn
 
-    @staticmethod
-    def _has_data(local: Any, conn: Any) -> bool:
-        """Whether the server wrote anything (a close is an end of file) since the last reply.
-        On a plain socket one poll(0) asks it: a sixth of the cost of redis-py's can_read(), which
-        sets the socket's timeout twice and tries a read (bench/README.md, enqueue one by one)."""
-        sock = getattr(conn, "_sock", None)
-        if type(sock) is not socket.socket or not hasattr(select, "poll"):
-            return bool(conn.can_read())  # TLS may hold decrypted bytes a poll cannot see
-        if getattr(local, "polled", None) is not sock:
-            local.poller = select.poll()
-            local.poller.register(sock, select.POLLIN)
-            local.polled = sock
-        return bool(local.poller.poll(0))
-
     def execute(self, command: Sequence[Any], meanwhile: Callable[[], Any] | None = None) -> Any:
         """Send one command and read its reply. `meanwhile()` runs once the command is sent, before
-        its reply is read: the caller's own work then overlaps Redis' (a create's Job is built so)."""
+        its reply is read: the caller's own work then overlaps Redis' (a create's Job is built so).
+        An error reply is raised as redis-py's class for it."""
         conn = self._connection()
-        wire = self._wire(conn)
-        if wire is not None:
-            return wire.execute(conn, command, meanwhile)
-        conn.send_command(*command)
+        conn.send_packed_command(packed(conn, [command], self._by_hiredis))
         if meanwhile is not None:
             try:
                 meanwhile()
@@ -210,33 +164,18 @@ class Lane:
                 raise
         return conn.read_response()
 
-    def _wire(self, conn: Any) -> "_Wire | None":
-        """The lean path to `conn`'s socket, where it applies (see _Wire); else None."""
-        if getattr(conn, "health_check_interval", 0) and time.monotonic() > conn.next_health_check:
-            conn.check_health()  # a PING after that long without a reply, as send_command does
-        local = self._local
-        sock = getattr(conn, "_sock", None)
-        wire = getattr(local, "wire", None)
-        if wire is not None and wire.sock is sock:
-            return wire  # type: ignore[no-any-return]
-        wire = None
-        # Plain TCP or Unix connections only: not TLS (its socket may hold decrypted bytes), nor
-        # redis-py's client-side cache (another class).
-        if (self.lean and hiredis is not None and type(sock) is socket.socket
-                and type(conn) in _PLAIN_CONNECTIONS and hasattr(conn, "next_health_check")):
-            wire = _Wire(sock, conn)
-        local.wire = wire
-        return wire
 
-    def close(self) -> None:
-        with self._lock:
-            conns, self._open = list(self._open), weakref.WeakSet()
-        for conn in conns:
-            conn.disconnect()
+class _Held:
+    """A thread's connection of a Lane, given back to the pool when the thread ends (which clears
+    its threading.local) or the Lane goes. Given back in a forked child, the parent's connection is
+    closed there without a shutdown of the socket the parent still uses (redis-py's fork rule)."""
 
+    __slots__ = ("conn", "pid", "__weakref__")
 
-def parse_version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
+    def __init__(self, pool: Any) -> None:
+        self.conn = checkout(pool)
+        self.pid = os.getpid()
+        weakref.finalize(self, pool.release, self.conn)
 
 
 def server_info(client: redis.Redis) -> Mapping[str, Any]:

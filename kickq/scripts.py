@@ -405,8 +405,8 @@ def parse_claim_record(record: str | None) -> list[tuple[str, str]]:
 class Scripts:
     """The scripts, run on one redis-py client: as functions of kickq's library where Redis has
     them, else by EVALSHA; either is loaded again by itself when Redis lost it (a restart, a flush).
-    With a `lane` (connection.Lane), plain calls go through it rather than the client's pool. In a
-    pipeline a script runs by EVALSHA (redis-py loads it first if need be)."""
+    With a `lane` (connection.Lane), single calls go through it rather than the client's
+    execute_command. In a pipeline a script runs by EVALSHA (redis-py loads it first if need be)."""
 
     def __init__(self, client: Any, lane: Any = None) -> None:
         self._client = client

@@ -12,7 +12,7 @@ from typing import Any
 import redis
 
 from kickq import scripts
-from kickq.connection import packed
+from kickq.connection import checkout, hiredis_packs, packed
 
 
 class Channel:
@@ -20,22 +20,20 @@ class Channel:
         self.client = client
         self.scripts = scripts.Scripts(client)  # FCALL or EVALSHA, and loading them again
         self.conn: Any = None
+        self.by_hiredis = hiredis_packs(client)  # see kickq.connection.packed
         # per call sent and not settled: (script name, (keys, args)), or ("", command args)
         self.sent: list[tuple[str, Any]] = []
 
     def _connection(self) -> Any:
         if self.conn is None:
-            pool = self.client.connection_pool
-            try:
-                self.conn = pool.get_connection()
-            except TypeError:  # redis-py 5 wants a command name
-                self.conn = pool.get_connection("EVALSHA")
+            self.conn = checkout(self.client.connection_pool)
         return self.conn
 
     def _send(self, name: str, keys_and_args: tuple[list[str], list[Any]]) -> None:
         keys, args = keys_and_args
         conn = self._connection()
-        conn.send_packed_command([packed(conn, [scripts.command(name, keys, args, self.scripts.functions)])])
+        command = scripts.command(name, keys, args, self.scripts.functions)
+        conn.send_packed_command(packed(conn, [command], self.by_hiredis))
 
     def send(self, name: str, keys_and_args: tuple[list[str], list[Any]]) -> None:
         """Send a script call; its reply comes with the next `settle`."""
@@ -50,7 +48,7 @@ class Channel:
         """Send plain commands in one write; their replies come with the next `settle`."""
         try:
             conn = self._connection()
-            conn.send_packed_command([packed(conn, commands)])
+            conn.send_packed_command(packed(conn, commands, self.by_hiredis))
         except BaseException:
             self.reset()
             raise
