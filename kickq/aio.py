@@ -55,8 +55,8 @@ from redis.backoff import NoBackoff
 from . import observe, payload, scripts
 from .aio_hotjob import AsyncHotjobWaiter, aclose_client
 from .backoff import Backoff
-from .client import (_CREATE_CHUNK, Prepared, item_triples, prepare, resolve, schedule_entry,
-                     schedule_record, schedule_ticks)
+from .client import (_CREATE_CHUNK, Prepared, events_maxlen_command, item_triples, prepare, resolve,
+                     schedule_entry, schedule_record, schedule_ticks)
 from .config import current, merge_settings, normalise_job_options, on_reset, validate_settings, version
 from .connection import async_server_info, check_version, client_options, make_client, redis_errors
 from .errors import JobNotFound, KickqError
@@ -331,8 +331,7 @@ class Kickq:
                     try:
                         with redis_errors(settings):
                             check_version(await async_server_info(client))
-                            await client.hset(Keys(settings["redis_namespace"]).meta, "events_maxlen",
-                                              int(settings["events_maxlen"]))
+                            await client.execute_command(*events_maxlen_command(settings))
                     except BaseException:
                         await aclose_client(client)
                         raise

@@ -141,6 +141,14 @@ def schedule_entry(sid: str, text: str) -> dict[str, Any]:
     return entry
 
 
+
+def events_maxlen_command(settings: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The write a client makes when it connects: its events_maxlen into the namespace's meta hash,
+    which the scripts read. An explicit setting wins; the default never overwrites another client's."""
+    maxlen = int(settings["events_maxlen"])
+    verb = "HSETNX" if maxlen == GLOBAL_DEFAULTS["events_maxlen"] else "HSET"
+    return (verb, Keys(settings["redis_namespace"]).meta, "events_maxlen", maxlen)
+
 class Kickq:
     """A client. `Kickq(**overrides)` takes any global config key; the global config is read at each
     call, so `kickq.config()` changes made later apply too."""
@@ -201,13 +209,7 @@ class Kickq:
                 client = connect(settings)
                 with redis_errors(settings):
                     check_version(server_info(client))
-                    # An explicit setting wins; the default never overwrites another client's.
-                    maxlen = int(settings["events_maxlen"])
-                    meta = Keys(settings["redis_namespace"]).meta
-                    if maxlen == GLOBAL_DEFAULTS["events_maxlen"]:
-                        client.hsetnx(meta, "events_maxlen", maxlen)
-                    else:
-                        client.hset(meta, "events_maxlen", maxlen)
+                    client.execute_command(*events_maxlen_command(settings))
                 self._redis, self._redis_key = client, ident
                 self._scripts = scripts.Scripts(client, Lane(client))
             assert self._scripts is not None

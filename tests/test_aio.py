@@ -913,3 +913,17 @@ def test_async_schedules_share_the_sync_machinery(kq_config):
     [nightly] = sync.schedules()
     assert nightly["cron"] == "0 3 * * *" and nightly["pending_job_id"] is not None
     assert sync.get(nightly["pending_job_id"]).scheduled_for == nightly["next_run"]
+
+
+def test_a_default_asyncio_client_does_not_reset_an_explicit_events_maxlen(kq_config, namespace):
+    """The asyncio client writes its events_maxlen as the sync client does: an explicit setting wins,
+    the default never overwrites another client's."""
+    kickq.Kickq(events_maxlen=7).create("a")
+
+    async def main() -> None:
+        async with Kickq() as client:
+            await client.create("a")
+
+    arun(main)
+    r = kickq.Kickq().redis
+    assert r.hget("{" + namespace + "}:meta", "events_maxlen") == "7"
