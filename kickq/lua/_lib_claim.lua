@@ -49,8 +49,10 @@ local function claim_job(P, id, name, now, claimer, prefetched, packed)
     writes[n + 5] = 'owner'; writes[n + 6] = claimer
   elseif claimer ~= '' then
     -- The claimer owns the run: after Redis lost its data, ids and attempts start again at 1,
-    -- and only the owner tells a new job 1 from the old one a late finish was for.
+    -- and only the owner tells a new job 1 from the old one a late finish was for. 'at_once' tells
+    -- abandon this run_start from one a start mark wrote (a claim ahead).
     writes[n + 5] = 'run_start'; writes[n + 6] = now; writes[n + 7] = 'owner'; writes[n + 8] = claimer
+    writes[n + 9] = 'at_once'; writes[n + 10] = '1'
   else
     writes[n + 5] = 'run_start'; writes[n + 6] = now
   end
@@ -142,7 +144,7 @@ local function release(P, id, now)
   local name = rcall('HGET', jk, 'name')
   rcall('ZREM', P .. 'processing', id)
   rcall('HSET', jk, 'state', 'queued', 'update_time', int_text(now))
-  rcall('HDEL', jk, 'run_start', 'owner')
+  rcall('HDEL', jk, 'run_start', 'owner', 'at_once')
   note(P, id, name, 'processing', 'queued', 'released', now)
   rcall('LPUSH', P .. 'queue:' .. name, id)
   rcall('RPUSH', P .. 'wake:' .. name, '1')

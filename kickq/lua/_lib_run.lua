@@ -64,7 +64,7 @@ local function end_run(P, id, now, outcome, result, err, run_ms, read)
   local run = {count = #runs + 1, start = start, time = now - start, state = outcome,
                error = outcome ~= 'success' and err or cjson.null}
   runs[#runs + 1] = run
-  rcall('HDEL', jk, 'run_start', 'owner')
+  rcall('HDEL', jk, 'run_start', 'owner', 'at_once')
   -- Everything the run's end writes to the hash goes in one HSET, with the new state's fields.
   local fields = {'runs', encode_runs(runs)}
   if outcome ~= 'success' then

@@ -12,9 +12,10 @@
   First the worker's idle registration ends and its journal is applied (see apply_journal in
   _lib_journal.lua), then the runs above; jobs still in its inbox never reached it and are given
   back.
-  Every job named by P.."claim:"..claimer that is still processing under that claim: a prefetched
-  one (no 'run_start') never started (the master ghosts a run it saw start, token-checked, before
-  this), so it goes back to the front of its queue; one claimed to start at once is ghosted.
+  Every job named by P.."claim:"..claimer that is still processing under that claim: one claimed
+  ahead never started (the master ghosts a run it saw start, token-checked, before this; a start
+  mark a finish_many applied may precede a start the worker did not live to make), so it goes back
+  to the front of its queue; one claimed to start at once ('at_once') is ghosted.
   Everything is checked against token and owner: repeats, and jobs that moved on, are left alone.
 ]]
 local P = ARGV[1]
@@ -33,8 +34,8 @@ if record then
   -- Last first: each goes to the front of its queue, so they keep their order there.
   for i = #parts - 1, 1, -2 do
     local id, token = parts[i], parts[i + 1]
-    local _, mine = owns(P, id, token, claimer)
-    if mine and rcall('HEXISTS', P .. 'job:' .. id, 'run_start') == 0 then
+    local _, mine, read = owns(P, id, token, claimer, {'at_once'})
+    if mine and not read[1] then
       release(P, id, now)
       given_back = given_back + 1
     elseif mine then
