@@ -294,6 +294,22 @@ def test_a_finished_run_whose_outcome_the_master_does_not_hold_is_ghosted(h):
     assert [item[1] for item in h.lost] == ["7"] and "saving the outcome" in h.lost[0][3]
 
 
+def test_a_run_whose_big_outcome_was_not_saved_is_ghosted_after_the_next_start_replaced_it(h):
+    """The F of a run whose outcome is too big for the pipe comes with the next job's S; the outcome
+    leaves in the worker's next call. A worker that dies before it has a run that ended and a run
+    told started: the first goes to the abandon as a ghost (token-checked: harmless if Redis has its
+    outcome), so a job that ran is never given back as one that never began."""
+    settled = []
+    h.arbiter.lost_claim = lambda slot, error: settled.append(dict(slot.unsaved))
+    slot = h.arbiter.slots[0]
+    pid = slot.pid
+    h.start(slot, "7", timeout=5.0)
+    h.arbiter.on_data(slot, f"F 7 success 0.002\nS 8 1 {h.ops.now:.6f} 5.0 w\n".encode())
+    h.die(pid, signalled(signal.SIGKILL))
+    assert [item[1] for item in h.lost] == ["8"]  # told started: ghosted by the master
+    assert settled[0]["7"][:3] == ("1", "ghost", "worker died while saving the outcome")
+
+
 def test_a_grandchild_group_still_gets_the_kill_when_the_worker_died_of_the_term(h):
     slot = h.arbiter.slots[0]
     pid = slot.pid

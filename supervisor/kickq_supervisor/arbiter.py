@@ -22,6 +22,7 @@ log = logging.getLogger("kickq.master")
 
 TIMED_OUT = "processing timed out"
 QUICK_STOP = "supervisor stopped quickly (second INT) while the job ran"
+OUTCOME_LOST = "worker died while saving the outcome"
 POLL_INTERVAL = 0.01  # how often the master reads the workers' pipes while any worker runs
 CRASH_WINDOW = 1.0  # a worker that dies younger than this counts towards crash-loop backoff
 MAX_BACKOFF = 10.0
@@ -209,10 +210,14 @@ class Arbiter:
                 return
             self._observe("run", slot, name=run.name, outcome=message.outcome, seconds=message.seconds)
             if message.payload is None:
-                return
-            run.retained = True
-            slot.unsaved[message.job_id] = (run.token, message.outcome, message.payload, message.seconds,
-                                            self.ops.monotonic())
+                # Its outcome was too big for the pipe and leaves in the worker's next call. Should the
+                # worker die before Redis has it, the run is ghosted, not taken for one that never began:
+                # by then the next job's start may have replaced it as the slot's run.
+                unsaved = (run.token, "ghost", OUTCOME_LOST, message.seconds, self.ops.monotonic())
+            else:
+                run.retained = True
+                unsaved = (run.token, message.outcome, message.payload, message.seconds, self.ops.monotonic())
+            slot.unsaved[message.job_id] = unsaved
             if len(slot.unsaved) > UNSAVED_KEPT:
                 del slot.unsaved[next(iter(slot.unsaved))]
 

@@ -408,11 +408,12 @@ class WorkerCore:
         # that publishes it is short; the next claim follows once its reply is read (_refill).
         alone = done.urgent and not self.hand
         want = batch if claim and low and not refilling and not alone else 0
-        # The next job's start mark rides along (see _mark_start): no write of its own. None when
-        # this job is the last (the worker retires, and gives back what it holds).
+        # The next job's start mark rides along (see _mark_start): no write of its own. None for a job
+        # that will not start: this one is the last (the worker retires and gives back what it holds),
+        # or the next waited too long (given back): a mark Redis has would make a lost run of it a ghost.
         upcoming = self.hand[0] if self.hand and claim else None
         to_mark = upcoming if upcoming is not None and upcoming.prefetched \
-            and upcoming.job_id not in self.journal.marked else None
+            and upcoming.job_id not in self.journal.marked and not self._waited_too_long(upcoming) else None
         marks = [self._start_mark(to_mark)] if to_mark is not None else []
         marked = (to_mark.job_id,) if to_mark is not None else ()
         if want or done.urgent or self.unsaved:

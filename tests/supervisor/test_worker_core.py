@@ -368,6 +368,18 @@ def test_a_batch_read_late_counts_its_wait_from_the_claim():
     assert s.started == ["1", "2", "3", "4", "5"]
 
 
+def test_no_start_mark_goes_for_a_job_that_waited_too_long_to_start():
+    s = Steps()
+    batch(s, ["2", "3", "4", "5"])
+    s.run_job(seconds=MAX_PREFETCH_WAIT + 0.05)  # job 2 is slow: the rest of the batch is too old
+    assert [m.job_id for m in s.tell()] == ["2"]  # no start told ahead
+    (push,) = s.sends()
+    assert journal(push) == [["2", "1", "success"]]  # and no start mark: job 3 will not start
+    s.settle()
+    back = s.step(Send).call
+    assert isinstance(back, FinishMany) and back.give_back == [(i, 1) for i in "345"]
+
+
 def test_a_lost_claim_found_again_counts_its_wait_from_the_claim():
     s = Steps()
     s.step(ShowIdle)
