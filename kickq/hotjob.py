@@ -26,8 +26,6 @@ import heapq
 import json
 import logging
 import os
-import selectors
-import socket
 import threading
 import time
 import weakref
@@ -123,38 +121,26 @@ if hasattr(os, "register_at_fork"):
 
 
 class _Subscription(NamedTuple):
-    pubsub: Any  # redis.client.PubSub
-    sock: socket.socket  # its connection's socket when it subscribed
-    selector: selectors.BaseSelector  # that socket and the nudge socket
+    pubsub: Any  # redis.client.PubSub, its subscribe confirmed
 
-    def read(self, deliver: Callable[[str, dict[str, Any]], None],
-             until_done: Future[Job] | None = None) -> None:
-        """Deliver every message that can be read without waiting (also one the parser holds
-        already, which the socket's readiness would not show), or those up to `until_done`'s."""
-        connection = self.pubsub.connection
-        if connection is None or connection._sock is not self.sock:
-            # redis-py connected again on its own: what was published in between is lost to us.
-            raise redis.exceptions.ConnectionError("the subscription's connection was replaced")
-        while True:
-            # Called even when nothing is readable: it sends redis-py's health-check PING when one
-            # is due, without which a silently dead connection would go unnoticed while idle.
-            message = self.pubsub.get_message(timeout=0)
-            if message and message.get("type") == "message":
+    def read(self, deliver: Callable[[str, dict[str, Any]], None], seconds: float,
+             enough: Callable[[], bool]) -> None:
+        """Wait up to `seconds` for a message, then deliver it and every one that follows without
+        waiting, until `enough()` says so after one."""
+        # Each get_message() first sends redis-py's health-check PING when one is due, without
+        # which a silently dead connection would go unnoticed while idle.
+        message = self.pubsub.get_message(timeout=seconds)
+        while message is not None:
+            kind = message.get("type")
+            if kind == "message":
                 deliver(*parse_message(message["data"]))
-                if until_done is not None and until_done.done():
+                if enough():
                     return
-            if not connection.can_read(timeout=0):
-                return
-
-    def wait(self, nudge: socket.socket, seconds: float) -> None:
-        """Until the socket is readable, a nudge comes, or `seconds` pass."""
-        for key, _ in self.selector.select(seconds):
-            if key.fileobj is nudge:
-                try:
-                    while nudge.recv(64):
-                        pass
-                except OSError:  # drained
-                    pass
+            elif kind == "subscribe":
+                # redis-py connected again on its own and subscribed anew (PubSub.on_connect): what
+                # was published in between is lost to us.
+                raise redis.exceptions.ConnectionError("the subscription's connection was replaced")
+            message = self.pubsub.get_message(timeout=0)
 
 
 class HotjobWaiter:
@@ -187,12 +173,9 @@ class HotjobWaiter:
         # clears it before letting go, so no one reads it again; the subscriber thread then
         # subscribes anew and re-reads the pending jobs.
         self._subscription: _Subscription | None = None
-        self._leading = False
+        self._leading = False  # a thread in lead() reads, or waits to
+        self._leader_reads = False  # it reads
         self._lead_over = threading.Condition(self._lock)
-        # A byte on it makes the subscriber thread leave its wait and give the leader its place.
-        self._nudge_out, self._nudge_in = socket.socketpair()
-        self._nudge_out.setblocking(False)
-        self._nudge_in.setblocking(False)
 
     def _forked(self) -> None:
         """In a child process, right after the fork: only the forking thread came along. The
@@ -200,21 +183,14 @@ class HotjobWaiter:
         subscription's socket is the parent's (reading it would take the parent's messages).
         So everything the threads use is made anew, as at the start; the jobs pending at the fork
         stay pending: the new subscriber re-reads them from Redis, the new timer fails them at
-        their deadline. The parent's sockets are left to it: only this process' descriptors of
-        the nudge pair and the selector are closed (redis-py closes a connection made by another
-        process without shutting it down)."""
+        their deadline. The parent's subscription is left to it (redis-py closes a connection made
+        by another process without shutting it down)."""
         stopping = self._stopping.is_set()
-        subscription, nudges = self._subscription, (self._nudge_out, self._nudge_in)
         self._stopping = threading.Event()
         if stopping:
             self._stopping.set()
         self._early.clear()  # kept for creates of threads that are not in this process
         self._start_afresh()
-        for closable in (*nudges, *((subscription.selector,) if subscription else ())):
-            try:
-                closable.close()
-            except OSError:
-                pass
 
     def _in_this_process(self) -> None:
         """Start afresh if this process was forked without the at-fork hook running (a fork made
@@ -291,22 +267,23 @@ class HotjobWaiter:
                 return
             self._leading = True
         try:
-            if not self._reading.acquire(blocking=False):  # the subscriber thread is reading
-                self._nudge()
-                if not self._reading.acquire(timeout=max(0.0, until - time.monotonic())):
-                    return
+            # The subscriber thread, if it is reading, lets go after the next message it delivers
+            # (maybe this future's) or when its wait of at most POLL_SECONDS ends.
+            if not self._reading.acquire(timeout=max(0.0, until - time.monotonic())):
+                return
+            self._leader_reads = True
             try:
                 subscription = self._subscription
                 while subscription is not None and not (future.done() or self._stopping.is_set()):
-                    subscription.read(self._deliver, future)
                     left = until - time.monotonic()
-                    if future.done() or left <= 0:
+                    if left <= 0:
                         break
-                    subscription.wait(self._nudge_in, min(left, POLL_SECONDS))
+                    subscription.read(self._deliver, min(left, POLL_SECONDS), future.done)
             except Exception as exc:  # the subscriber thread subscribes again and re-reads
                 log.debug("hotjob waiter lost the subscription (%s)", exc)
                 self._subscription = None
             finally:
+                self._leader_reads = False
                 self._reading.release()
         finally:
             with self._lock:
@@ -316,10 +293,13 @@ class HotjobWaiter:
                 if self._pending or self._creating or self._subscription is None:
                     self._lead_over.notify_all()
 
+    def _lead_waits(self) -> bool:
+        """Whether a thread waits in lead() for the subscriber thread to let go of the subscription."""
+        return self._leading
+
     def close(self) -> None:
         self._in_this_process()
         self._stopping.set()
-        self._nudge()
         with self._lock:
             self._deadline_changed.notify()
             self._lead_over.notify_all()
@@ -330,15 +310,6 @@ class HotjobWaiter:
                 future.cancel()
         for thread in self._threads:
             thread.join(timeout=2)
-        if not any(thread.is_alive() for thread in self._threads):
-            self._nudge_out.close()
-            self._nudge_in.close()
-
-    def _nudge(self) -> None:
-        try:
-            self._nudge_out.send(b"!")
-        except OSError:  # full (a wake-up is pending anyway) or closed
-            pass
 
     # --- outcomes ----------------------------------------------------------------------------------
 
@@ -403,14 +374,7 @@ class HotjobWaiter:
                     confirmed = pubsub.get_message(timeout=self._timeout)
                     if confirmed is None:
                         raise redis.exceptions.TimeoutError("no subscribe confirmation")
-                connection = pubsub.connection
-                sock = connection._sock if connection is not None else None
-                if sock is None:
-                    raise redis.exceptions.ConnectionError("subscribed, but its connection is gone")
-                selector = selectors.DefaultSelector()
-                selector.register(sock, selectors.EVENT_READ)
-                selector.register(self._nudge_in, selectors.EVENT_READ)
-                subscription = _Subscription(pubsub, sock, selector)
+                subscription = _Subscription(pubsub)
                 with self._reading:
                     self._subscription = subscription
                 with self._lock:
@@ -428,8 +392,7 @@ class HotjobWaiter:
                             raise redis.exceptions.ConnectionError("lost while another thread read it")
                         if not self._leading:
                             try:
-                                subscription.read(self._deliver)
-                                subscription.wait(self._nudge_in, POLL_SECONDS)
+                                subscription.read(self._deliver, POLL_SECONDS, self._lead_waits)
                             except Exception:
                                 self._subscription = None  # before letting go: no one reads it again
                                 raise
@@ -440,8 +403,6 @@ class HotjobWaiter:
             finally:
                 with self._reading:
                     self._subscription = None
-                if subscription is not None:
-                    subscription.selector.close()
                 if pubsub is not None:
                     try:
                         pubsub.close()

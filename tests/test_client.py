@@ -496,7 +496,7 @@ def test_many_hotjobs_share_two_threads(kq, worker):
 
 def wait_for_a_reader(kq, namespace):
     """Until a thread waiting in result() reads the hotjob subscription of `namespace`."""
-    wait_until(lambda: kq._waiters[namespace]._leading, timeout=5, message="a waiting thread reads")
+    wait_until(lambda: kq._waiters[namespace]._leader_reads, timeout=5, message="a waiting thread reads")
 
 
 def test_the_waiting_thread_reads_its_own_answer(kq, worker, monkeypatch):
