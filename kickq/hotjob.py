@@ -4,15 +4,25 @@ Every hotjob's final state is published on the namespace's `done` channel with t
 (see finalise in lua/_lib_run.lua). The waiter subscribes *before* the job is created, so a completion
 cannot slip past; a completion that arrives before the creator registered its future is kept for
 a while in `_early`; after a reconnect every pending job is re-read from Redis, because messages
-sent while disconnected are gone. Deadlines are kept by the timer thread, so no future outlives
-its hotjob_timeout whatever the subscriber is doing.
+sent while disconnected are gone. redis-py may itself connect the subscription again and subscribe
+it anew: a subscribe confirmation after the first tells so, and the waiter starts over as after any
+loss. Deadlines are kept by the timer thread, so no future outlives its hotjob_timeout whatever
+the subscriber is doing. redis-py is used through its public API only: the subscription is read
+with PubSub.get_message(timeout), which waits at most POLL_SECONDS and which nothing else can cut
+short.
 
 A thread that blocks in a promise's result() reads the subscription itself while it waits (one
-such thread at a time; the subscriber thread steps aside until it is done): its answer then wakes
-it straight from the socket, instead of waking the subscriber thread, which would wake it in turn.
-From the message read to result() returning: 0.075-0.098 ms, against 0.143-0.188 ms through the
-subscriber thread, in a 2.5-3 ms idle round trip (2026-11-29, a 2-core AMD EPYC VM: 300 hotjobs
-5 ms apart through a supervisor of 2 workers, each timed in the producer).
+such thread at a time): its answer then wakes it straight from the socket, instead of waking the
+subscriber thread, which would wake it in turn. The subscriber thread steps aside for it after the
+next message it delivers or when its wait ends, and reads again when it is done; an answer that
+comes before then is relayed by the subscriber thread. 300 hotjobs 5 ms apart through a supervisor
+of 2 workers, each timed in the producer (2026-12-07, a 2-core AMD EPYC VM, 3 runs): 93-94% read
+by the waiting thread, 0.070-0.080 ms (medians) from the message read to result() returning; the
+others relayed, 0.11-0.23 ms. Measured and left out: cutting the subscriber thread's wait short
+through a socket pair polled with the connection's socket (a private attribute of redis-py), so
+that every answer is read by its waiting thread: over 12 alternated pairs of such runs the round
+trip's p50 was 2.16-2.86 ms with it, 2.29-2.93 ms without (medians 2.61 and 2.53): within one run's
+spread of the next. It made close() return in 1 ms instead of up to POLL_SECONDS.
 
 A process forked from one whose waiter ran (gunicorn --preload, a multiprocessing pool) has none
 of its threads and holds copies of its locks (held, if another thread held them at the fork) and
@@ -43,7 +53,8 @@ log = logging.getLogger("kickq.hotjob")
 
 EARLY_KEEP_SECONDS = 60.0
 #: How long the subscriber blocks for a message before it checks whether it should stop: the bound
-#: on how long close() (and kickq.reset()) waits for it.
+#: on how long close() (and kickq.reset()) waits for it, and on how long a thread in result()
+#: waits for it to step aside.
 POLL_SECONDS = 0.1
 #: The timer thread wakes at least this often while it has nothing earlier to do, so that a new
 #: deadline later than its next wake-up needs no wake-up of its own: a create then costs no thread
@@ -124,9 +135,9 @@ class _Subscription(NamedTuple):
     pubsub: Any  # redis.client.PubSub, its subscribe confirmed
 
     def read(self, deliver: Callable[[str, dict[str, Any]], None], seconds: float,
-             enough: Callable[[], bool]) -> None:
-        """Wait up to `seconds` for a message, then deliver it and every one that follows without
-        waiting, until `enough()` says so after one."""
+             until_done: Future[Job] | None = None) -> None:
+        """Wait up to `seconds` for a message, then deliver it and every one that can be read
+        without waiting, or those up to `until_done`'s."""
         # Each get_message() first sends redis-py's health-check PING when one is due, without
         # which a silently dead connection would go unnoticed while idle.
         message = self.pubsub.get_message(timeout=seconds)
@@ -134,7 +145,7 @@ class _Subscription(NamedTuple):
             kind = message.get("type")
             if kind == "message":
                 deliver(*parse_message(message["data"]))
-                if enough():
+                if until_done is not None and until_done.done():
                     return
             elif kind == "subscribe":
                 # redis-py connected again on its own and subscribed anew (PubSub.on_connect): what
@@ -267,8 +278,8 @@ class HotjobWaiter:
                 return
             self._leading = True
         try:
-            # The subscriber thread, if it is reading, lets go after the next message it delivers
-            # (maybe this future's) or when its wait of at most POLL_SECONDS ends.
+            # The subscriber thread, if it is reading, lets go once it has delivered the next
+            # message (maybe this future's) or when its wait of at most POLL_SECONDS ends.
             if not self._reading.acquire(timeout=max(0.0, until - time.monotonic())):
                 return
             self._leader_reads = True
@@ -278,7 +289,7 @@ class HotjobWaiter:
                     left = until - time.monotonic()
                     if left <= 0:
                         break
-                    subscription.read(self._deliver, min(left, POLL_SECONDS), future.done)
+                    subscription.read(self._deliver, min(left, POLL_SECONDS), future)
             except Exception as exc:  # the subscriber thread subscribes again and re-reads
                 log.debug("hotjob waiter lost the subscription (%s)", exc)
                 self._subscription = None
@@ -293,11 +304,10 @@ class HotjobWaiter:
                 if self._pending or self._creating or self._subscription is None:
                     self._lead_over.notify_all()
 
-    def _lead_waits(self) -> bool:
-        """Whether a thread waits in lead() for the subscriber thread to let go of the subscription."""
-        return self._leading
-
     def close(self) -> None:
+        """Cancel the pending futures, stop both threads and close the subscription. The subscriber
+        thread (and a thread reading in result()) sees the stop when its wait for a message ends:
+        within POLL_SECONDS, as no public call of redis-py cuts that wait short."""
         self._in_this_process()
         self._stopping.set()
         with self._lock:
@@ -392,7 +402,7 @@ class HotjobWaiter:
                             raise redis.exceptions.ConnectionError("lost while another thread read it")
                         if not self._leading:
                             try:
-                                subscription.read(self._deliver, POLL_SECONDS, self._lead_waits)
+                                subscription.read(self._deliver, POLL_SECONDS)
                             except Exception:
                                 self._subscription = None  # before letting go: no one reads it again
                                 raise
