@@ -16,13 +16,13 @@ such thread at a time): its answer then wakes it straight from the socket, inste
 subscriber thread, which would wake it in turn. The subscriber thread steps aside for it after the
 next message it delivers or when its wait ends, and reads again when it is done; an answer that
 comes before then is relayed by the subscriber thread. 300 hotjobs 5 ms apart through a supervisor
-of 2 workers, each timed in the producer (2026-12-07, a 2-core AMD EPYC VM, 3 runs): 93-94% read
+of 2 workers, each timed in the producer (2026-12-07, a 2-core AMD EPYC VM, 6 runs): 93-95% read
 by the waiting thread, 0.070-0.080 ms (medians) from the message read to result() returning; the
 others relayed, 0.11-0.23 ms. Measured and left out: cutting the subscriber thread's wait short
 through a socket pair polled with the connection's socket (a private attribute of redis-py), so
-that every answer is read by its waiting thread: over 12 alternated pairs of such runs the round
-trip's p50 was 2.16-2.86 ms with it, 2.29-2.93 ms without (medians 2.61 and 2.53): within one run's
-spread of the next. It made close() return in 1 ms instead of up to POLL_SECONDS.
+that every answer is read by its waiting thread: over 16 alternated pairs of such runs the round
+trip's p50 was 1.90-2.86 ms with it, 1.87-2.93 ms without (medians 2.49 and 2.47): within one run's
+spread of the next. It made close() return in about 1 ms instead of about POLL_SECONDS.
 
 A process forked from one whose waiter ran (gunicorn --preload, a multiprocessing pool) has none
 of its threads and holds copies of its locks (held, if another thread held them at the fork) and
