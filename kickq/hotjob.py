@@ -4,15 +4,25 @@ Every hotjob's final state is published on the namespace's `done` channel with t
 (see finalise in lua/_lib_run.lua). The waiter subscribes *before* the job is created, so a completion
 cannot slip past; a completion that arrives before the creator registered its future is kept for
 a while in `_early`; after a reconnect every pending job is re-read from Redis, because messages
-sent while disconnected are gone. Deadlines are kept by the timer thread, so no future outlives
-its hotjob_timeout whatever the subscriber is doing.
+sent while disconnected are gone. redis-py may itself connect the subscription again and subscribe
+it anew: a subscribe confirmation after the first tells so, and the waiter starts over as after any
+loss. Deadlines are kept by the timer thread, so no future outlives its hotjob_timeout whatever
+the subscriber is doing. redis-py is used through its public API only: the subscription is read
+with PubSub.get_message(timeout), which waits at most POLL_SECONDS and which nothing else can cut
+short.
 
 A thread that blocks in a promise's result() reads the subscription itself while it waits (one
-such thread at a time; the subscriber thread steps aside until it is done): its answer then wakes
-it straight from the socket, instead of waking the subscriber thread, which would wake it in turn.
-From the message read to result() returning: 0.075-0.098 ms, against 0.143-0.188 ms through the
-subscriber thread, in a 2.5-3 ms idle round trip (2026-11-29, a 2-core AMD EPYC VM: 300 hotjobs
-5 ms apart through a supervisor of 2 workers, each timed in the producer).
+such thread at a time): its answer then wakes it straight from the socket, instead of waking the
+subscriber thread, which would wake it in turn. The subscriber thread steps aside for it after the
+next message it delivers or when its wait ends, and reads again when it is done; an answer that
+comes before then is relayed by the subscriber thread. 300 hotjobs 5 ms apart through a supervisor
+of 2 workers, each timed in the producer (2026-12-07, a 2-core AMD EPYC VM, 6 runs): 93-95% read
+by the waiting thread, 0.070-0.080 ms (medians) from the message read to result() returning; the
+others relayed, 0.11-0.23 ms. Measured and left out: cutting the subscriber thread's wait short
+through a socket pair polled with the connection's socket (a private attribute of redis-py), so
+that every answer is read by its waiting thread: over 16 alternated pairs of such runs the round
+trip's p50 was 1.90-2.86 ms with it, 1.87-2.93 ms without (medians 2.49 and 2.47): within one run's
+spread of the next. It made close() return in about 1 ms instead of about POLL_SECONDS.
 
 A process forked from one whose waiter ran (gunicorn --preload, a multiprocessing pool) has none
 of its threads and holds copies of its locks (held, if another thread held them at the fork) and
@@ -26,8 +36,6 @@ import heapq
 import json
 import logging
 import os
-import selectors
-import socket
 import threading
 import time
 import weakref
@@ -45,7 +53,8 @@ log = logging.getLogger("kickq.hotjob")
 
 EARLY_KEEP_SECONDS = 60.0
 #: How long the subscriber blocks for a message before it checks whether it should stop: the bound
-#: on how long close() (and kickq.reset()) waits for it.
+#: on how long close() (and kickq.reset()) waits for it, and on how long a thread in result()
+#: waits for it to step aside.
 POLL_SECONDS = 0.1
 #: The timer thread wakes at least this often while it has nothing earlier to do, so that a new
 #: deadline later than its next wake-up needs no wake-up of its own: a create then costs no thread
@@ -123,38 +132,26 @@ if hasattr(os, "register_at_fork"):
 
 
 class _Subscription(NamedTuple):
-    pubsub: Any  # redis.client.PubSub
-    sock: socket.socket  # its connection's socket when it subscribed
-    selector: selectors.BaseSelector  # that socket and the nudge socket
+    pubsub: Any  # redis.client.PubSub, its subscribe confirmed
 
-    def read(self, deliver: Callable[[str, dict[str, Any]], None],
+    def read(self, deliver: Callable[[str, dict[str, Any]], None], seconds: float,
              until_done: Future[Job] | None = None) -> None:
-        """Deliver every message that can be read without waiting (also one the parser holds
-        already, which the socket's readiness would not show), or those up to `until_done`'s."""
-        connection = self.pubsub.connection
-        if connection is None or connection._sock is not self.sock:
-            # redis-py connected again on its own: what was published in between is lost to us.
-            raise redis.exceptions.ConnectionError("the subscription's connection was replaced")
-        while True:
-            # Called even when nothing is readable: it sends redis-py's health-check PING when one
-            # is due, without which a silently dead connection would go unnoticed while idle.
-            message = self.pubsub.get_message(timeout=0)
-            if message and message.get("type") == "message":
+        """Wait up to `seconds` for a message, then deliver it and every one that can be read
+        without waiting, or those up to `until_done`'s."""
+        # Each get_message() first sends redis-py's health-check PING when one is due, without
+        # which a silently dead connection would go unnoticed while idle.
+        message = self.pubsub.get_message(timeout=seconds)
+        while message is not None:
+            kind = message.get("type")
+            if kind == "message":
                 deliver(*parse_message(message["data"]))
                 if until_done is not None and until_done.done():
                     return
-            if not connection.can_read(timeout=0):
-                return
-
-    def wait(self, nudge: socket.socket, seconds: float) -> None:
-        """Until the socket is readable, a nudge comes, or `seconds` pass."""
-        for key, _ in self.selector.select(seconds):
-            if key.fileobj is nudge:
-                try:
-                    while nudge.recv(64):
-                        pass
-                except OSError:  # drained
-                    pass
+            elif kind == "subscribe":
+                # redis-py connected again on its own and subscribed anew (PubSub.on_connect): what
+                # was published in between is lost to us.
+                raise redis.exceptions.ConnectionError("the subscription's connection was replaced")
+            message = self.pubsub.get_message(timeout=0)
 
 
 class HotjobWaiter:
@@ -187,12 +184,9 @@ class HotjobWaiter:
         # clears it before letting go, so no one reads it again; the subscriber thread then
         # subscribes anew and re-reads the pending jobs.
         self._subscription: _Subscription | None = None
-        self._leading = False
+        self._leading = False  # a thread in lead() reads, or waits to
+        self._leader_reads = False  # it reads
         self._lead_over = threading.Condition(self._lock)
-        # A byte on it makes the subscriber thread leave its wait and give the leader its place.
-        self._nudge_out, self._nudge_in = socket.socketpair()
-        self._nudge_out.setblocking(False)
-        self._nudge_in.setblocking(False)
 
     def _forked(self) -> None:
         """In a child process, right after the fork: only the forking thread came along. The
@@ -200,21 +194,14 @@ class HotjobWaiter:
         subscription's socket is the parent's (reading it would take the parent's messages).
         So everything the threads use is made anew, as at the start; the jobs pending at the fork
         stay pending: the new subscriber re-reads them from Redis, the new timer fails them at
-        their deadline. The parent's sockets are left to it: only this process' descriptors of
-        the nudge pair and the selector are closed (redis-py closes a connection made by another
-        process without shutting it down)."""
+        their deadline. The parent's subscription is left to it (redis-py closes a connection made
+        by another process without shutting it down)."""
         stopping = self._stopping.is_set()
-        subscription, nudges = self._subscription, (self._nudge_out, self._nudge_in)
         self._stopping = threading.Event()
         if stopping:
             self._stopping.set()
         self._early.clear()  # kept for creates of threads that are not in this process
         self._start_afresh()
-        for closable in (*nudges, *((subscription.selector,) if subscription else ())):
-            try:
-                closable.close()
-            except OSError:
-                pass
 
     def _in_this_process(self) -> None:
         """Start afresh if this process was forked without the at-fork hook running (a fork made
@@ -291,22 +278,23 @@ class HotjobWaiter:
                 return
             self._leading = True
         try:
-            if not self._reading.acquire(blocking=False):  # the subscriber thread is reading
-                self._nudge()
-                if not self._reading.acquire(timeout=max(0.0, until - time.monotonic())):
-                    return
+            # The subscriber thread, if it is reading, lets go once it has delivered the next
+            # message (maybe this future's) or when its wait of at most POLL_SECONDS ends.
+            if not self._reading.acquire(timeout=max(0.0, until - time.monotonic())):
+                return
+            self._leader_reads = True
             try:
                 subscription = self._subscription
                 while subscription is not None and not (future.done() or self._stopping.is_set()):
-                    subscription.read(self._deliver, future)
                     left = until - time.monotonic()
-                    if future.done() or left <= 0:
+                    if left <= 0:
                         break
-                    subscription.wait(self._nudge_in, min(left, POLL_SECONDS))
+                    subscription.read(self._deliver, min(left, POLL_SECONDS), future)
             except Exception as exc:  # the subscriber thread subscribes again and re-reads
                 log.debug("hotjob waiter lost the subscription (%s)", exc)
                 self._subscription = None
             finally:
+                self._leader_reads = False
                 self._reading.release()
         finally:
             with self._lock:
@@ -317,9 +305,11 @@ class HotjobWaiter:
                     self._lead_over.notify_all()
 
     def close(self) -> None:
+        """Cancel the pending futures, stop both threads and close the subscription. The subscriber
+        thread (and a thread reading in result()) sees the stop when its wait for a message ends:
+        within POLL_SECONDS, as no public call of redis-py cuts that wait short."""
         self._in_this_process()
         self._stopping.set()
-        self._nudge()
         with self._lock:
             self._deadline_changed.notify()
             self._lead_over.notify_all()
@@ -330,15 +320,6 @@ class HotjobWaiter:
                 future.cancel()
         for thread in self._threads:
             thread.join(timeout=2)
-        if not any(thread.is_alive() for thread in self._threads):
-            self._nudge_out.close()
-            self._nudge_in.close()
-
-    def _nudge(self) -> None:
-        try:
-            self._nudge_out.send(b"!")
-        except OSError:  # full (a wake-up is pending anyway) or closed
-            pass
 
     # --- outcomes ----------------------------------------------------------------------------------
 
@@ -403,14 +384,7 @@ class HotjobWaiter:
                     confirmed = pubsub.get_message(timeout=self._timeout)
                     if confirmed is None:
                         raise redis.exceptions.TimeoutError("no subscribe confirmation")
-                connection = pubsub.connection
-                sock = connection._sock if connection is not None else None
-                if sock is None:
-                    raise redis.exceptions.ConnectionError("subscribed, but its connection is gone")
-                selector = selectors.DefaultSelector()
-                selector.register(sock, selectors.EVENT_READ)
-                selector.register(self._nudge_in, selectors.EVENT_READ)
-                subscription = _Subscription(pubsub, sock, selector)
+                subscription = _Subscription(pubsub)
                 with self._reading:
                     self._subscription = subscription
                 with self._lock:
@@ -428,8 +402,7 @@ class HotjobWaiter:
                             raise redis.exceptions.ConnectionError("lost while another thread read it")
                         if not self._leading:
                             try:
-                                subscription.read(self._deliver)
-                                subscription.wait(self._nudge_in, POLL_SECONDS)
+                                subscription.read(self._deliver, POLL_SECONDS)
                             except Exception:
                                 self._subscription = None  # before letting go: no one reads it again
                                 raise
@@ -440,8 +413,6 @@ class HotjobWaiter:
             finally:
                 with self._reading:
                     self._subscription = None
-                if subscription is not None:
-                    subscription.selector.close()
                 if pubsub is not None:
                     try:
                         pubsub.close()

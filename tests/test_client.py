@@ -496,7 +496,7 @@ def test_many_hotjobs_share_two_threads(kq, worker):
 
 def wait_for_a_reader(kq, namespace):
     """Until a thread waiting in result() reads the hotjob subscription of `namespace`."""
-    wait_until(lambda: kq._waiters[namespace]._leading, timeout=5, message="a waiting thread reads")
+    wait_until(lambda: kq._waiters[namespace]._leader_reads, timeout=5, message="a waiting thread reads")
 
 
 def test_the_waiting_thread_reads_its_own_answer(kq, worker, monkeypatch):
@@ -521,6 +521,37 @@ def test_the_waiting_thread_reads_its_own_answer(kq, worker, monkeypatch):
         assert job.hotjob_promise.result(timeout=5).result == i
         finisher.join()
     assert readers == [threading.current_thread()] * 3
+
+
+def test_an_answer_the_subscriber_thread_reads_first_reaches_the_waiting_thread_at_once(kq, worker,
+                                                                                       monkeypatch):
+    """A thread enters result() while the subscriber thread waits for a message: the subscriber
+    thread reads the answer and lets go right after it, not when its wait would have ended."""
+    readers = []
+    original = HotjobWaiter._deliver
+
+    def deliver(self, job_id, message):
+        readers.append(threading.current_thread().name)
+        return original(self, job_id, message)
+
+    monkeypatch.setattr(HotjobWaiter, "_deliver", deliver)
+    monkeypatch.setattr(kickq.hotjob, "POLL_SECONDS", 3.0)
+    job = kq.create("a", None, HOT)
+    waiter = kq._waiters[worker.ns]
+    wait_until(lambda: waiter._reading.locked() and not waiter._leading, timeout=5,
+               message="the subscriber thread waits for a message")
+
+    def finish():
+        wait_until(lambda: waiter._leading, timeout=5, message="a thread waits to read")
+        worker.run("success", '"relayed"')
+
+    finisher = threading.Thread(target=finish)
+    finisher.start()
+    started = time.monotonic()
+    assert job.hotjob_promise.result(timeout=5).result == "relayed"
+    assert time.monotonic() - started < 1.5  # the subscriber thread's wait ends 3 s after it began
+    finisher.join()
+    assert readers == ["kickq-hotjob-listener"]
 
 
 def test_two_threads_waiting_each_get_their_own(kq, worker):
