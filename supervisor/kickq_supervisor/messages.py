@@ -48,7 +48,7 @@ def encode(message: Message) -> str:
 
 def encode_lines(messages: tuple[Message, ...] | list[Message]) -> bytes:
     """Messages as one write: each line ends with a newline."""
-    return "".join(encode(m) + "\n" for m in messages).encode()
+    return ("\n".join([encode(m) for m in messages]) + "\n").encode()
 
 
 def decode(line: str) -> Message | None:

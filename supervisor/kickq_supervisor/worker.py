@@ -16,7 +16,6 @@ import signal
 import threading
 import time
 import uuid
-from collections import deque
 from typing import Any, Callable, Mapping
 
 import redis
@@ -40,11 +39,11 @@ from .worker_core import (
     FinishMany,
     HeldJob,
     Interrupted,
+    JournalPush,
     Lost,
     Pause,
     ReadClaimRecord,
     Refused,
-    Send,
     Settle,
     ShowIdle,
     ShrinkHeap,
@@ -66,11 +65,19 @@ class _Stop(Exception):
 
 class StopRequest:
     """USR1's handler and what it found: it only notes the request, and cuts short a blocking wait
-    (the wait returns Interrupted). The loop hands the request to the core."""
+    (the wait returns Interrupted). Also whether the master is gone (checked after each run and each
+    wait; PR_SET_PDEATHSIG kills a worker whose master dies, where Linux has it). The loop hands both
+    to the core."""
 
-    def __init__(self) -> None:
+    def __init__(self, parent: int | None = None) -> None:
         self.requested = False
         self.interruptible = False  # in a blocking wait that a stop may cut short
+        self.parent = parent  # the master's pid (None: not watched)
+        self.orphaned = False
+
+    def check_parent(self) -> None:
+        if self.parent is not None and os.getppid() != self.parent:
+            self.orphaned = True
 
     def on_signal(self, signum: int, frame: Any) -> None:
         self.requested = True
@@ -128,28 +135,31 @@ class WorkerIO:
         self.notify_fd = notify_fd
         self.titles = titles
         self.stop = stop or StopRequest()
-        self.ended: deque[Ended] = deque()
-        self._perform: dict[type, Callable[[Any], Any]] = {
-            Send: self._send, Settle: self._settle, Tell: self._tell, Start: self._start,
-            AwaitEnd: self._await_end, ClaimOne: self._claim_one, WaitForWork: self._wait_for_work,
-            ShrinkHeap: self._shrink_heap, ReadClaimRecord: self._read_claim_record, Pause: self._pause,
-            ShowIdle: self._show_idle,
+        # what performs each kind of command (drive() looks them up itself: a call less per command)
+        self.handlers: dict[type, Callable[[Any], Any]] = {
+            FinishMany: self._finish_many, JournalPush: self._push, Settle: self._settle, Tell: self._tell,
+            Start: self._start, AwaitEnd: self._await_end, ClaimOne: self._claim_one,
+            WaitForWork: self._wait_for_work, ShrinkHeap: self._shrink_heap,
+            ReadClaimRecord: self._read_claim_record, Pause: self._pause, ShowIdle: self._show_idle,
         }
 
     def perform(self, command: Command) -> Any:
         """Do what `command` says; its result for the core."""
-        return self._perform[type(command)](command)
+        return self.handlers[type(command)](command)
 
     def close(self) -> None:
         self.channel.reset()
 
-    def _send(self, command: Send) -> Lost | None:
-        call = command.call
+    def _finish_many(self, call: FinishMany) -> Lost | None:
         try:
-            if isinstance(call, FinishMany):
-                self.channel.send("finish_many", call.keys_and_args)
-            else:
-                self.channel.send_commands(*call.commands)
+            self.channel.send("finish_many", call.keys_and_args)
+        except _UNAVAILABLE as exc:
+            return Lost(exc)
+        return None
+
+    def _push(self, call: JournalPush) -> Lost | None:
+        try:
+            self.channel.send_commands(*call.commands)
         except _UNAVAILABLE as exc:
             return Lost(exc)
         return None
@@ -166,15 +176,17 @@ class WorkerIO:
         except OSError:  # the master is gone; die_with_parent ends us
             pass
 
-    def _start(self, command: Start) -> None:
-        """Run the handler to its end: one job at a time, its outcome kept for AwaitEnd."""
+    def _start(self, command: Start) -> Ended:
+        """Run the handler to its end (one job at a time): its end is the answer."""
         job = command.job
         if self.titles is not None:
             self.titles.busy(job.fields.get("name", "?"), job.job_id)
-        self.ended.append(Ended(job.job_id, self._run(job)))
+        ended = Ended(job.job_id, self._run(job))
+        self.stop.check_parent()
+        return ended
 
     def _await_end(self, command: AwaitEnd) -> Ended:
-        return self.ended.popleft()
+        raise RuntimeError("no run in progress: Start runs each handler to its end")
 
     def _run(self, held: HeldJob) -> Outcome:
         fields = held.fields
@@ -210,6 +222,7 @@ class WorkerIO:
             return Refused(exc)
         finally:
             self.stop.interruptible = False
+            self.stop.check_parent()
         if got is None:
             return Woke(None, True)
         return Woke(got[1] if got[0] == inbox else None, False)
@@ -242,6 +255,7 @@ class WorkerIO:
             return Interrupted()
         finally:
             self.stop.interruptible = False
+            self.stop.check_parent()
         return None
 
     def _show_idle(self, command: ShowIdle) -> None:
@@ -266,7 +280,7 @@ class Worker:
         self.core = WorkerCore(number, registration.names, self.keys, self.claimer, clock=time.monotonic,
                                memory=current_rss, prefetch=prefetch, wait_timeout=wait_timeout,
                                max_jobs=max_jobs, max_memory=max_memory)
-        self.stop = StopRequest()
+        self.stop = StopRequest(parent=os.getppid())
         self.titles = Titles(number)
 
     def _install_signals(self) -> None:
@@ -283,25 +297,24 @@ class Worker:
         io = WorkerIO(connect(self.settings), self.keys, list(self.registration.names), self.claimer,
                       Runner(self.registration.handler), self.notify_fd, titles=self.titles, stop=self.stop)
         try:
-            drive(self.core, io.perform, self.stop, parent=os.getppid())
+            drive(self.core, io.handlers, self.stop)
         finally:
             io.close()
         return 0
 
 
-def drive(core: WorkerCore, perform: Callable[[Command], Any], stop: StopRequest,
-          parent: int | None = None) -> None:
-    """Run the core to its end: each command performed, its result sent back. Before each command,
-    a stop asked meanwhile, or the master gone (`parent` no longer the parent), goes to the core."""
+def drive(core: WorkerCore, handlers: Mapping[type, Callable[[Any], Any]], stop: StopRequest) -> None:
+    """Run the core to its end: each command performed by the handler of its kind, its result sent
+    back. Before each command, a stop asked meanwhile, or the master gone, goes to the core."""
     steps = core.steps()
     result: Any = None
     while True:
         if stop.requested and not core.stopping:
             core.request_stop()
-        if parent is not None and os.getppid() != parent:
+        if stop.orphaned and not core.orphaned:
             core.parent_gone()
         try:
             command = steps.send(result)
         except StopIteration:
             return
-        result = perform(command)
+        result = handlers[type(command)](command)

@@ -1,10 +1,11 @@
 """A worker's decisions, with no I/O: what to claim, when to give back, what to journal, when a job
 claimed ahead is too old to start, what to tell the master.
 
-`WorkerCore.steps()` is a generator. It yields typed commands (`Send`, `Settle`, `Start`, ...) and
-receives the result of each one; the process loop around it (worker.py) performs them on Redis, the
-pipe and the handler, and does nothing else. Time comes from an injected clock and memory from an
-injected reading, so tests drive the core command by command with fakes: no fork, no Redis.
+`WorkerCore.steps()` is a generator. It yields typed commands (`FinishMany`, `JournalPush`, `Settle`,
+`Start`, ...) and receives the result of each one; the process loop around it (worker.py) performs
+them on Redis, the pipe and the handler, and does nothing else. Time comes from an injected clock and
+memory from an injected reading, so tests drive the core command by command with fakes: no fork, no
+Redis.
 
 How a worker uses Redis (the scripts are in kickq/lua):
 - Idle, it claims one job (registering as idle when there is none: a job created meanwhile is claimed
@@ -22,8 +23,9 @@ Where a finished run's outcome is, until Redis has ended the run: in hand (`unsa
 call in flight (`Call.runs`), or in the journal (`Journal.ids`: pushed, ended by the next
 finish_many). The master holds short outcomes too (the F message), to save them should the worker die.
 
-The core tracks its running jobs by id (`running`) and starts one at a time; the commands `Start`
-and `AwaitEnd` are separate so that a worker can hold several runs at once.
+The core tracks its running jobs by id (`running`) and starts one at a time; `Start` may come back
+before the run ends (its end then comes by `AwaitEnd`), so that a worker can hold several runs at
+once. The process loop here runs the handler within `Start`, which then brings its end back at once.
 """
 from __future__ import annotations
 
@@ -98,7 +100,8 @@ class FinishedRun(NamedTuple):
 
 
 class FinishMany(NamedTuple):
-    """A finish_many call: ends `runs` and the journal, gives back, claims `want` jobs ahead."""
+    """Send a finish_many call without waiting for its reply: it ends `runs` and the journal, gives
+    back, claims `want` jobs ahead. Back: None, or Lost."""
     keys_and_args: tuple[list[str], list[Any]]
     runs: list[FinishedRun]
     give_back: list[tuple[str, int]]
@@ -113,7 +116,8 @@ class FinishMany(NamedTuple):
 
 
 class JournalPush(NamedTuple):
-    """RPUSH of journal entries (outcomes, start marks), with the journal's TTL when it is fresh."""
+    """Send an RPUSH of journal entries (outcomes, start marks), with the journal's TTL when it is
+    fresh, without waiting for the reply. Back: None, or Lost."""
     commands: tuple[tuple[Any, ...], ...]
     runs: list[FinishedRun]  # the outcomes among the entries
     marks: tuple[str, ...]  # the jobs whose start marks are among them
@@ -128,11 +132,6 @@ Call = Union[FinishMany, JournalPush]
 
 # --- commands the core yields, and what the process loop sends back ---------------------------------
 
-class Send(NamedTuple):
-    """Write `call` on the channel without waiting for its reply. Back: None, or Lost."""
-    call: Call
-
-
 class Settle(NamedTuple):
     """Read the replies of every call sent, in order (an error reply is the exception object).
     Back: the list of replies, or Lost."""
@@ -144,7 +143,8 @@ class Tell(NamedTuple):
 
 
 class Start(NamedTuple):
-    """Start the handler on `job`. Back: None."""
+    """Start the handler on `job`. Back: None while it runs (its end comes by AwaitEnd), or Ended
+    when the handler ran to its end right there (one run at a time: no AwaitEnd round)."""
     job: HeldJob
 
 
@@ -183,8 +183,8 @@ class ShowIdle(NamedTuple):
     """Nothing in hand: the process title says idle. Back: None."""
 
 
-Command = Union[Send, Settle, Tell, Start, AwaitEnd, ClaimOne, WaitForWork, ShrinkHeap, ReadClaimRecord,
-                Pause, ShowIdle]
+Command = Union[FinishMany, JournalPush, Settle, Tell, Start, AwaitEnd, ClaimOne, WaitForWork, ShrinkHeap,
+                ReadClaimRecord, Pause, ShowIdle]
 
 
 class Lost(NamedTuple):
@@ -345,14 +345,20 @@ class WorkerCore:
     def _run_next(self) -> Generator[Command, Any, bool]:
         """Run the first job in hand (or give it back) and save its outcome. False: retire now."""
         job = self.hand.popleft()
-        announced = self.announced is not None and self.announced[0] == job.job_id
-        if not announced and self._waited_too_long(job):
+        announced, self.announced = self.announced, None
+        if (announced is None or announced[0] != job.job_id) and self._waited_too_long(job):
             self._give_back_held(job)
             return True
         if job.prefetched and not (yield from self._mark_start(job)):
             return True
-        run = yield from self._start(job)
-        ended = yield AwaitEnd()
+        started = self.clock()
+        if announced is None or announced[0] != job.job_id or started - announced[1] > ANNOUNCED_STALE:
+            yield Tell((self._started(job, started),))
+        run = Running(job, started, _options(job.fields).get("hotjob") is True)
+        self.running[job.job_id] = run
+        ended = yield Start(job)
+        if ended is None:
+            ended = yield AwaitEnd()
         done, finished = self._ended(self.running.pop(ended.job_id, run), ended.outcome)
         last = self._should_retire()
         upcoming = None if last else self._starts_next()
@@ -364,16 +370,6 @@ class WorkerCore:
         yield Tell(told)
         yield from self._save(done, claim=not last)
         return not last
-
-    def _start(self, job: HeldJob) -> Generator[Command, Any, Running]:
-        started = self.clock()
-        announced, self.announced = self.announced, None
-        if announced is None or announced[0] != job.job_id or started - announced[1] > ANNOUNCED_STALE:
-            yield Tell((self._started(job, started),))
-        run = Running(job, started, _options(job.fields).get("hotjob") is True)
-        self.running[job.job_id] = run
-        yield Start(job)
-        return run
 
     def _ended(self, run: Running, outcome: Outcome) -> tuple[FinishedRun, Finished]:
         """The run's outcome to save, and the F message (sent before the outcome leaves for Redis:
@@ -457,7 +453,7 @@ class WorkerCore:
         args = scripts.finish_many_args(self.keys, self.claimer, [d.as_args(now) for d in runs],
                                         self.give_back, want, self.names, mono_ms=now * 1000, idle_ms=idle_ms)
         call = FinishMany(args, runs, self.give_back, want, idle_ms, len(self.journal.ids), now)
-        failed = yield Send(call)
+        failed = yield call
         if failed is not None:
             yield from self._lost_connection(failed.error, runs, want > 0)
             return
@@ -469,7 +465,7 @@ class WorkerCore:
                       marks: tuple[str, ...]) -> Generator[Command, Any, bool]:
         """RPUSH to the journal without waiting (with its TTL when it is fresh), in one write."""
         call = self.journal.push(entries, runs, marks)
-        failed = yield Send(call)
+        failed = yield call
         if failed is not None:
             yield from self._lost_connection(failed.error, runs, False)
             return False

@@ -26,7 +26,6 @@ from kickq_supervisor.worker_core import (
     Pause,
     ReadClaimRecord,
     Refused,
-    Send,
     Settle,
     ShowIdle,
     ShrinkHeap,
@@ -38,6 +37,7 @@ from kickq_supervisor.worker_core import (
 )
 
 KEYS = Keys("t")
+Send = (FinishMany, JournalPush)  # the two calls sent without waiting
 RUN_TIME = 2 ** -10  # every handler takes about 1 ms of the fake clock (exact in binary): batches of 4
 
 
@@ -85,24 +85,30 @@ class Steps:
         self.answer(result)
         return command
 
-    def run_job(self, outcome: Outcome | None = None, seconds: float = RUN_TIME) -> str:
-        """Answer the pipe and journal writes up to the handler's start, then end the run."""
-        while isinstance(self.command, (Tell, Send)) and not isinstance(getattr(self.command, "call", None),
-                                                                          FinishMany):
+    def run_job(self, outcome: Outcome | None = None, seconds: float = RUN_TIME, *,
+                awaited: bool = False) -> str:
+        """Answer the pipe and journal writes up to the handler's start, then end the run: as the
+        answer to Start (the handler ran right there), or with `awaited` by AwaitEnd."""
+        while isinstance(self.command, (Tell, Send)) and not isinstance(self.command, FinishMany):
             if isinstance(self.command, Tell):
                 self.told.append(self.command.messages)
             self.answer(None)
-        job = self.step(Start).job
+        job = self.expect(Start).job
         self.started.append(job.job_id)
         self.clock.advance(seconds)
-        self.step(AwaitEnd, Ended(job.job_id, outcome or Outcome(True, f'"ok {job.job_id}"')))
+        ended = Ended(job.job_id, outcome or Outcome(True, f'"ok {job.job_id}"'))
+        if awaited:
+            self.answer(None)
+            self.step(AwaitEnd, ended)
+        else:
+            self.answer(ended)
         return job.job_id
 
     def sends(self) -> list[Any]:
         """Answer the writes pending (each sent fine); their calls."""
         calls = []
         while isinstance(self.command, Send):
-            calls.append(self.step(Send).call)
+            calls.append(self.step(Send))
         return calls
 
     def settle(self, claimed: list[list[Any]] = (), refuse: dict[int, Exception] | None = None  # type: ignore[assignment]
@@ -167,7 +173,7 @@ def batch(s: Steps, ids: list[str], opts: dict[str, Any] | None = None) -> Finis
     first_job(s, opts)
     s.run_job()
     s.tell()
-    call = s.step(Send).call
+    call = s.step(Send)
     assert isinstance(call, FinishMany) and call.want == 4 and [d.job_id for d in call.runs] == ["1"]
     s.step(Settle, [finish_many_reply(1, [claim(i, ahead=True, opts=opts) for i in ids])])
     return call
@@ -184,7 +190,7 @@ def test_an_idle_worker_claims_then_waits_registered_for_hand_offs():
     s.step(ClaimOne, tuple_claim(claim("1")))  # after a timeout it claims again: a lost token
     (started,) = s.tell()
     assert started == Started("1", "1", s.clock.now, 10.0, "w")
-    assert s.step(Start).job.job_id == "1"
+    assert s.step(Start).job.job_id == "1"  # a run still going: its end comes by AwaitEnd
     s.expect(AwaitEnd)
 
 
@@ -194,7 +200,7 @@ def test_a_job_handed_over_starts_without_a_claim_after_its_start_mark():
     s.step(ClaimOne, None)
     handed = json.dumps(claim("7", ahead=True))
     s.step(WaitForWork, Woke(handed, False))
-    push = s.step(Send).call
+    push = s.step(Send)
     assert isinstance(push, JournalPush) and journal(push) == [["7", "1", "start"]]
     assert push.commands[1] == ("EXPIRE", KEYS.journal("me"), 86400)  # a fresh journal gets its TTL
     assert s.tell()[0].job_id == "7"
@@ -222,13 +228,21 @@ def test_a_stop_during_the_wait_leaves_at_once():
     s.step(ShowIdle)
     s.step(ClaimOne, None)
     s.step(WaitForWork, Interrupted())
-    leaving = s.step(Send).call  # ends the idle registration, takes what its inbox holds
+    leaving = s.step(Send)  # ends the idle registration, takes what its inbox holds
     assert isinstance(leaving, FinishMany) and leaving.want == 0 and not leaving.runs
     s.step(Settle, [finish_many_reply(0, [claim("9", ahead=True)])])
-    back = s.step(Send).call  # a job handed over meanwhile goes back
+    back = s.step(Send)  # a job handed over meanwhile goes back
     assert back.give_back == [("9", 1)]
     s.step(Settle, [finish_many_reply(0)])
     assert s.command is None
+
+
+def test_a_run_whose_end_comes_apart_from_its_start_is_saved_the_same():
+    s = Steps()
+    batch(s, ["2", "3", "4", "5"])
+    s.run_job(awaited=True)  # Start answered None: the run went on, its end came by AwaitEnd
+    assert [m.job_id for m in s.tell()] == ["2", "3"]
+    assert journal(s.sends()[0]) == [["2", "1", "success"], ["3", "1", "start"]]
 
 
 # --- busy: batches, the journal, start marks ------------------------------------------------------
@@ -243,11 +257,11 @@ def test_the_outcome_that_empties_the_hand_claims_the_next_batch():
 def test_the_next_jobs_start_mark_rides_with_the_previous_outcome():
     s = Steps()
     batch(s, ["2", "3", "4", "5"])
-    first = s.step(Send).call  # the first of a batch: a write of its own
+    first = s.step(Send)  # the first of a batch: a write of its own
     assert journal(first) == [["2", "1", "start"]]
     assert s.run_job() == "2"
     assert [type(m) for m in s.tell()] == [Finished, Started]
-    push = s.step(Send).call
+    push = s.step(Send)
     assert journal(push) == [["2", "1", "success"], ["3", "1", "start"]]
     assert len(push.commands) == 1  # the journal has its TTL already
     # Job 3 was marked and announced with job 2's end: it starts with no write at all.
@@ -320,14 +334,14 @@ def test_a_hotjobs_outcome_goes_alone_when_nothing_else_is_in_hand():
     first_job(s, {"hotjob": True})
     s.run_job()
     s.tell()
-    alone = s.step(Send).call
+    alone = s.step(Send)
     assert isinstance(alone, FinishMany) and [d.job_id for d in alone.runs] == ["1"]
     assert alone.want == 0  # no claim in the script that publishes the outcome
     s.step(Settle, [finish_many_reply(1)])
-    refill = s.step(Send).call  # the worker was busy a moment ago: it claims at once
+    refill = s.step(Send)  # the worker was busy a moment ago: it claims at once
     assert isinstance(refill, FinishMany) and refill.want == 4 and not refill.runs
     s.step(Settle, [finish_many_reply(0, [claim("2", ahead=True)])])
-    assert journal(s.step(Send).call) == [["2", "1", "start"]]
+    assert journal(s.step(Send)) == [["2", "1", "start"]]
 
 
 def test_a_large_outcome_is_saved_at_once_and_not_given_to_the_master():
@@ -336,9 +350,9 @@ def test_a_large_outcome_is_saved_at_once_and_not_given_to_the_master():
     s.run_job(Outcome(True, json.dumps("x" * 600)))
     (finished, _) = s.tell()
     assert finished.payload is None  # too big for the pipe: should the worker die, it is ghosted
-    call = s.step(Send).call  # the mark of job 3
+    call = s.step(Send)  # the mark of job 3
     assert isinstance(call, JournalPush) and journal(call) == [["3", "1", "start"]]
-    call = s.step(Send).call  # and the outcome, in a finish_many at once
+    call = s.step(Send)  # and the outcome, in a finish_many at once
     assert isinstance(call, FinishMany) and [d.job_id for d in call.runs] == ["2"] and call.want == 0
 
 
@@ -363,7 +377,7 @@ def test_a_batch_read_late_counts_its_wait_from_the_claim():
     s.tell()
     s.sends()
     s.settle(claimed=[claim(i, ahead=True) for i in "6789"])
-    back = s.step(Send).call  # the four claimed: given back unstarted
+    back = s.step(Send)  # the four claimed: given back unstarted
     assert isinstance(back, FinishMany) and back.give_back == [(i, 1) for i in "6789"]
     assert s.started == ["1", "2", "3", "4", "5"]
 
@@ -376,7 +390,7 @@ def test_no_start_mark_goes_for_a_job_that_waited_too_long_to_start():
     (push,) = s.sends()
     assert journal(push) == [["2", "1", "success"]]  # and no start mark: job 3 will not start
     s.settle()
-    back = s.step(Send).call
+    back = s.step(Send)
     assert isinstance(back, FinishMany) and back.give_back == [(i, 1) for i in "345"]
 
 
@@ -390,7 +404,7 @@ def test_a_lost_claim_found_again_counts_its_wait_from_the_claim():
                      "update_time": str(1700000000000 - 60_000)})], 1700000000000))
     assert read.held == frozenset()
     # Claimed a minute ago by Redis' clock: too old to start, so it goes back at once.
-    back = s.step(Send).call
+    back = s.step(Send)
     assert isinstance(back, FinishMany) and back.give_back == [("1", 1)] and s.started == []
 
 
@@ -410,7 +424,7 @@ def test_a_claim_record_is_read_only_once_nothing_is_in_flight_and_takes_each_jo
     s.step(Pause)
     s.run_job()
     s.tell()
-    resend = s.step(Send).call  # job 5 was the last in hand: every outcome in hand goes
+    resend = s.step(Send)  # job 5 was the last in hand: every outcome in hand goes
     assert isinstance(resend, FinishMany) and [d.job_id for d in resend.runs] == ["2", "3", "4", "5"]
     # The lost finish_many claimed 6-9 and this one 10-13; its reply is read first, then the record.
     s.settle(claimed=[claim(i, ahead=True) for i in ("10", "11", "12", "13")])
@@ -419,7 +433,7 @@ def test_a_claim_record_is_read_only_once_nothing_is_in_flight_and_takes_each_jo
     fields = {"state": "processing", "attempt": "1", "owner": "me", "name": "w",
               "update_time": "1700000000000"}
     s.answer(ClaimRecord([(i, "1", fields) for i in ("6", "7", "8", "9")], 1700000000000))
-    assert journal(s.expect(Send).call) == [["10", "1", "start"]]  # the first in hand starts
+    assert journal(s.expect(Send)) == [["10", "1", "start"]]  # the first in hand starts
     assert [j.job_id for j in s.core.hand] == ["11", "12", "13", "6", "7", "8", "9"]  # each once
 
 
@@ -435,7 +449,7 @@ def test_outcomes_refused_at_maxmemory_are_sent_again():
     oom = redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'")
     s.settle(refuse={1: oom})  # in flight: job 2's mark, then job 2's outcome (refused), ...
     assert s.step(Pause).seconds == 0.05
-    again = s.step(Send).call  # job 2's outcome again (no claim: the last one came back empty)
+    again = s.step(Send)  # job 2's outcome again (no claim: the last one came back empty)
     assert isinstance(again, FinishMany) and [d.job_id for d in again.runs] == ["2"] and again.want == 0
 
 
@@ -451,7 +465,7 @@ def test_a_job_that_must_not_run_twice_is_given_back_when_its_mark_is_refused():
     s.run_job()
     assert s.started == ["1", "3"]
     s.tell()
-    call = s.step(Send).call  # job 3's outcome, and job 2 given back
+    call = s.step(Send)  # job 3's outcome, and job 2 given back
     assert isinstance(call, FinishMany) and call.give_back == [("2", 1)]
     assert [d.job_id for d in call.runs] == ["3"]
 
@@ -465,13 +479,13 @@ def test_a_job_that_must_not_run_twice_is_given_back_when_redis_cannot_be_reache
     s.tell()
     s.step(Send, Lost(redis.exceptions.ConnectionError("gone")))  # job 3's mark, ahead of job 2's outcome
     s.step(Pause)
-    saving = s.step(Send).call  # job 2's outcome, in a finish_many that claims ahead
+    saving = s.step(Send)  # job 2's outcome, in a finish_many that claims ahead
     assert isinstance(saving, FinishMany) and [d.job_id for d in saving.runs] == ["2"]
     s.step(Send)  # job 3's mark again
     s.step(Settle, Lost(redis.exceptions.ConnectionError("gone again")))  # not known to be in Redis
     s.step(Pause)
     s.step(ReadClaimRecord, ClaimRecord([], 1700000000000))  # what the lost finish_many claimed
-    call = s.step(Send).call  # job 3 is not started but given back, with job 2's outcome again
+    call = s.step(Send)  # job 3 is not started but given back, with job 2's outcome again
     assert isinstance(call, FinishMany) and call.give_back == [("3", 1)]
     assert [d.job_id for d in call.runs] == ["2"] and s.started == ["1", "2"]
 

@@ -11,14 +11,13 @@ import redis
 
 from kickq.keys import Keys
 from kickq_supervisor.runner import Runner
-from kickq_supervisor.worker import WorkerIO
+from kickq_supervisor.worker import StopRequest, WorkerIO, drive
 from kickq_supervisor.worker_core import (
     MAX_PREFETCH_WAIT,
     FinishMany,
     Interrupted,
     Lost,
     Pause,
-    Send,
     Settle,
     Start,
     WaitForWork,
@@ -118,8 +117,8 @@ def test_a_dropped_connection_loses_no_outcome_and_takes_no_job_twice(live, kq, 
     live.drop_connection("connection dropped (test)")  # ... and every reply in flight is lost
     live.until(starting(jobs[5].id))  # the lost claim's jobs are found through the claim record
     assert [j.job_id for j in live.core.hand] == [j.id for j in jobs[6:9]]  # ... each once
-    saved = live.until(lambda command: isinstance(command, Send) and isinstance(command.call, FinishMany))
-    assert {j.id for j in jobs[1:5]} <= {d.job_id for d in saved.call.runs}  # the outcomes, sent again
+    saved = live.until(lambda command: isinstance(command, FinishMany))
+    assert {j.id for j in jobs[1:5]} <= {d.job_id for d in saved.runs}  # the outcomes, sent again
     live.finish()
     assert sorted(ran, key=int) == [j.id for j in jobs]  # every job ran once
     for job in jobs:
@@ -131,9 +130,9 @@ def test_a_job_that_must_not_run_twice_is_given_back_when_redis_cannot_have_its_
     live.until(starting(jobs[1].id))  # a batch claimed ahead: job 2 started once Redis had its mark
     live.until(lambda command: isinstance(command, Settle) and len(ran) == 2)  # job 3's mark, read back
     live.drop_connection("connection dropped (test)")
-    back = live.until(lambda command: isinstance(command, Send) and isinstance(command.call, FinishMany)
-                      and command.call.give_back)
-    assert (jobs[2].id, 1) in back.call.give_back
+    back = live.until(lambda command: isinstance(command, FinishMany)
+                      and command.give_back)
+    assert (jobs[2].id, 1) in back.give_back
     live.perform()
     live.until(lambda command: isinstance(command, (Settle, Start)))
     live.perform()
@@ -148,10 +147,10 @@ def test_a_batch_read_late_is_given_back_and_not_started(live, kq, ran):
     (a slow job ran meanwhile): the wait counts from the call, so they are given back, not started."""
     jobs = [kq.create("w") for _ in range(9)]
     live.slow.add(jobs[4].id)  # job 5, the last of the first batch, is slow
-    back = live.until(lambda command: isinstance(command, Send) and isinstance(command.call, FinishMany)
-                      and command.call.give_back)
-    assert back.call.give_back == [(j.id, 1) for j in jobs[5:9]]
-    assert back.call.want == 1  # the same call claims again: one job, as runs have been slow
+    back = live.until(lambda command: isinstance(command, FinishMany)
+                      and command.give_back)
+    assert back.give_back == [(j.id, 1) for j in jobs[5:9]]
+    assert back.want == 1  # the same call claims again: one job, as runs have been slow
     live.perform()
     live.until(lambda command: isinstance(command, Settle))
     live.perform()
@@ -166,3 +165,14 @@ def test_a_batch_read_late_is_given_back_and_not_started(live, kq, ran):
         [("processing", "2")] + [("queued", "1")] * 3
     live.finish()
     assert sorted(ran, key=int) == [j.id for j in jobs]
+
+
+def test_a_worker_whose_master_is_gone_saves_its_run_and_ends(live, kq, ran):
+    """The master gone (its pid no longer the parent): the run in progress is saved, nothing more is
+    claimed, and the worker ends."""
+    jobs = [kq.create("w") for _ in range(3)]
+    stop = StopRequest(parent=os.getppid() + 1_000_000)  # not our parent: as if the master died
+    live.io.stop = stop
+    drive(live.core, live.io.handlers, stop)
+    assert ran == [jobs[0].id]
+    assert [kq.get(j.id).state for j in jobs] == ["success", "new", "new"]
