@@ -61,6 +61,7 @@ class AsyncHotjobWaiter:
         self._pending: dict[str, list[_Watch]] = {}
         self._early: dict[str, tuple[float, dict[str, Any]]] = {}
         self._creating = 0  # creates between begin() and end()
+        self._to_recheck: list[str] = []  # watched under a renewed subscription: read them again
         self._generation = 0  # bumped at every (re)subscription
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -122,8 +123,16 @@ class AsyncHotjobWaiter:
             watch.timer = self._loop.call_at(deadline, self._expire, watch)
         if generation != self._generation:
             # The subscription was renewed while the job was being created: its message may be gone.
-            self._spawn(self._recheck(client, [job_id]))
+            # One recheck for all the jobs watched in this loop iteration (a batch of creates), so
+            # that a thousand of them take one pooled connection, not a thousand.
+            if not self._to_recheck:
+                self._loop.call_soon(self._recheck_watched, client)
+            self._to_recheck.append(job_id)
         return future
+
+    def _recheck_watched(self, client: Any) -> None:
+        ids, self._to_recheck = self._to_recheck, []
+        self._spawn(self._recheck(client, ids))
 
     def arm(self, job_id: str, future: asyncio.Future[Job], timeout: float) -> None:
         """Start, from now, the HotjobTimeout clock of a watch() made without a deadline."""

@@ -492,6 +492,31 @@ def test_a_watch_from_an_older_generation_rechecks_its_job(kq_config, namespace,
     arun(main)
 
 
+def test_watches_from_an_older_generation_are_rechecked_together(kq_config, namespace, sync_kq, worker):
+    """A batch of creates made while the subscription was renewed rereads its jobs in one go: with
+    a pool of 2 connections (a third is an error), 300 of them all settle; one recheck each would
+    need 300 connections at once."""
+    jobs = [sync_kq.create("a", None, HOT) for _ in range(300)]
+    for _ in jobs:
+        worker.run("success", '"missed"')  # published before the async side ever subscribed
+
+    async def main():
+        async with Kickq() as kq:
+            waiter = kq._waiter(kq._bind(), kq.settings())
+            await waiter.ensure_subscribed()
+            loop = asyncio.get_running_loop()
+            client = aioredis.Redis(connection_pool=aioredis.ConnectionPool.from_url(
+                kq.settings()["redis_url"], max_connections=2, decode_responses=True))  # a third: an error
+            try:
+                older = [waiter.watch(job.id, 5, loop.time() + 5, waiter.generation - 1, client)
+                         for job in jobs]
+                assert [j.result for j in await asyncio.gather(*older)] == ["missed"] * 300
+            finally:
+                await client.aclose() if hasattr(client, "aclose") else await client.close()
+
+    arun(main)
+
+
 def test_unit_early_buffer_and_timers(kq_config):
     async def main():
         waiter = AsyncHotjobWaiter(lambda: None, Keys("unit"), 1)
