@@ -259,7 +259,7 @@ class Arbiter:
             self._observe("ghost", slot, name=run.name, reason=reason)
         elif run is not None and not run.retained and not clean:
             # Its outcome was too big to come with the F message, and the worker died saving it.
-            error = f"worker died while saving the outcome: {exit_text}"
+            error = f"{OUTCOME_LOST}: {exit_text}"
             log.warning("worker %d (pid %d) %s during job %s: %s", slot.number, pid,
                         describe_exit(status), run.job_id, error)
             self.lost_job(slot, run.job_id, run.token, error)
