@@ -357,7 +357,9 @@ class HotjobWaiter:
                     entry = self._pending.pop(job_id, None)
                     if entry:
                         expired.append((job_id, entry))
-                if not expired:
+                # Checked again under the lock: close() sets the stop, then notifies under it, so a
+                # stop set since the loop's check would otherwise be slept through (TIMER_BEAT).
+                if not expired and not self._stopping.is_set():
                     wait = min(self._deadlines[0][0] - now, TIMER_BEAT) if self._deadlines else TIMER_BEAT
                     self._timer_wakes_at = now + wait
                     self._deadline_changed.wait(wait)
