@@ -8,11 +8,11 @@ from __future__ import annotations
 from .client import Kickq
 from .config import config, reset
 from .errors import (ConfigError, HotjobTimeout, InvalidPayload, JobNotFound, KickqError,
-                     PayloadTooLarge, RedisUnavailable, RedisVersionError)
+                     PayloadTooLarge, RedisModeError, RedisUnavailable, RedisVersionError)
 from .job import STATES, Job
 
 __version__ = "0.1.0"
 __all__ = [
     "Kickq", "Job", "config", "reset", "KickqError", "ConfigError", "JobNotFound", "HotjobTimeout",
-    "InvalidPayload", "PayloadTooLarge", "RedisUnavailable", "RedisVersionError", "STATES",
+    "InvalidPayload", "PayloadTooLarge", "RedisModeError", "RedisUnavailable", "RedisVersionError", "STATES",
 ]

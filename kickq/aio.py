@@ -58,7 +58,8 @@ from .backoff import Backoff
 from .client import (_CREATE_CHUNK, Prepared, events_maxlen_command, item_triples, prepare, resolve,
                      schedule_entry, schedule_record, schedule_ticks)
 from .config import current, merge_settings, normalise_job_options, on_reset, validate_settings, version
-from .connection import async_server_info, check_version, client_options, make_client, redis_errors
+from .connection import (async_server_info, check_mode, check_version, client_options, make_client,
+                         redis_errors)
 from .errors import JobNotFound, KickqError
 from .hotjob import recheck_message
 from .job import Job, queue_reads, read_fields
@@ -330,7 +331,9 @@ class Kickq:
                     client = connect(settings)
                     try:
                         with redis_errors(settings):
-                            check_version(await async_server_info(client))
+                            info = await async_server_info(client)
+                            check_version(info)
+                            check_mode(info, settings)
                             await client.execute_command(*events_maxlen_command(settings))
                     except BaseException:
                         await aclose_client(client)

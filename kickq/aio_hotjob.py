@@ -20,6 +20,8 @@ import logging
 import time
 from typing import Any, Callable
 
+from .connection import (NOTIFICATION_TYPES, SUBSCRIBED_TYPES, UNSUBSCRIBED_TYPES,
+                         async_subscribe_notifications)
 from .backoff import Backoff
 from .errors import HotjobTimeout, KickqError, RedisUnavailable
 from .hotjob import EARLY_KEEP_SECONDS, final_job, parse_message, recheck_message
@@ -238,7 +240,7 @@ class AsyncHotjobWaiter:
         try:
             client = self._connect()
             pubsub = client.pubsub()
-            await pubsub.subscribe(self._keys.done)
+            await async_subscribe_notifications(client, pubsub, self._keys.done)
             await self._confirmed(pubsub)
             self._generation += 1
             await self._recheck(client, list(self._pending))
@@ -246,7 +248,10 @@ class AsyncHotjobWaiter:
             self._last_error = None
             while not self._closed:
                 message = await pubsub.get_message(timeout=POLL_SECONDS)
-                if message and message.get("type") == "message":
+                if message and message.get("type") in UNSUBSCRIBED_TYPES:
+                    # The server ended it: on a cluster, the namespace's slot moved to another node.
+                    raise ConnectionError("the server ended the subscription")
+                if message and message.get("type") in NOTIFICATION_TYPES:
                     try:
                         job_id, body = parse_message(message["data"])
                     except (ValueError, KeyError, TypeError) as exc:
@@ -270,7 +275,7 @@ class AsyncHotjobWaiter:
             if remaining <= 0:
                 raise TimeoutError("no subscribe confirmation within redis_timeout")
             message = await pubsub.get_message(timeout=remaining)
-            if message is not None and message.get("type") == "subscribe":
+            if message is not None and message.get("type") in SUBSCRIBED_TYPES:
                 return
 
     async def _recheck(self, client: Any, ids: list[str]) -> None:

@@ -131,7 +131,7 @@ class Admin:
         return self._kq
 
     def run(self, name: str, args: Sequence[Any]) -> Any:
-        return self.scripts.run(name, ([self.keys.id], [self.keys.prefix, *args]))
+        return self.scripts.run(name, (self.keys.script_keys, [self.keys.prefix, *args]))
 
     def close(self) -> None:
         if self._kq is not None:

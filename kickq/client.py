@@ -15,7 +15,7 @@ from .config import (GLOBAL_DEFAULTS, ConfigError, current, merge_settings, on_r
                      snake_case,
                      stored_options, validate_settings)
 from .config import version as config_version
-from .connection import Lane, check_version, connect, redis_errors, server_info
+from .connection import Lane, check_mode, check_version, connect, redis_errors, server_info
 from .errors import JobNotFound, KickqError
 from .hotjob import HotjobWaiter
 from .job import Job, queue_reads, read_fields
@@ -208,7 +208,9 @@ class Kickq:
                 self._close_locked()
                 client = connect(settings)
                 with redis_errors(settings):
-                    check_version(server_info(client))
+                    info = server_info(client)
+                    check_version(info)
+                    check_mode(info, settings)
                     client.execute_command(*events_maxlen_command(settings))
                 self._redis, self._redis_key = client, ident
                 self._scripts = scripts.Scripts(client, Lane(client))

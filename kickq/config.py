@@ -141,8 +141,14 @@ def _check_global(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
             raise ConfigError(f"redis_port must be an int in 1..65535, got {value!r}")
         return value
-    if key in ("redis_password", "redis_url"):
+    if key == "redis_password":
         return _optional_str(key, value)
+    if key == "redis_url":
+        value = _optional_str(key, value)
+        if value:
+            from .cluster import check_url  # redis-py parses the options: not imported until needed
+            check_url(value)
+        return value
     if key == "redis_options":
         if value is not None and not isinstance(value, Mapping):
             raise ConfigError("redis_options must be a dict of redis client keyword arguments, or None")

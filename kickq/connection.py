@@ -16,7 +16,8 @@ try:
 except ImportError:  # optional (the `hiredis` extra): redis-py's packer then
     hiredis = None  # type: ignore[assignment]
 
-from .errors import KickqError, RedisUnavailable, RedisVersionError
+from . import cluster
+from .errors import KickqError, RedisModeError, RedisUnavailable, RedisVersionError
 from .scripts import is_out_of_memory
 
 #: Redis 6.0 brought ACL users and TLS, both of which kickq supports; the scripts rely on
@@ -37,6 +38,15 @@ def describe(settings: Mapping[str, Any]) -> str:
     return f"redis://{settings['redis_host']}:{settings['redis_port']}"
 
 
+def client_scope(settings: Mapping[str, Any]) -> str:
+    """What one client may serve, as a key for sharing clients between namespaces: a single
+    server's client serves all its namespaces; on a Cluster a client routes one namespace."""
+    where = describe(settings)
+    if cluster.is_cluster_url(redis_url(settings)):
+        return f"{where} namespace {settings['redis_namespace']}"
+    return where
+
+
 def client_options(settings: Mapping[str, Any], retry: Any, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments for a redis-py client, sync or asyncio (which differ only in `retry`):
     bounded waits, decoded replies, then `redis_options`, then `overrides`."""
@@ -55,8 +65,13 @@ def client_options(settings: Mapping[str, Any], retry: Any, **overrides: Any) ->
 
 
 def make_client(cls: Any, settings: Mapping[str, Any], kwargs: Mapping[str, Any]) -> Any:
-    """`cls` (redis.Redis or redis.asyncio.Redis) for the configured URL, else host/port/password."""
+    """`cls` (redis.Redis or redis.asyncio.Redis) for the configured URL, else host/port/password.
+    For a cluster URL, a client of that class whose commands go to the master of the namespace's
+    slot (kickq.cluster)."""
     url = redis_url(settings)
+    if url and cluster.is_cluster_url(url):
+        make = cluster.async_routed_client if cls is not redis.Redis else cluster.routed_client
+        return make(url, settings["redis_namespace"], kwargs, float(settings["redis_timeout"]))
     if url:
         return cls.from_url(url, **kwargs)
     return cls(host=settings["redis_host"], port=settings["redis_port"],
@@ -179,10 +194,10 @@ class _Held:
 
 
 def server_info(client: redis.Redis) -> Mapping[str, Any]:
-    """INFO's server section; for an ACL user that may not run INFO (it is in @dangerous, with KEYS
-    and FLUSHALL), the version from HELLO instead."""
+    """INFO's default sections (redis_version, cluster_enabled...); for an ACL user that may not
+    run INFO (it is in @dangerous, with KEYS and FLUSHALL), the version from HELLO instead."""
     try:
-        return client.info("server")
+        return client.info()
     except redis.exceptions.NoPermissionError:
         try:
             return hello_version(client.execute_command("HELLO"))
@@ -195,7 +210,7 @@ def server_info(client: redis.Redis) -> Mapping[str, Any]:
 async def async_server_info(client: Any) -> Mapping[str, Any]:
     """server_info() for a redis.asyncio client."""
     try:
-        return await client.info("server")  # type: ignore[no-any-return]
+        return await client.info()  # type: ignore[no-any-return]
     except redis.exceptions.NoPermissionError:
         try:
             return hello_version(await client.execute_command("HELLO"))
@@ -221,12 +236,61 @@ def hello_refused(exc: Exception) -> dict[str, str]:
     return {"redis_version": "6.0"}
 
 
+#: pub/sub message types: a script's notification (PUBLISH, or SPUBLISH from Redis 7 on), a
+#: subscription confirmed, a subscription ended (by us, or by the server when the namespace's
+#: slot moved to another node).
+NOTIFICATION_TYPES = ("message", "smessage")
+SUBSCRIBED_TYPES = ("subscribe", "ssubscribe")
+UNSUBSCRIBED_TYPES = ("unsubscribe", "sunsubscribe")
+
+
+def notifications_sharded(info: Mapping[str, Any]) -> bool:
+    """Whether the scripts notify by sharded pub/sub on this server: Redis 7 on (see PUBLISH in
+    lua/_lib_core.lua), where a cluster delivers them on the namespace's shard only."""
+    return parse_version(str(info.get("redis_version", "0"))) >= (7, 0, 0)
+
+
+def subscribe_notifications(client: redis.Redis, pubsub: Any, *channels: str) -> None:
+    """Subscribe `pubsub` (of `client`) to channels the scripts notify: SSUBSCRIBE or SUBSCRIBE,
+    as the server's scripts publish. The confirmation is one of SUBSCRIBED_TYPES."""
+    if notifications_sharded(server_info(client)):
+        pubsub.ssubscribe(*channels)
+    else:
+        pubsub.subscribe(*channels)
+
+
+async def async_subscribe_notifications(client: Any, pubsub: Any, *channels: str) -> None:
+    """subscribe_notifications() for redis.asyncio (whose PubSub has no ssubscribe() before
+    redis-py 5.1: the command is then sent as it is)."""
+    if not notifications_sharded(await async_server_info(client)):
+        await pubsub.subscribe(*channels)
+    elif hasattr(pubsub, "ssubscribe"):
+        await pubsub.ssubscribe(*channels)
+    else:
+        await pubsub.execute_command("SSUBSCRIBE", *channels)
+
+
 def check_version(info: Mapping[str, Any]) -> None:
     version = str(info.get("redis_version", "0"))
     if parse_version(version) < MIN_REDIS_VERSION:
         need = ".".join(map(str, MIN_REDIS_VERSION))
         raise RedisVersionError(f"kickq needs Redis >= {need} (ACL users, TLS, script effect "
                                 f"replication); this server is {version}")
+
+
+def check_mode(info: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
+    """A redis:// URL at a Cluster node fails here, whichever node holds the namespace, rather
+    than at its first command on another node's slot (MOVED). The reverse is found when the
+    slot map is read (kickq.cluster)."""
+    if str(info.get("cluster_enabled", "0")) == "1" and not cluster.is_cluster_url(redis_url(settings)):
+        raise cluster_node_error(settings)
+
+
+def cluster_node_error(settings: Mapping[str, Any]) -> RedisModeError:
+    where = describe(settings)
+    node = where.partition("://")[2].partition("/")[0].partition("?")[0]
+    return RedisModeError(f"Redis at {where} is a Redis Cluster node: use redis+cluster://{node} "
+                          "(any nodes of the cluster, comma-separated)")
 
 
 class redis_errors:  # noqa: N801 - used as a function: `with redis_errors(settings):`
@@ -247,6 +311,8 @@ class redis_errors:  # noqa: N801 - used as a function: `with redis_errors(setti
         settings = self.settings
         if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
             raise RedisUnavailable(f"Redis at {describe(settings)} is unavailable: {exc}") from exc
+        if isinstance(exc, redis.exceptions.MovedError):  # a redis:// URL at a Cluster node
+            raise cluster_node_error(settings) from exc
         if is_out_of_memory(exc):
             raise KickqError(f"Redis at {describe(settings)} is out of memory (maxmemory): "
                              "nothing was written") from exc

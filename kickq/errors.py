@@ -10,6 +10,11 @@ class ConfigError(KickqError, ValueError):
     """An unknown option, a wrong type, or a value out of range. Nothing was changed or written."""
 
 
+class RedisModeError(ConfigError):
+    """The URL names a single server and the server is a Redis Cluster node, or the reverse: use
+    redis:// for one server, redis+cluster:// for a Cluster. Nothing was written."""
+
+
 class InvalidPayload(KickqError, TypeError):
     """Job data (or a handler's result) that JSON cannot carry: sets, objects, NaN, cycles, deep nesting,
     and text with a lone surrogate (UTF-8, which Redis gets, cannot hold it)."""

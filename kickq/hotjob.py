@@ -44,6 +44,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import redis
 
+from .connection import NOTIFICATION_TYPES, SUBSCRIBED_TYPES, UNSUBSCRIBED_TYPES, subscribe_notifications
 from .backoff import Backoff
 from .errors import HotjobTimeout, JobNotFound, RedisUnavailable
 from .job import TERMINAL_STATES, Job, queue_reads, read_fields
@@ -143,14 +144,17 @@ class _Subscription(NamedTuple):
         message = self.pubsub.get_message(timeout=seconds)
         while message is not None:
             kind = message.get("type")
-            if kind == "message":
+            if kind in NOTIFICATION_TYPES:
                 deliver(*parse_message(message["data"]))
                 if until_done is not None and until_done.done():
                     return
-            elif kind == "subscribe":
+            elif kind in SUBSCRIBED_TYPES:
                 # redis-py connected again on its own and subscribed anew (PubSub.on_connect): what
                 # was published in between is lost to us.
                 raise redis.exceptions.ConnectionError("the subscription's connection was replaced")
+            elif kind in UNSUBSCRIBED_TYPES:
+                # The server ended it: on a cluster, the namespace's slot moved to another node.
+                raise redis.exceptions.ConnectionError("the server ended the subscription")
             message = self.pubsub.get_message(timeout=0)
 
 
@@ -379,10 +383,10 @@ class HotjobWaiter:
             try:
                 client = self._connect()
                 pubsub = client.pubsub()
-                pubsub.subscribe(self._keys.done)
+                subscribe_notifications(client, pubsub, self._keys.done)
                 # The confirmation must be read before anyone relies on the subscription.
                 confirmed = None
-                while confirmed is None or confirmed.get("type") != "subscribe":
+                while confirmed is None or confirmed.get("type") not in SUBSCRIBED_TYPES:
                     confirmed = pubsub.get_message(timeout=self._timeout)
                     if confirmed is None:
                         raise redis.exceptions.TimeoutError("no subscribe confirmation")

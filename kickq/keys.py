@@ -38,6 +38,11 @@ class Keys:
     def id(self) -> str:
         return self.prefix + layout.ID
 
+    @property
+    def script_keys(self) -> list[str]:
+        """The KEYS of every script call (layout.SCRIPT_KEYS): a new list each time."""
+        return [self.prefix + key for key in layout.SCRIPT_KEYS]
+
     def job(self, job_id: str) -> str:
         return self.prefix + layout.JOB + job_id
 

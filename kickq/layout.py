@@ -41,6 +41,16 @@ SINGLE_KEYS = {
     DONE: "pub/sub channel",  # hotjobs that finished or were deleted
 }
 
+#: A key that is never written (see SCRIPT_KEYS).
+ROUTE_GUARD = "route-guard"
+
+#: The KEYS every script declares, in order. ID routes the call to the namespace's node. ROUTE_GUARD
+#: never exists: on Redis Cluster, Redis refuses a multi-key call on a slot that is migrating when
+#: one of its keys is missing (TRYAGAIN, or ASK then TRYAGAIN), so no script runs while a
+#: namespace's keys are split between two nodes, and the keys a script derives from the prefix
+#: are all on the node that runs it (kickq/cluster.py).
+SCRIPT_KEYS = (ID, ROUTE_GUARD)
+
 #: Families of keys: the prefix, then one of these, then a last part (what each comment names).
 JOB = "job:"
 QUEUE = "queue:"

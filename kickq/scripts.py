@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import redis
 
+from .cluster import rerouted
 from .config import JOB_OPTION_DEFAULTS
 from .keys import Keys
 
@@ -261,13 +262,13 @@ def create_args(keys: Keys, items: Sequence[tuple[str, str, str, int | None]],
     args: list[Any] = [keys.prefix, _now(now), len(items)]
     for name, data, opts, delay_ms in items:
         args += [name, data, opts, "" if delay_ms is None else delay_ms, ""]
-    return [keys.id], args
+    return keys.script_keys, args
 
 
 def claim_args(keys: Keys, names: Sequence[str], now: int | None = None,
                claimer: str = "", idle_ms: int = 0) -> tuple[list[str], list[Any]]:
     """idle_ms > 0 (with a claimer): found nothing, the caller is registered as idle that long."""
-    return [keys.id], [keys.prefix, _now(now), claimer, int(idle_ms), *names]
+    return keys.script_keys, [keys.prefix, _now(now), claimer, int(idle_ms), *names]
 
 
 def finish_args(keys: Keys, job_id: str, token: int | str, outcome: str, payload: str = "",
@@ -275,7 +276,7 @@ def finish_args(keys: Keys, job_id: str, token: int | str, outcome: str, payload
                 claimer: str = "", run_ms: int | None = None) -> tuple[list[str], list[Any]]:
     if outcome not in ("success", "fail", "ghost"):
         raise ValueError(f"outcome must be success, fail or ghost, not {outcome!r}")
-    return [keys.id], [keys.prefix, _now(now), job_id, str(token), outcome, payload, claimer,
+    return keys.script_keys, [keys.prefix, _now(now), job_id, str(token), outcome, payload, claimer,
                        "" if run_ms is None else int(run_ms), *claim_names]
 
 
@@ -322,34 +323,34 @@ def finish_many_args(keys: Keys, claimer: str, runs: Sequence[RunOutcome] = (),
     for job_id, token in give_back:
         args += [job_id, str(token)]
     args += [claim if claim_names else 0, int(idle_ms), *claim_names]
-    return [keys.id], args
+    return keys.script_keys, args
 
 
 def abandon_args(keys: Keys, claimer: str, error: str, runs: Sequence[RunOutcome] = (),
                  now: int | None = None, mono_ms: float | None = None) -> tuple[list[str], list[Any]]:
-    return [keys.id], [keys.prefix, _now(now), claimer, error, _mono(mono_ms), *_runs_args(runs)]
+    return keys.script_keys, [keys.prefix, _now(now), claimer, error, _mono(mono_ms), *_runs_args(runs)]
 
 
 def sweep_args(keys: Keys, limit: int, now: int | None = None, *extra: str) -> tuple[list[str], list[Any]]:
-    return [keys.id], [keys.prefix, _now(now), limit, *extra]
+    return keys.script_keys, [keys.prefix, _now(now), limit, *extra]
 
 
 def delete_args(keys: Keys, job_id: str) -> tuple[list[str], list[Any]]:
-    return [keys.id], [keys.prefix, job_id]
+    return keys.script_keys, [keys.prefix, job_id]
 
 
 def schedule_args(keys: Keys, schedule_id: str, record_json: str, ticks: Sequence[int] = (),
                   now: int | None = None) -> tuple[list[str], list[Any]]:
-    return [keys.id], [keys.prefix, _now(now), schedule_id, record_json, *ticks]
+    return keys.script_keys, [keys.prefix, _now(now), schedule_id, record_json, *ticks]
 
 
 def unschedule_args(keys: Keys, schedule_id: str) -> tuple[list[str], list[Any]]:
-    return [keys.id], [keys.prefix, schedule_id]
+    return keys.script_keys, [keys.prefix, schedule_id]
 
 
 def extend_args(keys: Keys, schedule_id: str, ticks: Sequence[int],
                 now: int | None = None) -> tuple[list[str], list[Any]]:
-    return [keys.id], [keys.prefix, _now(now), schedule_id, *ticks]
+    return keys.script_keys, [keys.prefix, _now(now), schedule_id, *ticks]
 
 
 # --- reply parsers --------------------------------------------------------------------------------
@@ -412,6 +413,9 @@ class Scripts:
         self._client = client
         self._scripts = {name: client.register_script(text) for name, text in SOURCES.items()}
         self._lane = lane
+        # A namespace's client on a cluster (cluster.RoutedRedis) makes again what did not run;
+        # calls through the lane bypass it, and are made again here.
+        self._reroute_timeout: float | None = getattr(client, "reroute_timeout", None) if lane else None
         self.functions: bool | None = True  # what load() said last (see command())
 
     def run(self, name: str, keys_and_args: tuple[list[str], list[Any]], client: Any = None,
@@ -423,6 +427,19 @@ class Scripts:
             if meanwhile is not None:
                 meanwhile()
             return self._scripts[name](keys=keys, args=args, client=client)
+        if self._reroute_timeout is None:
+            return self._run(name, keys_and_args, meanwhile)
+        pending = [meanwhile] if meanwhile is not None else []
+
+        def once() -> None:  # the caller's work runs once, however many times the call is made
+            if pending:
+                pending.pop()()
+
+        return rerouted(lambda: self._run(name, keys_and_args, once), self._reroute_timeout)
+
+    def _run(self, name: str, keys_and_args: tuple[list[str], list[Any]],
+             meanwhile: Callable[[], Any] | None) -> Any:
+        keys, args = keys_and_args
         try:
             return self._execute(command(name, keys, args, self.functions), meanwhile)
         except redis.exceptions.ResponseError as exc:

@@ -178,3 +178,13 @@ def redis_now(r) -> int:
     """Redis' clock in epoch ms (what the scripts use when no time is passed in)."""
     seconds, micros = r.time()
     return seconds * 1000 + micros // 1000
+
+
+def subscribers(r, channel: str) -> int:
+    """Clients subscribed to a channel the scripts notify: by SSUBSCRIBE (Redis 7 on) or SUBSCRIBE."""
+    plain = r.pubsub_numsub(channel)[0][1]
+    try:
+        sharded = r.execute_command("PUBSUB", "SHARDNUMSUB", channel)
+    except Exception:  # Redis 6: no sharded pub/sub
+        return int(plain)
+    return int(plain) + int(sharded[1])

@@ -30,7 +30,7 @@ from kickq.connection import connect as sync_connect
 from kickq.hotjob import HotjobWaiter
 from kickq.keys import Keys
 from kickq.scripts import Scripts
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, subscribers, wait_until
 from tests.structures import (assert_consistent, assert_gone, assert_one_structure, job_exists, snapshot,
                               stored)
 
@@ -467,7 +467,7 @@ def test_pending_jobs_are_rechecked_after_a_reconnect(kq_config, r, namespace, w
             worker.run("success", '"while disconnected"')
             assert (await first.hotjob_promise).result == "while disconnected"
             assert waiter.generation > generation
-            await until(lambda: r.pubsub_numsub(Keys(namespace).done)[0][1] == 1, message="resubscribed")
+            await until(lambda: subscribers(r, Keys(namespace).done) == 1, message="resubscribed")
             worker.run("success", '"later"', names=("b",))
             assert (await second.hotjob_promise).result == "later"
 
@@ -552,7 +552,7 @@ def test_many_hotjobs_share_one_pubsub_connection_and_no_threads(kq_config, r, n
         async with Kickq() as kq:
             jobs = await asyncio.gather(*(kq.create("a", i, HOT) for i in range(200)))
             jobs += await kq.create_many([("a", i, HOT) for i in range(200, 400)])
-            assert r.pubsub_numsub(Keys(namespace).done)[0][1] == 1
+            assert subscribers(r, Keys(namespace).done) == 1
             assert len(asyncio.all_tasks()) <= 4  # main (and wait_for's), the listener, one batch at most
             assert threading.active_count() == threads
             for _ in jobs:
@@ -788,7 +788,7 @@ def test_close_cancels_pending_promises_and_the_client_is_reusable(kq_config, r,
         await kq.close()
         assert time.monotonic() - started < 1.5
         assert job.hotjob_promise.cancelled()
-        await until(lambda: r.pubsub_numsub(Keys(namespace).done)[0][1] == 0, message="listener closed")
+        await until(lambda: subscribers(r, Keys(namespace).done) == 0, message="listener closed")
         assert (await kq.create("a")).id == "2"  # usable again
         await kq.close()
         await kq.close()  # twice is fine

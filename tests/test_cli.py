@@ -344,7 +344,7 @@ def test_retry_of_a_tick_job_gets_its_tick_back(kq, r, namespace):
     wait_until(lambda: s.promote(keys)[0] >= 1, timeout=5)
     job_id, _ = finish_one(r, namespace, "tick", "fail")
     tick = kq.get(job_id).tick
-    assert s.run("requeue", ([keys.id], [keys.prefix, "", job_id])) == ["ok", "queued"]
+    assert s.run("requeue", (keys.script_keys, [keys.prefix, "", job_id])) == ["ok", "queued"]
     assert kq.get(job_id).scheduled_for == tick
 
 
@@ -382,7 +382,7 @@ def test_purge_state_script_checks_each_id(kq, r, namespace):
     queued = kq.create("a").id
 
     def purge_state(state, older_ms, *ids):
-        return s.run("purge_state", ([keys.id], [keys.prefix, "", state, older_ms, *ids]))
+        return s.run("purge_state", (keys.script_keys, [keys.prefix, "", state, older_ms, *ids]))
 
     assert purge_state("fail", 3_600_000, job) == 0          # too young
     assert purge_state("success", 0, job) == 0               # other state

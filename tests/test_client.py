@@ -20,7 +20,7 @@ from kickq.hotjob import HotjobWaiter
 from kickq.job import FIELDS
 from kickq.keys import Keys
 from kickq.scripts import Scripts
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, subscribers, wait_until
 from tests.structures import assert_consistent, assert_gone, assert_one_structure, snapshot, structures_of
 
 ALL_FIELDS = {
@@ -478,7 +478,7 @@ def test_waiter_survives_a_killed_subscriber_connection(kq, r, worker):
     assert r.client_kill_filter(_type="pubsub") >= 1
     worker.run("success", '"right after the kill"')  # most likely before the waiter has resubscribed
     assert first.hotjob_promise.result(timeout=5).result == "right after the kill"
-    wait_until(lambda: r.pubsub_numsub(Keys(worker.ns).done)[0][1] >= 1, timeout=5, message="resubscribed")
+    wait_until(lambda: subscribers(r, Keys(worker.ns).done) >= 1, timeout=5, message="resubscribed")
     worker.run("success", '"later"', names=("b",))
     assert second.hotjob_promise.result(timeout=5).result == "later"
 
@@ -654,7 +654,8 @@ def test_an_idle_subscription_is_still_health_checked(kq_config, r, worker):
         assert job.hotjob_promise.result(timeout=5).result == 1
 
         def pubsub_pinged():
-            return any(c.get("cmd") == "ping" and int(c.get("sub", 0)) >= 1 for c in r.client_list())
+            return any(c.get("cmd") == "ping" and int(c.get("sub", 0)) + int(c.get("ssub", 0)) >= 1
+                       for c in r.client_list())
 
         wait_until(pubsub_pinged, timeout=5, message="the subscriber's health-check PING")
 

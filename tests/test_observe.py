@@ -99,13 +99,13 @@ class Machine:
         return result
 
     def requeue(self, job_id):
-        result = self.s.run("requeue", ([self.keys.id], [self.keys.prefix, "", job_id]))
+        result = self.s.run("requeue", (self.keys.script_keys, [self.keys.prefix, "", job_id]))
         self.check()
         return result
 
     def purge_state(self, state, older_ms, *ids, now=None):
-        result = self.s.run("purge_state", ([self.keys.id], [self.keys.prefix, scripts._now(now), state,
-                                                             older_ms, *ids]))
+        result = self.s.run("purge_state", (self.keys.script_keys,
+                                            [self.keys.prefix, scripts._now(now), state, older_ms, *ids]))
         self.check()
         return result
 

@@ -11,7 +11,8 @@ import re
 
 import pytest
 
-from kickq import layout
+from kickq import layout, scripts
+from kickq.connection import subscribe_notifications
 from kickq.job import Job
 from kickq.keys import Keys
 from kickq.scripts import (_LIB, _LUA_DIR, LEASE_GRACE_MS, LIB_FILES, NAMES, Scripts, _read, create_args,
@@ -155,7 +156,7 @@ def test_a_packed_new_job_answers_every_script_as_a_new_job(m):
 
 def test_create_delayed_goes_to_the_delayed_zset(m):
     pubsub = m.r.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(m.keys.reaper)
+    subscribe_notifications(m.r, pubsub, m.keys.reaper)  # SSUBSCRIBE on Redis 7 (the scripts SPUBLISH)
     pubsub.get_message(timeout=1)  # the subscribe confirmation
     job_id = m.create("a", delay_ms=5000)
     assert structures_of(m.r, m.ns, job_id) == ["delayed"]
@@ -673,11 +674,23 @@ def test_each_script_header_names_its_keys_and_argv(name):
         f"{name}.lua: " + ("reads ARGV by computed indices its header does not describe as groups" if computed
                            else "header describes groups of ARGV the body never reads"))
     keys, keys_open, keys_used, keys_read_on = _documented_and_used(doc, body, "KEYS")
-    assert keys == {1} and not keys_open, f"{name}.lua header must describe KEYS[1], and only it"
+    assert keys == {1, 2} and not keys_open, f"{name}.lua header must describe KEYS[1] and KEYS[2] only"
     assert re.search(r'^\s*KEYS\[1\]\s+P\.\."id"\s+\(routing only', doc, re.M), (
         f'{name}.lua: KEYS[1] is P.."id", for routing only (every key derives from P)')
+    assert re.search(r'^\s*KEYS\[2\]\s+P\.\."route-guard"\s+\(never exists', doc, re.M), (
+        f'{name}.lua: KEYS[2] is P.."route-guard", which never exists (layout.SCRIPT_KEYS)')
     assert not keys_used and not keys_read_on, f"{name}.lua reads KEYS {sorted(keys_used)}"
-    assert "KEYS[" not in body.replace("KEYS[1]", ""), f"{name}.lua reads undeclared KEYS"
+    assert "KEYS[" not in body, f"{name}.lua reads KEYS: every key derives from the prefix ARGV[1]"
+
+
+def test_every_script_call_declares_the_layout_script_keys():
+    keys = Keys("ns")
+    assert keys.script_keys == ["{ns}:" + key for key in layout.SCRIPT_KEYS]
+    assert keys.script_keys == ["{ns}:id", "{ns}:route-guard"]
+    for call in (scripts.create_args(keys, [("a", "", "", None)]), scripts.claim_args(keys, ["a"]),
+                 scripts.sweep_args(keys, 10), scripts.delete_args(keys, "1"),
+                 scripts.finish_many_args(keys, "c"), scripts.abandon_args(keys, "c", "e")):
+        assert call[0] == keys.script_keys
 
 
 def test_lib_header_describes_the_structures():

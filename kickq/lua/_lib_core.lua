@@ -6,11 +6,17 @@
   define) and cut at each top-level `local`: a script gets the helpers it uses, and on Redis 7
   all the scripts form one function library.
 
-  Every key is built from the namespace prefix P = "{ns}:" passed as ARGV[1]. The hash tag
-  keeps every key of a namespace in one Redis Cluster slot, so keys derived here are safe.
-  KEYS[1] of every script is P.."id", declared only so that Redis routes the call. The keys, the
-  structure of each state and the packed record are defined in kickq/layout.py, and the tests
-  hold the scripts to it.
+  Every key is built from the namespace prefix P = "{ns}:" passed as ARGV[1]: a job's key comes
+  from an id the script reads, so it cannot be declared. The hash tag keeps every key of a
+  namespace in one Redis Cluster slot. KEYS[1] of every script is P.."id", declared so that Redis
+  routes the call; KEYS[2] is P.."route-guard", which never exists, so that Redis Cluster refuses
+  the call while the slot migrates (TRYAGAIN): a script runs only on a node that holds every key
+  of its namespace (kickq/layout.py SCRIPT_KEYS, kickq/cluster.py). The keys, the structure of
+  each state and the packed record are defined in kickq/layout.py, and the tests hold the
+  scripts to it.
+
+  Notifications (P.."done", P.."reaper") are sharded pub/sub on Redis 7 (SPUBLISH: a cluster
+  delivers them on the namespace's shard only, not to every node), plain PUBLISH before.
 
   A job lives in exactly one structure, decided by its state:
     new, queued          -> list  P.."queue:"..name  (plus one token in P.."wake:"..name)
@@ -24,6 +30,7 @@
   Keys: none (job_options reads the hash it is given)
 ]]
 local rcall = redis.call
+local PUBLISH = (redis.REDIS_VERSION_NUM or 0) >= 0x070000 and 'SPUBLISH' or 'PUBLISH'
 local DEFAULTS = __DEFAULTS__  -- a Lua table literal (scripts.py): no JSON decode per call
 local LEASE_GRACE_MS = __LEASE_GRACE_MS__
 

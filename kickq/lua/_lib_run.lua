@@ -35,7 +35,7 @@ local function finalise(P, id, state, now, opts, runs, fields)
     -- The whole final job goes with the message, so a waiter needs no further round trip.
     local flat, all = rcall('HGETALL', jk), {}
     for i = 1, #flat, 2 do all[flat[i]] = flat[i + 1] end
-    rcall('PUBLISH', P .. 'done', cjson.encode({id = id, job = all}))
+    rcall(PUBLISH, P .. 'done', cjson.encode({id = id, job = all}))
   end
 end
 

@@ -47,7 +47,7 @@ local function delay_job(P, id, due, fields)
   local first = rcall('ZRANGE', dk, 0, 0, 'WITHSCORES')
   if first[2] == nil or due < tonumber(first[2]) then
     -- Wake sleeping reapers: this job is due before anything they are waiting for.
-    rcall('PUBLISH', P .. 'reaper', due)
+    rcall(PUBLISH, P .. 'reaper', due)
   end
   rcall('ZADD', dk, due, id)
   if #fields > 0 then rcall('HSET', P .. 'job:' .. id, unpack(fields)) end
@@ -77,6 +77,6 @@ local function remove_job(P, id, now)
   local hot = job_options(jk).hotjob
   rcall('DEL', jk)
   note(P, id, name, state, false, 'delete', now)
-  if hot then rcall('PUBLISH', P .. 'done', cjson.encode({id = id, deleted = true})) end
+  if hot then rcall(PUBLISH, P .. 'done', cjson.encode({id = id, deleted = true})) end
   return 1
 end

@@ -1,5 +1,6 @@
 --[[ abandon: a worker is gone (it died, or exited); end what it still held, as its master knows it.
   KEYS[1]  P.."id"   (routing only)
+  KEYS[2]  P.."route-guard"  (never exists: see layout.SCRIPT_KEYS)
   ARGV[1]  P
   ARGV[2]  now (epoch ms, or "" for Redis' clock)
   ARGV[3]  the worker's claimer id

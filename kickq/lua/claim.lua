@@ -1,5 +1,6 @@
 --[[ claim: new/queued -> processing, with a lease and a fresh attempt token.
   KEYS[1]  P.."id"   (routing only)
+  KEYS[2]  P.."route-guard"  (never exists: see layout.SCRIPT_KEYS)
   ARGV[1]  P
   ARGV[2]  now (epoch ms, or "" for Redis' clock)
   ARGV[3]  claimer id ("" = none): the claim is recorded in P.."claim:"..claimer

@@ -1,5 +1,6 @@
 --[[ create: new jobs, as one atomic step for the whole batch.
   KEYS[1]  P.."id"            (routing only; all keys derive from P)
+  KEYS[2]  P.."route-guard"  (never exists: see layout.SCRIPT_KEYS)
   ARGV[1]  P                  namespace prefix "{ns}:"
   ARGV[2]  now                epoch ms, or "" for Redis' clock
   ARGV[3]  n                  number of jobs

@@ -1,6 +1,7 @@
 --[[ extend: top up a cron schedule's upcoming ticks (the reaper computes them with croniter) and,
   if its pending tick job is gone (ticks ran out, or it was deleted), create one.
   KEYS[1]  P.."id"   (routing only)
+  KEYS[2]  P.."route-guard"  (never exists: see layout.SCRIPT_KEYS)
   ARGV[1]  P
   ARGV[2]  now (epoch ms, or "" for Redis' clock)
   ARGV[3]  schedule id

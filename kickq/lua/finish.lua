@@ -1,6 +1,7 @@
 --[[ finish: processing -> success | retry | ghost | fail, checked against the attempt token;
   optionally claims the caller's next job in the same step (one round trip per job under load).
   KEYS[1]  P.."id"   (routing only)
+  KEYS[2]  P.."route-guard"  (never exists: see layout.SCRIPT_KEYS)
   ARGV[1]  P
   ARGV[2]  now (epoch ms, or "" for Redis' clock)
   ARGV[3]  job id

@@ -1,6 +1,7 @@
 --[[ finish_many: one round trip for a worker's batch: end the runs it finished, give back the
   claimed jobs it will not start, and claim its next jobs (prefetch).
   KEYS[1]  P.."id"   (routing only)
+  KEYS[2]  P.."route-guard"  (never exists: see layout.SCRIPT_KEYS)
   ARGV[1]  P
   ARGV[2]  now (epoch ms, or "" for Redis' clock)
   ARGV[3]  the caller's claimer id (required: runs are checked against it, the batch is recorded)

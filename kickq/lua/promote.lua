@@ -2,6 +2,7 @@
   also creates the next tick's job here, in the same step (see advance_schedule in
   _lib_schedule.lua).
   KEYS[1]  P.."id"   (routing only)
+  KEYS[2]  P.."route-guard"  (never exists: see layout.SCRIPT_KEYS)
   ARGV[1]  P
   ARGV[2]  now (epoch ms, or "" for Redis' clock)
   ARGV[3]  at most this many jobs

@@ -1,5 +1,6 @@
 --[[ purge: finished (success | fail) jobs past their purge time -> deleted.
   KEYS[1]  P.."id"   (routing only)
+  KEYS[2]  P.."route-guard"  (never exists: see layout.SCRIPT_KEYS)
   ARGV[1]  P
   ARGV[2]  now (epoch ms, or "" for Redis' clock)
   ARGV[3]  at most this many jobs

@@ -1,6 +1,7 @@
 --[[ purge_state: finished jobs of one state, finished at least some time ago -> deleted
   (the admin command `kickq purge --state S --older-than SECONDS`).
   KEYS[1]  P.."id"   (routing only)
+  KEYS[2]  P.."route-guard"  (never exists: see layout.SCRIPT_KEYS)
   ARGV[1]  P
   ARGV[2]  now (epoch ms, or "" for Redis' clock)
   ARGV[3]  state: success | fail (anything else purges nothing)

@@ -3,6 +3,7 @@
   its worker journaled as finished (P.."done:"..owner) are saved first, with their outcome; jobs
   still in the owner's inbox (handed over, never taken) go back to their queue.
   KEYS[1]  P.."id"   (routing only)
+  KEYS[2]  P.."route-guard"  (never exists: see layout.SCRIPT_KEYS)
   ARGV[1]  P
   ARGV[2]  now (epoch ms, or "" for Redis' clock)
   ARGV[3]  at most this many jobs

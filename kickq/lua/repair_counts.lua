@@ -1,5 +1,6 @@
 --[[ repair_counts: correct drifted state counts in P.."counts" (`kickq doctor --repair`).
   KEYS[1]  P.."id"   (routing only)
+  KEYS[2]  P.."route-guard"  (never exists: see layout.SCRIPT_KEYS)
   ARGV[1]  P
   ARGV[2..] pairs: "<state>:<name>" field, correction (an integer to add; the drift with its sign
            turned). Transitions move a count and the jobs together, so a drift measured a moment

@@ -3,6 +3,7 @@
   (now + process_timeout + grace): a worker still running it can finish, and if none is, the
   reaper recovers it when the lease expires.
   KEYS[1]  P.."id"   (routing only)
+  KEYS[2]  P.."route-guard"  (never exists: see layout.SCRIPT_KEYS)
   ARGV[1]  P
   ARGV[2]  now (epoch ms, or "" for Redis' clock)
   ARGV[3]  job id
@@ -68,7 +69,7 @@ for _, z in ipairs({'delayed', 'processing', 'finished'}) do
     rcall('ZADD', zk, score, id)
     if z == 'delayed' then
       local first = rcall('ZRANGE', zk, 0, 0, 'WITHSCORES')
-      if first[1] == id then rcall('PUBLISH', P .. 'reaper', score) end
+      if first[1] == id then rcall(PUBLISH, P .. 'reaper', score) end
     end
     done[#done + 1] = 'added to ' .. z
   end

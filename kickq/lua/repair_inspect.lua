@@ -1,5 +1,6 @@
 --[[ repair_inspect: where one job id is, read in one atomic step (`kickq doctor`; writes nothing).
   KEYS[1]  P.."id"   (routing only)
+  KEYS[2]  P.."route-guard"  (never exists: see layout.SCRIPT_KEYS)
   ARGV[1]  P
   ARGV[2]  job id
   ARGV[3..] job names whose queue may hold the id (the job's own name is added here)

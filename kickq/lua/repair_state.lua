@@ -1,6 +1,7 @@
 --[[ repair_state: a job whose state is missing or unknown, or that has no name, becomes 'fail'
   (`kickq doctor --repair`).
   KEYS[1]  P.."id"   (routing only)
+  KEYS[2]  P.."route-guard"  (never exists: see layout.SCRIPT_KEYS)
   ARGV[1]  P
   ARGV[2]  now (epoch ms, or "" for Redis' clock)
   ARGV[3]  job id

@@ -1,5 +1,6 @@
 --[[ requeue: fail -> queued, under the same id (the admin command `kickq retry ID`).
   KEYS[1]  P.."id"   (routing only)
+  KEYS[2]  P.."route-guard"  (never exists: see layout.SCRIPT_KEYS)
   ARGV[1]  P
   ARGV[2]  now (epoch ms, or "" for Redis' clock)
   ARGV[3]  job id

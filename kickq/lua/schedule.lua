@@ -1,5 +1,6 @@
 --[[ schedule: create or replace a schedule and its first tick job (state delayed).
   KEYS[1]  P.."id"   (routing only)
+  KEYS[2]  P.."route-guard"  (never exists: see layout.SCRIPT_KEYS)
   ARGV[1]  P
   ARGV[2]  now (epoch ms, or "" for Redis' clock)
   ARGV[3]  schedule id (validated like a job name)

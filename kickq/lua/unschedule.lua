@@ -1,5 +1,6 @@
 --[[ unschedule: remove a schedule, its upcoming ticks and its pending tick job.
   KEYS[1]  P.."id"   (routing only)
+  KEYS[2]  P.."route-guard"  (never exists: see layout.SCRIPT_KEYS)
   ARGV[1]  P
   ARGV[2]  schedule id
   Returns  1 when the schedule existed, else 0. Jobs of earlier ticks are left alone.

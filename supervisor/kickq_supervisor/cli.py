@@ -17,7 +17,7 @@ import redis
 import kickq
 from kickq import registry
 from kickq.config import current, merge_settings, validate_settings
-from kickq.connection import check_version, connect, describe, server_info
+from kickq.connection import check_mode, check_version, client_scope, connect, describe, server_info
 
 from . import embedded, loader, pidfile
 from .arbiter import Arbiter, MasterLoop, Slot
@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Signals: TERM/INT graceful stop (a second INT: quick), HUP reload handlers, "
                "QUIT quick stop. Config from kickq.config() in MODULE applies; flags win.")
     p.add_argument("modules", nargs="+", metavar="MODULE", help="handler module or .py file")
-    p.add_argument("--redis-url", help="redis://, rediss:// or unix:// URL (default: config, "
-                                       "then $KICKQ_REDIS_URL, then 127.0.0.1:6379)")
+    p.add_argument("--redis-url", help="redis://, rediss://, unix:// or redis+cluster://host:port,host:port "
+                                       "URL (default: config, then $KICKQ_REDIS_URL, then 127.0.0.1:6379)")
     p.add_argument("--redis-namespace", help="key namespace (default: config, 'kickq')")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--embedded-redis", metavar="DIR",
@@ -176,12 +176,14 @@ def check_redis(settings: dict[str, Any]) -> str | None:
     """A reason to refuse to start (bad password, old server), or None; an outage is not one."""
     client = connect(settings)
     try:
-        check_version(server_info(client))
+        info = server_info(client)
+        check_version(info)
+        check_mode(info, settings)
     except redis.exceptions.AuthenticationError as exc:
         return f"Redis at {describe(settings)} refused the credentials: {exc}"
     except redis.exceptions.ResponseError as exc:
         return f"Redis at {describe(settings)} refused: {exc}"
-    except kickq.RedisVersionError as exc:
+    except (kickq.RedisVersionError, kickq.RedisModeError) as exc:
         return str(exc)
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         log.warning("Redis at %s is unavailable (%s); workers will keep retrying", describe(settings), exc)
@@ -201,20 +203,21 @@ def run_master(args: argparse.Namespace, registrations: list[registry.Registrati
     namespaces = sorted({s["redis_namespace"] for s in per_registration})
     set_title(f"kickq-supervisor: master [{' '.join(namespaces)}]")
     ops = ProcessOps()
-    ghosters = {describe(s): Ghoster(s) for s in per_registration}
+    ghosters = {client_scope(s): Ghoster(s) for s in per_registration}
 
     def lost_job(slot: Slot, job_id: str, token: str, error: str) -> None:
         settings = per_registration[slot.spec]
         run = slot.run
         started = run.started if run is not None and run.job_id == job_id and run.started else None
-        ghosters[describe(settings)].submit(settings["redis_namespace"], job_id, token, error, slot.claimer,
-                                            started)
+        ghosters[client_scope(settings)].submit(settings["redis_namespace"], job_id, token, error,
+                                                slot.claimer, started)
 
     def lost_claim(slot: Slot, error: str) -> None:
         settings = per_registration[slot.spec]
         unsaved = [(job_id, token, outcome, payload, int(round(seconds * 1000)), reported_at)
                    for job_id, (token, outcome, payload, seconds, reported_at) in slot.unsaved.items()]
-        ghosters[describe(settings)].submit_claimed(settings["redis_namespace"], slot.claimer, error, unsaved)
+        ghosters[client_scope(settings)].submit_claimed(settings["redis_namespace"], slot.claimer, error,
+                                                        unsaved)
 
     def spawn_worker(slot: Slot) -> tuple[int, int]:
         read_fd, write_fd = os.pipe()
@@ -235,7 +238,8 @@ def run_master(args: argparse.Namespace, registrations: list[registry.Registrati
 
     def reaper_spawner(settings: dict[str, Any], served: list[str]) -> Callable[[], int]:
         """Starts the reaper of one Redis (with the settings of its first registration), for
-        every namespace this supervisor serves on it."""
+        every namespace this supervisor serves on it; on a Cluster, one reaper per namespace (a
+        namespace is one slot, on the master that holds it)."""
         def spawn() -> int:
             def target() -> int:
                 signal.set_wakeup_fd(-1)
@@ -247,7 +251,7 @@ def run_master(args: argparse.Namespace, registrations: list[registry.Registrati
 
     by_redis: dict[str, tuple[dict[str, Any], set[str]]] = {}
     for settings in per_registration:
-        by_redis.setdefault(describe(settings), (settings, set()))[1].add(settings["redis_namespace"])
+        by_redis.setdefault(client_scope(settings), (settings, set()))[1].add(settings["redis_namespace"])
     spawn_reapers = [] if args.no_reaper else [reaper_spawner(settings, sorted(served))
                                                for settings, served in by_redis.values()]
 

@@ -19,7 +19,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import redis
 
-from kickq.connection import connect, describe
+from kickq.connection import client_scope, connect, describe
 from kickq.job import STATES
 from kickq.keys import Keys
 
@@ -59,7 +59,8 @@ class RedisCollector:
         self.targets = []
         clients: dict[str, Any] = {}
         for settings, namespace in targets:
-            where = describe(settings)
+            settings = {**settings, "redis_namespace": namespace}
+            where = client_scope(settings)
             if where not in clients:
                 clients[where] = connect(settings, socket_timeout=SCRAPE_TIMEOUT,
                                          socket_connect_timeout=SCRAPE_TIMEOUT, health_check_interval=0)

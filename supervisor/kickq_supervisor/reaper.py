@@ -20,7 +20,7 @@ import redis
 
 from kickq import cron, scripts
 from kickq.backoff import Backoff
-from kickq.connection import connect
+from kickq.connection import NOTIFICATION_TYPES, UNSUBSCRIBED_TYPES, connect, subscribe_notifications
 from kickq.keys import Keys
 
 from .osapi import die_with_parent, set_title
@@ -61,6 +61,21 @@ def refill_schedules(client: Any, scr: scripts.Scripts, keys: Keys, now: int) ->
         scr.run("extend", scripts.extend_args(keys, sid, ticks))
         extended += 1
     return extended
+
+
+def _woken(pubsub: Any, timeout: float) -> bool:
+    """Wait up to `timeout` for a notification; read every message that is there. True when one
+    came. A subscription the server ended (on a cluster, the namespace's slot moved to another
+    node) raises ConnectionError, so that the caller subscribes again."""
+    woken = False
+    message = pubsub.get_message(timeout=timeout)
+    while message is not None:
+        kind = message.get("type")
+        if kind in UNSUBSCRIBED_TYPES:
+            raise redis.exceptions.ConnectionError("the server ended the reaper's subscription")
+        woken = woken or kind in NOTIFICATION_TYPES
+        message = pubsub.get_message(timeout=0)
+    return woken
 
 
 class Reaper:
@@ -132,8 +147,8 @@ class Reaper:
         while True:
             try:
                 if pubsub is None:
-                    pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-                    pubsub.subscribe(*[k.reaper for k in self.keys])
+                    pubsub = self.client.pubsub()
+                    subscribe_notifications(self.client, pubsub, *[k.reaper for k in self.keys])
                 wait = min(self.tick(keys) for keys in self.keys)
                 wait = min(wait, vitals.due(self.client))  # logs a vitals line when one is due
                 backoff.reset()
@@ -142,9 +157,7 @@ class Reaper:
                 # command would only time out on the server's 100 ms cron).
                 deadline = time.monotonic() + wait
                 while (left := deadline - time.monotonic()) > 0:
-                    if pubsub.get_message(timeout=left) is not None:
-                        while pubsub.get_message(timeout=0) is not None:
-                            pass
+                    if _woken(pubsub, left):
                         break
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 delay = backoff.next_delay()

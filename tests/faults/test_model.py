@@ -302,7 +302,7 @@ class LuaMachine(RuleBasedStateMachine):
 
     @rule(job=st.integers(1, 40))
     def requeue(self, job: int) -> None:
-        status, _ = self.s.run("requeue", ([self.keys.id], [self.keys.prefix, self.now, str(job)]))
+        status, _ = self.s.run("requeue", (self.keys.script_keys, [self.keys.prefix, self.now, str(job)]))
         assert status == self.model.requeue(str(job), self.now)
         if status == "ok":  # the one transition out of a terminal state: the admin's `kickq retry`
             self.checker.terminal.pop(str(job), None)

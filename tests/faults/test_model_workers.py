@@ -690,7 +690,7 @@ class WorkersMachine(RuleBasedStateMachine):
         if action == "delete":
             assert self.s.delete(self.keys, job) == self.model.delete(job)
         else:
-            status, _ = self.s.run("requeue", ([self.keys.id], [self.keys.prefix, self.now, job]))
+            status, _ = self.s.run("requeue", (self.keys.script_keys, [self.keys.prefix, self.now, job]))
             assert status == self.model.requeue(job, self.now)
             if status == "ok":  # the one transition out of a terminal state
                 self.checker.terminal.pop(job, None)

@@ -16,7 +16,7 @@ import pytest
 from kickq.keys import Keys
 from kickq.scripts import LEASE_GRACE_MS, Scripts, create_args, claim_args, finish_args
 from tests.faults.harness import Case, Monitor, sizes
-from tests.helpers import wait_until
+from tests.helpers import subscribers, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 REAPERS = 5
@@ -78,7 +78,7 @@ def test_case07_five_reapers_at_once(size, redis_procs, namespace, tmp_path):
     reapers = start_reapers(rp.url, namespace, tmp_path, REAPERS)
     try:
         wait_until(
-            lambda: r.pubsub_numsub(keys.reaper)[0][1] == REAPERS,
+            lambda: subscribers(r, keys.reaper) == REAPERS,
             timeout=20,
             message="every reaper is up and listening",
         )

@@ -12,7 +12,7 @@ import pytest
 
 import kickq
 from kickq.keys import Keys
-from tests.helpers import wait_until
+from tests.helpers import subscribers, wait_until
 from tests.supervisor import handlers
 from tests.supervisor.conftest import alive, wait_job
 
@@ -185,7 +185,7 @@ def test_a_delayed_job_starts_soon_after_its_due_time(start_supervisor, kq, reap
     # With a 5 s reaper interval, only the producer's wake-up on pub/sub makes the reaper come early.
     sup = start_supervisor(args=["--reaper-interval", reaper_interval])
     channel = Keys(sup.namespace).reaper
-    wait_until(lambda: kq.redis.pubsub_numsub(channel)[0][1] == 1, message="the reaper listens")
+    wait_until(lambda: subscribers(kq.redis, channel) == 1, message="the reaper listens")
     job = kq.create("pid", None, {"delay": 0.4})
     assert job.state == "delayed"
     done = wait_job(kq, job.id)
