@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from typing import Any, Callable, Mapping, TypeVar
 from urllib.parse import unquote
 
@@ -132,6 +133,7 @@ class Discovery:
         self._lock = threading.Lock()
         self._cluster: RedisCluster | None = None
         self._refreshed = 0.0
+        _locked.add(self)
 
     def _client(self) -> RedisCluster:
         if self._cluster is None:
@@ -190,6 +192,7 @@ class Route:
         self._lock = threading.Lock()
         self._address: tuple[str, int] | None = None
         self._stale = False
+        _locked.add(self)
 
     def address(self) -> tuple[str, int]:
         address = self._address
@@ -336,6 +339,20 @@ class AsyncRoutedSSLConnection(_AsyncRoutedMixin, aioconnection.SSLConnection):
 _discoveries: dict[tuple[str, str], Discovery] = {}
 _discoveries_lock = threading.Lock()
 _discoveries_pid = os.getpid()
+#: Every Discovery and Route of the process: a forked child gives each a new lock (another
+#: thread of the parent may have held one at the fork).
+_locked: "weakref.WeakSet[Discovery | Route]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _discoveries_lock
+    _discoveries_lock = threading.Lock()
+    for holder in list(_locked):
+        holder._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def discovery_for(url: str, options: Mapping[str, Any]) -> Discovery:
