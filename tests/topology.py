@@ -130,9 +130,9 @@ def redis_cli_binary() -> str | None:
 def error_text(exc: BaseException) -> str:
     """A Redis error reply as Redis wrote it, e.g. ``"ASK 1234 127.0.0.1:7001"``.
 
-    redis-py 5 keeps the error code in the message of a plain client's ResponseError;
-    later versions raise AskError/MovedError/TryAgainError... with the code stripped.
-    This puts the code back so tests compare the same text on every version.
+    redis-py 5.0.1 gives a plain client's -ASK/-MOVED/-TRYAGAIN as a ResponseError with
+    the code in its message; 8.2 raises AskError/MovedError/TryAgainError with the code
+    stripped. This puts the code back so tests compare the same text on every version.
     """
     from redis import exceptions as rex
 
@@ -446,6 +446,8 @@ class Cluster:
         return cluster
 
     def _set_url(self) -> None:
+        # Fixed for the cluster's life: a client needs just one startup node that answers,
+        # master or not, so a later failover or a killed node does not make it stale.
         first_two = self.masters()[:2] if self.nodes else []
         self.startup = [m.addr for m in first_two]
         self.url = "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in self.startup)
