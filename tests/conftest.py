@@ -4,6 +4,8 @@ The session starts its own redis-server on a free port of 127.0.0.1 (no
 persistence, data dir in a temp dir). Set KICKQ_TEST_REDIS_URL to use an
 existing server instead (then nothing is started; every test still gets its
 own key namespace). Set KICKQ_REDIS_SERVER to pick the redis-server binary.
+Tests that ask for ``redis_cluster`` get a Redis Cluster (tests/topology.py),
+started on first use; KICKQ_TEST_CLUSTER_URL points them at an existing one.
 """
 from __future__ import annotations
 
@@ -11,12 +13,16 @@ import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import pytest
 
 from tests.helpers import new_namespace, redis_server_binary, start_redis, stop_redis
+
+if TYPE_CHECKING:
+    from tests.topology import Cluster, ClusterFactory
 
 TEST_REDIS_URL_ENV = "KICKQ_TEST_REDIS_URL"
 
@@ -110,3 +116,59 @@ def kq(kq_config):
         yield client
     finally:
         client.close()
+
+
+# --- Redis Cluster (tests/topology.py) --------------------------------------
+
+TEST_CLUSTER_URL_ENV = "KICKQ_TEST_CLUSTER_URL"
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A Redis Cluster of 3 masters with a replica each, shared by the session.
+
+    Started the first time a test asks for it (about 4 s on a 2-core machine), so a
+    session without cluster tests starts nothing. Set KICKQ_TEST_CLUSTER_URL to
+    ``redis+cluster://host:port,host:port`` to use an existing cluster instead: then
+    nothing is started, and a test that moves a slot or kills a node is skipped.
+
+    Tests that change the topology leave it whole for the tests after them: a slot
+    move always ends (SlotMove finishes on exit), and a test that kills a master
+    restarts it before it ends (it comes back as the replica of the node that took
+    its slots, so which nodes are masters changes; ask ``masters()``/``owner_of()``,
+    never remember ports). A test that needs another shape uses ``make_cluster``.
+    """
+    from tests.topology import Cluster, redis_cli_binary, start_cluster
+
+    external = os.environ.get(TEST_CLUSTER_URL_ENV)
+    if external:
+        cluster = Cluster.attach(external, refuse=pytest.skip)
+    else:
+        if redis_server_binary() is None or redis_cli_binary() is None:
+            pytest.skip(
+                "Redis Cluster tests need redis-server and redis-cli (apt-get install redis-server) "
+                f"or {TEST_CLUSTER_URL_ENV}"
+            )
+        cluster = start_cluster(tmp_path_factory.mktemp("cluster"), refuse=pytest.skip)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[ClusterFactory]:
+    """A factory of private clusters for one test: ``make_cluster(masters=3,
+    replicas_per_master=1, node_timeout_ms=2000)``; all are stopped when the test ends.
+    Skips when KICKQ_TEST_CLUSTER_URL is set (this session starts no Redis then)."""
+    from tests.topology import ClusterFactory, redis_cli_binary
+
+    if os.environ.get(TEST_CLUSTER_URL_ENV):
+        pytest.skip(f"{TEST_CLUSTER_URL_ENV} is set: this session starts no cluster of its own")
+    if redis_server_binary() is None or redis_cli_binary() is None:
+        pytest.skip("Redis Cluster tests need redis-server and redis-cli (apt-get install redis-server)")
+    factory = ClusterFactory(tmp_path, refuse=pytest.skip)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
