@@ -30,6 +30,8 @@ from typing import Any, Iterable, Sequence
 import psutil
 import redis
 
+from kickq.cluster import is_cluster_url
+from kickq.connection import connect
 from kickq.job import TERMINAL_STATES, Job, queue_reads, read_fields
 from kickq.keys import Keys
 from kickq.scripts import Scripts
@@ -248,7 +250,9 @@ class Snapshot:
 
 
 def snapshot(r: redis.Redis, ns: str) -> Snapshot:
-    raw = json.loads(r.register_script(SNAPSHOT_LUA)(keys=[prefix(ns) + "id"], args=[prefix(ns)]))
+    # The keys every kickq script declares: on a cluster, Redis refuses the look while the
+    # namespace's slot migrates rather than let it see half the keys.
+    raw = json.loads(r.register_script(SNAPSHOT_LUA)(keys=Keys(ns).script_keys, args=[prefix(ns)]))
     jobs = {}
     twice = []
     for job_id, state, name, attempt, ct, ut, ft in _list(raw["jobs"]):
@@ -344,9 +348,7 @@ class Monitor:
     unreachable (the fault itself) only skips a snapshot."""
 
     def __init__(self, url: str, ns: str, interval: float = 0.5) -> None:
-        self.client = redis.Redis.from_url(
-            url, decode_responses=True, encoding_errors="replace", socket_timeout=3, socket_connect_timeout=3
-        )
+        self.client = namespace_client(url, ns, timeout=3)
         self.ns = ns
         self.interval = interval
         self.checker = Checker()
@@ -640,6 +642,19 @@ def pid_alive(pid: int) -> bool:
 def read_pid(path: Path, timeout: float = 10.0) -> int:
     return int(
         wait_until(lambda: path.exists() and path.read_text(), timeout=timeout, message=f"a pid in {path}")
+    )
+
+
+def namespace_client(url: str, ns: str, timeout: float = 5) -> redis.Redis:
+    """A redis-py client for one namespace's keys: a plain one for a single server; for a
+    redis+cluster:// URL, kickq's own client of the namespace (routed to the master of its slot)."""
+    if is_cluster_url(url):
+        import kickq
+
+        return connect(kickq.Kickq(redis_url=url, redis_namespace=ns, redis_timeout=timeout).settings())
+    return redis.Redis.from_url(
+        url, decode_responses=True, encoding_errors="replace", socket_timeout=timeout,
+        socket_connect_timeout=timeout,
     )
 
 
