@@ -58,6 +58,9 @@ NOT_SERVED = tuple(cls for cls in (
     redis.exceptions.ClusterDownError, redis.exceptions.ReadOnlyError,
     getattr(redis.exceptions, "MasterDownError", None)) if cls is not None)
 
+#: What reading the slot map may raise (redis-py's RedisClusterException is not a RedisError).
+_DISCOVERY_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
+
 #: The least time between two reads of the slot map by one process for one cluster URL: many
 #: connections meet a failover at once, and one read serves them all.
 REFRESH_INTERVAL = 0.2
@@ -141,7 +144,7 @@ class Discovery:
                 self._cluster = RedisCluster(
                     startup_nodes=[ClusterNode(host, port) for host, port in self._nodes],
                     require_full_coverage=False, **self._kwargs)
-            except (redis.exceptions.RedisClusterException, redis.exceptions.ConnectionError) as exc:
+            except _DISCOVERY_ERRORS as exc:
                 if "not enabled" in str(exc):
                     raise not_a_cluster(self.url) from None
                 raise CommandNotRun(f"cannot read the slot map from {self.startup()}: {exc}") from exc
@@ -160,19 +163,28 @@ class Discovery:
                 self._refreshed = time.monotonic()
                 try:
                     cluster.nodes_manager.initialize()
-                except (redis.exceptions.RedisError, OSError) as exc:
-                    raise CommandNotRun(f"cannot read the cluster's slot map: {exc}") from exc
+                except _DISCOVERY_ERRORS:
+                    # None of the nodes it learnt answers (redis-py replaces the URL's startup
+                    # nodes by the nodes it discovers): start again from the URL's.
+                    self._forget()
+                    cluster = self._client()
             try:
                 node = cluster.nodes_manager.get_node_from_slot(slot)
-            except (redis.exceptions.RedisError, IndexError, KeyError) as exc:
+            except (*_DISCOVERY_ERRORS, IndexError, KeyError) as exc:
                 raise CommandNotRun(f"no master serves slot {slot} now: {exc}") from exc
             return node.host, int(node.port)
 
+    def _forget(self) -> None:
+        if self._cluster is not None:
+            try:
+                self._cluster.close()
+            except _DISCOVERY_ERRORS:
+                pass
+            self._cluster = None
+
     def close(self) -> None:
         with self._lock:
-            if self._cluster is not None:
-                self._cluster.close()
-                self._cluster = None
+            self._forget()
 
 
 def not_a_cluster(url: str) -> RedisModeError:
