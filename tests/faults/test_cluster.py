@@ -145,7 +145,8 @@ def test_case12a_a_namespace_slot_migrated_live_under_load(
         f"in processing at each move {in_flight}; first job created after a move done "
         f"{', '.join(f'{s:.2f}s' for s in resumed)} after it; longest create {producer.longest:.2f}s; "
         f"producer errors {dict(producer.errors)}; final states {dict(states)}; settled {settled:.2f}s "
-        f"after the load; {monitor.checker.snapshots} snapshots ({monitor.skipped} refused while the slot moved)"
+        f"after the load; {monitor.checker.snapshots} snapshots ({monitor.skipped} refused while the slot "
+        "moved)"
     )
     case.check(
         "no acknowledged job lost (lost = 0, stranded = 0), every one succeeds",
