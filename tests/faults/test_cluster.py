@@ -1,4 +1,4 @@
-"""Faults of a Redis Cluster under load (case 12): a namespace's slot migrated live to another master
+"""Faults of a Redis Cluster under load (case 13): a namespace's slot migrated live to another master
 (12a), and the namespace's master SIGKILLed so that its replica is promoted (12b). Real supervisors
 and producers on a private cluster of 3 masters with a replica each (tests/topology.py)."""
 
@@ -95,13 +95,13 @@ def first_completion_after(r, ns: str, producer: Producer, moment: float, timeou
 
 
 @pytest.mark.parametrize("size", sizes("quick", "full"))
-def test_case12a_a_namespace_slot_migrated_live_under_load(
+def test_case13a_a_namespace_slot_migrated_live_under_load(
     size, make_cluster, ledger, start_supervisor, tmp_path
 ):
     quick = size == "quick"
     load, pause, moves = (1.5, 0.01, 1) if quick else (5.0, 0.02, 2)
     case = Case(
-        "12a",
+        "13a",
         "a namespace's slot migrated live to another master under load (as redis-cli --cluster reshard)",
         f"{RATE} creates/s, {load:g}s before each of {moves} move(s) (10 keys per MIGRATE, "
         f"{pause * 1000:g} ms between batches) and {load:g}s after; 2 workers",
@@ -182,12 +182,12 @@ def test_case12a_a_namespace_slot_migrated_live_under_load(
 
 
 @pytest.mark.parametrize("size", sizes("quick", "full"))
-def test_case12b_the_namespace_master_killed_under_load(
+def test_case13b_the_namespace_master_killed_under_load(
     size, make_cluster, ledger, start_supervisor, tmp_path
 ):
     load = 1.5 if size == "quick" else 5.0
     case = Case(
-        "12b",
+        "13b",
         "the namespace's master SIGKILLed under load; its replica promoted (cluster-node-timeout 2000 ms)",
         f"{RATE} creates/s, {load:g}s before the kill and {load:g}s after the promotion; 2 workers",
     )
