@@ -1,5 +1,5 @@
 """Faults of a Redis Cluster under load (case 13): a namespace's slot migrated live to another master
-(12a), and the namespace's master SIGKILLed so that its replica is promoted (12b). Real supervisors
+(13a), and the namespace's master SIGKILLed so that its replica is promoted (13b). Real supervisors
 and producers on a private cluster of 3 masters with a replica each (tests/topology.py)."""
 
 from __future__ import annotations
