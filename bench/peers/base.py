@@ -123,6 +123,35 @@ def log_tail(logdir: Path, lines: int = 30) -> str:
     return "\n".join(out)[-6000:]
 
 
+def wait_done(name: str, client: Any, n: int, procs: list[subprocess.Popen], timeout: float,
+              logdir: Path | None = None) -> dict[str, float]:
+    """Poll the completions (body.done_count) every 2 ms until they reach n; perf_counter times of
+    the first completion seen and of the last, and how many of the polls were Redis commands (the
+    drain-io body counts in Redis; the no-op body in a file)."""
+    deadline = time.perf_counter() + timeout
+    first = None
+    first_count = 0
+    polls = 0
+    while True:
+        done = body.done_count(client)
+        now = time.perf_counter()
+        if done and first is None:
+            first = now
+            first_count = done
+        if done >= n:
+            return {"first": first if first is not None else now, "first_count": first_count,
+                    "last": now, "done": done, "redis_polls": polls + 1 if body.counts_in_redis() else 0}
+        polls += 1
+        if polls % 50 == 0:
+            if all(p.poll() is not None for p in procs):
+                raise BenchError(f"{name}: every worker exited after {done} of {n} jobs\n"
+                                 + (log_tail(logdir) if logdir else ""))
+        if now > deadline:
+            raise BenchError(f"{name}: only {done} of {n} jobs done after {timeout:.0f} s\n"
+                             + (log_tail(logdir) if logdir else ""))
+        time.sleep(0.002)
+
+
 class Adapter:
     name = ""
     label = ""
@@ -176,30 +205,7 @@ class Adapter:
 
     def wait_done(self, n: int, procs: list[subprocess.Popen], timeout: float,
                   logdir: Path | None = None) -> dict[str, float]:
-        """Poll the completions (body.done_count) every 2 ms until they reach n; perf_counter times of
-        the first completion seen and of the last."""
-        deadline = time.perf_counter() + timeout
-        first = None
-        first_count = 0
-        polls = 0
-        while True:
-            done = body.done_count(self.redis)
-            now = time.perf_counter()
-            if done and first is None:
-                first = now
-                first_count = done
-            if done >= n:
-                return {"first": first if first is not None else now, "first_count": first_count,
-                        "last": now, "done": done}
-            polls += 1
-            if polls % 50 == 0:
-                if all(p.poll() is not None for p in procs):
-                    raise BenchError(f"{self.name}: every worker exited after {done} of {n} jobs\n"
-                                     + (log_tail(logdir) if logdir else ""))
-            if now > deadline:
-                raise BenchError(f"{self.name}: only {done} of {n} jobs done after {timeout:.0f} s\n"
-                                 + (log_tail(logdir) if logdir else ""))
-            time.sleep(0.002)
+        return wait_done(self.name, self.redis, n, procs, timeout, logdir)
 
     def close(self) -> None:
         self.redis.close()
