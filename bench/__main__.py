@@ -335,19 +335,17 @@ class Runner:
         self.results["extras"].append({"module": module, "output": text})
 
 
-def idle_cpu(url: str, seconds: float = 2.0) -> dict[str, float]:
-    """The bench Redis' own CPU with no client but this one (its cron), per second: what a phase's
-    Redis CPU includes whatever the queue does."""
+def redis_baseline(url: str, idle_seconds: float = 2.0) -> dict[str, float]:
+    """What the bench's Redis spends per second with no queue at work (its cron, one idle client):
+    a part of every phase's Redis CPU that is not the queue's."""
     import redis
     with redis.Redis.from_url(url) as client:
         time.sleep(0.5)  # past start-up
         before = redis_cpu.sample(client)
-        time.sleep(seconds)
+        time.sleep(idle_seconds)
         after = redis_cpu.sample(client)
-    spent = redis_cpu.per_job(before, after, 1)
-    return {"seconds": seconds, "us_per_second": spent["us_per_job"] / seconds,
-            **({"main_thread_us_per_second": spent["main_thread_us_per_job"] / seconds}
-               if "main_thread_us_per_job" in spent else {})}
+    idle = redis_cpu.per_job(before, after, 1)
+    return {"idle_seconds": idle_seconds, "idle_us_per_second": idle["us_per_job"] / idle_seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         with redis.Redis.from_url(url) as probe:
             server = probe.info("server")
         facts["redis"] = server["redis_version"]
-        runner.results["redis_idle_cpu"] = idle_cpu(url)
+        runner.results["redis_baseline"] = redis_baseline(url)
         runner.run()
     except KeyboardInterrupt:
         runner.results["interrupted"] = True

@@ -178,6 +178,7 @@ def summarize_py_spy(raw: Path, out: Path) -> None:
 
 
 def case_drain(ad: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from bench.peers import body
     from bench.peers.base import stop
     logdir = Path(args.workdir)
     fill_started = time.perf_counter()
@@ -201,6 +202,10 @@ def case_drain(ad: Any, args: argparse.Namespace) -> dict[str, Any]:
             spy = py_spy_start(ad, roots, profile_dir / "kickq-worker.pyspy.txt")
         times = ad.wait_done(args.jobs, roots, args.timeout, logdir)
         meter.stop()
+        if args.body == "incr":  # every completion counted in the file came after its INCR
+            incremented = int(ad.redis.get(body.DONE) or 0)
+            if incremented < args.jobs:
+                raise RuntimeError(f"{ad.name}: {incremented} INCRs for {args.jobs} completions")
         if profile_dir:
             time.sleep(1.1)  # the workers dump their profile on the next job after a second
             ad.enqueue_one(args.workers * args.supervisors * 4)
@@ -218,7 +223,7 @@ def case_drain(ad: Any, args: argparse.Namespace) -> dict[str, Any]:
     result = {"seconds": elapsed, "rate": args.jobs / elapsed, "fill_seconds": fill_seconds,
               "first_completion": times["first"] - started,
               "steady_rate": (args.jobs - times["first_count"]) / max(1e-9, times["last"] - times["first"]),
-              "redis_cpu": meter.per_job(args.jobs), "harness_redis_polls": times["redis_polls"]}
+              "redis_cpu": meter.per_job(args.jobs)}
     if profile_dir:
         summarize_profiles(sorted((profile_dir / "worker").glob("worker-*.prof")),
                            profile_dir / "kickq-worker.txt",

@@ -159,12 +159,12 @@ def cpu_text(v: View, case: str, peer: str, variant: str = "default", status: bo
     return fmt(median, ",.1f") + (f" ({', '.join(f'{x:,.1f}' for x in runs)})" if len(runs) > 1 else "")
 
 
-def idle_share(results: dict[str, Any], seconds: float | None, jobs: float | None) -> float | None:
-    """µs per job of the Redis' own idle CPU (its cron) over a phase of `seconds` for `jobs` jobs."""
-    idle = (results.get("redis_idle_cpu") or {}).get("us_per_second")
-    if idle is None or not seconds or not jobs:
+def idle_share(results: dict[str, Any], run: dict[str, Any], jobs: float | None) -> float | None:
+    """µs per job, in a run's Redis CPU, of the server's idle work (its cron) over the run's seconds."""
+    base = results.get("redis_baseline") or {}
+    if "idle_us_per_second" not in base or not run.get("seconds") or not jobs:
         return None
-    return float(idle) * seconds / jobs
+    return float(base["idle_us_per_second"]) * run["seconds"] / jobs
 
 
 def drain_table(w: Any, v: View, case: str) -> None:
@@ -186,24 +186,27 @@ def drain_table(w: Any, v: View, case: str) -> None:
 
 
 def drain_cpu_note(w: Any, v: View, results: dict[str, Any], case: str) -> None:
-    """What the Redis CPU column holds, and the share of it the server spends idle."""
+    """What the Redis CPU column holds, and how much of it is the server's idle work."""
+    jobs = (results.get("config") or {}).get("jobs")
     shares = []
     for peer, variant in v.rows():
-        share = idle_share(results, v.value(case, peer, variant, "seconds"),
-                           (results.get("config") or {}).get("jobs"))
-        if share is not None:
-            shares.append((share, v.label(peer, variant)))
-    idle = (results.get("redis_idle_cpu") or {}).get("us_per_second")
-    text = ("Redis CPU: the server's INFO cpu (used_cpu_sys + used_cpu_user, every thread) from just "
-            "before the workers start to the last completion seen, divided by the jobs; the job bodies' own "
-            "commands are in it (drain-io), and so are the harness' completion polls there (one GET every "
-            "2 ms) and the server's idle work (its cron)")
-    if idle is not None and shares:
-        most = max(shares)
-        text += (f", {idle:,.0f} µs per second here: {min(shares)[0]:.1f} to {most[0]:.1f} µs per job "
-                 f"({most[1]}) of the figures above")
+        t = v.task(case, peer, variant)
+        for run in (t or {}).get("runs", []):
+            share = idle_share(results, run, jobs)
+            if share is not None:
+                shares.append((share, v.label(peer, variant)))
+    idle = ""
+    if shares:
+        high = max(shares)
+        idle = (f" (its cron, {results['redis_baseline']['idle_us_per_second']:,.0f} µs per second here: "
+                f"{min(shares)[0]:.1f} to {high[0]:.1f} µs per job above, the most in the slowest run, "
+                f"{high[1]})")
     w("")
-    w(text + ". See bench/README.md, \"Redis CPU per job\".")
+    bodies = ", the bodies' INCRs" if case == "drain-io" else ""
+    w("Redis CPU: the server's INFO cpu (used_cpu_sys + used_cpu_user, every thread) from just before the "
+      "workers start to the last completion seen, divided by the jobs, each run's in brackets: the queue's "
+      f"work{bodies} and the server's idle work{idle}; the harness counts completions in a file. "
+      "See bench/README.md, \"Redis CPU per job\".")
 
 
 SHARD_LABELS = {"1ns-1sup": "1 namespace, 1 supervisor", "1ns-3sup": "1 namespace, 3 supervisors",
@@ -345,9 +348,9 @@ def render(results: dict[str, Any]) -> str:
         w("")
         w("### 2b. The same drain with one Redis round trip in each job (drain-io)")
         w("")
-        w("The body increments a counter in the queue's Redis (`bench:done`, polled): a job that does a "
-          "little I/O on the server its queue uses. The processing target is judged on the no-op drain "
-          "above; its row gives this ratio beside it.")
+        w("The body increments a counter in the queue's Redis (`bench:done`) before it appends its byte: "
+          "a job that does a little I/O on the server its queue uses. The processing target is judged on the "
+          "no-op drain above; its row gives this ratio beside it.")
         drain_table(w, v, "drain-io")
         drain_cpu_note(w, v, results, "drain-io")
 

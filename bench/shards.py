@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              "--log-level", "WARNING", "bench.peers.kickq_jobs")
             roots.append(spawn(cmd, logdir / f"kickq-supervisor-{i}.log", env))
         try:
-            times = wait_done("kickq", None, args.jobs, roots, args.timeout, logdir)
+            times = wait_done("kickq", args.jobs, roots, args.timeout, logdir)
             for meter in meters:
                 meter.stop()
         finally:
