@@ -9,8 +9,9 @@ bounded in time, with FLUSHDB before each. Cases: enqueue one by one and in bulk
 pre-enqueued no-op jobs with 2 worker processes (and drain-io: the same with a Redis round trip in
 each job); idle-pool latency (enqueue-to-start, enqueue-to-result) and the worker tree's memory at
 rest; Redis memory per queued job; kickq only: deadline precision, orphan recovery after SIGKILL of
-a whole supervisor, scaling with 1/2/4 workers and 1/2 supervisors. Medians of --runs runs. Writes
-bench/RESULTS.md and bench/results.json.
+a whole supervisor, scaling with 1/2/4 workers and 1/2 supervisors, shards: one namespace against
+three on a 3-master Redis Cluster. Enqueue and drain also give Redis' CPU per job (INFO cpu before
+and after). Medians of --runs runs. Writes bench/RESULTS.md and bench/results.json.
 Every process it starts is stopped; a psutil check at the end proves it. Run from the repo root.
 """
 from __future__ import annotations
@@ -34,10 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import procs  # noqa: E402
+from bench import procs, redis_cpu  # noqa: E402
 from bench.peers import PEERS  # noqa: E402
 
-ALL_CASES = ["enqueue", "drain", "drain-io", "latency", "memory", "kickq", "scaling"]
+ALL_CASES = ["enqueue", "drain", "drain-io", "latency", "memory", "kickq", "scaling", "shards"]
 SCALING = [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2)]  # (supervisors, workers per supervisor)
 
 
@@ -110,11 +111,13 @@ class Runner:
     def python_for(self, peer: str) -> str:
         return self.args.arq_python if peer == "arq" else sys.executable
 
-    def drive(self, peer: str, case: str, timeout: float, **params: Any) -> dict[str, Any]:
+    def drive(self, peer: str, case: str, timeout: float, url: str | None = None,
+              **params: Any) -> dict[str, Any]:
         """One driver process; returns its JSON (or an error record). Leftovers are killed and logged."""
         self.seq += 1
         out = self.workdir / f"{self.seq:04d}-{peer}-{case}.json"
-        cmd = [self.python_for(peer), "-m", "bench.driver", "--peer", peer, "--case", case, "--url", self.url,
+        cmd = [self.python_for(peer), "-m", "bench.driver", "--peer", peer, "--case", case,
+               "--url", url or self.url,
                "--workdir", str(self.workdir / f"{self.seq:04d}-{peer}-{case}"), "--out", str(out),
                "--timeout", f"{timeout:.0f}"]
         for key, value in params.items():
@@ -183,6 +186,9 @@ class Runner:
             t["errors"].append(rec["error"] + ("\n" + rec["traceback"] if rec.get("traceback") else ""))
         elif "skipped" in rec.get("result", {}):
             t["skipped"] = rec["result"]["skipped"]
+            detail = {k: v for k, v in rec["result"].items() if k != "skipped"}
+            if detail:
+                t["skipped_detail"] = detail
         else:
             t["runs"].append(rec["result"])
 
@@ -282,8 +288,40 @@ class Runner:
             for name in ("kickq-worker.pyspy.txt", "kickq-worker.pyspy.log"):  # raw stacks, py-spy's chatter
                 if (Path(profile_dir) / name).exists():
                     (Path(profile_dir) / name).unlink()
+        if "kickq" in peers and "shards" in a.case_list:
+            self.run_shards()
         for module in a.extra:
             self.run_extra(module)
+
+    def run_shards(self) -> None:
+        """kickq on a 3-master Redis Cluster started for this case alone (bench/cluster.py), stopped
+        after it; every run of every variant (bench/shards.py) against the same cluster."""
+        from bench import cluster, shards
+        a = self.args
+        try:
+            nodes = cluster.start_cluster(self.workdir / "cluster", masters=3)
+        except Exception as exc:  # noqa: BLE001 - reported; the rest of the bench goes on
+            for variant in shards.VARIANTS:
+                self.task("shards", "kickq", variant)["errors"].append(
+                    f"the cluster did not start: {type(exc).__name__}: {exc}")
+            print(f"shards: the cluster did not start: {exc}", flush=True)
+            return
+        self.keep |= nodes.pids
+        print(f"shards: 3-master cluster {nodes.url} up in {nodes.startup_seconds:.1f} s", flush=True)
+        try:
+            for _ in range(a.runs):
+                for variant in shards.VARIANTS:
+                    rec = self.drive("kickq", "shards", (90 + a.jobs / 30) * a.timeout_scale, url=nodes.url,
+                                     jobs=a.jobs, workers=2, variant=variant)
+                    self.record("shards", "kickq", variant, {}, rec)
+                    if "skipped" in rec.get("result", {}):
+                        return  # the same answer for every variant and run
+        finally:
+            nodes.stop()
+            self.keep -= nodes.pids
+            left = procs.kill_all(procs.descendants(self.keep))
+            if left:
+                self.results["leaks"].append({"peer": "kickq", "case": "shards", "processes": left})
 
     def run_extra(self, module: str) -> None:
         """Hook for the other kickq benches (bench.create, bench.supervisor, bench.aio): their own output."""
@@ -295,6 +333,19 @@ class Runner:
             text = "timed out"
         procs.kill_all(procs.descendants(self.keep))
         self.results["extras"].append({"module": module, "output": text})
+
+
+def redis_baseline(url: str, idle_seconds: float = 2.0) -> dict[str, float]:
+    """What the bench's Redis spends per second with no queue at work (its cron, one idle client):
+    a part of every phase's Redis CPU that is not the queue's."""
+    import redis
+    with redis.Redis.from_url(url) as client:
+        time.sleep(0.5)  # past start-up
+        before = redis_cpu.sample(client)
+        time.sleep(idle_seconds)
+        after = redis_cpu.sample(client)
+    idle = redis_cpu.per_job(before, after, 1)
+    return {"idle_seconds": idle_seconds, "idle_us_per_second": idle["us_per_job"] / idle_seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         with redis.Redis.from_url(url) as probe:
             server = probe.info("server")
         facts["redis"] = server["redis_version"]
+        runner.results["redis_baseline"] = redis_baseline(url)
         runner.run()
     except KeyboardInterrupt:
         runner.results["interrupted"] = True

@@ -6,7 +6,8 @@
 The runner (python -m bench) calls this once per (case, peer, variant, run), so peers never share a
 process and each one's imports, connections and memory stay its own. Every case starts with FLUSHDB.
 Cases: enqueue-one, enqueue-bulk, drain, latency, memory; kickq only: deadline, orphan (see
-bench/kickq_cases.py).
+bench/kickq_cases.py), shards (a Redis Cluster URL, see bench/shards.py). enqueue and drain read the
+Redis server's INFO cpu before and after the timed part (bench/redis_cpu.py).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs as bench_procs
+from bench import redis_cpu
 
 
 def load_adapter(peer: str, url: str) -> Any:
@@ -116,16 +118,19 @@ def case_enqueue(ad: Any, args: argparse.Namespace, bulk: bool) -> dict[str, Any
     ad.enqueue_one(1)  # warm up: connection, scripts, queue declarations
     kind = "bulk" if bulk else "one"
     prof = Path(args.profile) / f"{ad.name}-enqueue-{kind}.prof" if args.profile else None
+    meter = redis_cpu.Meter(ad.redis)
+    meter.start()
     started = time.perf_counter()
     profiled(prof, method, args.jobs)
     elapsed = time.perf_counter() - started
+    meter.stop()
     queued = ad.queued()
     if queued != args.jobs + 1:
         raise RuntimeError(f"{ad.name}: {queued} jobs queued, expected {args.jobs + 1}")
     if prof:
         summarize_profiles([prof], prof.with_suffix(".txt"),
                            f"{ad.label}: enqueue {args.jobs} jobs {'in bulk' if bulk else 'one by one'}")
-    return {"seconds": elapsed, "rate": args.jobs / elapsed}
+    return {"seconds": elapsed, "rate": args.jobs / elapsed, "redis_cpu": meter.per_job(args.jobs)}
 
 
 def py_spy_start(ad: Any, roots: list[Any], out: Path) -> Any:
@@ -173,6 +178,7 @@ def summarize_py_spy(raw: Path, out: Path) -> None:
 
 
 def case_drain(ad: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from bench.peers import body
     from bench.peers.base import stop
     logdir = Path(args.workdir)
     fill_started = time.perf_counter()
@@ -186,6 +192,8 @@ def case_drain(ad: Any, args: argparse.Namespace) -> dict[str, Any]:
     if profile_dir:
         (profile_dir / "worker").mkdir(parents=True, exist_ok=True)
         extra["extra_env"] = {"BENCH_PROFILE_DIR": str(profile_dir / "worker")}
+    meter = redis_cpu.Meter(ad.redis)  # from the workers' start to the last completion, as the time
+    meter.start()
     started = time.perf_counter()
     roots = ad.start_workers(args.workers, args.variant, logdir, supervisors=args.supervisors, **extra)
     spy = None
@@ -193,6 +201,11 @@ def case_drain(ad: Any, args: argparse.Namespace) -> dict[str, Any]:
         if profile_dir:
             spy = py_spy_start(ad, roots, profile_dir / "kickq-worker.pyspy.txt")
         times = ad.wait_done(args.jobs, roots, args.timeout, logdir)
+        meter.stop()
+        if args.body == "incr":  # every completion counted in the file came after its INCR
+            incremented = int(ad.redis.get(body.DONE) or 0)
+            if incremented < args.jobs:
+                raise RuntimeError(f"{ad.name}: {incremented} INCRs for {args.jobs} completions")
         if profile_dir:
             time.sleep(1.1)  # the workers dump their profile on the next job after a second
             ad.enqueue_one(args.workers * args.supervisors * 4)
@@ -209,7 +222,8 @@ def case_drain(ad: Any, args: argparse.Namespace) -> dict[str, Any]:
     elapsed = times["last"] - started
     result = {"seconds": elapsed, "rate": args.jobs / elapsed, "fill_seconds": fill_seconds,
               "first_completion": times["first"] - started,
-              "steady_rate": (args.jobs - times["first_count"]) / max(1e-9, times["last"] - times["first"])}
+              "steady_rate": (args.jobs - times["first_count"]) / max(1e-9, times["last"] - times["first"]),
+              "redis_cpu": meter.per_job(args.jobs)}
     if profile_dir:
         summarize_profiles(sorted((profile_dir / "worker").glob("worker-*.prof")),
                            profile_dir / "kickq-worker.txt",
@@ -294,6 +308,21 @@ def case_memory(ad: Any, args: argparse.Namespace) -> dict[str, Any]:
     return ad.memory_probe(args.jobs)
 
 
+def run_case(ad: Any, args: argparse.Namespace) -> dict[str, Any]:
+    if args.case == "info":
+        return info(ad)
+    if args.case in ("enqueue-one", "enqueue-bulk"):
+        return case_enqueue(ad, args, bulk=args.case == "enqueue-bulk")
+    if args.case == "drain":
+        return case_drain(ad, args)
+    if args.case == "latency":
+        return case_latency(ad, args)
+    if args.case == "memory":
+        return case_memory(ad, args)
+    from bench import kickq_cases
+    return kickq_cases.run(args.case, ad, args)
+
+
 def info(ad: Any) -> dict[str, Any]:
     """What the runner needs to know about a peer before running it: versions and capabilities."""
     import platform
@@ -314,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer", required=True)
     p.add_argument("--case", required=True,
                    choices=["info", "enqueue-one", "enqueue-bulk", "drain", "latency", "memory", "deadline",
-                            "orphan"])
+                            "orphan", "shards"])
     p.add_argument("--variant", default="default")
     p.add_argument("--jobs", type=int, default=2000)
     p.add_argument("--workers", type=int, default=2)
@@ -344,24 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     ad = None
     try:
         import redis
-        if args.case != "info":
-            redis.Redis.from_url(args.url).flushdb()
-        ad = load_adapter(args.peer, args.url)
-        if args.case == "info":
-            out["result"] = info(ad)
-        elif args.case == "enqueue-one":
-            out["result"] = case_enqueue(ad, args, bulk=False)
-        elif args.case == "enqueue-bulk":
-            out["result"] = case_enqueue(ad, args, bulk=True)
-        elif args.case == "drain":
-            out["result"] = case_drain(ad, args)
-        elif args.case == "latency":
-            out["result"] = case_latency(ad, args)
-        elif args.case == "memory":
-            out["result"] = case_memory(ad, args)
+        if args.case == "shards":  # a cluster URL: no adapter; the case flushes each master itself
+            from bench import shards
+            out["result"] = shards.run(args)
         else:
-            from bench import kickq_cases
-            out["result"] = kickq_cases.run(args.case, ad, args)
+            if args.case != "info":
+                redis.Redis.from_url(args.url).flushdb()
+            ad = load_adapter(args.peer, args.url)
+            out["result"] = run_case(ad, args)
     except Exception as exc:  # noqa: BLE001 - reported in the results, the run goes on
         out["error"] = f"{type(exc).__name__}: {exc}"
         out["traceback"] = traceback.format_exc()[-4000:]

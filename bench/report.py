@@ -148,18 +148,117 @@ def redis_side_text() -> str:
     return text + "; "
 
 
+def cpu_text(v: View, case: str, peer: str, variant: str = "default", status: bool = False) -> str:
+    """Redis CPU µs per job (median), each run's beside it when there are several; without a figure,
+    "—" (or with status, why: "n/a", "not run", "failed: ...")."""
+    median = v.value(case, peer, variant, "redis_cpu", "us_per_job")
+    t = v.task(case, peer, variant)
+    runs = [r["redis_cpu"]["us_per_job"] for r in (t or {}).get("runs", []) if "redis_cpu" in r]
+    if median is None:
+        return (status and v.status(case, peer, variant)) or "—"
+    return fmt(median, ",.1f") + (f" ({', '.join(f'{x:,.1f}' for x in runs)})" if len(runs) > 1 else "")
+
+
+def idle_share(results: dict[str, Any], run: dict[str, Any], jobs: float | None) -> float | None:
+    """µs per job, in a run's Redis CPU, of the server's idle work (its cron) over the run's seconds."""
+    base = results.get("redis_baseline") or {}
+    if "idle_us_per_second" not in base or not run.get("seconds") or not jobs:
+        return None
+    return float(base["idle_us_per_second"]) * run["seconds"] / jobs
+
+
 def drain_table(w: Any, v: View, case: str) -> None:
     w("")
-    w("| queue | workers | jobs/s | ÷ kickq | steady jobs/s | first completion (s) | runs (s) |")
-    w("|---|---|---:|---:|---:|---:|---|")
+    w("| queue | workers | jobs/s | ÷ kickq | steady jobs/s | first completion (s) | runs (s) "
+      "| Redis CPU (µs/job), runs | ÷ kickq |")
+    w("|---|---|---:|---:|---:|---:|---|---:|---:|")
     k_drain = v.value(case, "kickq", "default", "rate")
+    k_cpu = v.value(case, "kickq", "default", "redis_cpu", "us_per_job")
     for peer, variant in v.rows():
         rate = v.value(case, peer, variant, "rate")
+        cpu = v.value(case, peer, variant, "redis_cpu", "us_per_job")
         w(f"| {v.label(peer, variant)} | {v.peers[peer]['variants'][variant].replace('|', '/')} | "
           f"{fmt(rate) if rate else v.status(case, peer, variant)} | {ratio(rate, k_drain)} | "
           f"{fmt(v.value(case, peer, variant, 'steady_rate'))} | "
           f"{fmt(v.value(case, peer, variant, 'first_completion'), '.2f')} | "
-          f"{runs_text(v.task(case, peer, variant), 'seconds', '.2f')} |")
+          f"{runs_text(v.task(case, peer, variant), 'seconds', '.2f')} | "
+          f"{cpu_text(v, case, peer, variant)} | {ratio(cpu, k_cpu)} |")
+
+
+def drain_cpu_note(w: Any, v: View, results: dict[str, Any], case: str) -> None:
+    """What the Redis CPU column holds, and how much of it is the server's idle work."""
+    jobs = (results.get("config") or {}).get("jobs")
+    shares = []
+    for peer, variant in v.rows():
+        t = v.task(case, peer, variant)
+        for run in (t or {}).get("runs", []):
+            share = idle_share(results, run, jobs)
+            if share is not None:
+                shares.append((share, v.label(peer, variant)))
+    idle = ""
+    if shares:
+        high = max(shares)
+        idle = (f" (its cron, {results['redis_baseline']['idle_us_per_second']:,.0f} µs per second here: "
+                f"{min(shares)[0]:.1f} to {high[0]:.1f} µs per job above, the most in the slowest run, "
+                f"{high[1]})")
+    w("")
+    bodies = ", the bodies' INCRs" if case == "drain-io" else ""
+    w("Redis CPU: the server's INFO cpu (used_cpu_sys + used_cpu_user, every thread) from just before the "
+      "workers start to the last completion seen, divided by the jobs, each run's in brackets: the queue's "
+      f"work{bodies} and the server's idle work{idle}; the harness counts completions in a file. "
+      "See bench/README.md, \"Redis CPU per job\".")
+
+
+SHARD_LABELS = {"1ns-1sup": "1 namespace, 1 supervisor", "1ns-3sup": "1 namespace, 3 supervisors",
+                "3ns-3sup": "3 namespaces (one per master), 1 supervisor each"}
+
+
+def shards_section(w: Any, v: View, results: dict[str, Any]) -> None:
+    """Section 6: kickq on a 3-master Redis Cluster, or why it did not run."""
+    tasks = [t for t in results.get("tasks", []) if t["case"] == "shards"]
+    if not tasks:
+        return
+    jobs = (results.get("config") or {}).get("jobs")
+    w("")
+    w(f"## 6. kickq on a 3-master Redis Cluster: drain {fmt(jobs)} jobs (shards)")
+    w("")
+    w("One namespace against three, each namespace's slot on its own master (CLUSTER KEYSLOT \"{ns}\"), "
+      "2 workers per supervisor, timed as the drain; Redis CPU from INFO cpu on each master, per job of "
+      "the run (*own*: per job of that master's namespace).")
+    masters = None
+    for t in tasks:
+        for run in t["runs"]:
+            masters = masters or run.get("cluster", {}).get("masters")
+        masters = masters or (t.get("skipped_detail") or {}).get("cluster", {}).get("masters")
+    if masters:
+        w("")
+        w("Masters: " + "; ".join(
+            f"master{i + 1} {m['address']} slots {', '.join(f'{a}-{b}' for a, b in m['slots'])}, namespace "
+            f"`{m['namespace']}` (slot {m['slot']})" for i, m in enumerate(masters))
+          + ". Each namespace was checked on its master: a key of it written there without a redirection.")
+    skipped = [t for t in tasks if t.get("skipped")]
+    if skipped and not any(t["runs"] for t in tasks):
+        w("")
+        w(f"Not run: {skipped[0]['skipped']}")
+        return
+    w("")
+    w("| namespaces, supervisors | jobs/s | ÷ 1 namespace | steady jobs/s | runs (s) "
+      "| Redis CPU, all masters (µs/job) | master1 / 2 / 3 (µs/job) | own (µs/job) |")
+    w("|---|---:|---:|---:|---|---:|---|---|")
+    base = v.value("shards", "kickq", "1ns-1sup", "rate")
+    for t in tasks:
+        variant = t["variant"]
+        rate = v.value("shards", "kickq", variant, "rate")
+        each = [v.value("shards", "kickq", variant, "masters", m, "redis_cpu", "us_per_job")
+                for m in ("master1", "master2", "master3")]
+        own = [v.value("shards", "kickq", variant, "masters", m, "redis_cpu_own_jobs", "us_per_job")
+               for m in ("master1", "master2", "master3")]
+        w(f"| {SHARD_LABELS.get(variant, variant)} | "
+          f"{fmt(rate) if rate else v.status('shards', 'kickq', variant)} | {ratio(rate, base)} | "
+          f"{fmt(v.value('shards', 'kickq', variant, 'steady_rate'))} | "
+          f"{runs_text(t, 'seconds', '.2f')} | {cpu_text(v, 'shards', 'kickq', variant)} | "
+          f"{' / '.join(fmt(x, ',.1f') for x in each)} | "
+          f"{' / '.join(fmt(x, ',.1f') for x in own if x is not None) or '—'} |")
 
 
 def render(results: dict[str, Any]) -> str:
@@ -217,6 +316,25 @@ def render(results: dict[str, Any]) -> str:
           f"{bulk_label} | {fmt(bulk) if bulk else v.status('enqueue-bulk', peer)} | {ratio(bulk, k_bulk)} | "
           f"{runs_text(v.task('enqueue-one', peer), 'rate', ',.0f')} / "
           f"{runs_text(v.task('enqueue-bulk', peer), 'rate', ',.0f')} |")
+    if any("redis_cpu" in r for t in results.get("tasks", []) if t["case"].startswith("enqueue-")
+           for r in t["runs"]):
+        w("")
+        w("Redis CPU per enqueued job: the server's INFO cpu (used_cpu_sys + used_cpu_user) before and after "
+          "the timed calls, divided by the jobs, in µs (each run's in brackets). See bench/README.md, "
+          "\"Redis CPU per job\".")
+        w("")
+        w("| queue | one by one (µs/job), runs | ÷ kickq | bulk (µs/job), runs | ÷ kickq |")
+        w("|---|---:|---:|---:|---:|")
+        k_one_cpu = v.value("enqueue-one", "kickq", "default", "redis_cpu", "us_per_job")
+        k_bulk_cpu = v.value("enqueue-bulk", "kickq", "default", "redis_cpu", "us_per_job")
+        for peer, info in v.peers.items():
+            if info.get("status") != "ok":
+                continue
+            one = v.value("enqueue-one", peer, "default", "redis_cpu", "us_per_job")
+            bulk = v.value("enqueue-bulk", peer, "default", "redis_cpu", "us_per_job")
+            w(f"| {info['label']} | {cpu_text(v, 'enqueue-one', peer, status=True)} | "
+              f"{ratio(one, k_one_cpu)} | {cpu_text(v, 'enqueue-bulk', peer, status=True)} | "
+              f"{ratio(bulk, k_bulk_cpu)} |")
 
     # 2. drain
     w("")
@@ -225,14 +343,16 @@ def render(results: dict[str, Any]) -> str:
     w("From starting the workers to the last completion (each job appends one byte to a file whose size is "
       "polled), so start-up is included; *steady* is from the first completion seen to the last.")
     drain_table(w, v, "drain")
+    drain_cpu_note(w, v, results, "drain")
     if any(t["case"] == "drain-io" for t in results.get("tasks", [])):
         w("")
         w("### 2b. The same drain with one Redis round trip in each job (drain-io)")
         w("")
-        w("The body increments a counter in the queue's Redis (`bench:done`, polled): a job that does a "
-          "little I/O on the server its queue uses. The processing target is judged on the no-op drain "
-          "above; its row gives this ratio beside it.")
+        w("The body increments a counter in the queue's Redis (`bench:done`) before it appends its byte: "
+          "a job that does a little I/O on the server its queue uses. The processing target is judged on the "
+          "no-op drain above; its row gives this ratio beside it.")
         drain_table(w, v, "drain-io")
+        drain_cpu_note(w, v, results, "drain-io")
 
     # 3. latency and memory at rest
     count = cfg.get("latency_count")
@@ -330,8 +450,8 @@ def render(results: dict[str, Any]) -> str:
     w("")
     w(f"## 5. kickq scaling: drain {fmt(jobs)} jobs")
     w("")
-    w("| supervisors × workers each | jobs/s | ÷ 1 × 1 | steady jobs/s | runs (s) |")
-    w("|---|---:|---:|---:|---|")
+    w("| supervisors × workers each | jobs/s | ÷ 1 × 1 | steady jobs/s | runs (s) | Redis CPU (µs/job) |")
+    w("|---|---:|---:|---:|---|---:|")
     base = v.value("scaling", "kickq", "1x1", "rate")
     for t in results.get("tasks", []):
         if t["case"] != "scaling":
@@ -340,7 +460,8 @@ def render(results: dict[str, Any]) -> str:
         rate = v.value("scaling", "kickq", t["variant"], "rate")
         w(f"| {s} × {n} | {fmt(rate) if rate else v.status('scaling', 'kickq', t['variant'])} | "
           f"{ratio(rate, base)} | {fmt(v.value('scaling', 'kickq', t['variant'], 'steady_rate'))} | "
-          f"{runs_text(t, 'seconds', '.2f')} |")
+          f"{runs_text(t, 'seconds', '.2f')} | {cpu_text(v, 'scaling', 'kickq', t['variant'])} |")
+    shards_section(w, v, results)
 
     # targets
     w("")

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bench import report
+from bench import cluster, redis_cpu, report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,11 +38,15 @@ def test_kickq_adapter_end_to_end(redis_server: Any, tmp_path: Path, monkeypatch
     one = drive(url, tmp_path, "enqueue-one", "--jobs", "50")
     bulk = drive(url, tmp_path, "enqueue-bulk", "--jobs", "50")
     assert one["rate"] > 0 and bulk["rate"] > 0
+    # every create runs a script in Redis: its CPU per job cannot be zero
+    assert one["redis_cpu"]["us_per_job"] > 0 and one["redis_cpu"]["jobs"] == 50
     drain = drive(url, tmp_path, "drain", "--jobs", "50", "--workers", "2")
     assert drain["rate"] > 0 and drain["first_completion"] <= drain["seconds"]
     assert (tmp_path / "drain" / "done").stat().st_size == 50  # one byte per no-op job
+    assert drain["redis_cpu"]["us_per_job"] > 0
     drain_io = drive(url, tmp_path, "drain", "--jobs", "50", "--workers", "2", "--body", "incr")
-    assert drain_io["rate"] > 0 and (tmp_path / "drain" / "done").stat().st_size == 0
+    # counted in the file too, so the harness never polls the queue's Redis (the driver checks the INCRs)
+    assert drain_io["rate"] > 0 and (tmp_path / "drain" / "done").stat().st_size == 50
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     latency = drive(url, tmp_path, "latency", "--count", "5", "--profile", str(profiles))
@@ -79,9 +83,9 @@ def fake_results() -> dict[str, Any]:
             task("enqueue-bulk", "kickq", [{"rate": 1000.0, "seconds": 0.1}]),
             task("enqueue-bulk", "rq", [{"rate": 400.0, "seconds": 0.2}]),
             task("drain", "kickq", [{"rate": 900.0, "seconds": 1.0, "steady_rate": 1000.0,
-                                     "first_completion": 0.2}]),
+                                     "first_completion": 0.2, "redis_cpu": {"us_per_job": 50.0}}]),
             task("drain", "rq", [{"rate": 100.0, "seconds": 9.0, "steady_rate": 110.0,
-                                  "first_completion": 0.5}], "simple"),
+                                  "first_completion": 0.5, "redis_cpu": {"us_per_job": 150.0}}], "simple"),
             task("drain", "dramatiq", [{"rate": 400.0, "seconds": 2.0, "steady_rate": 420.0,
                                         "first_completion": 0.3}], "8 threads"),
             task("drain", "dramatiq", [{"rate": 120.0, "seconds": 7.0, "steady_rate": 125.0,
@@ -99,6 +103,7 @@ def fake_results() -> dict[str, Any]:
             task("scaling", "kickq", [{"rate": 500.0, "seconds": 0.2, "steady_rate": 600.0}], "1x1"),
         ],
         "leaks": [], "processes_left_at_end": [], "extras": [],
+        "redis_baseline": {"idle_us_per_second": 1000.0},
     }
 
 
@@ -150,3 +155,117 @@ def test_the_redis_side_of_a_missed_latency_target(tmp_path: Path, monkeypatch: 
     rows = {row[0]: row for row in report.targets(report.View(fake_results()))}
     why = rows["idle enqueue-to-start p99 ≤ 2 ms"][3]  # missed in the fake results: 3 ms
     assert why.startswith("Redis' time per round trip") and "bench/profiles/huey-redis-latency.txt" in why
+
+
+def test_redis_cpu_per_job_from_two_info_samples() -> None:
+    """µs per job from INFO cpu's seconds: the process' sys + user, each, and the main thread's."""
+    before = {"used_cpu_sys": 10.0, "used_cpu_user": 20.0,
+              "used_cpu_sys_main_thread": 9.0, "used_cpu_user_main_thread": 19.5}
+    after = {"used_cpu_sys": 10.4, "used_cpu_user": 20.6,
+             "used_cpu_sys_main_thread": 9.3, "used_cpu_user_main_thread": 20.0}
+    cpu = redis_cpu.per_job(before, after, 20_000)
+    assert cpu["us_per_job"] == pytest.approx(50.0)  # 1.0 s over 20,000 jobs
+    assert cpu["sys_us_per_job"] == pytest.approx(20.0) and cpu["user_us_per_job"] == pytest.approx(30.0)
+    assert cpu["main_thread_us_per_job"] == pytest.approx(40.0) and cpu["seconds"] == pytest.approx(1.0)
+    # a server without the main thread's fields (before Redis 6.0): the process' figures only
+    older = redis_cpu.per_job({"used_cpu_sys": 1.0, "used_cpu_user": 1.0},
+                              {"used_cpu_sys": 1.001, "used_cpu_user": 1.002}, 100)
+    assert older["us_per_job"] == pytest.approx(30.0) and "main_thread_us_per_job" not in older
+    with pytest.raises(ValueError):
+        redis_cpu.per_job(before, after, 0)
+    with pytest.raises(KeyError):
+        redis_cpu.per_job({}, after, 1)
+
+
+def test_redis_cpu_meter_reads_info_cpu_as_redis_py_returns_it() -> None:
+    class FakeInfo:
+        """What redis-py's info("cpu") returns: floats by field name, children fields included."""
+        def __init__(self) -> None:
+            self.replies = [{"used_cpu_sys": 1.5, "used_cpu_user": 2.25, "used_cpu_sys_children": 0.0},
+                            {"used_cpu_sys": 1.75, "used_cpu_user": 2.5, "used_cpu_sys_children": 9.0}]
+
+        def info(self, section: str) -> dict[str, float]:
+            assert section == "cpu"
+            return self.replies.pop(0)
+    meter = redis_cpu.Meter(FakeInfo())
+    meter.start()
+    meter.stop()
+    assert meter.per_job(1000)["us_per_job"] == pytest.approx(500.0)  # children (a save's fork) left out
+
+
+def test_report_gives_redis_cpu_per_job_and_its_ratio() -> None:
+    results = fake_results()
+    for t in results["tasks"]:
+        if t["case"] == "enqueue-one" and t["peer"] == "kickq":
+            for run, cpu in zip(t["runs"], (80.0, 100.0), strict=True):
+                run["redis_cpu"] = {"us_per_job": cpu}
+            t["summary"] = report.summarize(t["runs"])
+    text = report.render(results)
+    # the drain table: RQ's 150 µs per job is 3× kickq's 50
+    assert "| RQ (simple) | s | 100 | 0.11× | 110 | 0.50 | 9.00 | 150.0 | 3.00× |" in text
+    assert "| kickq | sup | 900 | 1.00× | 1,000 | 0.20 | 1.00 | 50.0 | 1.00× |" in text
+    # the idle server's CPU (1,000 µs/s) over each run's seconds: 10 µs per job for kickq's 1 s, 100 jobs
+    assert ("and the server's idle work (its cron, 1,000 µs per second here: 10.0 to 90.0 µs per job "
+            "above, the most in the slowest run, RQ (simple))") in text
+    # enqueue: the median of kickq's two runs, each beside it; RQ's runs have no figure
+    assert "| kickq | 90.0 (80.0, 100.0) | 1.00× | — | — |" in text
+    assert "| RQ | — | — | — | — |" in text
+
+
+def test_namespaces_are_picked_one_per_master() -> None:
+    masters = [{"address": "a:1", "slots": [(0, 5460)]}, {"address": "b:2", "slots": [(5461, 10922)]},
+               {"address": "c:3", "slots": [(10923, 16383)]}]
+    slots = {"ns0": 9000, "ns1": 100, "ns2": 200, "ns3": 16000}
+    picked = cluster.pick_namespaces(lambda ns: slots[ns], masters, prefix="ns")
+    assert picked == [("ns1", 100), ("ns0", 9000), ("ns3", 16000)]  # in the masters' order
+    assert cluster.owner(10922, masters)["address"] == "b:2"
+    assert cluster.parse_url("redis+cluster://127.0.0.1:7001,127.0.0.1:7002") == [
+        ("127.0.0.1", 7001), ("127.0.0.1", 7002)]
+    with pytest.raises(RuntimeError):
+        cluster.pick_namespaces(lambda ns: 1, masters, prefix="ns", tries=50)
+
+
+def test_report_says_why_the_shards_case_did_not_run() -> None:
+    results = fake_results()
+    masters = [{"address": f"127.0.0.1:700{i}", "id": "x", "slots": [[a, b]], "namespace": f"n{i}", "slot": a}
+               for i, (a, b) in enumerate([(0, 5460), (5461, 10922), (10923, 16383)])]
+    results["tasks"].append({"case": "shards", "peer": "kickq", "variant": "1ns-1sup", "params": {},
+                             "runs": [], "errors": [],
+                             "skipped": "not supported by this kickq: ValueError: scheme",
+                             "skipped_detail": {"cluster": {"masters": masters}}, "summary": {}})
+    text = report.render(results)
+    assert "## 6. kickq on a 3-master Redis Cluster" in text
+    assert "master2 127.0.0.1:7001 slots 5461-10922, namespace `n1` (slot 5461)" in text
+    assert "Not run: not supported by this kickq: ValueError: scheme" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_shards_case_on_a_real_cluster(tmp_path: Path) -> None:
+    """A 3-master cluster starts, each namespace lands on its own master, and the driver's shards case
+    either drains through kickq's cluster URL or says cleanly that this kickq does not take it; the
+    cluster's processes are all gone after stop()."""
+    import psutil
+    import redis
+    nodes = cluster.start_cluster(tmp_path / "cluster", masters=3)
+    try:
+        assert all(psutil.pid_exists(pid) for pid in nodes.pids)
+        result = drive(nodes.url, tmp_path, "shards", "--jobs", "30", "--variant", "3ns-3sup")
+        masters = (result.get("cluster") or {}).get("masters")
+        assert masters and len(masters) == 3
+        for master in masters:
+            host, _, port = master["address"].rpartition(":")
+            with redis.Redis(host=host, port=int(port)) as client:
+                assert client.execute_command("CLUSTER", "KEYSLOT", "{" + master["namespace"] + "}") \
+                    == master["slot"]
+                assert any(a <= master["slot"] <= b for a, b in master["slots"])
+                client.set("{" + master["namespace"] + "}:t", "1")  # served here: no MOVED
+        if "skipped" in result:
+            assert result["skipped"].startswith("not supported by this kickq")
+        else:
+            assert result["rate"] > 0 and result["namespaces"] == 3
+            assert all(result["masters"][m]["redis_cpu_own_jobs"]["jobs"] == 10 for m in result["masters"])
+    finally:
+        nodes.stop()
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                   for pid in nodes.pids)

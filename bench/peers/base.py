@@ -9,7 +9,7 @@ An adapter is made with the Redis URL in the producer (the driver process) and o
 - ``queued()``: how many jobs wait in the queue (a check that the enqueue really happened);
 - ``start_workers(n, variant, logdir)``: start n worker processes (``variants`` lists the kinds of
   worker a peer has) and return the root processes; each root leads its own process group;
-- ``wait_done(n, procs, timeout)``: wait until ``n`` no-op jobs ran (the ``bench:done`` counter);
+- ``wait_done(n, procs, timeout)``: wait until ``n`` no-op jobs ran (body.done_count);
 - ``roundtrip(t0)``: the latency probe: enqueue one job carrying ``t0`` and wait for its result
   through the queue's own result API;
 - ``memory_probe(count)``: Redis used_memory per queued no-op job.
@@ -123,6 +123,34 @@ def log_tail(logdir: Path, lines: int = 30) -> str:
     return "\n".join(out)[-6000:]
 
 
+def wait_done(name: str, n: int, procs: list[subprocess.Popen], timeout: float,
+              logdir: Path | None = None) -> dict[str, float]:
+    """Poll the completions (body.done_count: a file's size, no Redis command) every 2 ms until they
+    reach n; perf_counter times of the first completion seen and of the last."""
+    deadline = time.perf_counter() + timeout
+    first = None
+    first_count = 0
+    polls = 0
+    while True:
+        done = body.done_count()
+        now = time.perf_counter()
+        if done and first is None:
+            first = now
+            first_count = done
+        if done >= n:
+            return {"first": first if first is not None else now, "first_count": first_count,
+                    "last": now, "done": done}
+        polls += 1
+        if polls % 50 == 0:
+            if all(p.poll() is not None for p in procs):
+                raise BenchError(f"{name}: every worker exited after {done} of {n} jobs\n"
+                                 + (log_tail(logdir) if logdir else ""))
+        if now > deadline:
+            raise BenchError(f"{name}: only {done} of {n} jobs done after {timeout:.0f} s\n"
+                             + (log_tail(logdir) if logdir else ""))
+        time.sleep(0.002)
+
+
 class Adapter:
     name = ""
     label = ""
@@ -176,30 +204,7 @@ class Adapter:
 
     def wait_done(self, n: int, procs: list[subprocess.Popen], timeout: float,
                   logdir: Path | None = None) -> dict[str, float]:
-        """Poll the completions (body.done_count) every 2 ms until they reach n; perf_counter times of
-        the first completion seen and of the last."""
-        deadline = time.perf_counter() + timeout
-        first = None
-        first_count = 0
-        polls = 0
-        while True:
-            done = body.done_count(self.redis)
-            now = time.perf_counter()
-            if done and first is None:
-                first = now
-                first_count = done
-            if done >= n:
-                return {"first": first if first is not None else now, "first_count": first_count,
-                        "last": now, "done": done}
-            polls += 1
-            if polls % 50 == 0:
-                if all(p.poll() is not None for p in procs):
-                    raise BenchError(f"{self.name}: every worker exited after {done} of {n} jobs\n"
-                                     + (log_tail(logdir) if logdir else ""))
-            if now > deadline:
-                raise BenchError(f"{self.name}: only {done} of {n} jobs done after {timeout:.0f} s\n"
-                                 + (log_tail(logdir) if logdir else ""))
-            time.sleep(0.002)
+        return wait_done(self.name, n, procs, timeout, logdir)
 
     def close(self) -> None:
         self.redis.close()
