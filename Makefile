@@ -21,7 +21,7 @@ TOX_PATH := $(if $(PYENV_BINS),$(subst $(space),:,$(PYENV_BINS)):)$(PATH)
 
 help:
 	@echo "make venv | test | faults | demo | bench | tox | lint | clean | distclean"
-	@echo "  PYTEST_ARGS='-k foo -x' make test"
+	@echo "  PYTEST_ARGS='-k foo -x' make test   (make test: the suite, then a cluster pass)"
 
 venv: $(STAMP)
 
@@ -34,9 +34,19 @@ $(STAMP): setup.cfg pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install -e '.[$(EXTRAS)]'
 	touch $@
 
-# The test session starts its own redis-server (see tests/conftest.py).
+# The modules run a second time against a Redis Cluster (KICKQ_TEST_TOPOLOGY=cluster, see
+# tests/conftest.py): every feature of the library, supervisor, cron, hotjobs, observability and
+# asyncio. Exit code 5 (PYTEST_ARGS selected none of them) is no failure.
+CLUSTER_TESTS := tests/test_client.py tests/test_aio.py tests/test_cron.py tests/test_observe.py \
+	tests/test_cli.py tests/test_functions.py tests/test_handoff.py tests/test_batches.py \
+	tests/test_metrics.py tests/supervisor tests/test_scripts.py
+
+# The test session starts its own redis-server (see tests/conftest.py), and the cluster pass its
+# own Redis Cluster (3 masters, 3 replicas).
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+	KICKQ_TEST_TOPOLOGY=cluster $(PY) -m pytest $(CLUSTER_TESTS) -m "not single_server and not fault" \
+		$(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # addopts has -m "not fault"; this later -m wins.
 faults: venv

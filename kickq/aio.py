@@ -58,8 +58,8 @@ from .backoff import Backoff
 from .client import (_CREATE_CHUNK, Prepared, events_maxlen_command, item_triples, prepare, resolve,
                      schedule_entry, schedule_record, schedule_ticks)
 from .config import current, merge_settings, normalise_job_options, on_reset, validate_settings, version
-from .connection import (async_server_info, check_mode, check_version, client_options, make_client,
-                         redis_errors)
+from .connection import (async_server_info, check_mode, check_version, client_identity, client_options,
+                         make_client, redis_errors)
 from .errors import JobNotFound, KickqError
 from .hotjob import recheck_message
 from .job import Job, queue_reads, read_fields
@@ -84,9 +84,8 @@ def connect(settings: Mapping[str, Any], **overrides: Any) -> aioredis.Redis:
     return client
 
 
-def _ident(settings: Mapping[str, Any]) -> tuple[str, ...]:
-    return tuple(repr(settings[k]) for k in ("redis_url", "redis_host", "redis_port", "redis_password",
-                                             "redis_options", "redis_timeout"))
+def _ident(settings: Mapping[str, Any]) -> tuple[tuple[str, ...], str]:
+    return client_identity(settings)
 
 
 async def load(client: Any, failed: BaseException | None = None) -> bool | None:
@@ -168,7 +167,7 @@ class _State:
         self.pid = os.getpid()  # a process forked from this one has a copy it must not use
         self.lock = asyncio.Lock()
         self.redis: Any = None
-        self.ident: tuple[str, ...] | None = None
+        self.ident: tuple[tuple[str, ...], str] | None = None
         self.scripts: AsyncScripts | None = None
         self.waiters: dict[str, AsyncHotjobWaiter] = {}
         self.batches: dict[tuple[Any, ...], _Batch] = {}  # open: still taking creates
@@ -181,15 +180,16 @@ class _State:
         task.add_done_callback(self.inflight.discard)
         return task
 
-    async def release(self) -> None:
+    async def release(self, waiters_too: bool = True) -> None:
         """Wait for the batches already queued and every committed command, then close the
-        waiters (cancelling their promises) and the connection."""
+        waiters (cancelling their promises; not with `waiters_too` False) and the connection."""
         self.fast_settings = None
         while self.inflight:
             await asyncio.wait(set(self.inflight))
-        waiters, self.waiters = list(self.waiters.values()), {}
-        for waiter in waiters:
-            await waiter.close()
+        if waiters_too:
+            waiters, self.waiters = list(self.waiters.values()), {}
+            for waiter in waiters:
+                await waiter.close()
         client, self.redis, self.scripts, self.ident = self.redis, None, None, None
         if client is not None:
             await aclose_client(client)
@@ -326,7 +326,9 @@ class Kickq:
         if state.redis is None or state.ident != ident:
             async with state.lock:
                 if state.redis is not None and state.ident != ident:
-                    await state.release()  # the connection settings changed: retire the old ones
+                    # The connection settings changed: retire the old ones. Only the namespace, on a
+                    # Cluster (another master): the hotjob waiters, one per namespace, stay.
+                    await state.release(waiters_too=state.ident is None or state.ident[0] != ident[0])
                 if state.redis is None:
                     client = connect(settings)
                     try:

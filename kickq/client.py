@@ -9,13 +9,13 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import redis
 
 from . import cron as cron_rules
-from . import observe, payload, registry, scripts
+from . import cluster, observe, payload, registry, scripts
 from .backoff import Backoff
 from .config import (GLOBAL_DEFAULTS, ConfigError, current, merge_settings, on_reset, resolve_job_options,
                      snake_case,
                      stored_options, validate_settings)
 from .config import version as config_version
-from .connection import Lane, check_mode, check_version, connect, redis_errors, server_info
+from .connection import Lane, check_mode, check_version, client_identity, connect, redis_errors, server_info
 from .errors import JobNotFound, KickqError
 from .hotjob import HotjobWaiter
 from .job import Job, queue_reads, read_fields
@@ -159,7 +159,7 @@ class Kickq:
         self._fast_connection: tuple[Mapping[str, Any], redis.Redis, scripts.Scripts] | None = None
         self._lock = threading.Lock()
         self._redis: redis.Redis | None = None
-        self._redis_key: tuple[Any, ...] | None = None
+        self._redis_key: tuple[tuple[str, ...], str] | None = None
         self._scripts: scripts.Scripts | None = None
         self._waiters: dict[str, HotjobWaiter] = {}  # one per namespace
         _clients.add(self)
@@ -201,11 +201,13 @@ class Kickq:
         return client, scr
 
     def _connect_for(self, settings: Mapping[str, Any]) -> tuple[redis.Redis, scripts.Scripts]:
-        ident = tuple(repr(settings[k]) for k in ("redis_url", "redis_host", "redis_port", "redis_password",
-                                                  "redis_options", "redis_timeout"))
+        ident = client_identity(settings)
         with self._lock:
             if self._redis is None or self._redis_key != ident:
-                self._close_locked()
+                if self._redis_key is not None and self._redis_key[0] == ident[0]:
+                    self._close_client_locked()  # another namespace on a Cluster: another master
+                else:
+                    self._close_locked()
                 client = connect(settings)
                 with redis_errors(settings):
                     info = server_info(client)
@@ -233,10 +235,15 @@ class Kickq:
             return waiter
 
     def _close_locked(self) -> None:
-        self._fast_connection = None
         for waiter in self._waiters.values():
             _open_waiters.close(waiter)
         self._waiters.clear()
+        self._close_client_locked()
+
+    def _close_client_locked(self) -> None:
+        """Close the client but not the hotjob waiters (one per namespace, each with its own
+        connection)."""
+        self._fast_connection = None
         if self._redis is not None:
             self._redis.close()
             self._redis = None
@@ -503,6 +510,7 @@ def close_all() -> None:
     for client in list(_clients):
         client.close()
     _open_waiters.close_all()
+    cluster.close_discoveries()
     registry.clear()
 
 

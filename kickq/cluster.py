@@ -382,6 +382,16 @@ def discovery_for(url: str, options: Mapping[str, Any]) -> Discovery:
         return found
 
 
+def close_discoveries() -> None:
+    """Close the process' slot-map clients (kickq.reset() does: it closes every connection kickq
+    opened). A Route that still holds one reads the slot map again when it next needs to."""
+    with _discoveries_lock:
+        found = list(_discoveries.values())
+        _discoveries.clear()
+    for discovery in found:
+        discovery.close()
+
+
 def _discovery_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The client options that also apply to reading the slot map."""
     return {k: v for k, v in options.items() if k in DISCOVERY_OPTIONS}
@@ -478,6 +488,9 @@ def routed_client(url: str, namespace: str, options: Mapping[str, Any],
     """A redis-py client whose commands go to the master of `namespace`'s slot (see RoutedRedis)."""
     pool = redis.ConnectionPool(**pool_kwargs(url, namespace, options, False))
     client = RoutedRedis(connection_pool=pool)
+    # The pool is the client's own: close() must close its connections, as from_url()'s do (a
+    # client made on a given pool leaves it open).
+    client.auto_close_connection_pool = True
     client.reroute_timeout = reroute_timeout
     return client
 
@@ -487,6 +500,7 @@ def async_routed_client(url: str, namespace: str, options: Mapping[str, Any],
     """routed_client() for redis.asyncio."""
     pool = aioredis.ConnectionPool(**pool_kwargs(url, namespace, options, True))
     client = AsyncRoutedRedis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # as in routed_client()
     client.reroute_timeout = reroute_timeout
     return client
 

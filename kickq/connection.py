@@ -47,6 +47,15 @@ def client_scope(settings: Mapping[str, Any]) -> str:
     return where
 
 
+def client_identity(settings: Mapping[str, Any]) -> tuple[tuple[str, ...], str]:
+    """What a long-lived client was made for: (the settings its connections are made from, its
+    client_scope). A change of either needs another client; a change of the scope alone is, on a
+    Cluster, another namespace of the same servers (its hotjob waiters stay valid)."""
+    made_from = tuple(repr(settings[k]) for k in ("redis_url", "redis_host", "redis_port", "redis_password",
+                                                  "redis_options", "redis_timeout"))
+    return made_from, client_scope(settings)
+
+
 def client_options(settings: Mapping[str, Any], retry: Any, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments for a redis-py client, sync or asyncio (which differ only in `retry`):
     bounded waits, decoded replies, then `redis_options`, then `overrides`."""

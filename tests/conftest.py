@@ -6,9 +6,16 @@ existing server instead (then nothing is started; every test still gets its
 own key namespace). Set KICKQ_REDIS_SERVER to pick the redis-server binary.
 Tests that ask for ``redis_cluster`` get a Redis Cluster (tests/topology.py),
 started on first use; KICKQ_TEST_CLUSTER_URL points them at an existing one.
+
+KICKQ_TEST_TOPOLOGY=cluster runs the session against that cluster instead of the
+single server: ``redis_url`` is the cluster's ``redis+cluster://`` URL, each test's
+``namespace`` lives on the next master in turn, and ``r`` is a client pinned to the
+master of that namespace (see ``raw_client``). Tests marked ``single_server`` are
+skipped then (they need "the" server: restarting it, its whole-server settings...).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 from collections.abc import Iterator
@@ -19,12 +26,39 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.helpers import new_namespace, redis_server_binary, start_redis, stop_redis
+from tests.helpers import new_namespace, raw_client, redis_server_binary, start_redis, stop_redis
 
 if TYPE_CHECKING:
     from tests.topology import Cluster, ClusterFactory
 
 TEST_REDIS_URL_ENV = "KICKQ_TEST_REDIS_URL"
+TOPOLOGY_ENV = "KICKQ_TEST_TOPOLOGY"
+TOPOLOGIES = ("single", "cluster")
+
+
+def topology() -> str:
+    """The topology the session's tests run against: "single" (default) or "cluster"."""
+    value = os.environ.get(TOPOLOGY_ENV, "single").strip().lower() or "single"
+    if value not in TOPOLOGIES:
+        raise pytest.UsageError(f"{TOPOLOGY_ENV}={value!r}: expected one of {', '.join(TOPOLOGIES)}")
+    return value
+
+
+ON_CLUSTER = topology() == "cluster"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"kickq test topology: {topology()} ({TOPOLOGY_ENV})"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not ON_CLUSTER:
+        return
+    for item in items:
+        marker = item.get_closest_marker("single_server")
+        if marker is not None:
+            reason = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "")
+            item.add_marker(pytest.mark.skip(reason=f"needs a single server: {reason}"))
 
 
 @dataclass(frozen=True)
@@ -67,13 +101,25 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    return redis_server.url
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """The URL the test's kickq clients use: the session server's, or (topology cluster) the
+    session cluster's ``redis+cluster://`` URL."""
+    if ON_CLUSTER:
+        return request.getfixturevalue("redis_cluster").url  # type: ignore[no-any-return]
+    return request.getfixturevalue("redis_server").url  # type: ignore[no-any-return]
+
+
+_namespace_turn = itertools.count()
 
 
 @pytest.fixture
-def namespace() -> str:
-    """A unique key namespace per test, like ``kt-1a2b3c4d``."""
+def namespace(request: pytest.FixtureRequest) -> str:
+    """A unique key namespace per test, like ``kt-1a2b3c4d``; on the cluster topology, one whose
+    slot the next master in turn holds (so a session spreads its tests over every master)."""
+    if ON_CLUSTER:
+        cluster = request.getfixturevalue("redis_cluster")
+        masters = cluster.masters()
+        return cluster.namespace_on(masters[next(_namespace_turn) % len(masters)], "kt")  # type: ignore[no-any-return]
     return new_namespace()
 
 
@@ -95,15 +141,25 @@ def kq_config(redis_url: str, namespace: str) -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture
-def r(redis_url: str) -> Iterator[Any]:
-    """A redis-py client (decode_responses=True) on the test server."""
-    import redis
-
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+def r(redis_url: str, namespace: str) -> Iterator[Any]:
+    """A redis-py client (decode_responses=True) on the test server; on a cluster, pinned to the
+    master of the test's namespace (raw_client)."""
+    client = raw_client(redis_url, namespace)
     try:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def every_server(request: pytest.FixtureRequest, r: Any) -> list[Any]:
+    """A client on each server of the topology, for what every server must hold alike (an ACL
+    user): ``[r]`` on a single server; every node of the cluster (replicas too: a client may read
+    the slot map from any node)."""
+    if ON_CLUSTER:
+        cluster = request.getfixturevalue("redis_cluster")
+        return [cluster.client(n) for n in cluster.running_nodes()]
+    return [r]
 
 
 @pytest.fixture
@@ -145,10 +201,13 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
         cluster = Cluster.attach(external, refuse=pytest.skip)
     else:
         if redis_server_binary() is None or redis_cli_binary() is None:
-            pytest.skip(
+            missing = (
                 "Redis Cluster tests need redis-server and redis-cli (apt-get install redis-server) "
                 f"or {TEST_CLUSTER_URL_ENV}"
             )
+            if ON_CLUSTER:  # every test would be skipped: a pass that tested nothing
+                pytest.exit(f"{TOPOLOGY_ENV}=cluster: {missing}", returncode=3)
+            pytest.skip(missing)
         cluster = start_cluster(tmp_path_factory.mktemp("cluster"), refuse=pytest.skip)
     try:
         yield cluster

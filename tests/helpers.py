@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -188,3 +188,59 @@ def subscribers(r, channel: str) -> int:
     except Exception:  # Redis 6: no sharded pub/sub
         return int(plain)
     return int(plain) + int(sharded[1])
+
+
+def raw_client(url: str, namespace: str, **options: Any) -> Any:
+    """A redis-py client (decode_responses=True) for a test's own reads and writes of one
+    namespace's keys: on a single server a plain client; on a cluster a client whose every
+    command goes to the master holding the namespace's slot (kickq's own routed connections),
+    so server commands (INFO, CLIENT LIST, SCRIPT FLUSH...) reach the node that runs its
+    scripts, and a test's own keys belong on that node: tag them with ``{namespace}``."""
+    import redis
+
+    from kickq import cluster
+
+    options = {"decode_responses": True, **options}
+    if cluster.is_cluster_url(url):
+        return cluster.routed_client(url, namespace, options, reroute_timeout=10.0)
+    return redis.Redis.from_url(url, **options)
+
+
+def raw_async_client(url: str, namespace: str, **options: Any) -> Any:
+    """raw_client() for redis.asyncio (``max_connections`` goes to its pool)."""
+    import redis.asyncio as aioredis
+
+    from kickq import cluster
+
+    options = {"decode_responses": True, **options}
+    if cluster.is_cluster_url(url):
+        return cluster.async_routed_client(url, namespace, options, reroute_timeout=10.0)
+    return aioredis.Redis(connection_pool=aioredis.ConnectionPool.from_url(url, **options))
+
+
+def side_key(namespace: str, label: str) -> str:
+    """A fresh key for a test's own signalling (a handler pushes a pid, the test releases a job):
+    tagged with the namespace, so on a cluster it lives on the namespace's master, where the
+    test's ``r`` reads it; outside the namespace's own ``{ns}:`` prefix, so kickq never sees it."""
+    return f"kqtest:{{{namespace}}}:{label}:{uuid.uuid4().hex[:8]}"
+
+
+def any_key_client(url: str, **options: Any) -> Any:
+    """A redis-py client (decode_responses=True) that reaches any key: for a cluster URL, redis-py's
+    own RedisCluster (handlers use it for the keys a test hands them in a job's data)."""
+    import redis
+    from redis.cluster import ClusterNode, RedisCluster
+
+    from kickq import cluster
+
+    options = {"decode_responses": True, **options}
+    if cluster.is_cluster_url(url):
+        nodes, _ = cluster.parse_cluster_url(url)
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **options)
+    return redis.Redis.from_url(url, **options)
+
+
+def with_credentials(url: str, user: str, password: str) -> str:
+    """``url`` (redis://, redis+cluster://...) with ``user:password@`` in place of its credentials."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{user}:{password}@{rest.rpartition('@')[2]}"

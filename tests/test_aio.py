@@ -30,7 +30,7 @@ from kickq.connection import connect as sync_connect
 from kickq.hotjob import HotjobWaiter
 from kickq.keys import Keys
 from kickq.scripts import Scripts
-from tests.helpers import free_port, subscribers, wait_until
+from tests.helpers import free_port, raw_async_client, raw_client, subscribers, wait_until
 from tests.structures import (assert_consistent, assert_gone, assert_one_structure, job_exists, snapshot,
                               stored)
 
@@ -77,7 +77,7 @@ class ThreadWorker:
     """A worker thread looping claim / finish until stopped; idles on the wake tokens."""
 
     def __init__(self, redis_url: str, ns: str, names: tuple[str, ...] = ("a",)) -> None:
-        self.r = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.r = raw_client(redis_url, ns)
         self.keys, self.names, self.scripts = Keys(ns), names, Scripts(self.r)
         self.finished = 0
         self._stop = threading.Event()
@@ -204,8 +204,10 @@ def test_constructor_overrides_and_config_cascade(kq_config, r, namespace):
             await other.create("a")
         finally:
             await other.close()
-        assert job_exists(r, namespace + "-x", "1") and job_exists(r, namespace, "1")
-        r.delete(*r.keys("{" + namespace + "-x}:*"))
+        assert job_exists(r, namespace, "1")
+        with raw_client(kq_config["redis_url"], namespace + "-x") as other_r:  # on a cluster: its own master
+            assert job_exists(other_r, namespace + "-x", "1")
+            other_r.delete(*other_r.keys("{" + namespace + "-x}:*"))
 
     arun(main)
 
@@ -505,8 +507,8 @@ def test_watches_from_an_older_generation_are_rechecked_together(kq_config, name
             waiter = kq._waiter(kq._bind(), kq.settings())
             await waiter.ensure_subscribed()
             loop = asyncio.get_running_loop()
-            client = aioredis.Redis(connection_pool=aioredis.ConnectionPool.from_url(
-                kq.settings()["redis_url"], max_connections=2, decode_responses=True))  # a third: an error
+            # A pool of two connections: a third is an error.
+            client = raw_async_client(kq.settings()["redis_url"], namespace, max_connections=2)
             try:
                 older = [waiter.watch(job.id, 5, loop.time() + 5, waiter.generation - 1, client)
                          for job in jobs]
@@ -546,20 +548,26 @@ def test_unit_early_buffer_and_timers(kq_config):
     arun(main)
 
 
+def threads_but_the_loops_executor() -> int:
+    """Live threads, not counting the event loop's default executor: a Cluster client reads the
+    slot map there (blocking I/O), once per namespace (kickq.cluster)."""
+    return sum(1 for t in threading.enumerate() if not t.name.startswith("asyncio_"))
+
+
 def test_many_hotjobs_share_one_pubsub_connection_and_no_threads(kq_config, r, namespace, worker):
     async def main():
-        threads = threading.active_count()
+        threads = threads_but_the_loops_executor()
         async with Kickq() as kq:
             jobs = await asyncio.gather(*(kq.create("a", i, HOT) for i in range(200)))
             jobs += await kq.create_many([("a", i, HOT) for i in range(200, 400)])
             assert subscribers(r, Keys(namespace).done) == 1
             assert len(asyncio.all_tasks()) <= 4  # main (and wait_for's), the listener, one batch at most
-            assert threading.active_count() == threads
+            assert threads_but_the_loops_executor() == threads
             for _ in jobs:
                 worker.run("success", "1")
             finals = await asyncio.gather(*(j.hotjob_promise for j in jobs))
             assert [f.id for f in finals] == [j.id for j in jobs] and {f.state for f in finals} == {"success"}
-            assert threading.active_count() == threads
+            assert threads_but_the_loops_executor() == threads
 
     arun(main)
 
@@ -576,6 +584,25 @@ def test_gather_of_1000_hotjobs_under_a_running_worker(kq_config, redis_url, r, 
             assert_consistent(r, namespace)
 
     arun(main, timeout=60)
+
+
+def test_hotjobs_follow_a_change_of_namespace(kq_config, namespace):
+    """On a cluster the second namespace may live on another master: the client moves there, and
+    the first namespace's hotjob is still watched."""
+    url = kq_config["redis_url"]
+
+    async def main():
+        async with Kickq() as kq:
+            first = await kq.create("a", None, HOT)
+            kickq.config(redis_namespace=namespace + "-b")
+            second = await kq.create("a", None, HOT)
+            for ns, job in ((namespace, first), (namespace + "-b", second)):
+                with raw_client(url, ns) as raw:
+                    assert Worker(raw, ns).run("success", f'"{ns}"') == job.id
+            assert (await first.hotjob_promise).result == namespace
+            assert (await second.hotjob_promise).result == namespace + "-b"
+
+    arun(main)
 
 
 # --- cancellation -------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from kickq.hotjob import HotjobWaiter
 from kickq.job import FIELDS
 from kickq.keys import Keys
 from kickq.scripts import Scripts
-from tests.helpers import free_port, subscribers, wait_until
+from tests.helpers import free_port, subscribers, wait_until, with_credentials
 from tests.structures import assert_consistent, assert_gone, assert_one_structure, snapshot, structures_of
 
 ALL_FIELDS = {
@@ -819,14 +819,14 @@ def test_reset_clears_registrations(kq):
 
 # --- AUTH, ACL users, unix sockets, concurrent producers ------------------------------------------------
 
-def test_acl_user_limited_to_its_namespace(kq_config, r, namespace, worker):
+def test_acl_user_limited_to_its_namespace(kq_config, every_server, namespace, worker):
     user, password = f"user-{namespace}", "acl-pw"
     pattern = "{" + namespace + "}:*"
-    r.acl_setuser(user, enabled=True, passwords=["+" + password], keys=[pattern], channels=[pattern],
-                  commands=["+@all"])
+    for server in every_server:
+        server.acl_setuser(user, enabled=True, passwords=["+" + password], keys=[pattern], channels=[pattern],
+                           commands=["+@all"])
     try:
-        kickq.config(redis_url=f"redis://{user}:{password}@{r.connection_pool.connection_kwargs['host']}:"
-                               f"{r.connection_pool.connection_kwargs['port']}/0")
+        kickq.config(redis_url=with_credentials(kq_config["redis_url"], user, password))
         with kickq.Kickq() as client:
             job = client.create("a", {"x": 1}, HOT)
             worker.run("success", '"via acl"')
@@ -834,7 +834,8 @@ def test_acl_user_limited_to_its_namespace(kq_config, r, namespace, worker):
             assert client.get(job.id).state == "success"
             assert client.delete(job.id) is True
     finally:
-        r.acl_deluser(user)
+        for server in every_server:
+            server.acl_deluser(user)
 
 
 def test_requirepass_and_unix_socket(kq_config, tmp_path, namespace):
@@ -896,9 +897,9 @@ def test_hotjobs_follow_a_change_of_namespace(kq_config, namespace):
     first = kq.create("a", None, {"hotjob": True, "hotjob_timeout": 5})
     kickq.config(redis_namespace=namespace + "-b")
     second = kq.create("a", None, {"hotjob": True, "hotjob_timeout": 5})
-    scr = Scripts(kq.redis)
     for ns, job in ((namespace, first), (namespace + "-b", second)):
         keys = Keys(ns)
+        scr = Scripts(kickq.Kickq(redis_namespace=ns).redis)  # on a cluster each has its own master
         job_id, token, _ = scr.claim(keys, ["a"])
         assert job_id == job.id
         scr.finish(keys, job_id, token, "success", '"ok"')

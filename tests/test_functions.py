@@ -11,7 +11,7 @@ import kickq
 from kickq import scripts
 from kickq.keys import Keys
 from kickq_supervisor.channel import Channel
-from tests.helpers import start_redis, stop_redis
+from tests.helpers import start_redis, stop_redis, with_credentials
 
 
 def _library_loaded(r) -> bool:
@@ -131,13 +131,14 @@ def test_at_maxmemory_a_missing_library_falls_back_to_scripts(kq, r):
 
 
 @pytest.mark.parametrize("denied", [["-fcall", "-function"], ["-fcall"]], ids=["no-functions", "no-fcall"])
-def test_an_acl_user_without_functions_runs_the_scripts_by_evalsha(r, namespace, denied):
+def test_an_acl_user_without_functions_runs_the_scripts_by_evalsha(r, every_server, redis_url, namespace,
+                                                                   denied):
     user, password = f"nofn-{namespace}", "acl-pw"
     pattern = "{" + namespace + "}:*"
-    r.acl_setuser(user, enabled=True, passwords=["+" + password], keys=[pattern], channels=[pattern],
-                  commands=["+@all", *denied])
-    host, port = r.connection_pool.connection_kwargs["host"], r.connection_pool.connection_kwargs["port"]
-    kq = kickq.Kickq(redis_url=f"redis://{user}:{password}@{host}:{port}/0", redis_namespace=namespace)
+    for server in every_server:
+        server.acl_setuser(user, enabled=True, passwords=["+" + password], keys=[pattern], channels=[pattern],
+                           commands=["+@all", *denied])
+    kq = kickq.Kickq(redis_url=with_credentials(redis_url, user, password), redis_namespace=namespace)
     try:
         r.function_flush()
         evalsha = r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
@@ -147,7 +148,8 @@ def test_an_acl_user_without_functions_runs_the_scripts_by_evalsha(r, namespace,
         assert r.info("commandstats")["cmdstat_evalsha"]["calls"] == evalsha + 2
     finally:
         kq.close()
-        r.acl_deluser(user)
+        for server in every_server:
+            server.acl_deluser(user)
 
 
 # --- the asyncio client: the same choice of FCALL or EVALSHA, and the same reloading ----------------

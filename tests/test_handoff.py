@@ -158,7 +158,8 @@ def test_a_claim_under_another_name_still_takes_the_handed_job_and_registers_not
     wait_idle(m)
     handed = m.create("a", now=T0 + 1)
     assert m.r.exists(m.keys.inbox("w1"))
-    m.s.run("claim", (["x"], [m.keys.prefix, T0 + 2, "w1", IDLE_MS, "zzz"]))  # another name, empty
+    # another name, empty
+    m.s.run("claim", (m.keys.script_keys, [m.keys.prefix, T0 + 2, "w1", IDLE_MS, "zzz"]))
     m.check()
     # that claim took the handed job from the inbox, so the inbox is empty and nothing registered
     assert m.r.zcard(m.keys.idle("zzz")) == 0 and m.state(handed) == "processing"

@@ -21,6 +21,7 @@ from typing import Any
 import redis
 
 import kickq
+from tests.helpers import any_key_client
 
 _clients: dict[tuple[int, str], redis.Redis] = {}
 
@@ -28,7 +29,7 @@ _clients: dict[tuple[int, str], redis.Redis] = {}
 def _redis(data: dict[str, Any]) -> redis.Redis:
     key = (os.getpid(), data["redis"])
     if key not in _clients:
-        _clients[key] = redis.Redis.from_url(data["redis"], decode_responses=True)
+        _clients[key] = any_key_client(data["redis"])  # a redis+cluster:// URL too
     return _clients[key]
 
 

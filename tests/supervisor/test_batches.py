@@ -2,14 +2,12 @@
 long behind a slow one: every job still runs exactly once."""
 from __future__ import annotations
 
-import uuid
-
 from kickq.keys import Keys
-from tests.helpers import wait_until
+from tests.helpers import side_key, wait_until
 
 
 def run_with_a_slow_job_in_the_middle(kq, redis_url, namespace):
-    counts = f"kqtest:counts:{uuid.uuid4().hex[:8]}"
+    counts = side_key(namespace, "counts")
     items = [("count", {"redis": redis_url, "counts": counts}) for _ in range(60)]
     items.insert(40, ("count", {"redis": redis_url, "counts": counts, "sleep": 0.6}))
     jobs = kq.create_many(items)

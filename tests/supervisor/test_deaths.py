@@ -5,23 +5,18 @@ from __future__ import annotations
 import os
 import signal
 import time
-import uuid
 
 import psutil
 import pytest
 
 import kickq
 from kickq.keys import Keys
-from tests.helpers import subscribers, wait_until
+from tests.helpers import side_key, subscribers, wait_until
 from tests.supervisor import handlers
 from tests.supervisor.conftest import alive, wait_job
 
 TIMED_OUT = "processing timed out"
 NEVER = 3600  # an interval long enough that nothing is re-run during a test
-
-
-def key(label):
-    return f"kqtest:{label}:{uuid.uuid4().hex[:8]}"
 
 
 def opts(**kw):
@@ -32,9 +27,9 @@ def pushed_pid(r, list_key, timeout=10.0):
     return int(wait_until(lambda: r.lindex(list_key, 0), timeout=timeout, message=f"a pid in {list_key}"))
 
 
-def test_timeout_kills_the_whole_process_group_and_ghosts_the_run(supervisor, kq, redis_url):
+def test_timeout_kills_the_whole_process_group_and_ghosts_the_run(supervisor, kq, redis_url, namespace):
     r = kq.redis
-    worker_key, grandchild_key = key("worker"), key("grandchild")
+    worker_key, grandchild_key = side_key(namespace, "worker"), side_key(namespace, "grandchild")
     data = {"do": "fork", "redis": redis_url, "key": worker_key, "grandchild": grandchild_key}
     job = kq.create("chaos", data, opts(process_timeout=0.5))
     worker = psutil.Process(pushed_pid(r, worker_key))
@@ -56,9 +51,9 @@ def test_timeout_kills_the_whole_process_group_and_ghosts_the_run(supervisor, kq
     assert worker.pid not in {p.pid for p in supervisor.workers().values()}
 
 
-def test_a_grandchild_that_ignores_term_is_killed_too(supervisor, kq, redis_url):
+def test_a_grandchild_that_ignores_term_is_killed_too(supervisor, kq, redis_url, namespace):
     r = kq.redis
-    worker_key, grandchild_key = key("worker"), key("grandchild")
+    worker_key, grandchild_key = side_key(namespace, "worker"), side_key(namespace, "grandchild")
     data = {"do": "fork_stubborn", "redis": redis_url, "key": worker_key, "grandchild": grandchild_key}
     job = kq.create("chaos", data, opts(process_timeout=0.5))
     worker = psutil.Process(pushed_pid(r, worker_key))
@@ -70,9 +65,9 @@ def test_a_grandchild_that_ignores_term_is_killed_too(supervisor, kq, redis_url)
                message="the worker and its TERM-proof grandchild are gone")
 
 
-def test_a_handler_that_ignores_term_is_killed_after_the_grace(supervisor, kq, redis_url):
+def test_a_handler_that_ignores_term_is_killed_after_the_grace(supervisor, kq, redis_url, namespace):
     r = kq.redis
-    worker_key, ready = key("worker"), key("ready")
+    worker_key, ready = side_key(namespace, "worker"), side_key(namespace, "ready")
     job = kq.create("chaos", {"do": "ignore_term", "redis": redis_url, "key": worker_key, "ready": ready},
                     opts(process_timeout=0.3))
     pid = pushed_pid(r, worker_key)
@@ -193,9 +188,9 @@ def test_a_delayed_job_starts_soon_after_its_due_time(start_supervisor, kq, reap
     assert 0 <= start - done.create_time - 400 < 500, (done.create_time, start)
 
 
-def test_a_late_finish_from_a_superseded_attempt_is_rejected(supervisor, kq, redis_url):
+def test_a_late_finish_from_a_superseded_attempt_is_rejected(supervisor, kq, redis_url, namespace):
     r = kq.redis
-    release, worker_key = key("release"), key("worker")
+    release, worker_key = side_key(namespace, "release"), side_key(namespace, "worker")
     job = kq.create("chaos", {"do": "block_first", "redis": redis_url, "release": release, "key": worker_key},
                     {"process_timeout": 30, "ghost_interval": 0})
     first_worker = pushed_pid(r, worker_key)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import kickq
-from tests.helpers import ping, redis_server_binary, start_redis, stop_redis, wait_until
+from tests.helpers import ping, redis_server_binary, side_key, start_redis, stop_redis, wait_until
 from tests.supervisor import handlers
 from tests.supervisor.conftest import alive, wait_job
 
@@ -77,7 +77,7 @@ def test_a_job_that_must_not_run_twice_is_not_rerun_after_its_supervisor_is_lost
     first = start_supervisor()
     keys = kickq.keys.Keys(namespace)
     wait_until(lambda: kq.redis.zcard(keys.idle("chaos")) >= 1, timeout=10, interval=0.01)
-    pids = f"kqtest:pids:{namespace}"
+    pids = side_key(namespace, "pids")
     job = kq.create("chaos", {"do": "hang", "key": pids, "redis": redis_url},
                     {"process_timeout": 1.0, "ghost_retry": False})
     first.wait_running(job.id)

@@ -3,15 +3,10 @@ FIFO per name with list order as priority, and workers replaced after N jobs or 
 from __future__ import annotations
 
 import os
-import uuid
 
-from tests.helpers import wait_until
+from tests.helpers import side_key, wait_until
 from tests.supervisor import handlers
 from tests.supervisor.conftest import wait_job
-
-
-def key(label):
-    return f"kqtest:{label}:{uuid.uuid4().hex[:8]}"
 
 
 def test_each_registration_gets_its_concurrent_jobs_worker_processes(supervisor):
@@ -26,9 +21,9 @@ def test_each_registration_gets_its_concurrent_jobs_worker_processes(supervisor)
     assert supervisor.log().count("serving pool\n") == 3
 
 
-def test_concurrent_jobs_run_at_once_in_distinct_processes(supervisor, kq, redis_url):
+def test_concurrent_jobs_run_at_once_in_distinct_processes(supervisor, kq, redis_url, namespace):
     # A barrier of three: it only opens if the three "pool" jobs run at the same time.
-    barrier = key("barrier")
+    barrier = side_key(namespace, "barrier")
     jobs = [kq.create("pool", {"redis": redis_url, "key": barrier, "parties": 3}) for _ in range(3)]
     done = [wait_job(kq, job.id) for job in jobs]
     assert [job.state for job in done] == ["success"] * 3, [job.last_error for job in done]
@@ -36,9 +31,9 @@ def test_concurrent_jobs_run_at_once_in_distinct_processes(supervisor, kq, redis
     assert {job.result for job in done} == pool_pids
 
 
-def test_barrier_of_more_than_concurrent_jobs_never_opens(supervisor, kq, redis_url):
+def test_barrier_of_more_than_concurrent_jobs_never_opens(supervisor, kq, redis_url, namespace):
     # The control for the test above: four parties with three workers cannot meet.
-    barrier = key("barrier")
+    barrier = side_key(namespace, "barrier")
     jobs = [kq.create("pool", {"redis": redis_url, "key": barrier, "parties": 4, "timeout": 0.5})
             for _ in range(3)]
     done = [wait_job(kq, job.id) for job in jobs]
@@ -46,8 +41,8 @@ def test_barrier_of_more_than_concurrent_jobs_never_opens(supervisor, kq, redis_
     assert "barrier not reached" in done[0].last_error
 
 
-def test_a_slow_job_type_does_not_starve_another_registration(supervisor, kq, redis_url):
-    release = key("release")
+def test_a_slow_job_type_does_not_starve_another_registration(supervisor, kq, redis_url, namespace):
+    release = side_key(namespace, "release")
     slow = [kq.create("slow", {"redis": redis_url, "release": release}) for _ in range(3)]
     wait_job(kq, slow[0].id, "processing")
     fast = [kq.create("fast") for _ in range(5)]
@@ -59,9 +54,9 @@ def test_a_slow_job_type_does_not_starve_another_registration(supervisor, kq, re
     assert [wait_job(kq, job.id).state for job in slow] == ["success"] * 3
 
 
-def test_fifo_per_name_and_list_order_is_priority(supervisor, kq, redis_url):
+def test_fifo_per_name_and_list_order_is_priority(supervisor, kq, redis_url, namespace):
     r = kq.redis
-    release, started, order = key("release"), key("started"), key("order")
+    release, started, order = (side_key(namespace, label) for label in ("release", "started", "order"))
     base = {"redis": redis_url, "order": order}
     # Hold the registration's only worker so the others pile up behind it.
     blocker = kq.create("prio.low", {**base, "seq": 0, "release": release, "started": started})

@@ -1,21 +1,19 @@
 """The reaper with several supervisors on one namespace: nothing promoted twice; purging."""
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 import kickq
 from kickq.keys import Keys
-from tests.helpers import wait_until
+from tests.helpers import side_key, wait_until
 from tests.supervisor.conftest import wait_job
 
 
 @pytest.mark.slow
-def test_several_reapers_promote_each_job_once(start_supervisor, kq, redis_url):
+def test_several_reapers_promote_each_job_once(start_supervisor, kq, redis_url, namespace):
     for _ in range(3):
         start_supervisor(args=["--reaper-interval", "0.05"])
-    counts = f"kqtest:counts:{uuid.uuid4().hex[:8]}"
+    counts = side_key(namespace, "counts")
     data = {"redis": redis_url, "counts": counts}
     jobs = kq.create_many([("count", data, {"delay": 0.2 + (i % 10) * 0.03}) for i in range(150)])
     jobs += kq.create_many([("count", data, {"delay": 0})] * 50)

@@ -11,7 +11,7 @@ import redis
 import kickq
 from kickq.keys import Keys
 from kickq.scripts import Scripts
-from tests.helpers import redis_now, start_redis, stop_redis, wait_until
+from tests.helpers import raw_client, redis_now, start_redis, stop_redis, wait_until
 from tests.supervisor.conftest import wait_job
 
 MODULE = '''
@@ -51,7 +51,7 @@ def test_every_redis_of_the_registrations_gets_its_own_reaper(start_supervisor, 
                message="two workers")
     assert sup.proc.poll() is None, sup.log()[-3000:]
     clients = [kickq.Kickq(redis_url=url, redis_namespace=namespace) for url in (redis_url, second_redis)]
-    raws = [redis.Redis.from_url(url, decode_responses=True) for url in (redis_url, second_redis)]
+    raws = [raw_client(url, namespace) for url in (redis_url, second_redis)]
     try:
         delayed = [client.create(name, None, {"delay": 0.2})
                    for client, name in zip(clients, "ab", strict=True)]

@@ -3,24 +3,19 @@ from __future__ import annotations
 
 import signal
 import textwrap
-import uuid
 
 import pytest
 
 from kickq.keys import Keys
-from tests.helpers import wait_until
+from tests.helpers import side_key, wait_until
 from tests.supervisor.conftest import alive, session_processes, wait_job
 
 QUICK_STOP = "supervisor stopped quickly (second INT) while the job ran"
 
 
-def key(label):
-    return f"kqtest:{label}:{uuid.uuid4().hex[:8]}"
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
-def test_graceful_stop_lets_the_running_job_finish(supervisor, kq, redis_url, sig):
-    release = key("release")
+def test_graceful_stop_lets_the_running_job_finish(supervisor, kq, redis_url, sig, namespace):
+    release = side_key(namespace, "release")
     running = kq.create("slow", {"redis": redis_url, "release": release})
     busy = supervisor.wait_running(running.id)
     waiting = kq.create("slow", {"redis": redis_url, "release": release})
