@@ -82,10 +82,9 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str]:
     node_scheme = CLUSTER_SCHEMES.get(scheme.lower())
     if node_scheme is None:
         raise ConfigError(f"not a cluster URL (redis+cluster:// or rediss+cluster://): {scheme}://...")
-    authority, slash, tail = rest.partition("/")
-    query = ""
-    if not slash:
-        authority, _, query = authority.partition("?")
+    # The query first: its values may hold a "/" (?ssl_ca_certs=/etc/ca.crt), the nodes cannot.
+    rest, _, options = rest.partition("?")
+    authority, _, path = rest.partition("/")
     credentials, at, hosts = authority.rpartition("@")
     nodes: list[tuple[str, int]] = []
     for part in hosts.split(","):
@@ -93,10 +92,8 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str]:
         if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"{scheme}:// URL: each node must be host:port, got {part!r}")
         nodes.append((unquote(host.strip("[]")), int(port)))
-    path = tail.partition("?")[0] if slash else ""
     if path not in ("", "0"):
         raise ConfigError(f"{scheme}:// URL: a Redis Cluster has database 0 only, got /{path}")
-    options = (tail.partition("?")[2] if slash else query)
     first_host, first_port = nodes[0]
     node_url = f"{node_scheme}://{credentials}{at}{_bracketed(first_host)}:{first_port}/0"
     if options:
