@@ -43,7 +43,7 @@ import redis.asyncio.client
 import redis.asyncio.connection as aioconnection
 import redis.client
 from redis.cluster import ClusterNode, RedisCluster
-from redis.connection import Connection, SSLConnection, parse_url
+from redis.connection import Connection, SSLConnection, parse_url, to_bool
 from redis.crc import key_slot
 
 from .backoff import Backoff
@@ -82,10 +82,9 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str]:
     node_scheme = CLUSTER_SCHEMES.get(scheme.lower())
     if node_scheme is None:
         raise ConfigError(f"not a cluster URL (redis+cluster:// or rediss+cluster://): {scheme}://...")
-    authority, slash, tail = rest.partition("/")
-    query = ""
-    if not slash:
-        authority, _, query = authority.partition("?")
+    # The query first: its values may hold a "/" (?ssl_ca_certs=/etc/ca.crt), the nodes cannot.
+    rest, _, options = rest.partition("?")
+    authority, _, path = rest.partition("/")
     credentials, at, hosts = authority.rpartition("@")
     nodes: list[tuple[str, int]] = []
     for part in hosts.split(","):
@@ -93,10 +92,8 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str]:
         if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"{scheme}:// URL: each node must be host:port, got {part!r}")
         nodes.append((unquote(host.strip("[]")), int(port)))
-    path = tail.partition("?")[0] if slash else ""
     if path not in ("", "0"):
         raise ConfigError(f"{scheme}:// URL: a Redis Cluster has database 0 only, got /{path}")
-    options = (tail.partition("?")[2] if slash else query)
     first_host, first_port = nodes[0]
     node_url = f"{node_scheme}://{credentials}{at}{_bracketed(first_host)}:{first_port}/0"
     if options:
@@ -125,14 +122,14 @@ class Discovery:
         self.url = url
         self._nodes, node_url = parse_cluster_url(url)
         self.first_node = self._nodes[0]
-        #: What every routed connection takes from the URL: credentials, TLS and its options.
-        self.connection_kwargs = dict(parse_url(node_url))
-        kwargs = dict(self.connection_kwargs)
+        #: What every routed connection takes from the URL: credentials and its query's options.
+        self.connection_kwargs = kwargs = dict(parse_url(node_url))
         kwargs.pop("db", None)
-        if kwargs.pop("connection_class", None) is not None:
-            kwargs["ssl"] = True
-        kwargs.update(options)
-        self._kwargs = kwargs
+        #: TLS: a rediss+cluster:// URL, or ssl=True in its query or the client options (as
+        #: redis-py's Redis and RedisCluster take it).
+        self.tls = (kwargs.pop("connection_class", None) is not None or bool(to_bool(kwargs.pop("ssl", None)))
+                    or bool(options.get("ssl")))
+        self._kwargs = {**kwargs, **options, "ssl": self.tls}
         self._lock = threading.Lock()
         self._cluster: RedisCluster | None = None
         self._refreshed = 0.0
@@ -393,24 +390,30 @@ def close_discoveries() -> None:
 
 
 def _discovery_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The client options that also apply to reading the slot map."""
-    return {k: v for k, v in options.items() if k in DISCOVERY_OPTIONS}
+    """The client options that also apply to reading the slot map: DISCOVERY_OPTIONS and every TLS
+    option (ssl, ssl_*), so that the slot map is read as the namespace's commands are sent."""
+    return {k: v for k, v in options.items() if k in DISCOVERY_OPTIONS or _is_tls_option(k)}
 
 
-#: Client options (from kickq's settings and redis_options) passed on to redis-py's RedisCluster.
-DISCOVERY_OPTIONS = ("socket_timeout", "socket_connect_timeout", "username", "password", "ssl_ca_certs",
-                     "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname", "ssl_ca_data",
-                     "client_name", "protocol")
+def _is_tls_option(key: str) -> bool:
+    return key == "ssl" or key.startswith("ssl_")
+
+
+#: Client options (from kickq's settings and redis_options) passed on to redis-py's RedisCluster,
+#: besides the TLS ones.
+DISCOVERY_OPTIONS = ("socket_timeout", "socket_connect_timeout", "username", "password", "client_name",
+                     "protocol")
 
 
 def pool_kwargs(url: str, namespace: str, options: Mapping[str, Any], asyncio: bool) -> dict[str, Any]:
     """Keyword arguments of a ConnectionPool (sync, or redis.asyncio's) whose connections go to
     the master of `namespace`'s slot; `options` are the client's (timeouts, decode_responses, retry...)."""
     discovery = discovery_for(url, _discovery_options(options))
-    kwargs = dict(discovery.connection_kwargs)
-    tls = kwargs.pop("connection_class", None) is not None
-    kwargs.pop("db", None)
-    kwargs.update(options)
+    tls = discovery.tls
+    # redis-py's connection classes take no `ssl` (its Redis turns it into the connection class),
+    # and a plain one no ssl_* either: without TLS they are ignored, as Redis and RedisCluster do.
+    kwargs = {k: v for k, v in {**discovery.connection_kwargs, **options}.items()
+              if not (k == "ssl" or (not tls and _is_tls_option(k)))}
     kwargs["host"], kwargs["port"] = discovery.first_node
     if asyncio:
         kwargs["connection_class"] = AsyncRoutedSSLConnection if tls else AsyncRoutedConnection

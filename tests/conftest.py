@@ -218,7 +218,8 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
 @pytest.fixture
 def make_cluster(tmp_path: Path) -> Iterator[ClusterFactory]:
     """A factory of private clusters for one test: ``make_cluster(masters=3,
-    replicas_per_master=1, node_timeout_ms=2000)``; all are stopped when the test ends.
+    replicas_per_master=1, node_timeout_ms=2000, tls=None)`` (``tls``: make_certs' files for a
+    TLS-only cluster); all are stopped when the test ends.
     Skips when KICKQ_TEST_CLUSTER_URL is set (this session starts no Redis then)."""
     from tests.topology import ClusterFactory, redis_cli_binary
 

@@ -1,9 +1,11 @@
 """Test helpers: polling, free ports and private redis-server processes."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -62,14 +64,19 @@ def redis_server_binary() -> str | None:
     return shutil.which("redis-server")
 
 
-def ping(host: str, port: int, timeout: float = 0.5) -> bool:
+def ping(host: str, port: int, timeout: float = 0.5, tls_ca: str | os.PathLike[str] | None = None) -> bool:
     """True if a Redis server at host:port answers PING with PONG.
 
     Uses a raw socket so it works without redis-py; a server that is still
-    loading its dataset answers -LOADING, which counts as not ready.
+    loading its dataset answers -LOADING, which counts as not ready. With
+    ``tls_ca`` the port is a TLS port, whose certificate that CA signed.
     """
     try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
+        with contextlib.ExitStack() as stack:
+            s = stack.enter_context(socket.create_connection((host, port), timeout=timeout))
+            if tls_ca is not None:
+                s = stack.enter_context(ssl.create_default_context(cafile=str(tls_ca)).wrap_socket(
+                    s, server_hostname=host))
             s.settimeout(timeout)
             s.sendall(b"PING\r\n")
             data = b""
@@ -172,6 +179,96 @@ def start_redis(
     raise RuntimeError(
         f"could not start redis-server after {attempts} attempts:\n" + "\n".join(errors)
     )
+
+
+def make_certs(directory: Path) -> dict[str, Path]:
+    """A test CA, a server certificate it signed for 127.0.0.1, and an unrelated CA (openssl).
+
+    The server certificate is also good as a client certificate: a TLS Redis Cluster's nodes
+    present it to each other on the cluster bus, where Redis always asks for one."""
+    d = directory
+    d.mkdir(parents=True, exist_ok=True)
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    ssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=kickq test CA",
+        # Python 3.13 verifies strictly (VERIFY_X509_STRICT): a CA must say so, critically.
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
+    ssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    (d / "ext.cnf").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        "basicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth,clientAuth\n"
+        "subjectKeyIdentifier=hash\n"
+        "authorityKeyIdentifier=keyid,issuer\n"
+    )
+    ssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    )
+    ssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "other.key",
+        "-out",
+        "other.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=some other CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
+    return {name: d / f"{name}" for name in ("ca.crt", "server.crt", "server.key", "other.crt")}
 
 
 def redis_now(r) -> int:

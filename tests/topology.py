@@ -21,6 +21,11 @@ part of Linux' ephemeral range (32768-60999), so ``--cluster-port`` is always gi
 node back on the same two ports with the same ``nodes.conf``; its ``free_port`` and
 ``ping`` are.
 
+``start_cluster(tmpdir, tls=make_certs(dir))`` starts a cluster that speaks TLS only:
+each node's one port is a TLS port (``--port 0 --tls-port``), the cluster bus and
+replication run over TLS too, and ``Cluster.url`` is ``rediss+cluster://...``; clients
+verify the nodes against ``tls["ca.crt"]`` and need no certificate of their own.
+
 What Redis 7.0.15 (Debian package, this machine) replies while one slot is half
 migrated: ``CLUSTER SETSLOT s IMPORTING <source>`` on the target, ``CLUSTER SETSLOT s
 MIGRATING <target>`` on the source, and a MIGRATE of some of the slot's keys. Keys of
@@ -75,7 +80,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -85,6 +90,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.helpers import free_port, ping, redis_server_binary
+
+#: The files of a TLS cluster, as tests.helpers.make_certs() returns them: "ca.crt" (what
+#: clients verify the nodes against), "server.crt" and "server.key" (every node's).
+TlsFiles = Mapping[str, Path]
 
 T = TypeVar("T")
 
@@ -333,7 +342,18 @@ class Failover:
     cluster_ok_seconds: float  # ... and every survivor says cluster_state:ok
 
 
-def _admin_client(host: str, port: int, username: str | None, password: str | None) -> redis.Redis:
+def _tls_options(tls: TlsFiles | None) -> dict[str, Any]:
+    """redis-py options of a client of a node (none for a plain cluster)."""
+    return {"ssl": True, "ssl_ca_certs": str(tls["ca.crt"])} if tls else {}
+
+
+def _answers(node: ClusterNode, tls: TlsFiles | None) -> bool:
+    return ping(node.host, node.port, tls_ca=tls["ca.crt"] if tls else None)
+
+
+def _admin_client(
+    host: str, port: int, username: str | None, password: str | None, tls: TlsFiles | None = None
+) -> redis.Redis:
     # No retries: a poll against a node that was just killed must fail at once, not
     # after redis-py's reconnect backoff.
     return redis.Redis(
@@ -345,6 +365,7 @@ def _admin_client(host: str, port: int, username: str | None, password: str | No
         socket_timeout=30,
         socket_connect_timeout=5,
         retry=Retry(NoBackoff(), 0),
+        **_tls_options(tls),
     )
 
 
@@ -391,8 +412,10 @@ class Cluster:
         node_timeout_ms: int = 2000,
         refuse: Callable[[str], NoReturn] = _refuse_by_raising,
         redis_server: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.nodes = nodes
+        self.tls = tls
         self.owned = owned
         self.node_timeout_ms = node_timeout_ms
         self.refuse = refuse
@@ -450,7 +473,8 @@ class Cluster:
         # master or not, so a later failover or a killed node does not make it stale.
         first_two = self.masters()[:2] if self.nodes else []
         self.startup = [m.addr for m in first_two]
-        self.url = "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in self.startup)
+        scheme = "rediss+cluster" if self.tls else "redis+cluster"
+        self.url = f"{scheme}://" + ",".join(f"{h}:{p}" for h, p in self.startup)
 
     # -- clients ------------------------------------------------------------
 
@@ -473,6 +497,7 @@ class Cluster:
                 username=self.username,
                 password=self.password,
                 decode_responses=True,
+                **_tls_options(self.tls),
             )
         return self._clients[n.port]
 
@@ -480,7 +505,7 @@ class Cluster:
         """The harness' own client on one node: no retries, long socket timeout (for MIGRATE)."""
         n = self.node(node)
         if n.port not in self._admins:
-            self._admins[n.port] = _admin_client(n.host, n.port, self.username, self.password)
+            self._admins[n.port] = _admin_client(n.host, n.port, self.username, self.password, self.tls)
         return self._admins[n.port]
 
     def running_nodes(self) -> list[ClusterNode]:
@@ -750,9 +775,9 @@ class Cluster:
             self.refuse("restarts a node: the cluster is not this session's own (KICKQ_TEST_CLUSTER_URL)")
         if node.running():
             raise ClusterError(f"{node} is still running")
-        node.process = _spawn(self._redis_server, node, self.node_timeout_ms)
+        node.process = _spawn(self._redis_server, node, self.node_timeout_ms, self.tls)
         _poll(
-            lambda: node.running() and ping(node.host, node.port),
+            lambda: node.running() and _answers(node, self.tls),
             timeout,
             f"{node} answers PING again",
             lambda: f"exit code {node.process.poll() if node.process else None}\n{_tail(node.logfile)}",
@@ -927,7 +952,7 @@ class SlotMove:
 # Starting
 
 
-def _spawn(binary: str, node: ClusterNode, node_timeout_ms: int) -> subprocess.Popen:
+def _spawn(binary: str, node: ClusterNode, node_timeout_ms: int, tls: TlsFiles | None) -> subprocess.Popen:
     assert node.workdir is not None
     node.workdir.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -937,7 +962,7 @@ def _spawn(binary: str, node: ClusterNode, node_timeout_ms: int) -> subprocess.P
         "--cluster-node-timeout", str(node_timeout_ms),
         "--cluster-port", str(node.bus_port),
         "--bind", node.host,
-        "--port", str(node.port),
+        *_port_args(node.port, tls),
         "--save", "",
         "--appendonly", "no",
         "--dir", str(node.workdir),
@@ -956,8 +981,32 @@ def _spawn(binary: str, node: ClusterNode, node_timeout_ms: int) -> subprocess.P
         )
 
 
+def _port_args(port: int, tls: TlsFiles | None) -> list[str]:
+    """The node's client port: plain, or (``tls``) a TLS port with no plain one. With TLS the
+    cluster bus and replication use it too; the nodes' certificate is also their client
+    certificate on the bus, where Redis always asks for one; clients need none."""
+    if not tls:
+        return ["--port", str(port)]
+    return [
+        "--port", "0",
+        "--tls-port", str(port),
+        "--tls-cert-file", str(tls["server.crt"]),
+        "--tls-key-file", str(tls["server.key"]),
+        "--tls-ca-cert-file", str(tls["ca.crt"]),
+        "--tls-auth-clients", "no",
+        "--tls-cluster", "yes",
+        "--tls-replication", "yes",
+    ]
+
+
 def _launch_nodes(
-    binary: str, root: Path, count: int, node_timeout_ms: int, deadline: float, attempts: int = 5
+    binary: str,
+    root: Path,
+    count: int,
+    node_timeout_ms: int,
+    deadline: float,
+    attempts: int = 5,
+    tls: TlsFiles | None = None,
 ) -> list[ClusterNode]:
     """Start ``count`` nodes at once on fresh port pairs; start again any that could not bind."""
     ready: list[ClusterNode] = []
@@ -976,15 +1025,15 @@ def _launch_nodes(
         for _ in range(count - len(ready)):
             port = fresh_port()
             node = ClusterNode(host=HOST, port=port, bus_port=fresh_port(), workdir=root / f"node-{port}")
-            node.process = _spawn(binary, node, node_timeout_ms)
+            node.process = _spawn(binary, node, node_timeout_ms, tls)
             batch.append(node)
         for node in batch:
             assert node.process is not None
             while time.monotonic() < deadline and node.process.poll() is None:
-                if ping(node.host, node.port):
+                if _answers(node, tls):
                     break
                 time.sleep(0.01)
-            if node.process.poll() is None and ping(node.host, node.port):
+            if node.process.poll() is None and _answers(node, tls):
                 ready.append(node)
                 continue
             # Exited (most likely a port taken between choosing and binding) or too slow.
@@ -1012,10 +1061,12 @@ def start_cluster(
     node_timeout_ms: int = 2000,
     timeout: float = START_TIMEOUT,
     refuse: Callable[[str], NoReturn] = _refuse_by_raising,
+    tls: TlsFiles | None = None,
 ) -> Cluster:
     """Start masters*(1+replicas_per_master) nodes, create the cluster with redis-cli and
     return once every node says cluster_state:ok, every replica's link is up and all
-    nodes agree on CLUSTER SLOTS. ``startup_seconds``/``startup_phases`` say how long it took."""
+    nodes agree on CLUSTER SLOTS. ``startup_seconds``/``startup_phases`` say how long it took.
+    With ``tls`` (tests.helpers.make_certs' files) the nodes speak TLS only (module docstring)."""
     if masters < 3:
         raise ValueError("redis-cli --cluster create needs at least 3 masters")
     server = redis_server_binary()
@@ -1028,8 +1079,12 @@ def start_cluster(
     deadline = started + timeout
     phases: dict[str, float] = {}
 
-    nodes = _launch_nodes(server, root, masters * (1 + replicas_per_master), node_timeout_ms, deadline)
-    cluster = Cluster(nodes, owned=True, node_timeout_ms=node_timeout_ms, refuse=refuse, redis_server=server)
+    nodes = _launch_nodes(
+        server, root, masters * (1 + replicas_per_master), node_timeout_ms, deadline, tls=tls
+    )
+    cluster = Cluster(
+        nodes, owned=True, node_timeout_ms=node_timeout_ms, refuse=refuse, redis_server=server, tls=tls
+    )
     cluster.expected_masters = masters
     cluster.expected_replicas = replicas_per_master
     try:
@@ -1039,7 +1094,8 @@ def start_cluster(
 
         t = time.monotonic()
         create = [
-            cli, "--cluster", "create", *(f"{n.host}:{n.port}" for n in nodes),
+            cli, *(["--tls", "--cacert", str(tls["ca.crt"])] if tls else []),
+            "--cluster", "create", *(f"{n.host}:{n.port}" for n in nodes),
             "--cluster-replicas", str(replicas_per_master), "--cluster-yes",
         ]
         try:
@@ -1085,7 +1141,11 @@ class ClusterFactory:
     clusters: list[Cluster] = field(default_factory=list)
 
     def __call__(
-        self, masters: int = 3, replicas_per_master: int = 1, node_timeout_ms: int = 2000
+        self,
+        masters: int = 3,
+        replicas_per_master: int = 1,
+        node_timeout_ms: int = 2000,
+        tls: TlsFiles | None = None,
     ) -> Cluster:
         cluster = start_cluster(
             self.root / f"cluster-{len(self.clusters)}",
@@ -1093,6 +1153,7 @@ class ClusterFactory:
             replicas_per_master=replicas_per_master,
             node_timeout_ms=node_timeout_ms,
             refuse=self.refuse,
+            tls=tls,
         )
         self.clusters.append(cluster)
         return cluster

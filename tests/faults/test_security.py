@@ -20,7 +20,7 @@ import redis
 import kickq
 from kickq.keys import Keys
 from tests.faults.harness import Case, Monitor, handler_module, outcomes, sizes, wait_settled
-from tests.helpers import free_port, redis_server_binary, wait_until
+from tests.helpers import free_port, make_certs, redis_server_binary, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -158,93 +158,6 @@ def test_case10a_acl_user_restricted_to_its_namespace(
 
 
 # --- 10b: TLS ---------------------------------------------------------------------------------------------
-
-
-def make_certs(directory: Path) -> dict[str, Path]:
-    """A test CA, a server certificate it signed for 127.0.0.1, and an unrelated CA."""
-    d = directory
-    d.mkdir(parents=True, exist_ok=True)
-
-    def ssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
-
-    ssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=kickq test CA",
-        # Python 3.13 verifies strictly (VERIFY_X509_STRICT): a CA must say so, critically.
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    )
-    ssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    )
-    (d / "ext.cnf").write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-        "basicConstraints=CA:FALSE\n"
-        "keyUsage=critical,digitalSignature,keyEncipherment\n"
-        "extendedKeyUsage=serverAuth\n"
-        "subjectKeyIdentifier=hash\n"
-        "authorityKeyIdentifier=keyid,issuer\n"
-    )
-    ssl(
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    )
-    ssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "other.key",
-        "-out",
-        "other.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=some other CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    )
-    return {name: d / f"{name}" for name in ("ca.crt", "server.crt", "server.key", "other.crt")}
 
 
 @pytest.mark.parametrize("size", sizes("quick", "full"))
