@@ -320,3 +320,58 @@ def test_hotjob_notifications_stay_on_the_namespace_s_shard(redis_cluster):
         check_on_the_shard_only()
         assert publishes(master) > published[master.node_id]
         assert [publishes(m) for m in others] == [published[m.node_id] for m in others]
+
+
+@pytest.mark.parametrize("client", ["sync", "asyncio"])
+def test_a_call_made_while_the_slot_is_half_migrated_waits_for_the_move_and_runs_once(redis_cluster, client):
+    """No script runs while a namespace's keys are split between two nodes (the route guard): a
+    create and a get made then wait (TRYAGAIN / ASK are retried) and run once, on the new master,
+    when the move is over. Nothing is written on either node meanwhile."""
+    source = redis_cluster.masters()[0]
+    target = redis_cluster.masters()[1]
+    ns = redis_cluster.namespace_on(source, "kt")
+    url = redis_cluster.url
+    kq = kickq.Kickq(redis_url=url, redis_namespace=ns, redis_timeout=10)
+    first = kq.create_many([("a", {"i": i}) for i in range(30)])
+    keys = Keys(ns)
+    move = redis_cluster.begin_move(redis_cluster.slot_of(ns), target)
+    try:
+        move.migrate_batch(3)  # some of the namespace's keys on each node: the slot is split
+        on_source, on_target = move.count_on(source), move.count_on(target)
+        assert on_source and on_target
+        results: dict[str, Any] = {}
+
+        def call() -> None:
+            started = time.monotonic()
+            if client == "sync":
+                job = kq.create("a", {"during": True})
+                results["got"] = kq.get(first[0].id).state
+            else:
+                async def both() -> Any:
+                    akq = aio.Kickq(redis_url=url, redis_namespace=ns, redis_timeout=10)
+                    try:
+                        made = await akq.create("a", {"during": True})
+                        results["got"] = (await akq.get(first[0].id)).state
+                        return made
+                    finally:
+                        await akq.close()
+                job = asyncio.run(both())
+            results["job"], results["took"] = job, time.monotonic() - started
+
+        import threading
+        caller = threading.Thread(target=call)
+        caller.start()
+        held = 0.8
+        caller.join(held)  # the move is held this long: the call must still be waiting
+        assert caller.is_alive(), f"the call returned while the slot was split: {results}"
+        assert (move.count_on(source), move.count_on(target)) == (on_source, on_target), "a key was written"
+    finally:
+        move.finish()
+    caller.join(15)
+    assert not caller.is_alive()
+    assert results["took"] >= held and results["got"] == "new"
+    job = results["job"]
+    r = raw_client(url, ns)
+    assert r.hexists(keys.new_jobs, job.id) and int(r.get(keys.id)) == 31  # created once, after the move
+    assert redis_cluster.owner_of(ns).node_id == target.node_id
+    assert move.count_on(source) == 0
