@@ -58,6 +58,26 @@ NOT_SERVED = tuple(cls for cls in (
     redis.exceptions.ClusterDownError, redis.exceptions.ReadOnlyError,
     getattr(redis.exceptions, "MasterDownError", None)) if cls is not None)
 
+def not_served_reply(exc: redis.exceptions.ResponseError) -> redis.exceptions.ResponseError | None:
+    """`exc` as one of NOT_SERVED when it is a reply by which a node says it does not serve the slot
+    now, else None. redis-py before 6 raises MOVED, ASK, TRYAGAIN and CLUSTERDOWN from a plain
+    client as a ResponseError whose text begins with the code; later versions as their classes."""
+    if isinstance(exc, NOT_SERVED):
+        return exc
+    code, _, rest = str(exc).partition(" ")
+    if code == "MOVED":
+        return redis.exceptions.MovedError(rest)
+    if code == "ASK":
+        return redis.exceptions.AskError(rest)
+    if code == "TRYAGAIN":
+        return redis.exceptions.TryAgainError(str(exc))
+    if code in ("CLUSTERDOWN", "MASTERDOWN"):
+        return redis.exceptions.ClusterDownError(str(exc))
+    if code == "READONLY":
+        return redis.exceptions.ReadOnlyError(str(exc))
+    return None
+
+
 #: What reading the slot map may raise (redis-py's RedisClusterException is not a RedisError).
 _DISCOVERY_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
 
@@ -270,9 +290,12 @@ class _RoutedMixin:
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().read_response(*args, **kwargs)  # type: ignore[misc]
-        except NOT_SERVED as exc:
-            self._not_served(exc)
-            raise CommandNotRun(_not_run_message(self.route, (self.host, self.port), exc)) from exc
+        except redis.exceptions.ResponseError as exc:
+            refusal = not_served_reply(exc)
+            if refusal is None:
+                raise
+            self._not_served(refusal)
+            raise CommandNotRun(_not_run_message(self.route, (self.host, self.port), refusal)) from exc
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             self.route.not_served(exc, (self.host, self.port))
             raise
@@ -324,10 +347,13 @@ class _AsyncRoutedMixin:
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().read_response(*args, **kwargs)  # type: ignore[misc]
-        except NOT_SERVED as exc:
-            self.route.not_served(exc, (self.host, self.port))
+        except redis.exceptions.ResponseError as exc:
+            refusal = not_served_reply(exc)
+            if refusal is None:
+                raise
+            self.route.not_served(refusal, (self.host, self.port))
             await self.disconnect()  # type: ignore[attr-defined]
-            raise CommandNotRun(_not_run_message(self.route, (self.host, self.port), exc)) from exc
+            raise CommandNotRun(_not_run_message(self.route, (self.host, self.port), refusal)) from exc
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             self.route.not_served(exc, (self.host, self.port))
             raise

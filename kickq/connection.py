@@ -320,7 +320,8 @@ class redis_errors:  # noqa: N801 - used as a function: `with redis_errors(setti
         settings = self.settings
         if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
             raise RedisUnavailable(f"Redis at {describe(settings)} is unavailable: {exc}") from exc
-        if isinstance(exc, redis.exceptions.MovedError):  # a redis:// URL at a Cluster node
+        if (isinstance(exc, redis.exceptions.ResponseError)  # a redis:// URL at a Cluster node
+                and isinstance(cluster.not_served_reply(exc), redis.exceptions.MovedError)):
             raise cluster_node_error(settings) from exc
         if is_out_of_memory(exc):
             raise KickqError(f"Redis at {describe(settings)} is out of memory (maxmemory): "
