@@ -223,6 +223,10 @@ class Route:
         self._stale = False
         _locked.add(self)
 
+    def known_address(self) -> tuple[str, int] | None:
+        """The owner as last learnt, without reading the slot map (None: it must be read)."""
+        return self._address
+
     def address(self) -> tuple[str, int]:
         address = self._address
         if address is not None:
@@ -330,7 +334,7 @@ class _AsyncRoutedMixin:
 
     async def connect(self) -> None:
         import asyncio
-        address = self.route._address
+        address = self.route.known_address()
         if address is None:
             address = await asyncio.get_running_loop().run_in_executor(None, self.route.address)
         if (self.host, self.port) != address:
