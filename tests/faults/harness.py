@@ -30,6 +30,7 @@ from typing import Any, Iterable, Sequence
 import psutil
 import redis
 
+import kickq
 from kickq.cluster import is_cluster_url
 from kickq.connection import connect
 from kickq.job import TERMINAL_STATES, Job, queue_reads, read_fields
@@ -570,6 +571,66 @@ def outcomes(
     return out
 
 
+# --- load ---------------------------------------------------------------------------------------------
+
+
+class Producer(threading.Thread):
+    """Creates jobs one by one at `rate` per second until stopped. Each job's data carries a unique
+    `ref`; a create that returned is *acknowledged* (ref -> id), one that raised is *indeterminate*
+    (the reply may have been lost after Redis applied it)."""
+
+    def __init__(self, kq: kickq.Kickq, name: str, rate: float, prefix: str = "p", data=None, opts=None):
+        super().__init__(name=f"producer-{prefix}", daemon=True)
+        self.kq, self.job_name, self.rate, self.prefix = kq, name, rate, prefix
+        self.data, self.opts = dict(data or {}), opts
+        self.acked: dict[str, str] = {}
+        self.acked_at: dict[str, float] = {}  # ref -> when its create returned (monotonic)
+        self.sent_at: dict[str, float] = {}  # ref -> when its create was called
+        self.failed: dict[str, str] = {}
+        self.calls: list[tuple[float, float, bool]] = []  # (started, seconds, acknowledged)
+        self.errors: Counter[str] = Counter()
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        i = 0
+        next_at = time.monotonic()
+        while not self.stopping.is_set():
+            ref = f"{self.prefix}{i}"
+            i += 1
+            started = self.sent_at[ref] = time.monotonic()
+            try:
+                job = self.kq.create(self.job_name, {"ref": ref, **self.data}, self.opts)
+                self.acked[ref] = job.id
+                self.acked_at[ref] = time.monotonic()
+                ok = True
+            except kickq.KickqError as exc:
+                self.failed[ref] = str(exc)
+                self.errors[type(exc).__name__] += 1
+                ok = False
+            self.calls.append((started, time.monotonic() - started, ok))
+            next_at += 1 / self.rate
+            if next_at > time.monotonic():
+                self.stopping.wait(next_at - time.monotonic())  # the load's pace
+            else:
+                next_at = time.monotonic()
+
+    @property
+    def longest(self) -> float:
+        """The longest create call, in seconds."""
+        return max((seconds for _, seconds, _ in list(self.calls)), default=0.0)
+
+    def sent_after(self, moment: float) -> list[str]:
+        """The acknowledged creates called after `moment` (monotonic), in order."""
+        refs = [ref for ref in list(self.acked) if self.sent_at[ref] > moment]
+        return sorted(refs, key=lambda ref: int(ref[len(self.prefix):]))
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=30)
+        assert not self.is_alive(), "the producer hangs"
+
+
+
 # --- reporting ---------------------------------------------------------------------------------------------
 
 RESULTS: list[str] = []  # every finished case's report, printed again in the terminal summary
@@ -649,8 +710,6 @@ def namespace_client(url: str, ns: str, timeout: float = 5) -> redis.Redis:
     """A redis-py client for one namespace's keys: a plain one for a single server; for a
     redis+cluster:// URL, kickq's own client of the namespace (routed to the master of its slot)."""
     if is_cluster_url(url):
-        import kickq
-
         return connect(kickq.Kickq(redis_url=url, redis_namespace=ns, redis_timeout=timeout).settings())
     return redis.Redis.from_url(
         url, decode_responses=True, encoding_errors="replace", socket_timeout=timeout,

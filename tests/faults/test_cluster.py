@@ -4,7 +4,6 @@ and producers on a private cluster of 3 masters with a replica each (tests/topol
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 
@@ -14,6 +13,7 @@ import kickq
 from kickq.keys import Keys
 from tests.faults.harness import (
     Case,
+    Producer,
     Monitor,
     handler_module,
     namespace_client,
@@ -28,54 +28,6 @@ pytestmark = pytest.mark.cluster
 
 RATE = 300  # creates per second
 OPTS = {"process_timeout": 5, "ghost_interval": 0}
-
-
-class Producer(threading.Thread):
-    """Creates jobs one by one at RATE per second until stopped; each job's data carries a unique
-    `ref`. A create that returned is acknowledged (ref -> id, and when), one that raised is
-    indeterminate."""
-
-    def __init__(self, kq: kickq.Kickq) -> None:
-        super().__init__(name="producer", daemon=True)
-        self.kq = kq
-        self.acked: dict[str, str] = {}
-        self.acked_at: dict[str, float] = {}
-        self.sent_at: dict[str, float] = {}
-        self.failed: dict[str, str] = {}
-        self.errors: Counter[str] = Counter()
-        self.longest = 0.0
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        i = 0
-        next_at = time.monotonic()
-        while not self.stopping.is_set():
-            ref = f"p{i}"
-            i += 1
-            started = self.sent_at[ref] = time.monotonic()
-            try:
-                job = self.kq.create("work", {"ref": ref, "ms": 2}, OPTS)
-                self.acked[ref] = job.id
-                self.acked_at[ref] = time.monotonic()
-            except kickq.KickqError as exc:
-                self.failed[ref] = str(exc)
-                self.errors[type(exc).__name__] += 1
-            self.longest = max(self.longest, time.monotonic() - started)
-            next_at += 1 / RATE
-            if next_at > time.monotonic():
-                self.stopping.wait(next_at - time.monotonic())
-            else:
-                next_at = time.monotonic()
-
-    def sent_after(self, moment: float) -> list[str]:
-        """The acknowledged creates sent after `moment`, in order."""
-        refs = [ref for ref in list(self.acked) if self.sent_at[ref] > moment]
-        return sorted(refs, key=lambda ref: int(ref[1:]))
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(timeout=30)
-        assert not self.is_alive(), "the producer hangs"
 
 
 def supervisor_pids(sup) -> set[int]:
@@ -114,7 +66,8 @@ def test_case13a_a_namespace_slot_migrated_live_under_load(
     module = handler_module(tmp_path, ledger.path, [(["work"], 2)])
     sup = start_supervisor(module, args=["--reaper-interval", "0.2"], workers=2, url=cluster.url, ns=ns)
     pids = supervisor_pids(sup)
-    producer = Producer(kickq.Kickq(redis_url=cluster.url, redis_namespace=ns, redis_timeout=10))
+    kq = kickq.Kickq(redis_url=cluster.url, redis_namespace=ns, redis_timeout=10)
+    producer = Producer(kq, "work", RATE, data={"ms": 2}, opts=OPTS)
     windows, resumed, in_flight, keys_moved = [], [], [], []
     with Monitor(cluster.url, ns, interval=0.3) as monitor:
         producer.start()
@@ -198,7 +151,8 @@ def test_case13b_the_namespace_master_killed_under_load(
     module = handler_module(tmp_path, ledger.path, [(["work"], 2)])
     sup = start_supervisor(module, args=["--reaper-interval", "0.2"], workers=2, url=cluster.url, ns=ns)
     pids = supervisor_pids(sup)
-    producer = Producer(kickq.Kickq(redis_url=cluster.url, redis_namespace=ns, redis_timeout=5))
+    kq = kickq.Kickq(redis_url=cluster.url, redis_namespace=ns, redis_timeout=5)
+    producer = Producer(kq, "work", RATE, data={"ms": 2}, opts=OPTS)
     with Monitor(cluster.url, ns, interval=0.3) as monitor:
         producer.start()
         time.sleep(load)  # the load runs: the case's pace, nothing is awaited

@@ -14,6 +14,7 @@ import kickq
 from kickq.keys import Keys
 from tests.faults.harness import (
     Case,
+    Producer,
     Monitor,
     cpu_seconds,
     handler_module,
@@ -26,49 +27,6 @@ from tests.faults.harness import (
 from tests.helpers import wait_until
 
 AOF = ("--appendonly", "yes", "--appendfsync", "everysec")
-
-
-class Producer(threading.Thread):
-    """Creates jobs one by one at `rate` per second until stopped. Each job's data carries a unique
-    `ref`; a create that returned is *acknowledged* (ref -> id), one that raised is *indeterminate*
-    (the reply may have been lost after Redis applied it)."""
-
-    def __init__(self, kq: kickq.Kickq, name: str, rate: float, prefix: str = "p", data=None, opts=None):
-        super().__init__(name=f"producer-{prefix}", daemon=True)
-        self.kq, self.job_name, self.rate, self.prefix = kq, name, rate, prefix
-        self.data, self.opts = dict(data or {}), opts
-        self.acked: dict[str, str] = {}
-        self.failed: dict[str, str] = {}
-        self.calls: list[tuple[float, float, bool]] = []  # (started, seconds, acknowledged)
-        self.errors: Counter[str] = Counter()
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        i = 0
-        next_at = time.monotonic()
-        while not self.stopping.is_set():
-            ref = f"{self.prefix}{i}"
-            i += 1
-            started = time.monotonic()
-            try:
-                job = self.kq.create(self.job_name, {"ref": ref, **self.data}, self.opts)
-                self.acked[ref] = job.id
-                ok = True
-            except kickq.KickqError as exc:
-                self.failed[ref] = str(exc)
-                self.errors[type(exc).__name__] += 1
-                ok = False
-            self.calls.append((started, time.monotonic() - started, ok))
-            next_at += 1 / self.rate
-            if next_at > time.monotonic():
-                self.stopping.wait(next_at - time.monotonic())  # the load's pace
-            else:
-                next_at = time.monotonic()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(timeout=30)
-        assert not self.is_alive(), "the producer hangs"
 
 
 def supervisor_pids(sup) -> set[int]:
