@@ -6,6 +6,7 @@ existing server instead (then nothing is started; every test still gets its
 own key namespace). Set KICKQ_REDIS_SERVER to pick the redis-server binary.
 Tests that ask for ``redis_cluster`` get a Redis Cluster (tests/topology.py),
 started on first use; KICKQ_TEST_CLUSTER_URL points them at an existing one.
+``make_sentinel`` starts a private Redis Sentinel setup (tests/sentinel_topology.py).
 
 KICKQ_TEST_TOPOLOGY=cluster runs the session against that cluster instead of the
 single server: ``redis_url`` is the cluster's ``redis+cluster://`` URL, each test's

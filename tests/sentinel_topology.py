@@ -95,6 +95,13 @@ class FailoverTimes:
     old_master: Node
     new_master: Node
     promoted_seconds: float  # every sentinel names the new master and it says role master
+    # ... and the setup is settled (SentinelSetup.settled): the other replicas follow it
+    settled_seconds: float = 0.0
+    # The master the sentinels first agreed on, when it differs from new_master: a second
+    # failover followed the first (seen here with down-after 1000 ms on a loaded machine:
+    # one sentinel wrongly flags the new master down within a second, and the others'
+    # "down" answers about the old master, which Sentinel keeps, make that objective at once).
+    first_promoted: Node | None = None
     # planned only: the old master says role slave of the new master
     old_master_demoted_seconds: float | None = None
     # planned only: the last write the old master accepted after the new master was named
@@ -421,7 +428,9 @@ class SentinelSetup:
 
     def kill_master(self, timeout: float = 60.0) -> Node:
         """SIGKILL the master; return the replica Sentinel promotes, once every running
-        sentinel names it and it says role master (times in ``failovers``)."""
+        sentinel names it, it says role master and the setup is settled (the other replicas
+        follow it). Times in ``failovers``; the returned master is the settled one, which
+        is not the first promoted if Sentinel failed over twice (FailoverTimes)."""
         old = self.master()
         if not old.running() or old.process is None:
             raise SentinelSetupError(f"{old} is not a running process of this setup")
@@ -435,13 +444,24 @@ class SentinelSetup:
                 return None
             return new if self.role(new)[0] == "master" else None
 
-        new = _poll(promoted, timeout, f"a replica of {old} is promoted", self.logs)
-        self.failovers.append(FailoverTimes("kill", old, new, time.monotonic() - started))
+        first = _poll(promoted, timeout, f"a replica of {old} is promoted", self.logs)
+        promoted_seconds = time.monotonic() - started
+        new = self.wait_settled(timeout)
+        self.failovers.append(
+            FailoverTimes(
+                "kill",
+                old,
+                new,
+                promoted_seconds,
+                settled_seconds=time.monotonic() - started,
+                first_promoted=first if first is not new else None,
+            )
+        )
         return new
 
     def failover(self, timeout: float = 60.0, probe_writes: bool = True) -> Node:
         """SENTINEL FAILOVER (a planned switch); return the new master once every running
-        sentinel names it and the old master says role slave of it.
+        sentinel names it, the old master says role slave of it and the setup is settled.
 
         With ``probe_writes`` a SET goes to the old master at every poll, to measure how
         long after the promotion it still accepts writes (a key ``sentinel-probe``)."""
@@ -467,20 +487,30 @@ class SentinelSetup:
                 if named is None or named is old or self.role(named)[0] != "master":
                     return False
                 new, promoted_at = named, time.monotonic()
-            assert new is not None
-            return self._replica_following(old, new)
+            # The current master, in case Sentinel failed over once more (FailoverTimes).
+            current = self.named_master()
+            return current is not None and current is not old and self._replica_following(old, current)
 
         _poll(switched, timeout, f"{old} is replaced and follows the new master", self.logs)
         assert new is not None and promoted_at is not None
         writable: float | None = None
         if probe_writes:
             writable = max(0.0, last_write_at - promoted_at) if last_write_at is not None else 0.0
+        demoted_seconds = time.monotonic() - started
+        settled = self.wait_settled(timeout)
         self.failovers.append(
             FailoverTimes(
-                "planned", old, new, promoted_at - started, time.monotonic() - started, writable
+                "planned",
+                old,
+                settled,
+                promoted_at - started,
+                settled_seconds=time.monotonic() - started,
+                first_promoted=new if new is not settled else None,
+                old_master_demoted_seconds=demoted_seconds,
+                old_master_writable_after_promotion_seconds=writable,
             )
         )
-        return new
+        return settled
 
     def freeze_all_data_nodes(self) -> None:
         """SIGSTOP every running data node (no master, no replica answers)."""
