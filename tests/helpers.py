@@ -90,11 +90,42 @@ def ping(host: str, port: int, timeout: float = 0.5, tls_ca: str | os.PathLike[s
         return False
 
 
-def _log_tail(path: Path, lines: int = 20) -> str:
+def log_tail(path: Path | None, lines: int = 20) -> str:
+    """The last lines of a server's log, for a failure message."""
+    if path is None:
+        return "<no log>"
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "<no log>"
+
+
+def poll_until(predicate: Callable[[], T | None], timeout: float, what: str, details: Callable[[], str],
+               error: type[Exception] = RuntimeError, interval: float = 0.05) -> T:
+    """Call ``predicate`` until it returns something truthy, for the harnesses of real Redis
+    topologies: a RedisError counts as not yet. At the deadline, raise ``error`` saying what was
+    awaited, the last RedisError, and ``details()`` (log tails)."""
+    import redis
+
+    deadline = time.monotonic() + timeout
+    last_error = ""
+    while True:
+        value: T | None
+        try:
+            value = predicate()
+        except redis.RedisError as exc:
+            value = None
+            last_error = f"{type(exc).__name__}: {exc}"
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise error(
+                f"timed out after {timeout:.1f}s waiting until {what}"
+                + (f" (last error: {last_error})" if last_error else "")
+                + "\n"
+                + details()
+            )
+        time.sleep(interval)
 
 
 def stop_redis(proc: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -172,10 +203,10 @@ def start_redis(
             stop_redis(proc)
             raise RuntimeError(
                 f"redis-server on {host}:{port} did not answer PING within "
-                f"{startup_timeout}s; log tail:\n{_log_tail(logfile)}"
+                f"{startup_timeout}s; log tail:\n{log_tail(logfile)}"
             )
         stop_redis(proc)
-        errors.append(f"port {port}: exit code {proc.returncode}\n{_log_tail(logfile, 5)}")
+        errors.append(f"port {port}: exit code {proc.returncode}\n{log_tail(logfile, 5)}")
     raise RuntimeError(
         f"could not start redis-server after {attempts} attempts:\n" + "\n".join(errors)
     )

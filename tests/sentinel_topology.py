@@ -60,7 +60,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.helpers import free_port, ping, redis_server_binary
+from tests.helpers import log_tail, poll_until, free_port, ping, redis_server_binary
 
 T = TypeVar("T")
 
@@ -128,14 +128,6 @@ class FailoverTimes:
     old_master_writable_after_promotion_seconds: float | None = None
 
 
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return "<no log>"
-    return "\n".join(text)
-
-
 def _pairs(reply: Sequence[Any] | Mapping[Any, Any]) -> dict[str, str]:
     """A SENTINEL MASTER / REPLICAS / SENTINELS entry as a dict: the server sends a flat
     name, value list, which some redis-py versions already turn into a dict."""
@@ -149,25 +141,7 @@ def _poll(
     predicate: Callable[[], T | None], timeout: float, what: str, details: Callable[[], str]
 ) -> T:
     """Call ``predicate`` until it returns something truthy; a RedisError counts as not yet."""
-    deadline = time.monotonic() + timeout
-    last_error = ""
-    while True:
-        value: T | None
-        try:
-            value = predicate()
-        except redis.RedisError as exc:
-            value = None
-            last_error = f"{type(exc).__name__}: {exc}"
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise SentinelSetupError(
-                f"timed out after {timeout:.1f}s waiting until {what}"
-                + (f" (last error: {last_error})" if last_error else "")
-                + "\n"
-                + details()
-            )
-        time.sleep(POLL_INTERVAL)
+    return poll_until(predicate, timeout, what, details, error=SentinelSetupError, interval=POLL_INTERVAL)
 
 
 def _write_data_conf(node: Node, replica_of: Node | None) -> None:
@@ -372,7 +346,7 @@ class SentinelSetup:
         parts = []
         for n in self.data_nodes + self.sentinels:
             state = "running" if n.running() else f"exited {n.process.poll() if n.process else None}"
-            parts.append(f"--- {n} ({state}) {n.logfile}\n{_tail(n.logfile, lines)}")
+            parts.append(f"--- {n} ({state}) {n.logfile}\n{log_tail(n.logfile, lines)}")
         return "\n".join(parts)
 
     # -- starting -------------------------------------------------------------
@@ -397,7 +371,7 @@ class SentinelSetup:
             if node.process.poll() is None:
                 node.process.kill()
             node.process.wait(timeout=30)
-            failures.append(f"{node}: exit code {node.process.returncode}\n{_tail(node.logfile, 5)}")
+            failures.append(f"{node}: exit code {node.process.returncode}\n{log_tail(node.logfile, 5)}")
             shutil.rmtree(node.workdir, ignore_errors=True)
             if time.monotonic() >= deadline:
                 break
@@ -574,7 +548,7 @@ class SentinelSetup:
             lambda: node.running() and ping(node.host, node.port),
             timeout,
             f"{node} answers PING again",
-            lambda: f"exit code {node.process.poll() if node.process else None}\n{_tail(node.logfile)}",
+            lambda: f"exit code {node.process.poll() if node.process else None}\n{log_tail(node.logfile)}",
         )
         for cache in (self._clients, self._admins):
             stale = cache.pop(node.port, None)

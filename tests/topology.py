@@ -89,7 +89,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.helpers import free_port, ping, redis_server_binary
+from tests.helpers import log_tail, poll_until, free_port, ping, redis_server_binary
 
 #: The files of a TLS cluster, as tests.helpers.make_certs() returns them: "ca.crt" (what
 #: clients verify the nodes against), "server.crt" and "server.key" (every node's).
@@ -158,15 +158,6 @@ def error_text(exc: BaseException) -> str:
         if isinstance(exc, cls):
             return text if text.startswith(code + " ") or text == code else f"{code} {text}"
     return text
-
-
-def _tail(path: Path | None, lines: int = 15) -> str:
-    if path is None:
-        return "<no log>"
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "<no log>"
 
 
 # ---------------------------------------------------------------------------
@@ -373,25 +364,7 @@ def _poll(
     predicate: Callable[[], T | None], timeout: float, what: str, details: Callable[[], str]
 ) -> T:
     """Call ``predicate`` until it returns something truthy; a RedisError counts as not yet."""
-    deadline = time.monotonic() + timeout
-    last_error = ""
-    while True:
-        value: T | None
-        try:
-            value = predicate()
-        except redis.RedisError as exc:
-            value = None
-            last_error = f"{type(exc).__name__}: {exc}"
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise ClusterError(
-                f"timed out after {timeout:.1f}s waiting until {what}"
-                + (f" (last error: {last_error})" if last_error else "")
-                + "\n"
-                + details()
-            )
-        time.sleep(POLL_INTERVAL)
+    return poll_until(predicate, timeout, what, details, error=ClusterError, interval=POLL_INTERVAL)
 
 
 # ---------------------------------------------------------------------------
@@ -669,7 +642,7 @@ class Cluster:
     def logs(self, lines: int = 15) -> str:
         """The last lines of every node's log (for error messages)."""
         return "\n".join(
-            f"--- {n} ({'running' if n.running() else 'exited'}) {n.logfile}:\n{_tail(n.logfile, lines)}"
+            f"--- {n} ({'running' if n.running() else 'exited'}) {n.logfile}:\n{log_tail(n.logfile, lines)}"
             for n in self.nodes
             if n.workdir is not None
         )
@@ -780,7 +753,7 @@ class Cluster:
             lambda: node.running() and _answers(node, self.tls),
             timeout,
             f"{node} answers PING again",
-            lambda: f"exit code {node.process.poll() if node.process else None}\n{_tail(node.logfile)}",
+            lambda: f"exit code {node.process.poll() if node.process else None}\n{log_tail(node.logfile)}",
         )
         # A node that restarts with the same id keeps its old client connections cached
         # on our side: drop them so the next command reconnects.
@@ -1040,7 +1013,7 @@ def _launch_nodes(
             if node.process.poll() is None:
                 node.process.kill()
             node.process.wait(timeout=30)
-            failures.append(f"{node}: exit code {node.process.returncode}\n{_tail(node.logfile, 5)}")
+            failures.append(f"{node}: exit code {node.process.returncode}\n{log_tail(node.logfile, 5)}")
             if node.workdir is not None:
                 shutil.rmtree(node.workdir, ignore_errors=True)
         if len(ready) == count:

@@ -631,6 +631,11 @@ class Producer(threading.Thread):
 
 
 
+def supervisor_pids(sup: Any) -> set[int]:
+    """A supervisor's master and its children (workers, reaper) now."""
+    return {sup.pid} | {p.pid for p in sup.children()}
+
+
 # --- reporting ---------------------------------------------------------------------------------------------
 
 RESULTS: list[str] = []  # every finished case's report, printed again in the terminal summary

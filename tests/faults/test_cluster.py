@@ -20,6 +20,7 @@ from tests.faults.harness import (
     outcomes,
     purge_and_find_strays,
     sizes,
+    supervisor_pids,
     wait_settled,
 )
 from tests.helpers import wait_until
@@ -30,8 +31,15 @@ RATE = 300  # creates per second
 OPTS = {"process_timeout": 5, "ghost_interval": 0}
 
 
-def supervisor_pids(sup) -> set[int]:
-    return {sup.pid} | {p.pid for p in sup.children()}
+def end_case(case: Case, pids: set[int], alive_now: set[int], monitor: Monitor, strays: list[str]) -> None:
+    """The checks both cases end with, then the report."""
+    case.check(
+        "no supervisor process exited or was replaced", alive_now == pids, f"{len(pids - alive_now)} gone"
+    )
+    case.check("invariants hold in every snapshot (a job in exactly one structure)", not monitor.found,
+               monitor.found[:5])
+    case.check("no stray keys after purge", not strays, strays)
+    case.done()
 
 
 def first_completion_after(r, ns: str, producer: Producer, moment: float, timeout: float) -> float:
@@ -125,13 +133,7 @@ def test_case13a_a_namespace_slot_migrated_live_under_load(
         all(old == 0 for old, _ in keys_moved) and owner.node_id == masters[moves].node_id,
         keys_moved,
     )
-    case.check(
-        "no supervisor process exited or was replaced", alive_now == pids, f"{len(pids - alive_now)} gone"
-    )
-    case.check("invariants hold in every snapshot (a job in exactly one structure)", not monitor.found,
-               monitor.found[:5])
-    case.check("no stray keys after purge", not strays, strays)
-    case.done()
+    end_case(case, pids, alive_now, monitor, strays)
 
 
 @pytest.mark.parametrize("size", sizes("quick", "full"))
@@ -208,10 +210,4 @@ def test_case13b_the_namespace_master_killed_under_load(
         "3 s of the promotion",
         flow_back <= promotion + 3 and resumed <= promotion + 3, f"{flow_back:.2f}s, {resumed:.2f}s",
     )
-    case.check(
-        "no supervisor process exited or was replaced", alive_now == pids, f"{len(pids - alive_now)} gone"
-    )
-    case.check("invariants hold in every snapshot (a job in exactly one structure)", not monitor.found,
-               monitor.found[:5])
-    case.check("no stray keys after purge", not strays, strays)
-    case.done()
+    end_case(case, pids, alive_now, monitor, strays)

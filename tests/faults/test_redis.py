@@ -22,15 +22,12 @@ from tests.faults.harness import (
     outcomes,
     purge_and_find_strays,
     sizes,
+    supervisor_pids,
     wait_settled,
 )
 from tests.helpers import wait_until
 
 AOF = ("--appendonly", "yes", "--appendfsync", "everysec")
-
-
-def supervisor_pids(sup) -> set[int]:
-    return {sup.pid} | {p.pid for p in sup.children()}
 
 
 # --- case 5 ---------------------------------------------------------------------------------------------
