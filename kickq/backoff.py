@@ -81,8 +81,8 @@ class Outage:
         delay = self.backoff.next_delay()
         if self.since is None:
             self.since, self.retries = self.clock(), 0
-            self.log.warning("%s: Redis unavailable (%s); retrying every %.2f-%gs until it is back",
-                             self.what, error, delay, self.backoff.cap)
+            self.log.warning("%s: Redis unavailable (%s); retrying, with a backoff of up to %gs, until it "
+                             "is back", self.what, error, self.backoff.cap)
         else:
             self.retries += 1
             self.log.debug("%s: Redis still unavailable (%s); retrying in %.2fs", self.what, error, delay)
