@@ -65,8 +65,10 @@ import redis
 import redis.sentinel
 
 import kickq
-from kickq.job import TERMINAL_STATES
-from tests.faults.harness import Checker, Monitor, Snapshot, handler_module, job_states
+from kickq import payload
+from kickq.job import TERMINAL_STATES, queue_reads, read_fields
+from kickq.keys import Keys
+from tests.faults.harness import Checker, Monitor, Snapshot, handler_module
 from tests.sentinel_topology import SentinelSetup, start_sentinel_setup
 from tests.supervisor.conftest import REPO, Supervisor
 
@@ -84,6 +86,7 @@ FLAKY_OPTS = {"retry": True, "retry_count": 3, "retry_interval": 1}
 HOTJOB_TIMEOUT = 5
 WORKER_KILL_EVERY = 5.0
 FAILOVER_EVERY = 120.0
+FAILOVER_QUIET = 20.0
 VERIFY_AFTER = 10.0
 VERIFY_EVERY = 5.0
 MONITOR_EVERY = 5.0
@@ -187,37 +190,47 @@ class Book:
 
     def verify(self, client: redis.Redis, ledger: Path, settling: bool = False) -> bool:
         """One pass over the acknowledged jobs due (all of them when `settling`): terminal ones are
-        done, absent ones lost once confirmed. False when the pass could not read the master."""
+        done, absent ones lost once confirmed. A job is found by its id *and* its ref: after a
+        failover that lost writes, the new master hands out the lost ids again to other jobs.
+        False when the pass could not read the master."""
         now = time.monotonic()
         with self.lock:
             due = [(ref, p) for ref, p in self.pending.items() if settling or now - p.sent_at >= VERIFY_AFTER]
-        states: dict[str, str | None] = {}
+        found: dict[str, tuple[str, str]] = {}  # job id -> (state, ref) of the job that has the id now
         if due:
             role = client.execute_command("ROLE")
             if str(role[0]) != "master":  # a connection to a demoted master: start afresh
                 client.connection_pool.disconnect()
                 return False
             ids = [p.job_id for _, p in due]
-            for start in range(0, len(ids), 2000):
-                states.update(job_states(client, NAMESPACE, ids[start : start + 2000]))
+            for start in range(0, len(ids), 1000):
+                chunk = ids[start : start + 1000]
+                pipe = client.pipeline(transaction=False)
+                queue_reads(pipe, Keys(NAMESPACE), chunk)
+                for job_id, fields in zip(chunk, read_fields(pipe.execute()), strict=True):
+                    if fields:
+                        data = payload.decode(fields.get("data"))
+                        ref = str(data.get("ref")) if isinstance(data, dict) else "-"
+                        found[job_id] = (fields.get("state", ""), ref)
         # After the states: an execution of a job seen `success` is already in the ledger.
         self.read_ledger(ledger)
         with self.lock:
             for ref, p in due:
-                state = states[p.job_id]
-                if state in TERMINAL_STATES:
+                state, holder = found.get(p.job_id, ("", ""))
+                if holder != ref:  # absent, or its id holds another job
+                    if p.missing_since is None:
+                        p.missing_since = now
+                    elif now - p.missing_since >= MISSING_CONFIRM:
+                        purgeable = now - p.seen_at >= JOB_OPTS["purge_timeout"] - PURGE_MARGIN
+                        why = f"id {p.job_id} " + (f"holds {holder}" if holder else "absent")
+                        (self.unverifiable if purgeable else self.lost).append(f"{ref} ({why})")
+                        del self.pending[ref]
+                elif state in TERMINAL_STATES:
                     self.final[state] += 1
                     self.status[ref[0]][int(ref[1:])] = DONE
                     del self.pending[ref]
                     if state == "success" and not self.runs_of(ref):
                         self.phantom.append(ref)
-                elif state is None:
-                    if p.missing_since is None:
-                        p.missing_since = now
-                    elif now - p.missing_since >= MISSING_CONFIRM:
-                        purgeable = now - p.seen_at >= JOB_OPTS["purge_timeout"] - PURGE_MARGIN
-                        (self.unverifiable if purgeable else self.lost).append(ref)
-                        del self.pending[ref]
                 else:
                     p.seen_at, p.missing_since = now, None
         return True
@@ -380,18 +393,19 @@ class Failover:
 
 
 class Failovers(threading.Thread):
-    """Every `every` seconds, alternately: SIGKILL of the master then a restart of that node, and
-    SENTINEL FAILOVER. A failover in progress finishes before the thread stops."""
+    """Every `every` seconds until `last` (monotonic), alternately: SIGKILL of the master then a
+    restart of that node, and SENTINEL FAILOVER. A failover in progress finishes before the thread
+    stops."""
 
-    def __init__(self, setup: SentinelSetup, every: float, started: float) -> None:
+    def __init__(self, setup: SentinelSetup, every: float, started: float, last: float) -> None:
         super().__init__(name="failovers", daemon=True)
-        self.setup, self.every, self.started = setup, every, started
+        self.setup, self.every, self.started, self.last = setup, every, started, last
         self.stopping = threading.Event()
         self.done: list[Failover] = []
 
     def run(self) -> None:
         due = self.started + self.every
-        while not self.stopping.wait(max(0.0, due - time.monotonic())):  # the fault's pace
+        while due < self.last and not self.stopping.wait(max(0.0, due - time.monotonic())):  # the pace
             kind = "kill" if len(self.done) % 2 == 0 else "planned"
             began = time.monotonic()
             record = Failover(kind, began - self.started)
@@ -567,14 +581,14 @@ def minutes_arg(text: str) -> float:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.faults.soak", description=__doc__.split("\n")[0])
-    parser.add_argument("--minutes", type=minutes_arg, default=os.environ.get("SOAK_MINUTES", "20"),
-                        help="minutes of load (SOAK_MINUTES, default 20; fractions allowed)")
+    parser.add_argument("--minutes", type=minutes_arg, default=None,
+                        help="minutes of load (default: SOAK_MINUTES, else 20; fractions allowed)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the random choices (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory even on success")
     args = parser.parse_args(argv)
-    if isinstance(args.minutes, str):  # the default from the environment goes through the check too
+    if args.minutes is None:
         try:
-            args.minutes = minutes_arg(args.minutes)
+            args.minutes = minutes_arg(os.environ.get("SOAK_MINUTES", "20"))
         except argparse.ArgumentTypeError as exc:
             parser.error(f"SOAK_MINUTES: {exc}")
     return args
@@ -606,7 +620,7 @@ def soak(args: argparse.Namespace, workdir: Path) -> Run:
     book = run.book
     seconds = args.minutes * 60
     run.warmup = min(120.0, seconds / 2)
-    failover_every = min(FAILOVER_EVERY, seconds / 4)
+    failover_every = min(FAILOVER_EVERY, seconds / 5)
     ledger = workdir / "ledger.txt"
     print(f"soak: {args.minutes:g} min of load; work directory {workdir}", flush=True)
     setup = start_sentinel_setup(workdir / "sentinel")
@@ -634,7 +648,8 @@ def soak(args: argparse.Namespace, workdir: Path) -> Run:
         verifier = run.verifier = Verifier(book, client, ledger)
         killer = WorkerKiller(sup, args.seed)
         started = time.monotonic()
-        failovers = Failovers(setup, failover_every, started)
+        # None starts in the last FAILOVER_QUIET seconds: its effects happen under load.
+        failovers = Failovers(setup, failover_every, started, started + seconds - FAILOVER_QUIET)
         threads: list[Any] = [*run.loads, verifier, killer, failovers]
         with monitor:
             for thread in threads:
