@@ -161,27 +161,30 @@ class SentinelDiscovery:
             try:
                 host, port = self._sentinel.discover_master(self.service)
             except MasterNotFoundError as exc:
-                self._check_service_known(exc)
+                unreachable = self._check_service_known(exc)
                 raise CommandNotRun(f"no sentinel of {self.startup()} names a master for service "
-                                    f"{self.service!r} now: {exc}") from exc
+                                    f"{self.service!r} now: {unreachable or exc}") from exc
         return str(host), int(port)
 
-    def _check_service_known(self, exc: MasterNotFoundError) -> None:
+    def _check_service_known(self, exc: MasterNotFoundError) -> str | None:
         """No master found: a ConfigError when every sentinel answered and none monitors the
-        service (a wrong name) or a node is no sentinel at all, else the outage it is."""
+        service (a wrong name) or a node is no sentinel at all, else the outage it is. Returns
+        why a sentinel could not be asked (e.g. its TLS certificate is not trusted), if one could
+        not: redis-py's own message has it only after each client's repr (a few thousand characters)."""
         known: set[str] = set()
         for client in self._sentinel.sentinels:
             try:
                 masters = client.sentinel_masters()
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                return
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as unreachable:
+                where = client.connection_pool.connection_kwargs
+                return f"sentinel {where['host']}:{where['port']}: {unreachable}"
             except redis.exceptions.ResponseError as refused:  # SENTINEL is an unknown command there
                 where = client.connection_pool.connection_kwargs
                 raise RedisModeError(f"{where['host']}:{where['port']} is not a Redis Sentinel "
                                      f"({refused}): a redis+sentinel:// URL names the sentinels; use "
                                      "redis:// for a single server") from None
             if self.service in masters:
-                return
+                return None
             known.update(masters if isinstance(masters, dict) else ())
         raise ConfigError(f"no sentinel of {self.startup()} monitors a service {self.service!r} "
                           f"(they monitor: {', '.join(sorted(known)) or 'none'})") from exc

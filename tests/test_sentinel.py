@@ -9,6 +9,8 @@ import asyncio
 import json
 import logging
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +27,7 @@ from kickq.scripts import Scripts
 from kickq.sentinel import RECHECK_INTERVAL, parse_sentinel_url
 from tests.helpers import wait_until
 from tests.sentinel_topology import START_TIMEOUT, SentinelFactory, SentinelSetup
-from tests.test_cluster import ONE_NAME, run_cli, wait_serving
+from tests.test_cluster import ONE_NAME, REPO, clean_env, run_cli, wait_serving
 from tests.test_cluster import launch as launch  # noqa: F401 - a fixture, used by name
 
 pytestmark = [pytest.mark.sentinel, pytest.mark.timeout(START_TIMEOUT + 90)]
@@ -265,3 +267,17 @@ def test_a_failover_to_a_replica_without_the_data_is_reported_as_data_loss(
         wait_until(ticked, timeout=30, interval=0.1, message="the reaper reaches the new master")
     assert any("lost the data of namespace ks-loss" in r.getMessage() for r in caplog.records), caplog.text
     reaper.client.close()
+
+
+def test_the_supervisor_refuses_to_start_on_a_service_no_sentinel_monitors(shared_setup: SentinelSetup,
+                                                                           tmp_path: Path) -> None:
+    module = tmp_path / "one_name.py"
+    module.write_text(ONE_NAME)
+    url = shared_setup.url.rpartition("/")[0] + "/nope"
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "kickq_supervisor", "--redis-url", url, str(module)],
+                          cwd=REPO, env=clean_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "monitors a service 'nope' (they monitor: kq)" in done.stderr
+    assert time.monotonic() - started < 10  # no worker started and retrying
