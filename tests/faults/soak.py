@@ -9,7 +9,8 @@ not saturated):
 - one kickq-supervisor (`--wait-replicas 1`, the setup's redis+sentinel:// URL) with 4 workers:
   3 for `hot` and `work`, 1 for `flaky` (tests/faults/handlers.py: each execution first appends a
   line to a ledger file outside Redis);
-- in this process, one thread per load, each with its own Kickq(wait_replicas=1):
+- in this process, one thread per load, each with its own Kickq(wait_replicas=1) (`--wait-replicas N`
+  changes it for the producers and the supervisor alike):
       work    plain creates                                           100/s
       delay   `work` jobs delayed 0.5-3 s                              20/s
       flaky   `flaky` jobs that fail their first attempt and succeed on the retry (1 s later)  15/s
@@ -143,6 +144,8 @@ class Book:
     hotjobs: Counter[str] = field(default_factory=Counter)
     ledger_offset: int = 0
     ledger_partial: bytes = b""
+    started: float = 0.0  # when the load started (monotonic)
+    lost_sent: list[float] = field(default_factory=list)  # seconds into the load of each lost create
 
     def send(self, stream: str) -> str:
         with self.lock:
@@ -224,6 +227,8 @@ class Book:
                         purgeable = now - p.seen_at >= JOB_OPTS["purge_timeout"] - PURGE_MARGIN
                         why = f"id {p.job_id} " + (f"holds {holder}" if holder else "absent")
                         (self.unverifiable if purgeable else self.lost).append(f"{ref} ({why})")
+                        if not purgeable:
+                            self.lost_sent.append(p.sent_at - self.started)
                         del self.pending[ref]
                 elif state in TERMINAL_STATES:
                     self.final[state] += 1
@@ -267,11 +272,12 @@ class Book:
 class Load(threading.Thread):
     """Creates one stream's jobs at its rate until stopped; a hotjob is awaited before the next."""
 
-    def __init__(self, book: Book, stream: str, url: str, stopping: threading.Event, seed: int) -> None:
+    def __init__(self, book: Book, stream: str, url: str, stopping: threading.Event, seed: int,
+                 wait_replicas: int) -> None:
         super().__init__(name=f"load-{stream}", daemon=True)
         self.book, self.stream, self.stopping = book, stream, stopping
         self.job_name, self.rate, _ = STREAMS[stream]
-        self.kq = kickq.Kickq(redis_url=url, redis_namespace=NAMESPACE, wait_replicas=1)
+        self.kq = kickq.Kickq(redis_url=url, redis_namespace=NAMESPACE, wait_replicas=wait_replicas)
         self.rng = random.Random(seed)
         self.untyped: Counter[str] = Counter()
 
@@ -459,12 +465,13 @@ class PruningChecker(Checker):
 # --- processes --------------------------------------------------------------------------------------------
 
 
-def start_supervisor(module: Path, url: str, workdir: Path, workers: int) -> Supervisor:
+def start_supervisor(module: Path, url: str, workdir: Path, workers: int, wait_replicas: int) -> Supervisor:
     """A kickq-supervisor subprocess as tests/supervisor/conftest.py's start_supervisor starts one
-    (a new session, its output in a file), with `--wait-replicas 1`; returns once it is ready."""
+    (a new session, its output in a file), with `--wait-replicas`; returns once it is ready."""
     cmd = [
         sys.executable, "-m", "kickq_supervisor", "--kill-grace", "0.2", "--redis-url", url,
-        "--redis-namespace", NAMESPACE, "--reaper-interval", "0.2", "--wait-replicas", "1", str(module),
+        "--redis-namespace", NAMESPACE, "--reaper-interval", "0.2", "--wait-replicas", str(wait_replicas),
+        str(module),
     ]
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(REPO))
     env.pop("KICKQ_EMBEDDED_REDIS", None)
@@ -584,6 +591,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=minutes_arg, default=None,
                         help="minutes of load (default: SOAK_MINUTES, else 20; fractions allowed)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the random choices (default 1)")
+    parser.add_argument("--wait-replicas", type=int, choices=range(3), default=1, metavar="{0,1,2}",
+                        help="wait_replicas of the producers and the supervisor (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory even on success")
     args = parser.parse_args(argv)
     if args.minutes is None:
@@ -601,6 +610,7 @@ class Run:
     args: argparse.Namespace
     started_at: str = ""
     load_seconds: float = 0.0
+    load_started_at: str = ""  # wall clock, to match the times below with the servers' logs
     settle_seconds: float = 0.0
     warmup: float = 0.0
     book: Book = field(default_factory=Book)
@@ -632,7 +642,7 @@ def soak(args: argparse.Namespace, workdir: Path) -> Run:
         )
         with open(module, "a") as f:
             f.write(FLAKY_HANDLER % WORKERS["flaky"])
-        sup = start_supervisor(module, setup.url, workdir, sum(WORKERS.values()))
+        sup = start_supervisor(module, setup.url, workdir, sum(WORKERS.values()), args.wait_replicas)
         reaper = sup.reapers()[0].pid
         client = master_client(setup)
         processes = run.processes = Processes(sup, setup)
@@ -644,10 +654,14 @@ def soak(args: argparse.Namespace, workdir: Path) -> Run:
         monitor.client = client
         checker = monitor.checker = PruningChecker()
         stopping = threading.Event()
-        run.loads = [Load(book, s, setup.url, stopping, args.seed + i) for i, s in enumerate(STREAMS)]
+        run.loads = [
+            Load(book, stream, setup.url, stopping, args.seed + i, args.wait_replicas)
+            for i, stream in enumerate(STREAMS)
+        ]
         verifier = run.verifier = Verifier(book, client, ledger)
         killer = WorkerKiller(sup, args.seed)
-        started = time.monotonic()
+        started = book.started = time.monotonic()
+        run.load_started_at = datetime.datetime.now().strftime("%H:%M:%S.%f")[:-3]
         # None starts in the last FAILOVER_QUIET seconds: its effects happen under load.
         failovers = Failovers(setup, failover_every, started, started + seconds - FAILOVER_QUIET)
         threads: list[Any] = [*run.loads, verifier, killer, failovers]
@@ -741,6 +755,17 @@ def progress(
 # --- the report ------------------------------------------------------------------------------------------
 
 
+def clusters(times: list[float], gap: float = 5.0) -> str:
+    """Seconds into the load, as ranges of times less than `gap` apart: "48.6-50.7s (269), ..."."""
+    groups: list[list[float]] = []
+    for t in sorted(times):
+        if groups and t - groups[-1][-1] < gap:
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    return ", ".join(f"{g[0]:.1f}-{g[-1]:.1f}s ({len(g)})" for g in groups)
+
+
 def report(run: Run) -> list[str]:
     """Prints the report block; returns the missed targets."""
     book = run.book
@@ -757,10 +782,12 @@ def report(run: Run) -> list[str]:
         f"machine     {platform.machine()}, nproc {len(os.sched_getaffinity(0))}, {cpu_model()}",
         f"software    Redis {redis_version()}, redis-py {redis.__version__}, "
         f"Python {platform.python_version()}",
-        f"command     python -m tests.faults.soak --minutes {run.args.minutes:g} --seed {run.args.seed}",
-        f"duration    load {run.load_seconds / 60:.2f} min, then settled in {run.settle_seconds:.1f}s; "
+        f"command     python -m tests.faults.soak --minutes {run.args.minutes:g} --seed {run.args.seed} "
+        f"--wait-replicas {run.args.wait_replicas}",
+        f"duration    load {run.load_seconds / 60:.2f} min from {run.load_started_at} (local time; the "
+        f"times below count from there), then settled in {run.settle_seconds:.1f}s; "
         f"RSS baseline after {run.warmup:.0f}s",
-        f"load        {rates}; 4 workers; wait_replicas=1 (producers and supervisor)",
+        f"load        {rates}; 4 workers; wait_replicas={run.args.wait_replicas} (producers and supervisor)",
         f"creates     sent {sent} ({sent / max(run.load_seconds, 1e-9):.0f}/s), acknowledged {acked}, "
         f"indeterminate {indeterminate} (executed {book.indeterminate_executed()}) {dict(book.errors)}"
         + (f"; untyped errors {dict(untyped)}" if untyped else ""),
@@ -779,6 +806,8 @@ def report(run: Run) -> list[str]:
         f"duplicated  {more} jobs ran more than once (+{extra} runs); beyond what their stream needs "
         f"(flaky: 2 runs): {beyond} jobs (+{beyond_runs} runs) — at-least-once, no target",
     ]
+    if book.lost_sent:
+        lines.append(f"    lost creates by send time: {clusters(book.lost_sent)}")
     for name, refs in (("lost", book.lost), ("stranded", book.stranded), ("unverifiable", book.unverifiable),
                        ("unexpected", book.unexpected), ("phantom", book.phantom)):
         if refs:
