@@ -1,9 +1,9 @@
 """`make soak`: a long mixed load on a Redis Sentinel setup, through worker kills and failovers.
 
-    python -m tests.faults.soak [--minutes M]        (make soak: SOAK_MINUTES, default 20; 0.5 works)
+    python -m tests.faults.soak [--minutes M] [--wait-replicas N]   (make soak: SOAK_MINUTES, default 20)
 
-Not part of any test run or CI. What runs, for M minutes (the rates keep a 2-core machine busy but
-not saturated):
+Not part of any test run or CI. What runs, for M minutes (fractions allowed; the rates keep a 2-core
+machine busy but not saturated):
 
 - tests/sentinel_topology.py's setup: 1 master, 2 replicas, 3 sentinels on loopback ports;
 - one kickq-supervisor (`--wait-replicas 1`, the setup's redis+sentinel:// URL) with 4 workers:
@@ -11,34 +11,37 @@ not saturated):
   line to a ledger file outside Redis);
 - in this process, one thread per load, each with its own Kickq(wait_replicas=1) (`--wait-replicas N`
   changes it for the producers and the supervisor alike):
-      work    plain creates                                           100/s
-      delay   `work` jobs delayed 0.5-3 s                              20/s
-      flaky   `flaky` jobs that fail their first attempt and succeed on the retry (1 s later)  15/s
-      hot     hotjobs (hotjob_timeout 5 s), each awaited before the next            10/s
+      w  work    plain creates, 1-15 ms of work each                         100/s
+      d  work    delayed 0.5-3 s                                              20/s
+      f  flaky   fail their first attempt, succeed on the retry 1 s later     15/s
+      h  hot     hotjobs (hotjob_timeout 5 s), each awaited before the next   10/s
 - a SIGKILL of a random worker every 5 s (the supervisor replaces it; its job is a ghost, re-run);
-- a failover every 2 minutes (every quarter of the run when that is shorter), alternately a SIGKILL
-  of the master followed by a restart of the old node (Sentinel makes it a replica) and a planned
-  SENTINEL FAILOVER;
-- harness.Monitor's invariant snapshots every 5 s.
+- a failover every 2 minutes (every fifth of the run when that is shorter; none in the last 20 s),
+  alternately a SIGKILL of the master followed by a restart of that node (Sentinel makes it a
+  replica) and a planned SENTINEL FAILOVER;
+- harness.Monitor's invariant snapshots every 5 s, through a client of the master the sentinels name.
 
 Every create carries a unique `ref` (stream letter + sequence number). A create that returned is
 acknowledged; one that raised (ReplicationTimeout, RedisUnavailable) is indeterminate: it may or may
 not exist, and it is counted, not checked. The outcomes are harness.Outcomes' (lost, duplicated,
-unexpected, phantom, stranded), but counted as the run goes so that this process's memory stays flat
-however long it runs: jobs expire (purge_timeout 90 s), and a verifier reads each acknowledged job's
-state once it is 15 s old, again every 5 s until it is terminal, and then forgets it but for two bytes
-(its status and its execution count from the ledger). A job absent twice in a row from the master
-(ROLE checked first) is lost, unless it may have been purged (seen non-terminal last more than
-purge_timeout ago): then it is unverifiable, which is a missed target too. After the load stops,
-every job still pending gets `SETTLE_SECONDS` to end; one that is still not terminal is stranded.
+unexpected, phantom, stranded), counted as the run goes so that this process's memory stays flat
+however long it runs: jobs are purged 60 s after they end (purge_timeout), and a verifier reads each
+acknowledged job once it is 10 s old, again every 5 s until it is terminal, and then forgets it but
+for two bytes (its status and its execution count from the ledger). A job is looked up by its id and
+recognised by its ref: a failover that loses writes makes the new master hand the lost ids out again.
+A job absent (or its id holding another job) at two passes 3 s apart is lost, unless it may have been
+purged (last seen not terminal more than purge_timeout - 10 s before): then it is unverifiable, a
+missed target too. ROLE is checked before each pass (a connection to a demoted master is dropped).
+After the load, every job still pending gets SETTLE_SECONDS to end; one still not terminal then is
+stranded. The report groups the lost creates by send time, to set them against the failovers.
 
-RSS is sampled at the start (load not started), after a warm-up (a third of the run, at most 2
-minutes: the job population reaches its steady size, connection pools and caches fill) and at the
-end of the load. A long-lived kickq process (the supervisor master, its reaper, this process with its
-producers) must not grow by more than 5 MB from the warm-up sample to the end; the redis-servers and
-sentinels are shown as context (they hold the data; a killed master is a new process after its
-restart). Exit status 0 when every target is met, 1 when one is missed (the report says which), 2
-when the run could not be carried out.
+RSS is sampled at the start (load not started), after a warm-up (half the run, at most 2 minutes: the
+job population reaches its steady size, connection pools and caches fill) and at the end of the load.
+A long-lived kickq process (the supervisor master, its reaper, this process with its producers) must
+not grow by more than 5 MB from the warm-up sample to the end; the redis-servers and sentinels are
+shown as context (they hold the data; a killed master is a new process after its restart). Exit
+status 0 when every target is met, 1 when one is missed (the report says which), 2 when the run could
+not be carried out.
 """
 
 from __future__ import annotations
