@@ -42,10 +42,10 @@ not grow by more than 5 MB from the warm-up sample to the end. This process is m
 and after gc.collect() and malloc_trim(0), which give back the freed pages its allocators keep; the
 target applies to the second figure, as the Monitor's snapshots (the whole namespace parsed every
 5 s) leave freed pages behind that are no leak (2026-12-08, 2-core dev machine, two runs of
-`python -m tests.faults.soak --minutes 8`: +5.7 and +2.6 MB as is, the second +0.5 MB trimmed). The redis-servers and sentinels are shown as context (they hold the data; a killed master
-is a new process after its restart). Exit
-status 0 when every target is met, 1 when one is missed (the report says which), 2 when the run could
-not be carried out.
+`python -m tests.faults.soak --minutes 8`: +5.7 and +2.6 MB as is, the second +0.5 MB trimmed).
+The redis-servers and sentinels are shown as context (they hold the data; a killed master is a new
+process after its restart). Exit status 0 when every target is met, 1 when one is missed (the report
+says which), 2 when the run could not be carried out.
 """
 
 from __future__ import annotations
