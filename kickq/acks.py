@@ -3,7 +3,8 @@
 Redis WAIT N (WAITAOF 1 N with `wait_aof`) counts the replicas that hold the replication offset
 its connection had after that connection's last write: it proves something only on the connection
 that made the write, right after it. So a write and its WAIT go in one pipeline, on one connection:
-MULTI, the script call(s), EXEC, WAIT (`commands`). One WAIT per call or batch, never one per job.
+the script call (several in a MULTI), then WAIT (`commands`). One WAIT per call or batch, never
+one per job.
 
 The commands and the reading of their replies are here, for the sync client (`run`), kickq.aio
 (`AsyncScripts.run_acked`) and the supervisor (its worker's Channel, its Ghoster). With
@@ -74,9 +75,12 @@ def check_server(acks: Acks, info: Mapping[str, Any], where: str) -> None:
 
 def commands(calls: Sequence[Call], acks: Acks, functions: bool | None,
              retry: bool = False) -> list[tuple[Any, ...]]:
-    """The pipeline of a write that waits: MULTI, each script call (scripts.command), EXEC, WAIT.
-    Sent on a plain (non-transactional) pipeline: the WAIT must come after the EXEC."""
+    """The pipeline of a write that waits: MULTI, each script call (scripts.command), EXEC, WAIT;
+    one call alone without MULTI and EXEC (a script runs whole by itself). Sent on a plain
+    (non-transactional) pipeline: the WAIT must come after the write."""
     made = [scripts.command(name, keys, args, functions, retry) for name, (keys, args) in calls]
+    if len(made) == 1:
+        return [made[0], acks.command()]
     return [("MULTI",), *made, ("EXEC",), acks.command()]
 
 
@@ -91,7 +95,11 @@ def parse(replies: Sequence[Any], count: int) -> tuple[list[Any] | None, Any]:
     replies of the `count` script calls, the WAIT's reply). An error of a call is raised as the
     plain call raises it (nothing ran if it was refused when queued: EXEC aborted). (None, the
     error) when Redis lacked the scripts (scripts.is_unloaded): none ran; load them, send again."""
-    queued, executed, waited = replies[:count + 1], replies[count + 1], replies[count + 2]
+    queued: Sequence[Any]
+    if count == 1:  # no MULTI
+        queued, executed, waited = (), replies[:1], replies[1]
+    else:
+        queued, executed, waited = replies[:count + 1], replies[count + 1], replies[count + 2]
     failed = [reply for reply in queued if isinstance(reply, Exception)]
     ran_none = True  # refused when queued: EXEC aborted
     if not failed:

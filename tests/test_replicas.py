@@ -305,11 +305,39 @@ def test_an_error_inside_the_transaction_is_raised_as_the_plain_create_raises_it
         errors = []
         for wait in (0, 1):
             with kickq.Kickq(redis_url=pair.master_url, redis_namespace=ns, wait_replicas=wait) as each:
-                for call in (lambda: each.create("mail"), lambda: each.create_many([("mail",)] * 3)):
+                # One script call alone; then three in one MULTI, where the error is inside EXEC.
+                for call in (lambda: each.create("mail"), lambda: each.create_many([("mail",)] * 2500)):
                     with pytest.raises(redis.exceptions.ResponseError) as caught:
                         call()
                     errors.append(str(caught.value))
         assert len(errors) == 4 and all("WRONGTYPE" in text for text in errors), errors
+
+
+@pytest.mark.replicas
+def test_a_create_refused_at_maxmemory_writes_nothing_as_the_plain_create(pair, ns):
+    """Refused when queued (the create function has no allow-oom flag): EXEC aborts, nothing runs."""
+    with kickq.Kickq(redis_url=pair.master_url, redis_namespace=ns) as kq:
+        kq.create("warm")
+        written = pair.namespace_keys(pair.master, ns)
+        before = pair.waits()
+        clients = [kickq.Kickq(redis_url=pair.master_url, redis_namespace=ns, wait_replicas=wait)
+                   for wait in (0, 1)]
+        for each in clients:
+            _ = each.redis  # connected before maxmemory (connecting writes)
+        pair.master.config_set("maxmemory", "1")
+        try:
+            for each in clients:
+                with pytest.raises(kickq.KickqError, match="out of memory"):
+                    each.create("mail")
+                with pytest.raises(kickq.KickqError, match="out of memory"):
+                    each.create_many([("mail",)] * 2500)
+        finally:
+            pair.master.config_set("maxmemory", "0")
+            for each in clients:
+                each.close()
+        assert pair.namespace_keys(pair.master, ns) == written
+        assert kq.get("1").name == "warm" and pair.master.get(Keys(ns).id) == "1"
+        assert pair.waits() - before == 2  # the WAITs that followed the refused writes
 
 
 @pytest.mark.replicas
@@ -321,6 +349,32 @@ def test_scripts_lost_by_redis_are_loaded_again_and_the_write_confirmed(pair, kq
     assert job_fields(pair.replica, ns, job.id)["state"] == "new"
     pair.master.execute_command("FUNCTION", "FLUSH")
     assert kq.delete(job.id) is True
+
+
+@pytest.mark.cluster
+def test_on_a_cluster_the_namespaces_master_waits_for_its_replica(redis_cluster):
+    """Through the routed client (kickq.cluster): the WAIT goes to the namespace's master, on the
+    connection of its write."""
+    cluster = redis_cluster
+    master = cluster.masters()[0]
+    ns = cluster.namespace_on(master, "kt")
+    node = cluster.replica_of(master)
+    replica = redis.Redis(host=node.host, port=node.port, decode_responses=True, max_connections=1)
+    replica.execute_command("READONLY")  # reads of the master's slots, on its one connection
+    try:
+        with kickq.Kickq(redis_url=cluster.url, redis_namespace=ns, wait_replicas=1) as kq:
+            job = kq.create("mail")
+            assert job_fields(replica, ns, job.id)["state"] == "new"
+            many = kq.create_many([("mail",)] * 3)
+            assert all(job_fields(replica, ns, j.id)["state"] == "new" for j in many)
+            assert kq.delete(job.id) is True and job_fields(replica, ns, job.id) == {}
+        with kickq.Kickq(redis_url=cluster.url, redis_namespace=ns, wait_replicas=2,
+                         wait_replicas_timeout=TIMEOUT) as kq:
+            with pytest.raises(kickq.ReplicationTimeout) as caught:
+                kq.create("mail")
+            assert (caught.value.wanted, caught.value.confirmed) == (2, 1)
+    finally:
+        replica.close()
 
 
 # --- asyncio ----------------------------------------------------------------------------------------
