@@ -20,7 +20,8 @@ used in, it starts afresh too, and leaves what it had from the parent alone (`_l
 
 Creates issued in the same loop iteration (`asyncio.gather(*(kq.create(...) ...))`) are sent as
 one create script call (at most 1000 jobs; more go in one MULTI), exactly as `create_many` sends
-them: one round trip, and atomic.
+them: one round trip, and atomic. With `wait_replicas` (kickq.acks), one WAIT follows the batch; on a
+shortfall each caller gets a ReplicationTimeout naming its own jobs.
 
 Cancellation, exactly:
 - `create()` / `create_many()`: cancelled before its jobs are committed to a script call (while
@@ -287,8 +288,8 @@ async def _run_batch(state: _State, batch: _Batch) -> None:
                 jobs.append(Job.created(job_id, p.name, create_time, p.delay_ms, p.stored, p.data, promise))
             if alive and shortfall is not None:
                 group.future.set_exception(ReplicationTimeout(
-                    "create", [j.id for j in jobs], shortfall.wanted, shortfall.confirmed, shortfall.timeout,
-                    shortfall.local_fsync))
+                    "create" if len(jobs) == 1 else "create_many", [j.id for j in jobs], shortfall.wanted,
+                    shortfall.confirmed, shortfall.timeout, shortfall.local_fsync))
             elif alive:
                 group.future.set_result(jobs)
             else:

@@ -413,7 +413,8 @@ def test_asyncio_shortfall_tells_each_caller_of_its_own_jobs(pair, on_pair, ns):
                 assert TIMEOUT <= time.monotonic() - started < TIMEOUT + LATE
                 assert all(isinstance(r, kickq.ReplicationTimeout) for r in results)
                 first, second = results
-                assert len(first.job_ids) == 1 and len(second.job_ids) == 2
+                assert (first.what, len(first.job_ids)) == ("create", 1)
+                assert (second.what, len(second.job_ids)) == ("create_many", 2)
                 assert not set(first.job_ids) & set(second.job_ids)
                 assert [(await kq.get(i)).name for i in first.job_ids + second.job_ids] == ["a", "b", "c"]
                 with pytest.raises(kickq.ReplicationTimeout) as caught:
@@ -459,6 +460,24 @@ def test_the_channel_sends_one_wait_per_settle_and_raises_a_shortfall_after_read
         assert pair.waits() == before + 2
         assert channel.settle() == []  # nothing in flight: no WAIT
         assert pair.waits() == before + 2
+    finally:
+        channel.reset()
+
+
+@pytest.mark.replicas
+def test_the_channel_makes_a_call_again_after_redis_lost_its_scripts_and_confirms_it(pair, kq, ns):
+    keys = Keys(ns)
+    job = kq.create("mail")
+    channel = Channel(kq.redis, acks.Acks(1, 1.0, False))
+    try:
+        pair.master.execute_command("FUNCTION", "FLUSH")
+        pair.master.script_flush()
+        before = pair.waits()
+        channel.send("claim", scripts.claim_args(keys, ["mail"], claimer="w1"))
+        [claimed] = channel.settle()  # made again on another connection, with a WAIT of its own there
+        assert scripts.parse_claim(claimed)[0] == job.id
+        assert pair.waits() == before + 2
+        assert job_fields(pair.replica, ns, job.id)["state"] == "processing"
     finally:
         channel.reset()
 
