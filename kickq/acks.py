@@ -8,7 +8,7 @@ one per job.
 
 The commands and the reading of their replies are here, for the sync client (`run`), kickq.aio
 (`AsyncScripts.run_acked`) and the supervisor (its worker's Channel, its Ghoster). With
-wait_replicas 0 (the default) none of this runs: the plain calls are made as they are.
+wait_replicas 0 and wait_aof off (the defaults) none of this runs: the plain calls are made as they are.
 
 A shortfall raises ReplicationTimeout: the write is on the master, and is not confirmed.
 """
@@ -44,10 +44,11 @@ class Acks(NamedTuple):
 
 
 def wanted(settings: Mapping[str, Any]) -> Acks | None:
-    """The Acks the settings ask for; None with wait_replicas 0. ConfigError when the wait could
-    outlast the reply timeout (the socket would time out first, and the reply be lost)."""
+    """The Acks the settings ask for; None with wait_replicas 0 and wait_aof off (wait_aof alone
+    waits for the master's own fsync: WAITAOF 1 0). ConfigError when the wait could outlast the
+    reply timeout (the socket would time out first, and the reply be lost)."""
     replicas = int(settings["wait_replicas"])
-    if not replicas:
+    if not replicas and not settings["wait_aof"]:
         return None
     timeout = float(settings["wait_replicas_timeout"])
     if timeout >= float(settings["redis_timeout"]):

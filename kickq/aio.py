@@ -465,7 +465,7 @@ class Kickq:
             await waiter.ensure_subscribed()  # subscribed before the create: no completion is missed
         if state.closed:
             raise KickqError("this kickq.aio.Kickq was closed while the create was starting")
-        wanted = _acks(state, settings) if settings["wait_replicas"] else None
+        wanted = _acks(state, settings) if settings["wait_replicas"] or settings["wait_aof"] else None
         group = _Group(prepared, state.loop.create_future())
         key = (state.ident, settings["redis_namespace"], wanted)
         batch = state.batches.get(key)
@@ -504,7 +504,7 @@ class Kickq:
         state, _, scr = await self._connection(settings)
         keys = Keys(settings["redis_namespace"])
         job_id = str(job_id)
-        wanted = _acks(state, settings) if settings["wait_replicas"] else None
+        wanted = _acks(state, settings) if settings["wait_replicas"] or settings["wait_aof"] else None
 
         async def delete() -> bool:
             with redis_errors(settings):
@@ -560,7 +560,7 @@ class Kickq:
                                       catch_up)
         state, client, scr = await self._connection(settings)
         keys = Keys(settings["redis_namespace"])
-        wanted = _acks(state, settings) if settings["wait_replicas"] else None
+        wanted = _acks(state, settings) if settings["wait_replicas"] or settings["wait_aof"] else None
         with redis_errors(settings):
             ticks = schedule_ticks(record, await client.time() if cron is not None else None)
             call = scripts.schedule_args(keys, sid, payload.encode(record), ticks)
@@ -575,7 +575,7 @@ class Kickq:
         settings = self.settings()
         call = scripts.unschedule_args(Keys(settings["redis_namespace"]), validate_name(schedule_id))
         state, _, scr = await self._connection(settings)
-        wanted = _acks(state, settings) if settings["wait_replicas"] else None
+        wanted = _acks(state, settings) if settings["wait_replicas"] or settings["wait_aof"] else None
         with redis_errors(settings):
             if wanted is not None:
                 return bool(await _acked_call(scr, wanted, "unschedule", call, lambda reply: []))

@@ -258,13 +258,15 @@ def test_a_wait_timeout_not_below_redis_timeout_is_a_config_error_before_any_wri
 
 
 @pytest.mark.replicas
-def test_wait_aof_on_redis_7_0_is_a_config_error_before_any_write(pair, ns):
+@pytest.mark.parametrize("replicas", [1, 0])  # wait_aof alone waits for the master's own fsync
+def test_wait_aof_on_redis_7_0_is_a_config_error_before_any_write(pair, ns, replicas):
     # WAITAOF came with Redis 7.2: its success path cannot be tested on this machine's 7.0.15.
     version = pair.master.info("server")["redis_version"]
     if parse_version(version) >= acks.WAITAOF_VERSION:
         pytest.skip(f"Redis {version} has WAITAOF")
     before = pair.waits()
-    with kickq.Kickq(redis_url=pair.master_url, redis_namespace=ns, wait_replicas=1, wait_aof=True) as kq:
+    with kickq.Kickq(redis_url=pair.master_url, redis_namespace=ns, wait_replicas=replicas,
+                     wait_aof=True) as kq:
         with pytest.raises(kickq.ConfigError, match=r"wait_aof needs Redis >= 7\.2 \(WAITAOF\).*7\.0"):
             kq.create("mail")
         with pytest.raises(kickq.ConfigError, match="WAITAOF"):
@@ -277,6 +279,10 @@ def test_the_server_checks_and_the_commands_of_wait_aof():
     """kickq.acks on INFO and WAITAOF replies as Redis 7.2 gives them (not runnable here: 7.0)."""
     wanted = acks.Acks(2, 0.5, True)
     assert wanted.command() == ("WAITAOF", 1, 2, 500)
+    assert acks.wanted({"wait_replicas": 0, "wait_aof": True, "wait_replicas_timeout": 1.0,
+                        "redis_timeout": 5}) == acks.Acks(0, 1.0, True)
+    assert acks.wanted({"wait_replicas": 0, "wait_aof": False, "wait_replicas_timeout": 1.0,
+                        "redis_timeout": 5}) is None
     assert acks.Acks(1, 1.0, False).command() == ("WAIT", 1, 1000)
     acks.check_server(wanted, {"redis_version": "7.2.4", "aof_enabled": "1"}, "here")
     acks.check_server(acks.Acks(1, 1.0, False), {"redis_version": "6.0.0", "aof_enabled": "0"}, "here")
