@@ -116,6 +116,7 @@ class AsyncScripts:
 
     def __init__(self, client: Any) -> None:
         self._client = client
+        self.pool = client.connection_pool  # where its writes go (kickq.acks.where)
         self._scripts = {name: client.register_script(text) for name, text in scripts.SOURCES.items()}
         self.functions: bool | None = True  # what load() said last (see scripts.command())
 
@@ -250,7 +251,9 @@ async def _run_batch(state: _State, batch: _Batch) -> None:
                         batch.keys, [p.script_item() for p in items], CREATE_CHUNK), batch.acks)
                     created = [pair for reply in results for pair in scripts.parse_create(reply)]
                     try:
-                        acks.confirm(batch.acks, waited, "create", [job_id for job_id, _ in created])
+                        ids = [job_id for job_id, _ in created]
+                        pool = batch.client.connection_pool
+                        await acks.confirm_async(batch.acks, waited, "create", ids, pool)
                     except ReplicationTimeout as exc:
                         shortfall = exc  # each caller is told of its own jobs, below
                 elif len(items) <= CREATE_CHUNK:
@@ -656,7 +659,7 @@ async def _acked_call(scr: AsyncScripts, wanted: acks.Acks, name: str,
     """One script call confirmed by wait_replicas replicas: its reply; `job_ids(reply)` are the
     jobs a ReplicationTimeout names."""
     (reply,), waited = await scr.run_acked([(name, keys_and_args)], wanted)
-    acks.confirm(wanted, waited, name, job_ids(reply))
+    await acks.confirm_async(wanted, waited, name, job_ids(reply), scr.pool)
     return reply
 
 

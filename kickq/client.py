@@ -358,7 +358,7 @@ class Kickq:
         results, waited = acks.run(client, scr, calls, wanted)
         created = [pair for reply in results for pair in scripts.parse_create(reply)]
         acks.confirm(wanted, waited, "create" if len(prepared) == 1 else "create_many",
-                     [job_id for job_id, _ in created])
+                     [job_id for job_id, _ in created], acks.where(client.connection_pool))
         return created
 
     def _acks(self, settings: Mapping[str, Any]) -> acks.Acks:
@@ -375,7 +375,7 @@ class Kickq:
         jobs a ReplicationTimeout names."""
         wanted = self._acks(settings)
         (reply,), waited = acks.run(client, scr, [(name, keys_and_args)], wanted)
-        acks.confirm(wanted, waited, name, job_ids(reply))
+        acks.confirm(wanted, waited, name, job_ids(reply), acks.where(client.connection_pool))
         return reply
 
     # --- read and delete ---------------------------------------------------------------------------

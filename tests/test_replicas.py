@@ -25,7 +25,7 @@ from kickq_supervisor.channel import Channel
 from kickq_supervisor.ghoster import Ghoster
 from kickq_supervisor.worker import WorkerIO
 from kickq_supervisor.worker_core import FinishMany, Lost, Settle, WaitForWork
-from tests.helpers import new_namespace, wait_until
+from tests.helpers import new_namespace, poll_until, start_redis, stop_redis, wait_until
 from tests.replica_pair import ReplicaPair
 
 TIMEOUT = 0.3  # wait_replicas_timeout of the tests that expect a shortfall
@@ -577,3 +577,71 @@ def test_the_worker_and_ghoster_refuse_a_wait_not_below_redis_timeout(redis_serv
     with pytest.raises(kickq.ConfigError, match="below redis_timeout"):
         Ghoster(settings)
     assert acks.wanted({**settings, "wait_replicas": 0}) is None
+
+
+# --- the fence: a replica promoted while the old master still takes writes ------------------------------
+
+def role_of(*replicas: tuple[str, int]) -> list[Any]:
+    """A master's ROLE reply listing `replicas`."""
+    return ["master", 100, [[host, str(port), "100"] for host, port in replicas]]
+
+
+def test_a_missing_replica_that_says_master_stops_confirmations_and_a_gone_one_does_not():
+    now = [0.0]
+    roles = {("10.0.0.2", 6379): "master", ("10.0.0.3", 6379): None}
+    asked: list[tuple[str, int]] = []
+
+    def probe(address: tuple[str, int], options: Any) -> str | None:
+        asked.append(address)
+        return roles[address]
+
+    fence = acks.Fence(probe=probe, clock=lambda: now[0])
+    master = acks.Master(("10.0.0.1", 6379), {})
+    a, b = ("10.0.0.2", 6379), ("10.0.0.3", 6379)
+    assert fence.promoted(master, role_of(a, b)) is None  # learns the replicas
+    assert fence.promoted(master, role_of(a, b)) is None and asked == []
+    # b is gone (unreachable): only missing, nothing stopped; asked once, then forgotten.
+    assert fence.promoted(master, role_of(a)) is None and asked == [b]
+    assert fence.promoted(master, role_of(a)) is None and asked == [b]
+    # a left and says master (REPLICAOF NO ONE): confirmations stop; its answer stands for a while.
+    assert not fence.suspects(master, role_of(a)) and fence.suspects(master, role_of())
+    assert fence.promoted(master, role_of()) == a and asked == [b, a]
+    now[0] += acks.VERDICT_SECONDS / 2
+    assert fence.promoted(master, role_of()) == a and asked == [b, a]
+    now[0] += acks.VERDICT_SECONDS
+    assert fence.promoted(master, role_of()) == a and asked == [b, a, a]  # asked again
+    # A replica detached for good stops mattering after SUSPECT_SECONDS.
+    now[0] += acks.SUSPECT_SECONDS
+    assert fence.promoted(master, role_of()) is None
+    # No fence without a master's address, or when ROLE was refused (ACL).
+    assert fence.promoted(None, role_of()) is None
+    assert fence.promoted(master, redis.exceptions.NoPermissionError("NOPERM")) is None and fence.refused
+
+
+@pytest.mark.replicas
+def test_a_write_a_replica_confirms_while_another_replica_was_promoted_raises(tmp_path, ns):
+    """The window of a planned Sentinel switch, made by hand: a master with replicas a and b; a is
+    made a master (REPLICAOF NO ONE, as Sentinel does first); b still follows the old master and
+    confirms its writes, which it would drop on moving to a. Such a write is not confirmed."""
+    master, master_port = start_redis(tmp_path / "m", host="127.0.0.1")
+    a, a_port = start_redis(tmp_path / "a", "--replicaof", "127.0.0.1", str(master_port), host="127.0.0.1")
+    b, b_port = start_redis(tmp_path / "b", "--replicaof", "127.0.0.1", str(master_port), host="127.0.0.1")
+    m = redis.Redis(port=master_port, decode_responses=True)
+    try:
+        poll_until(lambda: len(m.execute_command("ROLE")[2]) == 2, 30, "both replicas connected",
+                   lambda: "", AssertionError)
+        with kickq.Kickq(redis_url=f"redis://127.0.0.1:{master_port}", redis_namespace=ns,
+                         wait_replicas=1) as kq:
+            kq.create("mail")  # confirmed; the fence learns both replicas
+            redis.Redis(port=a_port).execute_command("REPLICAOF", "NO", "ONE")
+            poll_until(lambda: len(m.execute_command("ROLE")[2]) == 1, 10, "a left the master",
+                       lambda: "", AssertionError)
+            promoted = f"127.0.0.1:{a_port} has been promoted"
+            with pytest.raises(kickq.ReplicationTimeout, match=promoted) as caught:
+                kq.create("mail")
+            assert caught.value.promoted == f"127.0.0.1:{a_port}" and caught.value.job_ids == ["2"]
+            assert m.wait(1, 1000) == 1  # b did confirm it
+    finally:
+        m.close()
+        for proc in (b, a, master):
+            stop_redis(proc)

@@ -89,7 +89,7 @@ class Ghoster:
             if wanted is None:
                 return scr.run(name, keys_and_args)
             (reply,), waited = acks.run(client, scr, [(name, keys_and_args)], wanted)
-            acks.confirm(wanted, waited, f"the master's {name}", job_ids)
+            acks.confirm(wanted, waited, f"the master's {name}", job_ids, acks.where(client.connection_pool))
             return reply
 
         while True:
