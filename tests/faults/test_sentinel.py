@@ -247,7 +247,7 @@ def _ref_order(ref: str) -> int:
     return int(ref.lstrip("p") or 0)
 
 
-@pytest.mark.parametrize("wait_replicas", [0, 1])
+@pytest.mark.parametrize("wait_replicas", [0, 1], ids=["wait0", "wait1"])
 @pytest.mark.parametrize("size", sizes("quick", "full"))
 def test_case14a_the_master_killed_under_load(
     size, wait_replicas, make_sentinel, ledger, start_supervisor, namespace, tmp_path
@@ -296,7 +296,7 @@ def test_case14a_the_master_killed_under_load(
     end_case(case, run.pids, run.alive_now, run.monitor, run.strays)
 
 
-@pytest.mark.parametrize("wait_replicas", [0, 1])
+@pytest.mark.parametrize("wait_replicas", [0, 1], ids=["wait0", "wait1"])
 @pytest.mark.parametrize("size", sizes("quick", "full"))
 def test_case14b_a_planned_failover_under_load(
     size, wait_replicas, make_sentinel, ledger, start_supervisor, namespace, tmp_path
