@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 from .connection import (NOTIFICATION_TYPES, SUBSCRIBED_TYPES, UNSUBSCRIBED_TYPES,
                          async_subscribe_notifications)
-from .backoff import Backoff
+from .backoff import Outage
+from .cluster import async_left_behind
 from .errors import HotjobTimeout, KickqError, RedisUnavailable
 from .hotjob import EARLY_KEEP_SECONDS, final_job, parse_message, recheck_message
 from .job import Job, queue_reads, read_fields
@@ -222,17 +223,19 @@ class AsyncHotjobWaiter:
             log.warning("hotjob recheck failed (%s); the listener will retry after reconnecting", exc)
 
     async def _listen(self) -> None:
-        backoff = Backoff()
+        outage = Outage(log, "hotjob listener")
         while not self._closed:
             generation = self._generation
+            error: BaseException = ConnectionError("the subscription ended")
             try:
                 await self._session()
             except Exception as exc:  # never let the only listener die
-                self._last_error = exc
-                log.warning("hotjob listener lost Redis (%s); reconnecting", exc)
+                self._last_error = error = exc
+            if self._closed:
+                return
             if self._generation != generation:  # it had subscribed: a fresh loss, retry soon
-                backoff.reset()
-            await asyncio.sleep(backoff.next_delay())
+                outage.ok()
+            await asyncio.sleep(outage.failed(error))
 
     async def _session(self) -> None:
         """One subscription, from connect to its loss (an exception)."""
@@ -247,6 +250,8 @@ class AsyncHotjobWaiter:
             self._subscribed.set()
             self._last_error = None
             while not self._closed:
+                if await async_left_behind(pubsub):  # Sentinel named another master
+                    raise ConnectionError("the master changed")
                 message = await pubsub.get_message(timeout=POLL_SECONDS)
                 if message and message.get("type") in UNSUBSCRIBED_TYPES:
                     # The server ended it: on a cluster, the namespace's slot moved to another node.

@@ -615,7 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Global flags go before the command: kickq --redis-url URL --redis-namespace NS stats. "
                "Exit codes: 0 done, 1 failed operation / missing job / problems found, 2 usage error.")
     p.add_argument("--redis-url", default=os.environ.get("KICKQ_REDIS_URL") or None,
-                   help="redis://, rediss://, unix:// or redis+cluster://host:port[,host:port...] URL "
+                   help="redis://, rediss://, unix://, redis+cluster://host:port[,host:port...] or "
+                        "redis+sentinel://host:port[,host:port...]/SERVICE URL "
                         "(default: $KICKQ_REDIS_URL, else 127.0.0.1:6379)")
     p.add_argument("--redis-namespace", default=os.environ.get("KICKQ_NAMESPACE") or "kickq",
                    help="key namespace (default: $KICKQ_NAMESPACE, else 'kickq')")

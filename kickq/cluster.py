@@ -48,6 +48,8 @@ from redis.crc import key_slot
 
 from .backoff import Backoff
 from .errors import ConfigError, RedisModeError
+from .sentinel import SentinelDiscovery, is_sentinel_url
+from .sentinel import check_url as sentinel_check_url
 
 #: URL schemes of a cluster, and the scheme of one node's URL that carries the same options.
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -74,6 +76,8 @@ def not_served_reply(exc: redis.exceptions.ResponseError) -> redis.exceptions.Re
     if code in ("CLUSTERDOWN", "MASTERDOWN"):
         return redis.exceptions.ClusterDownError(str(exc))
     if code == "READONLY":
+        return redis.exceptions.ReadOnlyError(str(exc))
+    if code == "UNBLOCKED":  # a blocking command on a master that Sentinel turned into a replica
         return redis.exceptions.ReadOnlyError(str(exc))
     return None
 
@@ -126,8 +130,11 @@ def _bracketed(host: str) -> str:
 
 
 def check_url(url: str) -> None:
-    """Raise ConfigError for a cluster URL that cannot be used (checked when it is configured)."""
-    if is_cluster_url(url):
+    """Raise ConfigError for a cluster or Sentinel URL that cannot be used (checked when it is
+    configured)."""
+    if is_sentinel_url(url):
+        sentinel_check_url(url)
+    elif is_cluster_url(url):
         try:
             parse_url(parse_cluster_url(url)[1])
         except ValueError as exc:
@@ -168,8 +175,14 @@ class Discovery:
             self._refreshed = time.monotonic()
         return self._cluster
 
+    #: A route of a cluster learns of a new owner from the nodes' replies (MOVED); it need not ask.
+    recheck_interval: float | None = None
+
     def startup(self) -> str:
         return ",".join(f"{_bracketed(h)}:{p}" for h, p in self._nodes)
+
+    def label(self, namespace: str, slot: int) -> str:
+        return f"namespace {namespace!r} (slot {slot})"
 
     def owner(self, slot: int, stale: bool) -> tuple[str, int]:
         """The (host, port) of the master that holds `slot`; with `stale`, after reading the slot
@@ -211,31 +224,49 @@ def not_a_cluster(url: str) -> RedisModeError:
 
 
 class Route:
-    """Where one namespace's commands go now: the master that holds its slot. Shared by the
-    connections of one client (and its threads)."""
+    """Where one namespace's commands go now: the master that holds its slot (a Cluster), or the
+    master the sentinels name (kickq.sentinel). Shared by the connections of one client (and its
+    threads)."""
 
-    def __init__(self, discovery: Discovery, namespace: str) -> None:
+    def __init__(self, discovery: Discovery | SentinelDiscovery, namespace: str) -> None:
         self.discovery = discovery
         self.namespace = namespace
         self.slot = key_slot(("{" + namespace + "}").encode())
+        self.label = discovery.label(namespace, self.slot)
         self._lock = threading.Lock()
         self._address: tuple[str, int] | None = None
         self._stale = False
+        # Where the discovery must be asked again now and then (Sentinel), when that is next due.
+        self._recheck_interval = discovery.recheck_interval
+        self._next_check = 0.0
         _locked.add(self)
 
     def known_address(self) -> tuple[str, int] | None:
-        """The owner as last learnt, without reading the slot map (None: it must be read)."""
+        """The owner as last learnt, without asking the discovery (None: it must be asked)."""
+        if self._recheck_interval is not None and time.monotonic() >= self._next_check:
+            return None
         return self._address
 
     def address(self) -> tuple[str, int]:
-        address = self._address
+        address = self.known_address()
         if address is not None:
             return address
         with self._lock:
             if self._address is None:
                 self._address = self.discovery.owner(self.slot, self._stale)
                 self._stale = False
+                self._checked()
+            elif self._recheck_interval is not None and time.monotonic() >= self._next_check:
+                self._checked()
+                try:
+                    self._address = self.discovery.owner(self.slot, True)
+                except CommandNotRun:
+                    pass  # no sentinel to ask, or none names a master: keep the one known
             return self._address
+
+    def _checked(self) -> None:
+        if self._recheck_interval is not None:
+            self._next_check = time.monotonic() + self._recheck_interval
 
     def not_served(self, exc: BaseException, address: tuple[str, int]) -> None:
         """The node at `address` refused a command with `exc` (see NOT_SERVED) or could not be
@@ -260,11 +291,13 @@ def _not_run_message(route: Route, address: tuple[str, int], exc: BaseException)
         why = "moved to another node"
     elif isinstance(exc, (redis.exceptions.TryAgainError, redis.exceptions.AskError)):
         why = "is migrating to another node"
+    elif isinstance(exc, redis.exceptions.ReadOnlyError):
+        why = "is not served by this node now (it is a replica)"
     elif isinstance(exc, NOT_SERVED):
         why = "has no master serving it now"
     else:
         why = "is on a node that could not be reached"
-    return (f"namespace {route.namespace!r} (slot {route.slot}) {why}: {host}:{port} said "
+    return (f"{route.label} {why}: {host}:{port} said "
             f"{type(exc).__name__}: {exc}; the command did not run")
 
 
@@ -307,6 +340,36 @@ class _RoutedMixin:
     def _not_served(self, exc: BaseException) -> None:
         self.route.not_served(exc, (self.host, self.port))
         self.disconnect()  # type: ignore[attr-defined]
+
+
+def left_behind(pubsub: Any) -> bool:
+    """Whether the connection a PubSub (or a connection) holds is to another node than its route
+    names now (Sentinel named a new master; the route asks at most every recheck_interval): its
+    holder should drop it and subscribe again. Never while no master is named."""
+    conn = getattr(pubsub, "connection", pubsub)
+    route = getattr(conn, "route", None)
+    if route is None:
+        return False
+    try:
+        return bool(route.address() != (conn.host, conn.port))
+    except CommandNotRun:
+        return False
+
+
+async def async_left_behind(pubsub: Any) -> bool:
+    """left_behind() for redis.asyncio: asking the sentinels runs in the loop's default executor."""
+    import asyncio
+    conn = getattr(pubsub, "connection", pubsub)
+    route = getattr(conn, "route", None)
+    if route is None:
+        return False
+    address = route.known_address()
+    if address is None:
+        try:
+            address = await asyncio.get_running_loop().run_in_executor(None, route.address)
+        except CommandNotRun:
+            return False
+    return bool(address != (conn.host, conn.port))
 
 
 class RoutedConnection(_RoutedMixin, Connection):
@@ -375,12 +438,12 @@ class AsyncRoutedSSLConnection(_AsyncRoutedMixin, aioconnection.SSLConnection):
         super().__init__(**kwargs)
 
 
-_discoveries: dict[tuple[str, str], Discovery] = {}
+_discoveries: dict[tuple[str, str], Discovery | SentinelDiscovery] = {}
 _discoveries_lock = threading.Lock()
 _discoveries_pid = os.getpid()
 #: Every Discovery and Route of the process: a forked child gives each a new lock (another
 #: thread of the parent may have held one at the fork).
-_locked: "weakref.WeakSet[Discovery | Route]" = weakref.WeakSet()
+_locked: "weakref.WeakSet[Discovery | SentinelDiscovery | Route]" = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
@@ -394,9 +457,9 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def discovery_for(url: str, options: Mapping[str, Any]) -> Discovery:
-    """The process' Discovery for this cluster URL and these client options (a forked child
-    makes its own)."""
+def discovery_for(url: str, options: Mapping[str, Any]) -> Discovery | SentinelDiscovery:
+    """The process' Discovery for this cluster URL (or SentinelDiscovery for this Sentinel URL) and
+    these client options (a forked child makes its own)."""
     global _discoveries_pid
     key = (url, repr(sorted((k, repr(v)) for k, v in options.items())))
     with _discoveries_lock:
@@ -405,7 +468,9 @@ def discovery_for(url: str, options: Mapping[str, Any]) -> Discovery:
             _discoveries_pid = os.getpid()
         found = _discoveries.get(key)
         if found is None:
-            found = _discoveries[key] = Discovery(url, options)
+            found = _discoveries[key] = (SentinelDiscovery(url, options) if is_sentinel_url(url)
+                                         else Discovery(url, options))
+            _locked.add(found)
         return found
 
 

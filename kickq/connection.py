@@ -17,6 +17,7 @@ except ImportError:  # optional (the `hiredis` extra): redis-py's packer then
     hiredis = None  # type: ignore[assignment]
 
 from . import cluster
+from .sentinel import is_sentinel_url
 from .errors import KickqError, RedisModeError, RedisUnavailable, RedisVersionError
 from .scripts import is_out_of_memory
 
@@ -76,9 +77,9 @@ def client_options(settings: Mapping[str, Any], retry: Any, **overrides: Any) ->
 def make_client(cls: Any, settings: Mapping[str, Any], kwargs: Mapping[str, Any]) -> Any:
     """`cls` (redis.Redis or redis.asyncio.Redis) for the configured URL, else host/port/password.
     For a cluster URL, a client of that class whose commands go to the master of the namespace's
-    slot (kickq.cluster)."""
+    slot (kickq.cluster); for a Sentinel URL, to the master the sentinels name (kickq.sentinel)."""
     url = redis_url(settings)
-    if url and cluster.is_cluster_url(url):
+    if url and (cluster.is_cluster_url(url) or is_sentinel_url(url)):
         make = cluster.async_routed_client if cls is not redis.Redis else cluster.routed_client
         return make(url, settings["redis_namespace"], kwargs, float(settings["redis_timeout"]))
     if url:
@@ -293,6 +294,11 @@ def check_mode(info: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
     slot map is read (kickq.cluster)."""
     if str(info.get("cluster_enabled", "0")) == "1" and not cluster.is_cluster_url(redis_url(settings)):
         raise cluster_node_error(settings)
+    if info.get("redis_mode") == "sentinel":  # a sentinel answers INFO, not kickq's scripts
+        node = describe(settings).partition("://")[2].partition("/")[0]
+        raise RedisModeError(f"Redis at {describe(settings)} is a Redis Sentinel: use "
+                             f"redis+sentinel://{node}[,host:port...]/SERVICE (the sentinels, and the "
+                             "name of the master they monitor)")
 
 
 def cluster_node_error(settings: Mapping[str, Any]) -> RedisModeError:

@@ -44,8 +44,9 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import redis
 
+from .cluster import left_behind
 from .connection import NOTIFICATION_TYPES, SUBSCRIBED_TYPES, UNSUBSCRIBED_TYPES, subscribe_notifications
-from .backoff import Backoff
+from .backoff import Outage
 from .errors import HotjobTimeout, JobNotFound, RedisUnavailable
 from .job import TERMINAL_STATES, Job, queue_reads, read_fields
 from .keys import Keys
@@ -139,6 +140,8 @@ class _Subscription(NamedTuple):
              until_done: Future[Job] | None = None) -> None:
         """Wait up to `seconds` for a message, then deliver it and every one that can be read
         without waiting, or those up to `until_done`'s."""
+        if left_behind(self.pubsub):  # Sentinel named another master: completions are published there
+            raise redis.exceptions.ConnectionError("the master changed")
         # Each get_message() first sends redis-py's health-check PING when one is due, without
         # which a silently dead connection would go unnoticed while idle.
         message = self.pubsub.get_message(timeout=seconds)
@@ -376,7 +379,7 @@ class HotjobWaiter:
     # --- the subscriber thread -----------------------------------------------------------------------
 
     def _listen(self) -> None:
-        backoff = Backoff()
+        outage = Outage(log, "hotjob subscriber")
         while not self._stopping.is_set():
             pubsub = None
             subscription: _Subscription | None = None
@@ -398,7 +401,7 @@ class HotjobWaiter:
                     ids = list(self._pending)
                 self._recheck(client, ids)
                 self._subscribed.set()
-                backoff.reset()
+                outage.ok()
                 while not self._stopping.is_set():
                     with self._lock:
                         while self._leading and not self._stopping.is_set():
@@ -414,8 +417,7 @@ class HotjobWaiter:
                                 raise
             except Exception as exc:  # never let the only subscriber thread die
                 self._subscribed.clear()
-                log.warning("hotjob subscriber lost Redis (%s); reconnecting", exc)
-                self._stopping.wait(backoff.next_delay())
+                self._stopping.wait(outage.failed(exc))
             finally:
                 with self._reading:
                     self._subscription = None

@@ -11,6 +11,15 @@ Pure redis-py plus the ``redis-server`` binary; kickq is not imported.
     setup.freeze_all_data_nodes(); setup.thaw_all_data_nodes()
     setup.stop()
 
+``start_sentinel_setup(tmpdir, tls=make_certs(dir))`` starts a setup that speaks TLS only:
+every data node's and sentinel's one port is a TLS port (``port 0``, ``tls-port``), and
+``tls-replication yes`` makes replicas connect to their master over TLS and sentinels
+connect to the data nodes and to each other over TLS (Redis' TLS docs, "Sentinel"; in
+sentinel.c a sentinel's links negotiate TLS when tls-replication is set, and its hellos
+announce its tls-port). ``SentinelSetup.url`` is ``rediss+sentinel://...``; the setup's own
+clients and pings verify the nodes against ``tls["ca.crt"]`` and, as any client, need no
+certificate of their own (``tls-auth-clients no``).
+
 Every process runs in the foreground (``daemonize no``) on a free loopback port, in its
 own directory ``<tmpdir>/<kind>-<port>/`` holding its config file and ``redis.log``. Data
 nodes read their settings from a config file too, so that the ``REPLICAOF`` + ``CONFIG
@@ -61,6 +70,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.helpers import log_tail, poll_until, free_port, ping, redis_server_binary
+from tests.topology import TlsFiles
 
 T = TypeVar("T")
 
@@ -144,11 +154,32 @@ def _poll(
     return poll_until(predicate, timeout, what, details, error=SentinelSetupError, interval=POLL_INTERVAL)
 
 
-def _write_data_conf(node: Node, replica_of: Node | None) -> None:
+def _port_lines(port: int, tls: TlsFiles | None) -> list[str]:
+    """A node's one port: plain, or (``tls``) a TLS port with no plain one (module docstring).
+    The node's certificate is also its client certificate on its own outgoing links."""
+    if not tls:
+        return [f"port {port}"]
+    return [
+        "port 0",
+        f"tls-port {port}",
+        f'tls-cert-file "{tls["server.crt"]}"',
+        f'tls-key-file "{tls["server.key"]}"',
+        f'tls-ca-cert-file "{tls["ca.crt"]}"',
+        "tls-auth-clients no",
+        "tls-replication yes",
+    ]
+
+
+def _tls_options(tls: TlsFiles | None) -> dict[str, Any]:
+    """redis-py options of a client of a node (none for a plain setup)."""
+    return {"ssl": True, "ssl_ca_certs": str(tls["ca.crt"])} if tls else {}
+
+
+def _write_data_conf(node: Node, replica_of: Node | None, tls: TlsFiles | None = None) -> None:
     node.workdir.mkdir(parents=True, exist_ok=True)
     lines = [
         f"bind {node.host}",
-        f"port {node.port}",
+        *_port_lines(node.port, tls),
         f'dir "{node.workdir}"',
         "daemonize no",
         'save ""',
@@ -165,12 +196,18 @@ def _write_data_conf(node: Node, replica_of: Node | None) -> None:
 
 
 def _write_sentinel_conf(
-    node: Node, service: str, master: Node, quorum: int, down_after_ms: int, failover_timeout_ms: int
+    node: Node,
+    service: str,
+    master: Node,
+    quorum: int,
+    down_after_ms: int,
+    failover_timeout_ms: int,
+    tls: TlsFiles | None = None,
 ) -> None:
     node.workdir.mkdir(parents=True, exist_ok=True)
     lines = [
         f"bind {node.host}",
-        f"port {node.port}",
+        *_port_lines(node.port, tls),
         f'dir "{node.workdir}"',
         "daemonize no",
         "sentinel resolve-hostnames no",
@@ -202,8 +239,10 @@ class SentinelSetup:
         quorum: int,
         down_after_ms: int,
         failover_timeout_ms: int,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.root = root
+        self.tls = tls
         self.redis_server = redis_server
         self.service = service
         self.expected_replicas = replicas
@@ -225,7 +264,12 @@ class SentinelSetup:
     @property
     def url(self) -> str:
         hosts = ",".join(f"{s.host}:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{self.service}"
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        return f"{scheme}://{hosts}/{self.service}"
+
+    def answers(self, node: Node) -> bool:
+        """``node`` answers PING (over TLS, verified against the test CA, in a TLS setup)."""
+        return ping(node.host, node.port, tls_ca=self.tls["ca.crt"] if self.tls else None)
 
     def node(self, port: int) -> Node:
         for n in self.data_nodes + self.sentinels:
@@ -238,7 +282,7 @@ class SentinelSetup:
         c = self._clients.get(node.port)
         if c is None:
             c = self._clients[node.port] = redis.Redis(
-                host=node.host, port=node.port, decode_responses=True
+                host=node.host, port=node.port, decode_responses=True, **_tls_options(self.tls)
             )
         return c
 
@@ -254,6 +298,7 @@ class SentinelSetup:
                 socket_timeout=ADMIN_SOCKET_TIMEOUT,
                 socket_connect_timeout=ADMIN_SOCKET_TIMEOUT,
                 retry=Retry(NoBackoff(), 0),
+                **_tls_options(self.tls),
             )
         return c
 
@@ -364,9 +409,9 @@ class SentinelSetup:
         for _ in range(attempts):
             node = make(self._fresh_port())
             node.process = _spawn(self.redis_server, node)
-            while time.monotonic() < deadline and node.running() and not ping(node.host, node.port):
+            while time.monotonic() < deadline and node.running() and not self.answers(node):
                 time.sleep(0.01)
-            if node.running() and ping(node.host, node.port):
+            if node.running() and self.answers(node):
                 return node
             if node.process.poll() is None:
                 node.process.kill()
@@ -383,7 +428,7 @@ class SentinelSetup:
         def data_node(replica_of: Node | None) -> Callable[[int], Node]:
             def make(port: int) -> Node:
                 node = Node("data", port, self.root / f"data-{port}")
-                _write_data_conf(node, replica_of)
+                _write_data_conf(node, replica_of, self.tls)
                 return node
             return make
 
@@ -406,7 +451,13 @@ class SentinelSetup:
         def sentinel(port: int) -> Node:
             node = Node("sentinel", port, self.root / f"sentinel-{port}")
             _write_sentinel_conf(
-                node, self.service, master, self.quorum, self.down_after_ms, self.failover_timeout_ms
+                node,
+                self.service,
+                master,
+                self.quorum,
+                self.down_after_ms,
+                self.failover_timeout_ms,
+                self.tls,
             )
             return node
 
@@ -545,7 +596,7 @@ class SentinelSetup:
         started = time.monotonic()
         node.process = _spawn(self.redis_server, node)
         _poll(
-            lambda: node.running() and ping(node.host, node.port),
+            lambda: node.running() and self.answers(node),
             timeout,
             f"{node} answers PING again",
             lambda: f"exit code {node.process.poll() if node.process else None}\n{log_tail(node.logfile)}",
@@ -601,10 +652,12 @@ def start_sentinel_setup(
     down_after_ms: int = 1000,
     failover_timeout_ms: int = 3000,
     timeout: float = START_TIMEOUT,
+    tls: TlsFiles | None = None,
 ) -> SentinelSetup:
     """Start 1 master, ``replicas`` replicas and ``sentinels`` sentinels (quorum: a majority)
     and return once every replica's link is up and every sentinel sees the master, all the
-    replicas and the other sentinels. ``startup_seconds``/``startup_phases`` say how long."""
+    replicas and the other sentinels. ``startup_seconds``/``startup_phases`` say how long.
+    With ``tls`` (tests.helpers.make_certs' files) every port speaks TLS only (module docstring)."""
     server = redis_server_binary()
     if server is None:
         raise SentinelSetupError("redis-server is needed (apt-get install redis-server)")
@@ -618,6 +671,7 @@ def start_sentinel_setup(
         quorum=sentinels // 2 + 1,
         down_after_ms=down_after_ms,
         failover_timeout_ms=failover_timeout_ms,
+        tls=tls,
     )
     try:
         setup._start(sentinels, time.monotonic() + timeout)

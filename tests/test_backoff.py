@@ -1,9 +1,12 @@
-"""kickq.backoff.Backoff: the delays of every retry loop, with an injected random source."""
+"""kickq.backoff: Backoff, the delays of every retry loop (with an injected random source), and
+Outage, which logs a lost Redis once per outage (with an injected clock)."""
 from __future__ import annotations
+
+import logging
 
 import pytest
 
-from kickq.backoff import FIRST_DELAY, MAX_DELAY, Backoff
+from kickq.backoff import FIRST_DELAY, MAX_DELAY, Backoff, Outage
 
 
 def delays(backoff: Backoff, n: int) -> list[float]:
@@ -42,3 +45,37 @@ def test_jitter_does_not_change_the_progression():
 def test_nonsense_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         Backoff(**kwargs)
+
+
+# --- Outage: a lost Redis logged once per outage -------------------------------------------------------
+
+def test_an_outage_is_logged_once_when_it_begins_and_once_when_it_ends(
+        caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    outage = Outage(logging.getLogger("kickq.test"), "worker 3", Backoff(first=0.05, cap=2.0),
+                    clock=lambda: now[0])
+    with caplog.at_level(logging.DEBUG, logger="kickq.test"):
+        delays = []
+        for _ in range(20):  # 20 failed retries
+            delays.append(outage.failed(ConnectionError("refused")))
+            now[0] += delays[-1]
+        outage.ok()
+        outage.ok()  # no outage to end
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    infos = [r for r in caplog.records if r.levelno == logging.INFO]
+    assert len(warnings) == 1 and "worker 3: Redis unavailable (refused)" in warnings[0].getMessage()
+    assert len(infos) == 1
+    assert infos[0].getMessage() == f"worker 3: Redis is back after {sum(delays):.1f}s (19 retries)"
+    assert delays[:3] == [0.05, 0.1, 0.2] and max(delays) == 2.0  # the backoff's bound
+    assert len([r for r in caplog.records if r.levelno == logging.DEBUG]) == 19
+
+
+def test_each_outage_is_logged_on_its_own(caplog: pytest.LogCaptureFixture) -> None:
+    outage = Outage(logging.getLogger("kickq.test"), "reaper", clock=lambda: 0.0)
+    with caplog.at_level(logging.INFO, logger="kickq.test"):
+        for _ in range(3):
+            outage.failed(ConnectionError("a"))
+            outage.failed(ConnectionError("b"))
+            outage.ok()
+    assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"] * 3
+    assert outage.backoff.next_delay() == outage.backoff.first  # ok() reset the backoff

@@ -27,6 +27,10 @@ class Channel:
     def _connection(self) -> Any:
         if self.conn is None:
             self.conn = checkout(self.client.connection_pool)
+        elif not self.sent:
+            # Nothing in flight: a connection that follows a master (Sentinel, a Cluster slot)
+            # moves now if its route names another node; else nothing to do.
+            self.conn.connect()
         return self.conn
 
     def _send(self, name: str, keys_and_args: tuple[list[str], list[Any]]) -> None:

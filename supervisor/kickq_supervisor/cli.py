@@ -183,7 +183,7 @@ def check_redis(settings: dict[str, Any]) -> str | None:
         return f"Redis at {describe(settings)} refused the credentials: {exc}"
     except redis.exceptions.ResponseError as exc:
         return f"Redis at {describe(settings)} refused: {exc}"
-    except (kickq.RedisVersionError, kickq.RedisModeError) as exc:
+    except (kickq.RedisVersionError, kickq.ConfigError) as exc:  # RedisModeError, an unknown service...
         return str(exc)
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         log.warning("Redis at %s is unavailable (%s); workers will keep retrying", describe(settings), exc)

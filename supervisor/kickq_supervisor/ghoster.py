@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 import redis
 
 from kickq import scripts
-from kickq.backoff import Backoff
+from kickq.backoff import Outage
 from kickq.connection import connect
 from kickq.keys import Keys
 
@@ -72,19 +72,20 @@ class Ghoster:
     def _run(self) -> None:
         client = self.connector(self.settings)
         scr = scripts.Scripts(client)
+        outage = Outage(log, "ghoster")
         while True:
             item = self.pending.get()
             if item is None:
                 return
             work, about = item
-            backoff = Backoff()
             while True:
                 try:
                     work(scr)
+                    outage.ok()
                     break
                 except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                    log.warning("cannot settle %s yet (%s); retrying", about, exc)
-                    time.sleep(backoff.next_delay())
+                    log.debug("cannot settle %s yet (%s)", about, exc)
+                    time.sleep(outage.failed(exc))
                 except Exception:  # noqa: BLE001 - this thread must outlive any one item
                     # Not a passing outage: trying again would fail again. The runs are left to
                     # lease recovery (the reaper), as if this supervisor had gone.

@@ -19,7 +19,8 @@ from typing import Any, Mapping, Sequence
 import redis
 
 from kickq import cron, scripts
-from kickq.backoff import Backoff
+from kickq.backoff import Outage
+from kickq.cluster import left_behind
 from kickq.connection import NOTIFICATION_TYPES, UNSUBSCRIBED_TYPES, connect, subscribe_notifications
 from kickq.keys import Keys
 
@@ -67,6 +68,8 @@ def _woken(pubsub: Any, timeout: float) -> bool:
     """Wait up to `timeout` for a notification; read every message that is there. True when one
     came. A subscription the server ended (on a cluster, the namespace's slot moved to another
     node) raises ConnectionError, so that the caller subscribes again."""
+    if left_behind(pubsub):  # Sentinel named another master: the scripts notify there
+        raise redis.exceptions.ConnectionError("the master changed")
     woken = False
     message = pubsub.get_message(timeout=timeout)
     while message is not None:
@@ -142,7 +145,7 @@ class Reaper:
         self.client = connect(self.settings)
         self.scripts = scripts.Scripts(self.client)
         vitals = Vitals([k.namespace for k in self.keys], float(self.settings.get("vitals_interval", 300)))
-        backoff = Backoff()
+        outage = Outage(log, "reaper")
         pubsub = None
         while True:
             try:
@@ -151,7 +154,7 @@ class Reaper:
                     subscribe_notifications(self.client, pubsub, *[k.reaper for k in self.keys])
                 wait = min(self.tick(keys) for keys in self.keys)
                 wait = min(wait, vitals.due(self.client))  # logs a vitals line when one is due
-                backoff.reset()
+                outage.ok()
                 # Sleep on the subscription: a producer that schedules something earlier wakes us,
                 # and the timeout is kept by the client, to the millisecond (a blocking Redis
                 # command would only time out on the server's 100 ms cron).
@@ -160,8 +163,7 @@ class Reaper:
                     if _woken(pubsub, left):
                         break
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                delay = backoff.next_delay()
-                log.warning("reaper: Redis unavailable (%s); retrying in %.2fs", exc, delay)
+                delay = outage.failed(exc)
                 if pubsub is not None:
                     pubsub.close()
                     pubsub = None

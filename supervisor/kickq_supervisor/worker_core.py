@@ -38,7 +38,7 @@ from typing import Any, Callable, Generator, Iterable, Mapping, NamedTuple, Unio
 import redis
 
 from kickq import scripts
-from kickq.backoff import Backoff
+from kickq.backoff import Backoff, Outage
 from kickq.config import JOB_OPTION_DEFAULTS
 from kickq.keys import Keys
 
@@ -296,6 +296,7 @@ class WorkerCore:
         self.max_jobs = max_jobs
         self.max_memory = max_memory
         self.backoff = backoff or Backoff(jitter=0.5)  # workers that lost Redis together retry apart
+        self.outage = Outage(log, f"worker {number}", self.backoff, clock=clock)
         self.pace = Pace(prefetch)
         self.journal = Journal(keys.journal(claimer))
         self.hand: deque[HeldJob] = deque()
@@ -509,7 +510,7 @@ class WorkerCore:
         if refused is not None:
             yield from self._pause(refused)
         else:
-            self.backoff.reset()
+            self.outage.ok()
 
     def _finished_many(self, call: FinishMany, reply: Any) -> None:
         del self.journal.ids[:call.journal_ends]
@@ -539,8 +540,7 @@ class WorkerCore:
         yield from self._pause(error)
 
     def _pause(self, error: Exception) -> Generator[Command, Any, None]:
-        delay = self.backoff.next_delay()
-        log.warning("worker %d: Redis unavailable (%s); retrying in %.2fs", self.number, error, delay)
+        delay = self.outage.failed(error)
         if isinstance((yield Pause(delay)), Interrupted):
             raise _Interrupted()
 
@@ -591,7 +591,7 @@ class WorkerCore:
         if woke.handoff is not None:
             handed = scripts.parse_handoff(woke.handoff)
             if handed is not None:
-                self.backoff.reset()
+                self.outage.ok()
                 return handed
         # Claim even after a timeout: a job whose token was lost is found by this poll.
         got = yield ClaimOne(self.idle_ms)
@@ -599,7 +599,7 @@ class WorkerCore:
             yield from self._claim_failed(got)
             return None
         self.registered = got is None
-        self.backoff.reset()
+        self.outage.ok()
         return got  # type: ignore[no-any-return]
 
     def _claim_failed(self, failure: Lost | Refused) -> Generator[Command, Any, None]:

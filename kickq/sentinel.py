@@ -1,0 +1,195 @@
+"""Redis Sentinel: kickq's commands go to the master that the sentinels name, and follow a failover.
+
+A `redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/DB]` URL names the sentinels
+and the service (Sentinel's name for one master and its replicas). Which node is the master comes
+from redis-py's Sentinel support (`redis.sentinel.Sentinel.discover_master`: the first sentinel
+that names a master it does not consider down). Commands are sent over the same routed connections
+as on a Redis Cluster (kickq.cluster: RoutedConnection, RoutedRedis), whose Route asks a
+SentinelDiscovery instead of the slot map:
+
+- a connection connects to the master named now; one still open to the old master moves at its
+  next use once the route learnt of the new one;
+- a write refused by a node that is a replica now (READONLY: the old master after Sentinel
+  reconfigured it), a blocking command cut short by that demotion (UNBLOCKED), a connection that
+  could not be opened, and "no sentinel names a master" all mean the command did not run
+  (CommandNotRun): user calls make it again for up to redis_timeout, long-lived loops back off;
+- the route asks the sentinels again at most every RECHECK_INTERVAL while it is used, so that
+  connections leave an old master that Sentinel replaced but has not reconfigured yet (after a
+  planned SENTINEL FAILOVER it accepts writes for about 10 s, which are lost when it becomes a
+  replica). A sentinel that cannot be asked then leaves the known master in use.
+
+The credentials and options of the URL (and redis_options) are the data nodes'. Sentinels get the
+same TLS settings and timeouts, and no password unless the URL's query gives `sentinel_password`
+(and `sentinel_username`): a deployment's sentinels usually have none, or one of their own.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Mapping
+from urllib.parse import unquote
+
+import redis
+from redis.backoff import NoBackoff
+from redis.connection import parse_url, to_bool
+from redis.retry import Retry
+from redis.sentinel import MasterNotFoundError, Sentinel
+
+from .errors import ConfigError, RedisModeError
+
+#: URL schemes of a Sentinel deployment, and the scheme of one data node's URL with the same options.
+SENTINEL_SCHEMES = {"redis+sentinel": "redis", "rediss+sentinel": "rediss"}
+
+#: How often (at most, in seconds) a route in use asks the sentinels whether the master changed.
+RECHECK_INTERVAL = 1.0
+
+#: Replies by which a node says it is no longer the master (see module docstring).
+DEMOTED_UNBLOCKED = "UNBLOCKED"
+
+#: Query options of the URL for the sentinels themselves.
+SENTINEL_AUTH_OPTIONS = ("sentinel_username", "sentinel_password")
+
+
+def is_sentinel_url(url: str | None) -> bool:
+    return bool(url) and url.partition("://")[0].lower() in SENTINEL_SCHEMES  # type: ignore[union-attr]
+
+
+class SentinelURL:
+    """A parsed redis+sentinel:// URL."""
+
+    def __init__(self, sentinels: list[tuple[str, int]], service: str, db: int, node_url: str) -> None:
+        self.sentinels = sentinels
+        self.service = service
+        self.db = db
+        #: A data node URL (of the first sentinel's address: only its credentials, database and
+        #: options are used) that redis-py's parse_url reads.
+        self.node_url = node_url
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """`redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/DB][?options]`. Raises
+    ConfigError."""
+    scheme, _, rest = url.partition("://")
+    node_scheme = SENTINEL_SCHEMES.get(scheme.lower())
+    if node_scheme is None:
+        raise ConfigError(f"not a Sentinel URL (redis+sentinel:// or rediss+sentinel://): {scheme}://...")
+    # The query first: its values may hold a "/" (?ssl_ca_certs=/etc/ca.crt), the hosts cannot.
+    rest, _, options = rest.partition("?")
+    authority, _, path = rest.partition("/")
+    credentials, at, hosts = authority.rpartition("@")
+    sentinels: list[tuple[str, int]] = []
+    for part in hosts.split(","):
+        host, colon, port = part.strip().rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{scheme}:// URL: each sentinel must be host:port, got {part!r}")
+        sentinels.append((unquote(host.strip("[]")), int(port)))
+    service, _, db = path.partition("/")
+    service = unquote(service)
+    if not service:
+        raise ConfigError(f"{scheme}:// URL: the service (Sentinel's master name) is missing: "
+                          f"{scheme}://host:port[,host:port...]/SERVICE[/DB]")
+    if db and not db.isdigit():
+        raise ConfigError(f"{scheme}:// URL: the database must be a number, got /{db}")
+    first_host, first_port = sentinels[0]
+    bracketed = f"[{first_host}]" if ":" in first_host else first_host
+    node_url = f"{node_scheme}://{credentials}{at}{bracketed}:{first_port}/{db or 0}"
+    if options:
+        node_url += "?" + options
+    return SentinelURL(sentinels, service, int(db or 0), node_url)
+
+
+def check_url(url: str) -> None:
+    """Raise ConfigError for a Sentinel URL that cannot be used (checked when it is configured)."""
+    try:
+        _node_kwargs(parse_sentinel_url(url).node_url)
+    except ValueError as exc:
+        raise ConfigError(f"redis_url: {exc}") from None
+
+
+def _node_kwargs(node_url: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the data nodes' connection options from the URL, the sentinels' own auth options)."""
+    kwargs = dict(parse_url(node_url))
+    auth = {option: kwargs.pop(option) for option in SENTINEL_AUTH_OPTIONS if option in kwargs}
+    renamed = {"sentinel_username": "username", "sentinel_password": "password"}
+    return kwargs, {renamed[k]: v for k, v in auth.items()}
+
+
+class SentinelDiscovery:
+    """Which node is the master of one service, as the sentinels say. One per process and URL (see
+    kickq.cluster.discovery_for); every route of that URL asks it."""
+
+    #: Routes ask again this often while in use (kickq.cluster.Route).
+    recheck_interval = RECHECK_INTERVAL
+
+    def __init__(self, url: str, options: Mapping[str, Any]) -> None:
+        self.url = url
+        parsed = parse_sentinel_url(url)
+        self.service = parsed.service
+        self._sentinels = parsed.sentinels
+        self.first_node = parsed.sentinels[0]  # a placeholder: every connection asks its route
+        kwargs, sentinel_auth = _node_kwargs(parsed.node_url)
+        #: TLS: a rediss+sentinel:// URL, or ssl=True in its query or in the client options.
+        self.tls = (kwargs.pop("connection_class", None) is not None or bool(to_bool(kwargs.pop("ssl", None)))
+                    or bool(options.get("ssl")))
+        #: What every routed connection takes from the URL: credentials, database, query options.
+        self.connection_kwargs = kwargs
+        # The sentinels: the client's timeouts (at most 2 s: a sentinel answers at once, and a
+        # frozen one must not hold up discovery long) and TLS options; no retries (discovery asks
+        # the next sentinel).
+        sentinel_kwargs: dict[str, Any] = {
+            k: v for k, v in {**kwargs, **options}.items()
+            if k.startswith("ssl") or k in ("socket_timeout", "socket_connect_timeout", "protocol")}
+        for name in ("socket_timeout", "socket_connect_timeout"):
+            sentinel_kwargs[name] = min(float(sentinel_kwargs.get(name) or 2.0), 2.0)
+        sentinel_kwargs.update(sentinel_auth, decode_responses=True, retry=Retry(NoBackoff(), 0),
+                               ssl=self.tls)
+        if not self.tls:
+            sentinel_kwargs = {k: v for k, v in sentinel_kwargs.items() if not k.startswith("ssl_")}
+        self._sentinel = Sentinel(parsed.sentinels, sentinel_kwargs=sentinel_kwargs)
+        self._lock = threading.Lock()
+
+    def startup(self) -> str:
+        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self._sentinels)
+
+    def label(self, namespace: str, slot: int) -> str:
+        return f"service {self.service!r}"
+
+    def owner(self, slot: int, stale: bool) -> tuple[str, int]:
+        """The (host, port) of the service's master, as the first sentinel that names one says."""
+        from .cluster import CommandNotRun  # kickq.cluster imports this module when it routes
+
+        with self._lock:
+            try:
+                host, port = self._sentinel.discover_master(self.service)
+            except MasterNotFoundError as exc:
+                unreachable = self._check_service_known(exc)
+                raise CommandNotRun(f"no sentinel of {self.startup()} names a master for service "
+                                    f"{self.service!r} now: {unreachable or exc}") from exc
+        return str(host), int(port)
+
+    def _check_service_known(self, exc: MasterNotFoundError) -> str | None:
+        """No master found: a ConfigError when every sentinel answered and none monitors the
+        service (a wrong name) or a node is no sentinel at all, else the outage it is. Returns
+        why a sentinel could not be asked (e.g. its TLS certificate is not trusted), if one could
+        not: redis-py's own message has it only after each client's repr (a few thousand characters)."""
+        known: set[str] = set()
+        for client in self._sentinel.sentinels:
+            try:
+                masters = client.sentinel_masters()
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as unreachable:
+                where = client.connection_pool.connection_kwargs
+                return f"sentinel {where['host']}:{where['port']}: {unreachable}"
+            except redis.exceptions.ResponseError as refused:  # SENTINEL is an unknown command there
+                where = client.connection_pool.connection_kwargs
+                raise RedisModeError(f"{where['host']}:{where['port']} is not a Redis Sentinel "
+                                     f"({refused}): a redis+sentinel:// URL names the sentinels; use "
+                                     "redis:// for a single server") from None
+            if self.service in masters:
+                return None
+            known.update(masters if isinstance(masters, dict) else ())
+        raise ConfigError(f"no sentinel of {self.startup()} monitors a service {self.service!r} "
+                          f"(they monitor: {', '.join(sorted(known)) or 'none'})") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._sentinel.sentinels:
+                client.close()
