@@ -919,7 +919,7 @@ class LedgerWatcher(threading.Thread):
         self.ledger, self.interval = ledger, interval
         self.first_run: dict[str, float] = {}  # ref -> when its first execution was seen (monotonic)
         self._offset = 0
-        self._stop = threading.Event()
+        self.stopping = threading.Event()
 
     def __enter__(self) -> "LedgerWatcher":
         self.start()
@@ -942,11 +942,11 @@ class LedgerWatcher(threading.Thread):
             self.first_run.setdefault(line.split(" ")[3], now)
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self.stopping.wait(self.interval):
             self._read_new()
 
     def stop(self) -> None:
-        self._stop.set()
+        self.stopping.set()
         if self.is_alive():
             self.join(timeout=10)
         self._read_new()
