@@ -548,7 +548,7 @@ def test_case14d_a_schedule_across_a_failover(size, make_sentinel, ledger, start
     kq = client(setup.url, namespace)
     r = sentinel_client(setup.url, timeout=3)
     keys = Keys(namespace)
-    with Monitor(setup.url, namespace, interval=0.3) as monitor:
+    with Monitor(setup.url, namespace, interval=0.3) as monitor, LedgerWatcher(ledger) as watcher:
         kq.schedule("tick", every=every, catch_up="all", data={"ms": 1})
         time.sleep(before)  # the schedule runs: the case's pace
         killed_wall = time.time()
@@ -577,12 +577,19 @@ def test_case14d_a_schedule_across_a_failover(size, make_sentinel, ledger, start
     twice = {tick: [(e.job_id, e.attempt) for e in execs] for tick, execs in runs.items() if len(execs) > 1}
     kill_ms = int(killed_wall * 1000)
     missed = [t for t in ticks if kill_ms <= t <= kill_ms + times.promoted_seconds * 1000]
+    wall = time.time() - time.monotonic()
+    # how late each tick first ran: the watcher's monotonic time on the wall clock, against the tick
+    late = {t: watcher.first_run[f"tick{t}"] + wall - t / 1000
+            for t in ticks if f"tick{t}" in watcher.first_run}
+    usual = sorted(v for t, v in late.items() if t not in missed)
     alive_now = supervisor_pids(sup)
     strays = purge_and_find_strays(r, namespace, ["tick"])
     r.close()
     case.note(
         f"{len(ticks)} ticks run ({len(missed)} of them due between the kill and the promotion, "
-        f"{times.promoted_seconds:.2f}s later); executions {sum(len(e) for e in runs.values())}; ticks run "
+        f"{times.promoted_seconds:.2f}s later, ran {max((late.get(t, 0) for t in missed), default=0):.2f}s "
+        f"late at most; the others ran {usual[len(usual) // 2] if usual else 0:.2f}s late (median), "
+        f"{max(usual, default=0):.2f}s at most); executions {sum(len(e) for e in runs.values())}; ticks run "
         f"more than once {twice}; skipped {skipped[:10]}"
     )
     case.check("ticks ran on both masters (before the kill and after the promotion)",
@@ -667,8 +674,13 @@ def test_case14e_no_master_for_a_while(outage, make_sentinel, ledger, start_supe
     case.check("nothing spins without a master: each process uses < 5 % of a core",
                all(share < 0.05 for share in busy.values()),
                ", ".join(f"{name} {share:.1%}" for name, share in busy.items()))
-    case.check("each process logs the outage a bounded number of times (<= 3 records from the freeze on)",
-               all(n <= 3 for n in list(per_process.values()) + list(others.values())),
+    # Each process logs a lost Redis once and its return once; a failover after the thaw is a second
+    # change of master, which a process may log the same way.
+    bound = 2 * (1 + failed_over)
+    case.check(f"each process logs the outage a bounded number of times (<= {bound} records from the "
+               "freeze on: Redis lost, Redis back"
+               + (", for each of the two masters)" if failed_over else ")"),
+               all(n <= bound for n in list(per_process.values()) + list(others.values())),
                per_process)
     case.check("no producer call hangs: each returns within redis_timeout + 1 s",
                producer.longest <= 6, f"{producer.longest:.2f}s")
