@@ -92,30 +92,38 @@ def settle(r: redis.Redis, ns: str, ids: list[str]) -> tuple[float | None, str]:
 
 @dataclass
 class Fates:
-    """Each acknowledged create, by its ref, from the ledger and the job Redis has under its id (an
-    id the new master hands out again after losing writes holds another ref then)."""
+    """Each acknowledged create, by its ref, from the ledger and the job the final master has under
+    its id. A create is lost if the master that acknowledged it lost it with its write: its job
+    never ran, or it ran there but the final master has no record of it (no job under its id, or
+    another one: the new master hands out again the ids of the writes it did not get)."""
 
-    never_ran: list[str]  # acknowledged, no execution in the ledger: the lost ones
-    id_reused: list[str]  # its id now names another job
+    never_ran: list[str]  # no execution in the ledger
+    record_lost: list[str]  # ran, but the final master has no job of this ref under its id
+    id_reused: list[str]  # its id names another job (never ran or ran)
     stranded: list[str]  # its job is there and not terminal
     failed: list[str]  # its job ended in fail
 
+    @property
+    def lost(self) -> list[str]:
+        return self.never_ran + self.record_lost
+
 
 def fates(out: Outcomes, acked: dict[str, str]) -> Fates:
-    never_ran, id_reused, stranded, failed = [], [], [], []
+    never_ran, record_lost, id_reused, stranded, failed = [], [], [], [], []
     for ref in acked:
         job = out.final.get(ref)
+        own = job is not None and isinstance(job.data, dict) and job.data.get("ref") == ref
         if ref not in out.by_ref:
             never_ran.append(ref)
-        if job is None:
-            continue
-        if not (isinstance(job.data, dict) and job.data.get("ref") == ref):
+        elif not own:
+            record_lost.append(ref)
+        if job is not None and not own:
             id_reused.append(ref)
-        elif job.state not in TERMINAL_STATES:
+        elif job is not None and job.state not in TERMINAL_STATES:
             stranded.append(ref)
-        elif job.state == "fail":
+        elif job is not None and job.state == "fail":
             failed.append(ref)
-    return Fates(never_ran, id_reused, stranded, failed)
+    return Fates(never_ran, record_lost, id_reused, stranded, failed)
 
 
 HISTORY = re.compile(r"^(?:final: )?job (\S+): (?:terminal .* changed|attempt went back)")
@@ -172,6 +180,13 @@ class FailoverRun:
     monitor: Monitor
     strays: list[str]
     old_master_writable: float | None
+    events: dict[str, float]  # Sentinel's steps (sentinel_events), monotonic
+
+
+#: The steps of a failover in Sentinel's log: the chosen replica is sent REPLICAOF NO ONE, says it is
+#: master, then the other replicas are sent REPLICAOF the new master (and have resynchronised).
+FAILOVER_STEPS = ("+odown", "+failover-state-send-slaveof-noone", "+promoted-slave", "+slave-reconf-sent",
+                  "+slave-reconf-done", "+switch-master")
 
 
 def failover_under_load(kind: str, wait_replicas: int, load: float, setup: Any, ledger: Ledger,
@@ -221,22 +236,52 @@ def failover_under_load(kind: str, wait_replicas: int, load: float, setup: Any, 
         monitor=monitor,
         strays=purge_and_find_strays(r, ns, ["work"]),
         old_master_writable=times.old_master_writable_after_promotion_seconds,
+        events=sentinel_events(setup, began, FAILOVER_STEPS),
     )
     r.close()
     return run
 
 
-def split_ids(run: FailoverRun) -> set[str]:
-    """Ids the old master wrote alone: handed out again by the new master, or of jobs run twice."""
-    refs = set(run.fates.id_reused) | set(run.out.duplicated)
-    return {run.producer.acked[ref] for ref in refs if ref in run.producer.acked}
+def split_ids(out: Outcomes, acked: dict[str, str], reused: list[str]) -> set[str]:
+    """Ids the old master wrote alone: ids run for two refs (the ledger) or handed out again (`reused`
+    refs), and the ids of jobs run twice."""
+    refs_of: dict[str, set[str]] = defaultdict(set)
+    for ref, runs in out.by_ref.items():
+        for execution in runs:
+            refs_of[execution.job_id].add(ref)
+    twice = {job_id for job_id, refs in refs_of.items() if len(refs) > 1}
+    return twice | {acked[ref] for ref in set(reused) | set(out.duplicated) if ref in acked}
+
+
+#: Sentinel's log line: "<pid>:X 08 Dec 2026 02:20:30.610 * +failover-state-send-slaveof-noone ..."
+SENTINEL_EVENT = re.compile(r"^\d+:X (\d\d \w{3} \d{4} \d\d:\d\d:\d\d\.\d{3}) [*#\-.] ([+-][\w-]+) ")
+
+
+def sentinel_events(setup: Any, since: float, names: tuple[str, ...]) -> dict[str, float]:
+    """When the sentinels logged each of `names` last since `since` (both time.monotonic()): from
+    their log files, whose times are the local wall clock to the millisecond."""
+    from datetime import datetime
+
+    to_monotonic = time.monotonic() - time.time()
+    found: dict[str, float] = {}
+    for sentinel in setup.sentinels:
+        try:
+            text = sentinel.logfile.read_text(errors="replace")
+        except OSError:
+            continue
+        for m in map(SENTINEL_EVENT.match, text.splitlines()):
+            if m and m.group(2) in names:
+                at = datetime.strptime(m.group(1), "%d %b %Y %H:%M:%S.%f").timestamp() + to_monotonic
+                if at >= since - 0.01:
+                    found[m.group(2)] = max(found.get(m.group(2), at), at)
+    return found
 
 
 def describe(run: FailoverRun, case: Case) -> list[float]:
     """Notes of the figures 14a and 14b share; returns when each lost create was acknowledged,
     relative to the promotion."""
     p = run.producer
-    lost_at = [p.acked_at[ref] - run.promoted_at for ref in run.fates.never_ran]
+    lost_at = [p.acked_at[ref] - run.promoted_at for ref in run.fates.lost]
     reused_at = [p.acked_at[ref] - run.promoted_at for ref in run.fates.id_reused]
     case.note(run.out.line())
     case.note(
@@ -248,10 +293,21 @@ def describe(run: FailoverRun, case: Case) -> list[float]:
         f"run {run.resumed:.2f}s after it; longest create {p.longest:.2f}s; producer errors "
         f"{dict(p.errors)}"
     )
+    case.note("Sentinel's steps, seconds after the fault began: " + ", ".join(
+        f"{name} {at - run.began:.3f}" for name, at in sorted(run.events.items(), key=lambda e: e[1])))
+    noone, reconf = run.events.get("+failover-state-send-slaveof-noone"), run.events.get("+slave-reconf-sent")
+    if lost_at and noone is not None and reconf is not None:
+        lost_acks = [p.acked_at[ref] for ref in run.fates.lost]
+        inside = sum(1 for at in lost_acks if noone <= at <= reconf)
+        case.note(f"the lost creates were acknowledged {min(lost_acks) - noone:+.3f}s.."
+                  f"{max(lost_acks) - noone:+.3f}s after the promoted replica was sent REPLICAOF NO ONE, "
+                  f"{max(lost_acks) - reconf:+.3f}s at the latest after the other replica was sent REPLICAOF "
+                  f"the new master; {inside} of {len(lost_acks)} between the two")
     case.note(
-        f"acknowledged {len(p.acked)}, never ran {len(run.fates.never_ran)}"
-        + (f" {sorted(run.fates.never_ran, key=_ref_order)[:10]}, acknowledged "
-           f"{seconds_list(sorted(lost_at))[:200]} relative to the promotion" if lost_at else "")
+        f"acknowledged {len(p.acked)}, lost {len(run.fates.lost)} (never ran {len(run.fates.never_ran)}"
+        f", ran but the final master has no record {len(run.fates.record_lost)})"
+        + (f" {sorted(run.fates.lost, key=_ref_order)[:6]}..., acknowledged {min(lost_at):+.3f}s.."
+           f"{max(lost_at):+.3f}s relative to the promotion" if lost_at else "")
         + f"; id handed out again {len(run.fates.id_reused)}"
         + (f" (acknowledged {min(reused_at):+.2f}s..{max(reused_at):+.2f}s relative to the promotion)"
            if reused_at else "")
@@ -289,11 +345,12 @@ def test_case14a_the_master_killed_under_load(
                               tmp_path)
     describe(run, case)
     killed = run.began
-    before_kill = [killed - run.producer.acked_at[ref] for ref in run.fates.never_ran]
+    before_kill = [killed - run.producer.acked_at[ref] for ref in run.fates.lost]
     in_last_second = sum(1 for at in run.producer.acked_at.values() if killed - 1 <= at <= killed)
     if wait_replicas:
-        case.check("no acknowledged create lost (each ran)", not run.fates.never_ran,
-                   len(run.fates.never_ran))
+        case.check("no acknowledged create lost (each ran, and the new master has its job)",
+                   not run.fates.lost, f"{len(run.fates.never_ran)} never ran, "
+                   f"{len(run.fates.record_lost)} ran without a record")
     else:
         case.check(
             "a lost acknowledgement is one of the replication window only: acknowledged < 1 s before the "
@@ -318,7 +375,8 @@ def test_case14a_the_master_killed_under_load(
         run.flow_back <= promotion + 3 and run.resumed <= promotion + 3,
         f"{run.flow_back:.2f}s, {run.resumed:.2f}s",
     )
-    end_case(case, run.pids, run.alive_now, run.monitor, run.strays, split_ids(run))
+    end_case(case, run.pids, run.alive_now, run.monitor, run.strays,
+             split_ids(run.out, run.producer.acked, run.fates.id_reused))
 
 
 @pytest.mark.parametrize("wait_replicas", [0, 1], ids=["wait0", "wait1"])
@@ -340,9 +398,11 @@ def test_case14b_a_planned_failover_under_load(
     assert run.demoted_at is not None
     demoted = run.demoted_at - run.promoted_at
     if wait_replicas:
-        case.check("no acknowledged create lost (each ran)", not run.fates.never_ran,
-                   f"{len(run.fates.never_ran)}, acknowledged {seconds_list(sorted(lost_at))[:200]} "
-                   "relative to the promotion")
+        case.check("no acknowledged create lost (each ran, and the new master has its job)",
+                   not run.fates.lost, f"{len(run.fates.never_ran)} never ran, "
+                   f"{len(run.fates.record_lost)} ran without a record; acknowledged "
+                   + (f"{min(lost_at):+.3f}s..{max(lost_at):+.3f}s relative to the promotion"
+                      if lost_at else "-"))
     else:
         case.check(
             "a lost acknowledgement is one of the switch: acknowledged between 1 s before the SENTINEL "
@@ -372,7 +432,8 @@ def test_case14b_a_planned_failover_under_load(
         run.flow_back <= run.demoted_at - run.began + 3 and run.resumed <= run.demoted_at - run.began + 3,
         f"{run.flow_back:.2f}s, {run.resumed:.2f}s",
     )
-    end_case(case, run.pids, run.alive_now, run.monitor, run.strays, split_ids(run))
+    end_case(case, run.pids, run.alive_now, run.monitor, run.strays,
+             split_ids(run.out, run.producer.acked, run.fates.id_reused))
 
 
 # --- 14c: hotjob waiters ------------------------------------------------------------------------------------
