@@ -258,8 +258,8 @@ SENTINEL_EVENT = re.compile(r"^\d+:X (\d\d \w{3} \d{4} \d\d:\d\d:\d\d\.\d{3}) [*
 
 
 def sentinel_events(setup: Any, since: float, names: tuple[str, ...]) -> dict[str, float]:
-    """When the sentinels logged each of `names` last since `since` (both time.monotonic()): from
-    their log files, whose times are the local wall clock to the millisecond."""
+    """When a sentinel first logged each of `names` at or after `since` (both time.monotonic()):
+    from their log files, whose times are the local wall clock to the millisecond."""
     from datetime import datetime
 
     to_monotonic = time.monotonic() - time.time()
@@ -273,7 +273,7 @@ def sentinel_events(setup: Any, since: float, names: tuple[str, ...]) -> dict[st
             if m and m.group(2) in names:
                 at = datetime.strptime(m.group(1), "%d %b %Y %H:%M:%S.%f").timestamp() + to_monotonic
                 if at >= since - 0.01:
-                    found[m.group(2)] = max(found.get(m.group(2), at), at)
+                    found[m.group(2)] = min(found.get(m.group(2), at), at)
     return found
 
 
