@@ -905,9 +905,12 @@ class ProducerProcess:
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([A-Z]+) \[(\d+)\] ")
 
 
-def log_lines_by_pid(text: str) -> Counter[int]:
-    """How many log records each process wrote in `text` (a traceback's lines count with its record)."""
-    return Counter(int(m.group(2)) for m in map(LOG_LINE.match, text.splitlines()) if m)
+def log_lines_by_pid(text: str, about: str | None = None) -> Counter[int]:
+    """How many log records each process wrote in `text` (a traceback's lines count with its record);
+    with `about`, only the records in which that regular expression is found."""
+    wanted = re.compile(about) if about else None
+    return Counter(int(m.group(2)) for line in text.splitlines()
+                   if (m := LOG_LINE.match(line)) and (wanted is None or wanted.search(line)))
 
 
 class LedgerWatcher(threading.Thread):

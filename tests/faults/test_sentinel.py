@@ -45,6 +45,8 @@ from tests.helpers import wait_until
 pytestmark = pytest.mark.sentinel
 
 RATE = 300  # creates per second
+#: A log record about Redis lost or back (kickq.backoff.Outage's, "the master changed" included).
+OUTAGE_RECORD = r"Redis (?:unavailable|is back)"
 OPTS = {"process_timeout": 5, "ghost_interval": 0}
 SETTLE_TIMEOUT = 60.0
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -185,19 +187,25 @@ class FailoverRun:
 
     @property
     def failed_over_twice(self) -> bool:
-        return self.first_promoted is not None or len(self.events.get("+switch-master", [])) > 1
+        """Only the leading sentinel logs +failover-state-send-slaveof-noone, once per failover."""
+        return (self.first_promoted is not None
+                or len(self.events.get("+failover-state-send-slaveof-noone", [])) > 1)
 
     @property
     def last_switch(self) -> float:
-        """When a sentinel last announced a new master (+switch-master; else when the setup saw the
-        promotion)."""
+        """When the last sentinel took up the last new master (+switch-master; else when the setup saw
+        the promotion)."""
         return max(self.events.get("+switch-master", []), default=self.promoted_at)
 
 
-#: The steps of a failover in Sentinel's log: the chosen replica is sent REPLICAOF NO ONE, says it is
-#: master, then the other replicas are sent REPLICAOF the new master (and have resynchronised).
+#: The steps of a failover in Sentinel's log: the master is objectively down (each sentinel says so;
+#: not for a planned failover), the leader sends the chosen replica REPLICAOF NO ONE, sees it say
+#: master, sends the other replicas REPLICAOF the new master (and sees them resynchronised); each
+#: sentinel then switches to the new master (the leader first, the others on its hello).
 FAILOVER_STEPS = ("+odown", "+failover-state-send-slaveof-noone", "+promoted-slave", "+slave-reconf-sent",
                   "+slave-reconf-done", "+switch-master")
+#: Steps every sentinel logs: shown as first..last.
+EVERY_SENTINEL = ("+odown", "+switch-master")
 
 
 def failover_under_load(kind: str, wait_replicas: int, load: float, setup: Any, ledger: Ledger,
@@ -270,10 +278,9 @@ SENTINEL_EVENT = re.compile(r"^\d+:X (\d\d \w{3} \d{4} \d\d:\d\d:\d\d\.\d{3}) [*
 
 
 def sentinel_events(setup: Any, since: float, names: tuple[str, ...]) -> dict[str, list[float]]:
-    """When the sentinels logged each of `names` at or after `since` (both time.monotonic()), from
-    their log files, whose times are the local wall clock to the millisecond: one time per
-    occurrence (the first sentinel's; lines of several sentinels within 0.5 s are one occurrence),
-    so that a second failover shows as a second time."""
+    """When the sentinels logged each of `names` at or after `since` (both time.monotonic()), every
+    line of every sentinel, in order: from their log files, whose times are the local wall clock to
+    the millisecond."""
     from datetime import datetime
 
     to_monotonic = time.monotonic() - time.time()
@@ -288,14 +295,17 @@ def sentinel_events(setup: Any, since: float, names: tuple[str, ...]) -> dict[st
                 at = datetime.strptime(m.group(1), "%d %b %Y %H:%M:%S.%f").timestamp() + to_monotonic
                 if at >= since - 0.01:
                     seen[m.group(2)].append(at)
-    found: dict[str, list[float]] = {}
-    for name, times in seen.items():
-        occurrences: list[float] = []
-        for at in sorted(times):
-            if not occurrences or at - occurrences[-1] > 0.5:
-                occurrences.append(at)
-        found[name] = occurrences
-    return found
+    return {name: sorted(times) for name, times in seen.items()}
+
+
+def describe_steps(events: dict[str, list[float]], began: float) -> str:
+    parts = []
+    for name, times in events.items():
+        if name in EVERY_SENTINEL:
+            parts.append((times[0], f"{name} {times[0] - began:.3f}..{times[-1] - began:.3f}"))
+        else:
+            parts += [(at, f"{name} {at - began:.3f}") for at in times]
+    return ", ".join(text for _, text in sorted(parts))
 
 
 def describe(run: FailoverRun, case: Case) -> list[float]:
@@ -314,9 +324,7 @@ def describe(run: FailoverRun, case: Case) -> list[float]:
         f"run {run.resumed:.2f}s after it; longest create {p.longest:.2f}s; producer errors "
         f"{dict(p.errors)}"
     )
-    steps = sorted((at, name) for name, times in run.events.items() for at in times)
-    case.note("Sentinel's steps, seconds after the fault began: "
-              + ", ".join(f"{name} {at - run.began:.3f}" for at, name in steps)
+    case.note("Sentinel's steps, seconds after the fault began: " + describe_steps(run.events, run.began)
               + ("; Sentinel FAILED OVER TWICE" + (f" (first to {run.first_promoted})"
                                                     if run.first_promoted is not None else "")
                  if run.failed_over_twice else ""))
@@ -744,9 +752,12 @@ def test_case14e_no_master_for_a_while(outage, make_sentinel, ledger, start_supe
     out = outcomes(r, namespace, ledger, producer.acked, producer.failed)
     fate = fates(out, producer.acked)
     pid_names = {p.pid: name for name, p in procs.items()}
-    lines = log_lines_by_pid(sup.log()[log_mark:]) + log_lines_by_pid(producer.log()[producer_log_mark:])
+    logs = sup.log()[log_mark:] + producer.log()[producer_log_mark:]
+    lines = log_lines_by_pid(logs, OUTAGE_RECORD)
     per_process = {name: lines.get(pid, 0) for pid, name in pid_names.items()}
     others = {pid: n for pid, n in lines.items() if pid not in pid_names}
+    other_records = {pid_names.get(pid, pid): n for pid, n in (log_lines_by_pid(logs) - lines).items()}
+    lost_acks = [producer.acked_at[ref] - thawed for ref in fate.lost]
     during = [(took, ok) for at, took, ok in producer.calls if frozen <= at and at + took <= thawed]
     failed_over = master_after is not master_before
     alive_now = supervisor_pids(sup)
@@ -756,22 +767,27 @@ def test_case14e_no_master_for_a_while(outage, make_sentinel, ledger, start_supe
     case.note(
         "CPU during the outage (share of a core): "
         + ", ".join(f"{name} {share:.1%}" for name, share in busy.items())
-        + f"; log records from the freeze to the end: {per_process}"
+        + f"; records of a lost or returning Redis from the freeze to the end: {per_process}"
         + (f", other processes {others}" if others else "")
+        + f"; other records {other_records}"
     )
     case.note(
         f"producer calls during the outage {len(during)} (acknowledged {sum(ok for _, ok in during)}), "
         f"errors {dict(producer.errors)}, longest {producer.longest:.2f}s; after SIGCONT the first create "
         f"called was acknowledged {flow_back:.2f}s and the first job created ran {resumed:.2f}s later; "
         + ("Sentinel failed over after the thaw" if failed_over else "Sentinel kept the master")
-        + f"; never ran {len(fate.never_ran)}; "
+        + f"; acknowledged creates lost {len(fate.lost)} (never ran {len(fate.never_ran)})"
+        + (f", acknowledged {min(lost_acks):+.2f}s..{max(lost_acks):+.2f}s after SIGCONT"
+           if lost_acks else "")
+        + "; "
         + (f"settled {settled:.2f}s after the load" if settled is not None else f"NOT settled ({left})")
     )
     case.check("nothing spins without a master: each process uses < 5 % of a core",
                all(share < 0.05 for share in busy.values()),
                ", ".join(f"{name} {share:.1%}" for name, share in busy.items()))
     # Each process logs a lost Redis once and its return once; a failover after the thaw is a second
-    # change of master, which a process may log the same way.
+    # change of master, which a process may log the same way. (Other records, such as a finish
+    # rejected because the job moved on meanwhile, are about jobs, not the outage.)
     bound = 2 * (1 + failed_over)
     case.check(f"each process logs the outage a bounded number of times (<= {bound} records from the "
                "freeze on: Redis lost, Redis back"
@@ -786,4 +802,9 @@ def test_case14e_no_master_for_a_while(outage, make_sentinel, ledger, start_supe
                settled is not None and not fate.stranded and not fate.failed,
                f"{_fmt(settled)}, {len(fate.stranded)}, {len(fate.failed)}")
     case.check("unexpected = 0", not out.unexpected, len(out.unexpected))
+    case.check("an acknowledged create is lost only if Sentinel failed over after the thaw, and was "
+               "acknowledged after it (by the thawed old master)",
+               not lost_acks or (failed_over and min(lost_acks) >= 0),
+               f"{len(lost_acks)} lost" + (f", {min(lost_acks):+.2f}s..{max(lost_acks):+.2f}s after SIGCONT"
+                                           if lost_acks else ""))
     end_case(case, pids, alive_now, monitor, strays)
