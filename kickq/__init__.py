@@ -8,11 +8,12 @@ from __future__ import annotations
 from .client import Kickq
 from .config import config, reset
 from .errors import (ConfigError, HotjobTimeout, InvalidPayload, JobNotFound, KickqError,
-                     PayloadTooLarge, RedisModeError, RedisUnavailable, RedisVersionError)
+                     PayloadTooLarge, RedisModeError, RedisUnavailable, RedisVersionError, ReplicationTimeout)
 from .job import STATES, Job
 
 __version__ = "0.1.0"
 __all__ = [
     "Kickq", "Job", "config", "reset", "KickqError", "ConfigError", "JobNotFound", "HotjobTimeout",
-    "InvalidPayload", "PayloadTooLarge", "RedisModeError", "RedisUnavailable", "RedisVersionError", "STATES",
+    "InvalidPayload", "PayloadTooLarge", "RedisModeError", "RedisUnavailable", "RedisVersionError",
+    "ReplicationTimeout", "STATES",
 ]

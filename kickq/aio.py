@@ -20,7 +20,8 @@ used in, it starts afresh too, and leaves what it had from the parent alone (`_l
 
 Creates issued in the same loop iteration (`asyncio.gather(*(kq.create(...) ...))`) are sent as
 one create script call (at most 1000 jobs; more go in one MULTI), exactly as `create_many` sends
-them: one round trip, and atomic.
+them: one round trip, and atomic. With `wait_replicas` (kickq.acks), one WAIT follows the batch; on a
+shortfall each caller gets a ReplicationTimeout naming its own jobs.
 
 Cancellation, exactly:
 - `create()` / `create_many()`: cancelled before its jobs are committed to a script call (while
@@ -45,22 +46,22 @@ import logging
 import os
 import time
 import weakref
-from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence
 
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 
-from . import observe, payload, scripts
+from . import acks, observe, payload, scripts
 from .aio_hotjob import AsyncHotjobWaiter, aclose_client
 from .backoff import Backoff
 from .client import (_CREATE_CHUNK, Prepared, events_maxlen_command, item_triples, prepare, resolve,
                      schedule_entry, schedule_record, schedule_ticks)
 from .config import current, merge_settings, normalise_job_options, on_reset, validate_settings, version
 from .connection import (async_server_info, check_mode, check_version, client_identity, client_options,
-                         make_client, redis_errors)
-from .errors import JobNotFound, KickqError
+                         describe, make_client, redis_errors)
+from .errors import JobNotFound, KickqError, ReplicationTimeout
 from .hotjob import recheck_message
 from .job import Job, queue_reads, read_fields
 from .keys import Keys, validate_name
@@ -135,6 +136,24 @@ class AsyncScripts:
     async def delete(self, keys: Keys, job_id: str) -> bool:
         return bool(await self.run("delete", scripts.delete_args(keys, job_id)))
 
+    async def run_acked(self, calls: Sequence[acks.Call], wanted: acks.Acks) -> tuple[list[Any], Any]:
+        """kickq.acks.run() on the redis.asyncio client: `calls` then the WAIT in one pipeline
+        (one connection): (their replies, the WAIT's reply, for acks.confirm)."""
+        failed: BaseException | None = None
+        while True:
+            if failed is not None:
+                self.functions = await load(self._client, failed)
+            async with self._client.pipeline(transaction=False) as pipe:
+                for command in acks.commands(calls, wanted, self.functions, retry=failed is not None):
+                    pipe.execute_command(*command)
+                replies = await pipe.execute(raise_on_error=False)
+            results, last = acks.parse(replies, len(calls))
+            if results is not None:
+                return results, last
+            if failed is not None:  # missing again right after loading them
+                raise last
+            failed = last
+
 
 # --- per-loop state ---------------------------------------------------------------------------------
 
@@ -147,12 +166,15 @@ class _Group:
 
 
 class _Batch:
-    """Creates of one loop iteration for one Redis and namespace: one script call (or one MULTI)."""
-    __slots__ = ("key", "settings", "client", "scripts", "keys", "waiter", "groups", "size", "started")
+    """Creates of one loop iteration for one Redis and namespace: one script call (or one MULTI),
+    followed by one WAIT when `acks` (wait_replicas > 0)."""
+    __slots__ = ("key", "settings", "client", "scripts", "keys", "acks", "waiter", "groups", "size",
+                 "started")
 
     def __init__(self, key: tuple[Any, ...], settings: Mapping[str, Any], client: Any, scr: AsyncScripts,
-                 keys: Keys) -> None:
+                 keys: Keys, wanted: acks.Acks | None) -> None:
         self.key, self.settings, self.client, self.scripts, self.keys = key, settings, client, scr, keys
+        self.acks = wanted
         self.waiter: AsyncHotjobWaiter | None = None
         self.groups: list[_Group] = []
         self.size = 0
@@ -169,6 +191,7 @@ class _State:
         self.redis: Any = None
         self.ident: tuple[tuple[str, ...], str] | None = None
         self.scripts: AsyncScripts | None = None
+        self.info: Mapping[str, Any] = {}  # INFO when `redis` connected
         self.waiters: dict[str, AsyncHotjobWaiter] = {}
         self.batches: dict[tuple[Any, ...], _Batch] = {}  # open: still taking creates
         self.inflight: set[asyncio.Task[Any]] = set()
@@ -218,10 +241,19 @@ async def _run_batch(state: _State, batch: _Batch) -> None:
     generation = waiter.begin() if waiter is not None else 0
     loop = asyncio.get_running_loop()
     started = loop.time()
+    shortfall: ReplicationTimeout | None = None
     try:
         try:
             with redis_errors(batch.settings):
-                if len(items) <= CREATE_CHUNK:
+                if batch.acks is not None:
+                    results, waited = await batch.scripts.run_acked(acks.create_calls(
+                        batch.keys, [p.script_item() for p in items], CREATE_CHUNK), batch.acks)
+                    created = [pair for reply in results for pair in scripts.parse_create(reply)]
+                    try:
+                        acks.confirm(batch.acks, waited, "create", [job_id for job_id, _ in created])
+                    except ReplicationTimeout as exc:
+                        shortfall = exc  # each caller is told of its own jobs, below
+                elif len(items) <= CREATE_CHUNK:
                     reply = await batch.scripts.run("create", scripts.create_args(
                         batch.keys, [p.script_item() for p in items]))
                     created = scripts.parse_create(reply)
@@ -249,12 +281,16 @@ async def _run_batch(state: _State, batch: _Batch) -> None:
             for p in group.prepared:
                 job_id, create_time = next(pairs)
                 promise = None
-                if alive and p.opts["hotjob"]:
+                if alive and p.opts["hotjob"] and shortfall is None:
                     assert waiter is not None
                     timeout = float(p.opts["hotjob_timeout"])
                     promise = waiter.watch(job_id, timeout, started + timeout, generation, batch.client)
                 jobs.append(Job.created(job_id, p.name, create_time, p.delay_ms, p.stored, p.data, promise))
-            if alive:
+            if alive and shortfall is not None:
+                group.future.set_exception(ReplicationTimeout(
+                    "create" if len(jobs) == 1 else "create_many", [j.id for j in jobs], shortfall.wanted,
+                    shortfall.confirmed, shortfall.timeout, shortfall.local_fsync))
+            elif alive:
                 group.future.set_result(jobs)
             else:
                 log.info("create cancelled by its caller after it was sent: created job(s) %s",
@@ -344,6 +380,7 @@ class Kickq:
                         await aclose_client(client)
                         raise KickqError("this kickq.aio.Kickq was closed while connecting")
                     state.redis, state.ident, state.scripts = client, ident, AsyncScripts(client)
+                    state.info = info
         assert state.scripts is not None
         state.fast_settings = settings
         return state, state.redis, state.scripts
@@ -428,14 +465,16 @@ class Kickq:
             await waiter.ensure_subscribed()  # subscribed before the create: no completion is missed
         if state.closed:
             raise KickqError("this kickq.aio.Kickq was closed while the create was starting")
+        wanted = _acks(state, settings) if settings["wait_replicas"] or settings["wait_aof"] else None
         group = _Group(prepared, state.loop.create_future())
-        key = (state.ident, settings["redis_namespace"])
+        key = (state.ident, settings["redis_namespace"], wanted)
         batch = state.batches.get(key)
         if batch is not None and batch.size and batch.size + len(prepared) > CREATE_CHUNK:
             _close_batch(state, batch)  # full: start another
             batch = None
         if batch is None:
-            batch = state.batches[key] = _Batch(key, settings, client, scr, Keys(settings["redis_namespace"]))
+            batch = state.batches[key] = _Batch(key, settings, client, scr, Keys(settings["redis_namespace"]),
+                                                wanted)
             # Its first step runs at the next loop iteration: after every create of this one.
             state.track(state.loop.create_task(_run_batch(state, batch)))
         if waiter is not None:
@@ -464,10 +503,15 @@ class Kickq:
         settings = self.settings()
         state, _, scr = await self._connection(settings)
         keys = Keys(settings["redis_namespace"])
+        job_id = str(job_id)
+        wanted = _acks(state, settings) if settings["wait_replicas"] or settings["wait_aof"] else None
 
         async def delete() -> bool:
             with redis_errors(settings):
-                return await scr.delete(keys, str(job_id))
+                if wanted is not None:
+                    return bool(await _acked_call(scr, wanted, "delete", scripts.delete_args(keys, job_id),
+                                                  lambda reply: [job_id]))
+                return await scr.delete(keys, job_id)
 
         task = state.track(state.loop.create_task(delete()))
         task.add_done_callback(_retrieve)
@@ -514,20 +558,28 @@ class Kickq:
         settings = self.settings()
         sid, record = schedule_record(settings, name, cron, every, data, opts, schedule_id, timezone,
                                       catch_up)
-        _, client, scr = await self._connection(settings)
+        state, client, scr = await self._connection(settings)
         keys = Keys(settings["redis_namespace"])
+        wanted = _acks(state, settings) if settings["wait_replicas"] or settings["wait_aof"] else None
         with redis_errors(settings):
             ticks = schedule_ticks(record, await client.time() if cron is not None else None)
-            await scr.run("schedule", scripts.schedule_args(keys, sid, payload.encode(record), ticks))
+            call = scripts.schedule_args(keys, sid, payload.encode(record), ticks)
+            if wanted is not None:
+                await _acked_call(scr, wanted, "schedule", call, lambda reply: [str(reply[0])])
+            else:
+                await scr.run("schedule", call)
         return sid
 
     async def unschedule(self, schedule_id: str) -> bool:
         """Remove a schedule and its pending tick job. True if it existed."""
         settings = self.settings()
-        _, _, scr = await self._connection(settings)
+        call = scripts.unschedule_args(Keys(settings["redis_namespace"]), validate_name(schedule_id))
+        state, _, scr = await self._connection(settings)
+        wanted = _acks(state, settings) if settings["wait_replicas"] or settings["wait_aof"] else None
         with redis_errors(settings):
-            return bool(await scr.run("unschedule", scripts.unschedule_args(
-                Keys(settings["redis_namespace"]), validate_name(schedule_id))))
+            if wanted is not None:
+                return bool(await _acked_call(scr, wanted, "unschedule", call, lambda reply: []))
+            return bool(await scr.run("unschedule", call))
 
     async def schedules(self) -> list[dict[str, Any]]:
         """As kickq.Kickq.schedules()."""
@@ -588,6 +640,24 @@ class Kickq:
                 yield event
             if timeout is not None and time.monotonic() - idle_since > timeout:
                 return
+
+
+def _acks(state: _State, settings: Mapping[str, Any]) -> acks.Acks:
+    """What a write waits for (settings with wait_replicas > 0), checked against the server
+    before anything is written."""
+    wanted = acks.wanted(settings)
+    assert wanted is not None
+    acks.check_server(wanted, state.info, describe(settings))
+    return wanted
+
+
+async def _acked_call(scr: AsyncScripts, wanted: acks.Acks, name: str,
+                      keys_and_args: tuple[list[str], list[Any]], job_ids: Callable[[Any], list[str]]) -> Any:
+    """One script call confirmed by wait_replicas replicas: its reply; `job_ids(reply)` are the
+    jobs a ReplicationTimeout names."""
+    (reply,), waited = await scr.run_acked([(name, keys_and_args)], wanted)
+    acks.confirm(wanted, waited, name, job_ids(reply))
+    return reply
 
 
 async def _read_job(client: aioredis.Redis, keys: Keys, job_id: str) -> Mapping[str, str]:

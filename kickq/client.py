@@ -9,13 +9,14 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import redis
 
 from . import cron as cron_rules
-from . import cluster, observe, payload, registry, scripts
+from . import acks, cluster, observe, payload, registry, scripts
 from .backoff import Backoff
 from .config import (GLOBAL_DEFAULTS, ConfigError, current, merge_settings, on_reset, resolve_job_options,
                      snake_case,
                      stored_options, validate_settings)
 from .config import version as config_version
-from .connection import Lane, check_mode, check_version, client_identity, connect, redis_errors, server_info
+from .connection import (Lane, check_mode, check_version, client_identity, connect, describe, redis_errors,
+                         server_info)
 from .errors import JobNotFound, KickqError
 from .hotjob import HotjobWaiter
 from .job import Job, queue_reads, read_fields
@@ -161,6 +162,7 @@ class Kickq:
         self._redis: redis.Redis | None = None
         self._redis_key: tuple[tuple[str, ...], str] | None = None
         self._scripts: scripts.Scripts | None = None
+        self._server_info: Mapping[str, Any] = {}  # INFO when the client connected
         self._waiters: dict[str, HotjobWaiter] = {}  # one per namespace
         _clients.add(self)
 
@@ -214,7 +216,7 @@ class Kickq:
                     check_version(info)
                     check_mode(info, settings)
                     client.execute_command(*events_maxlen_command(settings))
-                self._redis, self._redis_key = client, ident
+                self._redis, self._redis_key, self._server_info = client, ident, info
                 self._scripts = scripts.Scripts(client, Lane(client))
             assert self._scripts is not None
             return self._redis, self._scripts
@@ -319,7 +321,9 @@ class Kickq:
         started = time.monotonic()
         try:
             with redis_errors(settings):
-                if len(prepared) == 1:
+                if settings["wait_replicas"] or settings["wait_aof"]:
+                    created = self._create_acked(settings, client, scr, keys, prepared)
+                elif len(prepared) == 1:
                     created = scripts.parse_create(scr.run(
                         "create", scripts.create_args(keys, [prepared[0].script_item()]),
                         meanwhile=draft_jobs))
@@ -346,6 +350,34 @@ class Kickq:
             jobs.append(Job.from_draft(draft, job_id, create_time, p.delay_ms, promise))
         return jobs
 
+    def _create_acked(self, settings: Mapping[str, Any], client: Any, scr: scripts.Scripts, keys: Keys,
+                      prepared: Sequence[Prepared]) -> list[tuple[str, int]]:
+        """The create of `prepared` (one MULTI), confirmed by wait_replicas replicas (kickq.acks)."""
+        wanted = self._acks(settings)
+        calls = acks.create_calls(keys, [p.script_item() for p in prepared], _CREATE_CHUNK)
+        results, waited = acks.run(client, scr, calls, wanted)
+        created = [pair for reply in results for pair in scripts.parse_create(reply)]
+        acks.confirm(wanted, waited, "create" if len(prepared) == 1 else "create_many",
+                     [job_id for job_id, _ in created])
+        return created
+
+    def _acks(self, settings: Mapping[str, Any]) -> acks.Acks:
+        """What a write waits for (settings with wait_replicas > 0), checked against the server
+        before anything is written."""
+        wanted = acks.wanted(settings)
+        assert wanted is not None
+        acks.check_server(wanted, self._server_info, describe(settings))
+        return wanted
+
+    def _acked_call(self, settings: Mapping[str, Any], client: Any, scr: scripts.Scripts, name: str,
+                    keys_and_args: tuple[list[str], list[Any]], job_ids: Callable[[Any], list[str]]) -> Any:
+        """One script call confirmed by wait_replicas replicas: its reply; `job_ids(reply)` are the
+        jobs a ReplicationTimeout names."""
+        wanted = self._acks(settings)
+        (reply,), waited = acks.run(client, scr, [(name, keys_and_args)], wanted)
+        acks.confirm(wanted, waited, name, job_ids(reply))
+        return reply
+
     # --- read and delete ---------------------------------------------------------------------------
 
     def get(self, job_id: str | int) -> Job:
@@ -368,9 +400,14 @@ class Kickq:
         """Remove the job from every structure. True if it existed. A worker still running it
         cannot bring it back: its finish is rejected."""
         settings = self.settings()
-        _, scr = self._connection(settings)
+        client, scr = self._connection(settings)
+        job_id = str(job_id)
+        keys = Keys(settings["redis_namespace"])
         with redis_errors(settings):
-            return scr.delete(Keys(settings["redis_namespace"]), str(job_id))
+            if settings["wait_replicas"] or settings["wait_aof"]:
+                call = scripts.delete_args(keys, job_id)
+                return bool(self._acked_call(settings, client, scr, "delete", call, lambda reply: [job_id]))
+            return scr.delete(keys, job_id)
 
     # --- schedules ---------------------------------------------------------------------------------
 
@@ -397,16 +434,23 @@ class Kickq:
         with redis_errors(settings):
             # Cron ticks from Redis' clock: every host computes the same ones.
             ticks = schedule_ticks(record, client.time() if cron is not None else None)
-            pending, _ = scr.run("schedule", scripts.schedule_args(keys, sid, payload.encode(record), ticks))
+            call = scripts.schedule_args(keys, sid, payload.encode(record), ticks)
+            if settings["wait_replicas"] or settings["wait_aof"]:
+                pending, _ = self._acked_call(settings, client, scr, "schedule", call,
+                                              lambda reply: [str(reply[0])])
+            else:
+                pending, _ = scr.run("schedule", call)
         return sid, str(pending)
 
     def unschedule(self, schedule_id: str) -> bool:
         """Remove a schedule and its pending tick job. True if it existed."""
         settings = self.settings()
-        _, scr = self._connection(settings)
+        call = scripts.unschedule_args(Keys(settings["redis_namespace"]), validate_name(schedule_id))
+        client, scr = self._connection(settings)
         with redis_errors(settings):
-            return bool(scr.run("unschedule", scripts.unschedule_args(Keys(settings["redis_namespace"]),
-                                                                      validate_name(schedule_id))))
+            if settings["wait_replicas"] or settings["wait_aof"]:
+                return bool(self._acked_call(settings, client, scr, "unschedule", call, lambda reply: []))
+            return bool(scr.run("unschedule", call))
 
     def schedules(self) -> list[dict[str, Any]]:
         """Every schedule: id, name, cron or every, timezone, catch_up, next_run (epoch ms, None when

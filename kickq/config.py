@@ -43,6 +43,14 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
     "stats_window": 300,
     # Length of the namespace's event stream (approximate, XADD MAXLEN ~); 0 turns events off.
     "events_maxlen": 10000,
+    # Replicas that must confirm each write of create, create_many, delete, schedule and unschedule
+    # (Redis WAIT on the connection that wrote) before the call returns; 0: none, no WAIT is sent.
+    "wait_replicas": 0,
+    # Longest wait for those confirmations, in seconds: below redis_timeout (the reply timeout).
+    "wait_replicas_timeout": 1.0,
+    # With wait_replicas > 0: WAITAOF 1 N instead of WAIT N (the master's own AOF fsync and N
+    # replicas' fsync). Needs Redis >= 7.2 with appendonly on.
+    "wait_aof": False,
     "job_flags": {},
     **JOB_OPTION_DEFAULTS,
 }
@@ -167,8 +175,12 @@ def _check_global(key: str, value: Any) -> Any:
         if not 10 <= value <= 3600:
             raise ConfigError(f"stats_window must be between 10 and 3600 seconds, got {value!r}")
         return value
-    if key == "events_maxlen":
+    if key in ("events_maxlen", "wait_replicas"):
         return _count(key, value)
+    if key == "wait_replicas_timeout":
+        return _number(key, value, positive=True)
+    if key == "wait_aof":
+        return _flag(key, value)
     if key == "max_payload_bytes":
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"max_payload_bytes must be a positive int, got {value!r}")

@@ -49,5 +49,33 @@ class RedisUnavailable(KickqError, ConnectionError):
     """
 
 
+class ReplicationTimeout(KickqError, TimeoutError):
+    """The write is on the master, but fewer replicas than `wait_replicas` confirmed it within
+    `wait_replicas_timeout` (Redis WAIT; WAITAOF with `wait_aof`, where the master's own fsync counts too).
+
+    Like RedisUnavailable, the outcome is not known: the write will most likely reach the replicas,
+    but if the master fails over now it may be lost. `job_ids` are the jobs concerned (the jobs
+    created; the job deleted; a schedule's pending tick job; empty for unschedule). What a caller
+    can do: read them back with get() later (after a failover, from the new master), which tells
+    whether the write survived (JobNotFound after a create: it did not, create again); or create
+    again at once, accepting a possible duplicate. kickq never repeats a write by itself.
+    """
+
+    def __init__(self, what: str, job_ids: list[str], wanted: int, confirmed: int, timeout: float,
+                 local_fsync: bool | None = None) -> None:
+        fsync = "" if local_fsync is None else (
+            ", the master's own AOF fsync " + ("done" if local_fsync else "not confirmed"))
+        concerned = f" (job ids: {', '.join(job_ids)})" if job_ids else ""
+        super().__init__(f"{what}{concerned}: written on the master, but {confirmed} of {wanted} "
+                         f"replicas confirmed it within {timeout:g}s{fsync}; it may be lost if the master "
+                         "fails over now: check with get(), or write again accepting a duplicate")
+        self.what = what
+        self.job_ids = job_ids
+        self.wanted = wanted
+        self.confirmed = confirmed
+        self.timeout = timeout
+        self.local_fsync = local_fsync
+
+
 class RedisVersionError(KickqError):
     """The Redis server is older than kickq's minimum version."""

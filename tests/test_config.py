@@ -251,6 +251,17 @@ BAD_SETTINGS = [
     {"job_flags": {"a": "retry"}},
     {"job_flags": {1: {}}},
     {"retry": True, "retry_count": -1},  # one good, one bad: neither applied
+    {"wait_replicas": -1},
+    {"wait_replicas": 1.0},
+    {"wait_replicas": True},
+    {"wait_replicas": "1"},
+    {"wait_replicas_timeout": 0},
+    {"wait_replicas_timeout": -1},
+    {"wait_replicas_timeout": math.inf},
+    {"wait_replicas_timeout": "1"},
+    {"wait_aof": 1},
+    {"wait_aof": "yes"},
+    {"wait_replicas": 1, "wait_aof": None},
 ]
 
 
@@ -271,6 +282,25 @@ def test_bad_setting_raises_config_error_and_changes_nothing(bad):
 def test_bad_per_job_opts_raise_config_error(bad):
     with pytest.raises(kickq.ConfigError):
         resolve_job_options(kickq.config(), "a", bad)
+
+
+def test_replica_confirmation_options():
+    assert (GLOBAL_DEFAULTS["wait_replicas"], GLOBAL_DEFAULTS["wait_replicas_timeout"],
+            GLOBAL_DEFAULTS["wait_aof"]) == (0, 1.0, False)
+    current = kickq.config(waitReplicas=2, wait_replicas_timeout=0.25, waitAof=True)
+    assert [current[k] for k in ("wait_replicas", "wait_replicas_timeout", "wait_aof")] == [2, 0.25, True]
+    assert kickq.Kickq(wait_replicas=0).settings()["wait_replicas"] == 0  # a client's override wins
+
+
+def test_a_wait_timeout_must_be_below_redis_timeout_when_used():
+    """Checked where a write would wait (kickq.acks.wanted), since either may be set on its own."""
+    from kickq import acks
+
+    assert acks.wanted(kickq.config(wait_replicas_timeout=9)) is None  # wait_replicas 0: not used
+    assert acks.wanted(kickq.config(wait_replicas=1, wait_replicas_timeout=4.9)) == acks.Acks(1, 4.9, False)
+    for timeouts in ({"wait_replicas_timeout": 5}, {"wait_replicas_timeout": 0.5, "redis_timeout": 0.5}):
+        with pytest.raises(kickq.ConfigError, match="below redis_timeout"):
+            acks.wanted(kickq.config(**timeouts))
 
 
 def test_floats_are_allowed_for_durations():

@@ -4,6 +4,9 @@ A run's outcome is sent the moment its handler returns (so a dead node re-runs n
 finished), but the worker goes on with its next job instead of waiting for Redis to answer: the
 replies are read later, in order, by `settle`.
 Redis runs the calls of one connection in the order they were sent.
+
+With wait_replicas > 0 (`acks`), `settle` sends one WAIT after the calls in flight: Redis then
+counts the replicas that hold everything this connection wrote (kickq.acks).
 """
 from __future__ import annotations
 
@@ -11,13 +14,15 @@ from typing import Any
 
 import redis
 
-from kickq import scripts
+from kickq import acks, scripts
 from kickq.connection import checkout, hiredis_packs, packed
+from kickq.errors import KickqError
 
 
 class Channel:
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, wanted: acks.Acks | None = None) -> None:
         self.client = client
+        self.acks = wanted
         self.scripts = scripts.Scripts(client)  # FCALL or EVALSHA, and loading them again
         self.conn: Any = None
         self.by_hiredis = hiredis_packs(client)  # see kickq.connection.packed
@@ -62,9 +67,18 @@ class Channel:
         """The replies of every call sent and not yet settled, in order. A reply that is an error
         is returned as the exception (a NOSCRIPT is mended by sending that call again). On a
         connection error the connection is dropped and the error raised: the calls in flight
-        may or may not have run (the scripts' tokens make a repeat harmless)."""
+        may or may not have run (the scripts' tokens make a repeat harmless).
+
+        With `acks`, when fewer replicas than wanted confirm, every reply is read and then
+        ReplicationTimeout raised: the calls ran on the master, unconfirmed. The connection is
+        kept, so that the next WAIT on it still counts what they wrote."""
         replies = []
+        shortfall: KickqError | None = None
+        waiting = self.acks is not None and bool(self.sent)
         try:
+            if waiting:
+                assert self.acks is not None
+                self.conn.send_packed_command(packed(self.conn, [self.acks.command()], self.by_hiredis))
             while self.sent:
                 name, keys_and_args = self.sent[0]
                 try:
@@ -72,13 +86,38 @@ class Channel:
                 except redis.exceptions.ResponseError as exc:
                     if not (name and scripts.is_unloaded(exc)):
                         replies.append(exc)
-                    else:  # Redis lost its scripts (a restart, a flush): load them, run this again
+                    elif self.acks is None:  # Redis lost its scripts (a restart, a flush): load, run again
                         replies.append(self.scripts.load_and_run(name, keys_and_args, exc))
+                    else:  # ... on another connection, whose own WAIT confirms it
+                        (reply,), waited = acks.run(self.client, self.scripts, [(name, keys_and_args)],
+                                                    self.acks, failed=exc)
+                        replies.append(reply)
+                        shortfall = shortfall or self._shortfall(waited)
                 self.sent.pop(0)
+            if waiting:
+                try:
+                    waited = self.conn.read_response()
+                except redis.exceptions.ResponseError as exc:
+                    waited = exc
+                shortfall = self._shortfall(waited) or shortfall
         except BaseException:
             self.reset()
             raise
+        if shortfall is not None:
+            raise shortfall
         return replies
+
+    def _shortfall(self, waited: Any) -> KickqError | None:
+        """What acks.confirm raises for the WAIT's reply `waited` (a KickqError), or None when it
+        confirms."""
+        assert self.acks is not None
+        try:
+            acks.confirm(self.acks, waited, "a worker's saves", [])
+        except KickqError as exc:
+            return exc
+        except redis.exceptions.ResponseError as exc:
+            return KickqError(f"a worker's saves: Redis refused the WAIT after them ({exc})")
+        return None
 
     def reset(self) -> None:
         """Drop the connection (after an error, or at exit): unsettled calls are forgotten."""

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import redis
 
 import kickq
-from kickq import registry
+from kickq import acks, registry
 from kickq.config import current, merge_settings, validate_settings
 from kickq.connection import check_mode, check_version, client_scope, connect, describe, server_info
 
@@ -30,6 +30,8 @@ log = logging.getLogger("kickq.supervisor")
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+#: The settings that say how the supervisor's saves are confirmed (kickq.acks.wanted).
+ACK_SETTINGS = ("wait_replicas", "wait_replicas_timeout", "wait_aof", "redis_timeout")
 
 
 def parse_size(text: str) -> int:
@@ -50,6 +52,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _whole_number(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kickq-supervisor",
@@ -63,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", help="redis://, rediss://, unix:// or redis+cluster://host:port,host:port "
                                        "URL (default: config, then $KICKQ_REDIS_URL, then 127.0.0.1:6379)")
     p.add_argument("--redis-namespace", help="key namespace (default: config, 'kickq')")
+    p.add_argument("--wait-replicas", type=_whole_number, metavar="N",
+                   help="a finished run counts as saved once N replicas have it (Redis WAIT after each "
+                        "batch of saves; config's wait_replicas_timeout bounds the wait); 0: no wait "
+                        "(default: config, 0)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--embedded-redis", metavar="DIR",
                    help="start and own a private redis-server with AOF in DIR (single host)")
@@ -123,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli_settings["redis_url"] = args.redis_url
     if args.redis_namespace:
         cli_settings["redis_namespace"] = args.redis_namespace
+    if args.wait_replicas is not None:
+        cli_settings["wait_replicas"] = args.wait_replicas
     try:
         validate_settings(cli_settings)
     except kickq.ConfigError as exc:
@@ -176,9 +190,12 @@ def check_redis(settings: dict[str, Any]) -> str | None:
     """A reason to refuse to start (bad password, old server), or None; an outage is not one."""
     client = connect(settings)
     try:
+        wanted = acks.wanted(settings)
         info = server_info(client)
         check_version(info)
         check_mode(info, settings)
+        if wanted is not None:
+            acks.check_server(wanted, info, describe(settings))
     except redis.exceptions.AuthenticationError as exc:
         return f"Redis at {describe(settings)} refused the credentials: {exc}"
     except redis.exceptions.ResponseError as exc:
@@ -195,7 +212,9 @@ def check_redis(settings: dict[str, Any]) -> str | None:
 def run_master(args: argparse.Namespace, registrations: list[registry.Registration],
                cli_settings: dict[str, Any]) -> tuple[int, bool]:
     per_registration = [settings_for(reg, cli_settings) for reg in registrations]
-    for settings in {describe(s): s for s in per_registration}.values():
+    # Each Redis once, and once more for each other way its writes are to be confirmed.
+    checks = {(describe(s), *(s[key] for key in ACK_SETTINGS)): s for s in per_registration}
+    for settings in checks.values():
         problem = check_redis(settings)
         if problem:
             print(f"kickq-supervisor: {problem}", file=sys.stderr)

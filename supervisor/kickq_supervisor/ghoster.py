@@ -9,25 +9,34 @@ from typing import Any, Callable, Mapping, Sequence
 
 import redis
 
-from kickq import scripts
+from kickq import acks, scripts
 from kickq.backoff import Outage
 from kickq.connection import connect
+from kickq.errors import ReplicationTimeout
 from kickq.keys import Keys
 
 log = logging.getLogger("kickq.master")
+
+#: Makes one script call: (script name, (keys, args), the jobs it is about) -> its reply.
+Save = Callable[[str, tuple[list[str], list[Any]], list[str]], Any]
 
 
 class Ghoster:
     """`submit(namespace, job_id, token, error)` ghosts the run with that token (a no-op if the job
     moved on); `submit_claimed(...)` settles what a worker held when it went. Work that cannot be
     done because Redis is down is retried; if the supervisor exits first, the reaper recovers the
-    runs when their lease expires."""
+    runs when their lease expires.
+
+    With wait_replicas > 0, each save is followed by a WAIT on its connection (kickq.acks). A
+    shortfall is logged and left as it is: the save is on the master, and should a failover lose
+    it, the run is still `processing` there and the reaper recovers it when its lease expires."""
 
     def __init__(self, settings: Mapping[str, Any], connector: Callable[..., Any] = connect) -> None:
         self.settings = dict(settings)
         self.connector = connector
-        # each item: a function of the Scripts to run, and what it is about (for the log)
-        self.pending: queue.Queue[tuple[Callable[[scripts.Scripts], None], str] | None] = queue.Queue()
+        self.acks = acks.wanted(self.settings)
+        # each item: a function to run with a Save, and what it is about (for the log)
+        self.pending: queue.Queue[tuple[Callable[[Save], None], str] | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="kickq-ghoster", daemon=True)
         self.thread.start()
 
@@ -37,9 +46,10 @@ class Ghoster:
         does not have for a job claimed ahead; the run then ended when this was submitted."""
         run_ms = None if started is None else max(0, int(round((time.monotonic() - started) * 1000)))
 
-        def ghost(scr: scripts.Scripts) -> None:
-            status, state, _ = scr.finish(Keys(namespace), job_id, token, "ghost", error, claimer=claimer,
-                                          run_ms=run_ms)
+        def ghost(save: Save) -> None:
+            call = scripts.finish_args(Keys(namespace), job_id, token, "ghost", error, claimer=claimer,
+                                       run_ms=run_ms)
+            status, state, _ = scripts.parse_finish(save("finish", call, [job_id]))
             log.info("job %s attempt %s: %s -> %s", job_id, token, error,
                      state if status == "ok" else f"unchanged ({status})")
         self.pending.put((ghost, f"job {job_id}"))
@@ -52,12 +62,12 @@ class Ghoster:
         to start at once and never reported. Token-checked: what moved on is left alone."""
         unsaved = list(unsaved)
 
-        def abandon(scr: scripts.Scripts) -> None:
+        def abandon(save: Save) -> None:
             now = time.monotonic()
             runs = [(i, t, outcome, payload, run_ms, int((now - at) * 1000))
                     for i, t, outcome, payload, run_ms, at in unsaved]
-            saved, given_back, ghosted = scr.abandon(Keys(namespace), claimer, error, runs,
-                                                     mono_ms=now * 1000)
+            call = scripts.abandon_args(Keys(namespace), claimer, error, runs, mono_ms=now * 1000)
+            saved, given_back, ghosted = map(int, save("abandon", call, [run[0] for run in runs]))
             if saved or given_back or ghosted:
                 log.info("a worker went: %d outcomes saved for it, %d jobs given back, %d ghosted",
                          saved, given_back, ghosted)
@@ -73,6 +83,15 @@ class Ghoster:
         client = self.connector(self.settings)
         scr = scripts.Scripts(client)
         outage = Outage(log, "ghoster")
+        wanted = self.acks
+
+        def save(name: str, keys_and_args: tuple[list[str], list[Any]], job_ids: list[str]) -> Any:
+            if wanted is None:
+                return scr.run(name, keys_and_args)
+            (reply,), waited = acks.run(client, scr, [(name, keys_and_args)], wanted)
+            acks.confirm(wanted, waited, f"the master's {name}", job_ids)
+            return reply
+
         while True:
             item = self.pending.get()
             if item is None:
@@ -80,8 +99,14 @@ class Ghoster:
             work, about = item
             while True:
                 try:
-                    work(scr)
+                    work(save)
                     outage.ok()
+                    break
+                except ReplicationTimeout as exc:
+                    outage.ok()  # Redis answered
+                    log.warning("settling %s: saved on the master, but %d of %d replicas confirmed it "
+                                "within %gs; should a failover lose it, lease recovery (the reaper) "
+                                "settles the runs", about, exc.confirmed, exc.wanted, exc.timeout)
                     break
                 except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                     log.debug("cannot settle %s yet (%s)", about, exc)

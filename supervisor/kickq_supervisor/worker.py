@@ -20,8 +20,9 @@ from typing import Any, Callable, Mapping
 
 import redis
 
-from kickq import scripts
+from kickq import acks, scripts
 from kickq.connection import connect
+from kickq.errors import KickqError
 from kickq.job import Job
 from kickq.keys import Keys
 from kickq.registry import Registration
@@ -124,10 +125,11 @@ class WorkerIO:
     its own connection for the calls that need not wait), the master's pipe, the handler."""
 
     def __init__(self, client: redis.Redis, keys: Keys, names: list[str], claimer: str, runner: Runner,
-                 notify_fd: int, *, titles: Titles | None = None, stop: StopRequest | None = None) -> None:
+                 notify_fd: int, *, titles: Titles | None = None, stop: StopRequest | None = None,
+                 wanted: acks.Acks | None = None) -> None:
         self.client: Any = client  # decoded replies (connect() sets decode_responses)
         self.scripts = scripts.Scripts(client)
-        self.channel = Channel(client)
+        self.channel = Channel(client, wanted)  # `wanted`: the replicas that confirm its saves
         self.keys = keys
         self.names = names
         self.claimer = claimer
@@ -168,6 +170,11 @@ class WorkerIO:
         try:
             return self.channel.settle()
         except _UNAVAILABLE as exc:
+            return Lost(exc)
+        except KickqError as exc:
+            # Fewer replicas than wait_replicas confirmed (ReplicationTimeout): the saves count as
+            # lost, as after a lost connection. The core sends their runs again (token-checked) and
+            # takes back its claims from the claim record.
             return Lost(exc)
 
     def _tell(self, command: Tell) -> None:
@@ -276,6 +283,7 @@ class Worker:
         self.keys = Keys(settings["redis_namespace"])
         self.notify_fd = notify_fd
         self.claimer = claimer or uuid.uuid4().hex
+        self.acks = acks.wanted(self.settings)
         wait_timeout = max(0.05, min(1.0, float(settings["redis_timeout"]) / 2))
         self.core = WorkerCore(number, registration.names, self.keys, self.claimer, clock=time.monotonic,
                                memory=current_rss, prefetch=prefetch, wait_timeout=wait_timeout,
@@ -295,7 +303,8 @@ class Worker:
         self._install_signals()
         self.titles.start()
         io = WorkerIO(connect(self.settings), self.keys, list(self.registration.names), self.claimer,
-                      Runner(self.registration.handler), self.notify_fd, titles=self.titles, stop=self.stop)
+                      Runner(self.registration.handler), self.notify_fd, titles=self.titles, stop=self.stop,
+                      wanted=self.acks)
         try:
             drive(self.core, io.handlers, self.stop)
         finally:

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 import kickq
+from kickq.job import queue_reads, read_fields
+from kickq.keys import Keys
 from tests.helpers import wait_until
 from tests.supervisor import handlers
 from tests.supervisor.conftest import REPO, alive, title_of, wait_job
@@ -33,7 +35,7 @@ def test_help(command):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: kickq-supervisor")
     for option in ("MODULE", "--redis-url", "--redis-namespace", "--log-level", "--embedded-redis",
-                   "--max-jobs-per-worker", "--max-memory-per-worker", "--pidfile"):
+                   "--max-jobs-per-worker", "--max-memory-per-worker", "--pidfile", "--wait-replicas"):
         assert option in result.stdout
 
 
@@ -171,3 +173,88 @@ def test_workers_and_reaper_die_with_the_master(supervisor):
     supervisor.proc.wait(timeout=5)
     wait_until(lambda: not any(alive(p) for p in children), timeout=5.0,
                message="no orphaned worker or reaper")
+
+
+# --- --wait-replicas: the supervisor's saves confirmed by replicas ---------------------------------------
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from tests.replica_pair import ReplicaPair
+
+    started = ReplicaPair.start(tmp_path_factory.mktemp("replicas"))
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.mark.parametrize("bad", ["-1", "x", "1.5"])
+def test_wait_replicas_takes_a_whole_number(bad):
+    result = run_cli("--wait-replicas", bad, str(handlers.__file__))
+    assert result.returncode == 2
+    assert "--wait-replicas: must be a whole number, 0 or more" in result.stderr
+
+
+def test_wait_replicas_reaches_the_settings_and_wins_over_the_module():
+    from kickq import registry
+    from kickq_supervisor.cli import build_parser, settings_for
+
+    args = build_parser().parse_args(["--wait-replicas", "2", "handlers.py"])
+    assert args.wait_replicas == 2
+    assert build_parser().parse_args(["handlers.py"]).wait_replicas is None  # config's, then 0
+    kickq.reset()
+    try:
+        kickq.config(wait_replicas=1, wait_replicas_timeout=0.5)  # as a handler module may
+        registration = registry.Registration(("a",), 1, lambda job, data: None, {})
+        from_module = settings_for(registration, {})
+        assert (from_module["wait_replicas"], from_module["wait_replicas_timeout"]) == (1, 0.5)
+        assert settings_for(registration, {"wait_replicas": 2})["wait_replicas"] == 2
+    finally:
+        kickq.reset()
+
+
+@pytest.mark.replicas
+@pytest.mark.parametrize("how", ["flag", "module"])
+def test_a_supervisor_with_wait_replicas_waits_after_its_saves(start_supervisor, tmp_path, pair, namespace,
+                                                                how):
+    module = tmp_path / "configured_handlers.py"
+    wait = "wait_replicas=1" if how == "module" else ""
+    module.write_text(textwrap.dedent(f"""
+        import kickq
+        kickq.config({wait})
+
+        kickq.Kickq().process("configured", lambda job, data: "configured")
+        """))
+    args = ["--wait-replicas", "1"] if how == "flag" else []
+    start_supervisor(module, args=args, workers=1, url=pair.master_url)
+    with kickq.Kickq(redis_url=pair.master_url, redis_namespace=namespace) as producer:  # no WAIT of its own
+        before = pair.waits()
+        jobs = producer.create_many([("configured",)] * 20)
+        for job in jobs:
+            assert wait_job(producer, job.id).result == "configured"
+        assert pair.waits() > before  # the worker's settles
+
+        def replicated() -> bool:
+            pipe = pair.replica.pipeline(transaction=False)
+            queue_reads(pipe, Keys(namespace), [job.id for job in jobs])
+            return [fields.get("state") for fields in read_fields(pipe.execute())] == ["success"] * len(jobs)
+        wait_until(replicated, timeout=10, message="the replica has every outcome")
+
+
+@pytest.mark.replicas
+@pytest.mark.parametrize("setting, message", [
+    ("wait_replicas_timeout=10", "wait_replicas_timeout (10s) must be below redis_timeout"),
+    ("wait_aof=True", "wait_aof needs Redis >= 7.2 (WAITAOF)"),  # this machine's Redis is 7.0
+])
+def test_a_supervisor_refuses_to_start_with_waits_it_cannot_make(tmp_path, pair, namespace, setting, message):
+    module = tmp_path / "configured_handlers.py"
+    module.write_text(textwrap.dedent(f"""
+        import kickq
+        kickq.config({setting})
+
+        kickq.Kickq().process("configured", lambda job, data: "configured")
+        """))
+    result = run_cli("--redis-url", pair.master_url, "--redis-namespace", namespace, "--wait-replicas", "1",
+                     module)
+    assert result.returncode == 1
+    assert message in result.stderr
