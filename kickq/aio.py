@@ -20,7 +20,8 @@ used in, it starts afresh too, and leaves what it had from the parent alone (`_l
 
 Creates issued in the same loop iteration (`asyncio.gather(*(kq.create(...) ...))`) are sent as
 one create script call (at most 1000 jobs; more go in one MULTI), exactly as `create_many` sends
-them: one round trip, and atomic.
+them: one round trip, and atomic. With `wait_replicas` (kickq.acks), one WAIT follows the batch; on a
+shortfall each caller gets a ReplicationTimeout naming its own jobs.
 
 Cancellation, exactly:
 - `create()` / `create_many()`: cancelled before its jobs are committed to a script call (while
@@ -115,6 +116,7 @@ class AsyncScripts:
 
     def __init__(self, client: Any) -> None:
         self._client = client
+        self.pool = client.connection_pool  # where its writes go (kickq.acks.where)
         self._scripts = {name: client.register_script(text) for name, text in scripts.SOURCES.items()}
         self.functions: bool | None = True  # what load() said last (see scripts.command())
 
@@ -249,7 +251,9 @@ async def _run_batch(state: _State, batch: _Batch) -> None:
                         batch.keys, [p.script_item() for p in items], CREATE_CHUNK), batch.acks)
                     created = [pair for reply in results for pair in scripts.parse_create(reply)]
                     try:
-                        acks.confirm(batch.acks, waited, "create", [job_id for job_id, _ in created])
+                        ids = [job_id for job_id, _ in created]
+                        pool = batch.client.connection_pool
+                        await acks.confirm_async(batch.acks, waited, "create", ids, pool)
                     except ReplicationTimeout as exc:
                         shortfall = exc  # each caller is told of its own jobs, below
                 elif len(items) <= CREATE_CHUNK:
@@ -287,8 +291,8 @@ async def _run_batch(state: _State, batch: _Batch) -> None:
                 jobs.append(Job.created(job_id, p.name, create_time, p.delay_ms, p.stored, p.data, promise))
             if alive and shortfall is not None:
                 group.future.set_exception(ReplicationTimeout(
-                    "create", [j.id for j in jobs], shortfall.wanted, shortfall.confirmed, shortfall.timeout,
-                    shortfall.local_fsync))
+                    "create" if len(jobs) == 1 else "create_many", [j.id for j in jobs], shortfall.wanted,
+                    shortfall.confirmed, shortfall.timeout, shortfall.local_fsync))
             elif alive:
                 group.future.set_result(jobs)
             else:
@@ -464,7 +468,7 @@ class Kickq:
             await waiter.ensure_subscribed()  # subscribed before the create: no completion is missed
         if state.closed:
             raise KickqError("this kickq.aio.Kickq was closed while the create was starting")
-        wanted = _acks(state, settings) if settings["wait_replicas"] else None
+        wanted = _acks(state, settings) if settings["wait_replicas"] or settings["wait_aof"] else None
         group = _Group(prepared, state.loop.create_future())
         key = (state.ident, settings["redis_namespace"], wanted)
         batch = state.batches.get(key)
@@ -503,7 +507,7 @@ class Kickq:
         state, _, scr = await self._connection(settings)
         keys = Keys(settings["redis_namespace"])
         job_id = str(job_id)
-        wanted = _acks(state, settings) if settings["wait_replicas"] else None
+        wanted = _acks(state, settings) if settings["wait_replicas"] or settings["wait_aof"] else None
 
         async def delete() -> bool:
             with redis_errors(settings):
@@ -559,7 +563,7 @@ class Kickq:
                                       catch_up)
         state, client, scr = await self._connection(settings)
         keys = Keys(settings["redis_namespace"])
-        wanted = _acks(state, settings) if settings["wait_replicas"] else None
+        wanted = _acks(state, settings) if settings["wait_replicas"] or settings["wait_aof"] else None
         with redis_errors(settings):
             ticks = schedule_ticks(record, await client.time() if cron is not None else None)
             call = scripts.schedule_args(keys, sid, payload.encode(record), ticks)
@@ -574,7 +578,7 @@ class Kickq:
         settings = self.settings()
         call = scripts.unschedule_args(Keys(settings["redis_namespace"]), validate_name(schedule_id))
         state, _, scr = await self._connection(settings)
-        wanted = _acks(state, settings) if settings["wait_replicas"] else None
+        wanted = _acks(state, settings) if settings["wait_replicas"] or settings["wait_aof"] else None
         with redis_errors(settings):
             if wanted is not None:
                 return bool(await _acked_call(scr, wanted, "unschedule", call, lambda reply: []))
@@ -655,7 +659,7 @@ async def _acked_call(scr: AsyncScripts, wanted: acks.Acks, name: str,
     """One script call confirmed by wait_replicas replicas: its reply; `job_ids(reply)` are the
     jobs a ReplicationTimeout names."""
     (reply,), waited = await scr.run_acked([(name, keys_and_args)], wanted)
-    acks.confirm(wanted, waited, name, job_ids(reply))
+    await acks.confirm_async(wanted, waited, name, job_ids(reply), scr.pool)
     return reply
 
 

@@ -321,7 +321,7 @@ class Kickq:
         started = time.monotonic()
         try:
             with redis_errors(settings):
-                if settings["wait_replicas"]:
+                if settings["wait_replicas"] or settings["wait_aof"]:
                     created = self._create_acked(settings, client, scr, keys, prepared)
                 elif len(prepared) == 1:
                     created = scripts.parse_create(scr.run(
@@ -358,7 +358,7 @@ class Kickq:
         results, waited = acks.run(client, scr, calls, wanted)
         created = [pair for reply in results for pair in scripts.parse_create(reply)]
         acks.confirm(wanted, waited, "create" if len(prepared) == 1 else "create_many",
-                     [job_id for job_id, _ in created])
+                     [job_id for job_id, _ in created], acks.where(client.connection_pool))
         return created
 
     def _acks(self, settings: Mapping[str, Any]) -> acks.Acks:
@@ -375,7 +375,7 @@ class Kickq:
         jobs a ReplicationTimeout names."""
         wanted = self._acks(settings)
         (reply,), waited = acks.run(client, scr, [(name, keys_and_args)], wanted)
-        acks.confirm(wanted, waited, name, job_ids(reply))
+        acks.confirm(wanted, waited, name, job_ids(reply), acks.where(client.connection_pool))
         return reply
 
     # --- read and delete ---------------------------------------------------------------------------
@@ -404,7 +404,7 @@ class Kickq:
         job_id = str(job_id)
         keys = Keys(settings["redis_namespace"])
         with redis_errors(settings):
-            if settings["wait_replicas"]:
+            if settings["wait_replicas"] or settings["wait_aof"]:
                 call = scripts.delete_args(keys, job_id)
                 return bool(self._acked_call(settings, client, scr, "delete", call, lambda reply: [job_id]))
             return scr.delete(keys, job_id)
@@ -435,7 +435,7 @@ class Kickq:
             # Cron ticks from Redis' clock: every host computes the same ones.
             ticks = schedule_ticks(record, client.time() if cron is not None else None)
             call = scripts.schedule_args(keys, sid, payload.encode(record), ticks)
-            if settings["wait_replicas"]:
+            if settings["wait_replicas"] or settings["wait_aof"]:
                 pending, _ = self._acked_call(settings, client, scr, "schedule", call,
                                               lambda reply: [str(reply[0])])
             else:
@@ -448,7 +448,7 @@ class Kickq:
         call = scripts.unschedule_args(Keys(settings["redis_namespace"]), validate_name(schedule_id))
         client, scr = self._connection(settings)
         with redis_errors(settings):
-            if settings["wait_replicas"]:
+            if settings["wait_replicas"] or settings["wait_aof"]:
                 return bool(self._acked_call(settings, client, scr, "unschedule", call, lambda reply: []))
             return bool(scr.run("unschedule", call))
 

@@ -247,6 +247,10 @@ class Route:
             return None
         return self._address
 
+    def last_address(self) -> tuple[str, int] | None:
+        """Where connections went last (None: nowhere yet), with no check of whether it is due."""
+        return self._address
+
     def address(self) -> tuple[str, int]:
         address = self.known_address()
         if address is not None:

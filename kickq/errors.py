@@ -62,13 +62,19 @@ class ReplicationTimeout(KickqError, TimeoutError):
     """
 
     def __init__(self, what: str, job_ids: list[str], wanted: int, confirmed: int, timeout: float,
-                 local_fsync: bool | None = None) -> None:
+                 local_fsync: bool | None = None, promoted: str | None = None) -> None:
         fsync = "" if local_fsync is None else (
             ", the master's own AOF fsync " + ("done" if local_fsync else "not confirmed"))
         concerned = f" (job ids: {', '.join(job_ids)})" if job_ids else ""
-        super().__init__(f"{what}{concerned}: written on the master, but {confirmed} of {wanted} "
-                         f"replicas confirmed it within {timeout:g}s{fsync}; it may be lost if the master "
-                         "fails over now: check with get(), or write again accepting a duplicate")
+        if promoted is not None:
+            why = (f"written on the master, but its replica {promoted} has been promoted to master (a "
+                   "failover is under way): the replicas that confirmed it may drop it")
+        else:
+            why = (f"written on the master, but {confirmed} of {wanted} replicas confirmed it within "
+                   f"{timeout:g}s{fsync}")
+        super().__init__(f"{what}{concerned}: {why}; it may be lost if the master fails over now: "
+                         "check with get(), or write again accepting a duplicate")
+        self.promoted = promoted
         self.what = what
         self.job_ids = job_ids
         self.wanted = wanted

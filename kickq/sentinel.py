@@ -160,6 +160,8 @@ class SentinelDiscovery:
         with self._lock:
             try:
                 host, port = self._sentinel.discover_master(self.service)
+            except redis.exceptions.ResponseError as exc:  # redis-py < 6: SENTINEL unknown there
+                raise self._not_a_sentinel(exc) from None
             except MasterNotFoundError as exc:
                 unreachable = self._check_service_known(exc)
                 raise CommandNotRun(f"no sentinel of {self.startup()} names a master for service "
@@ -180,14 +182,16 @@ class SentinelDiscovery:
                 return f"sentinel {where['host']}:{where['port']}: {unreachable}"
             except redis.exceptions.ResponseError as refused:  # SENTINEL is an unknown command there
                 where = client.connection_pool.connection_kwargs
-                raise RedisModeError(f"{where['host']}:{where['port']} is not a Redis Sentinel "
-                                     f"({refused}): a redis+sentinel:// URL names the sentinels; use "
-                                     "redis:// for a single server") from None
+                raise self._not_a_sentinel(refused, f"{where['host']}:{where['port']}") from None
             if self.service in masters:
                 return None
             known.update(masters if isinstance(masters, dict) else ())
         raise ConfigError(f"no sentinel of {self.startup()} monitors a service {self.service!r} "
                           f"(they monitor: {', '.join(sorted(known)) or 'none'})") from exc
+
+    def _not_a_sentinel(self, refused: Exception, where: str | None = None) -> RedisModeError:
+        return RedisModeError(f"{where or self.startup()} is not a Redis Sentinel ({refused}): a "
+                              "redis+sentinel:// URL names the sentinels; use redis:// for a single server")
 
     def close(self) -> None:
         with self._lock:

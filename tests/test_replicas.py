@@ -25,7 +25,7 @@ from kickq_supervisor.channel import Channel
 from kickq_supervisor.ghoster import Ghoster
 from kickq_supervisor.worker import WorkerIO
 from kickq_supervisor.worker_core import FinishMany, Lost, Settle, WaitForWork
-from tests.helpers import new_namespace, wait_until
+from tests.helpers import new_namespace, poll_until, start_redis, stop_redis, wait_until
 from tests.replica_pair import ReplicaPair
 
 TIMEOUT = 0.3  # wait_replicas_timeout of the tests that expect a shortfall
@@ -258,13 +258,15 @@ def test_a_wait_timeout_not_below_redis_timeout_is_a_config_error_before_any_wri
 
 
 @pytest.mark.replicas
-def test_wait_aof_on_redis_7_0_is_a_config_error_before_any_write(pair, ns):
+@pytest.mark.parametrize("replicas", [1, 0])  # wait_aof alone waits for the master's own fsync
+def test_wait_aof_on_redis_7_0_is_a_config_error_before_any_write(pair, ns, replicas):
     # WAITAOF came with Redis 7.2: its success path cannot be tested on this machine's 7.0.15.
     version = pair.master.info("server")["redis_version"]
     if parse_version(version) >= acks.WAITAOF_VERSION:
         pytest.skip(f"Redis {version} has WAITAOF")
     before = pair.waits()
-    with kickq.Kickq(redis_url=pair.master_url, redis_namespace=ns, wait_replicas=1, wait_aof=True) as kq:
+    with kickq.Kickq(redis_url=pair.master_url, redis_namespace=ns, wait_replicas=replicas,
+                     wait_aof=True) as kq:
         with pytest.raises(kickq.ConfigError, match=r"wait_aof needs Redis >= 7\.2 \(WAITAOF\).*7\.0"):
             kq.create("mail")
         with pytest.raises(kickq.ConfigError, match="WAITAOF"):
@@ -277,6 +279,10 @@ def test_the_server_checks_and_the_commands_of_wait_aof():
     """kickq.acks on INFO and WAITAOF replies as Redis 7.2 gives them (not runnable here: 7.0)."""
     wanted = acks.Acks(2, 0.5, True)
     assert wanted.command() == ("WAITAOF", 1, 2, 500)
+    assert acks.wanted({"wait_replicas": 0, "wait_aof": True, "wait_replicas_timeout": 1.0,
+                        "redis_timeout": 5}) == acks.Acks(0, 1.0, True)
+    assert acks.wanted({"wait_replicas": 0, "wait_aof": False, "wait_replicas_timeout": 1.0,
+                        "redis_timeout": 5}) is None
     assert acks.Acks(1, 1.0, False).command() == ("WAIT", 1, 1000)
     acks.check_server(wanted, {"redis_version": "7.2.4", "aof_enabled": "1"}, "here")
     acks.check_server(acks.Acks(1, 1.0, False), {"redis_version": "6.0.0", "aof_enabled": "0"}, "here")
@@ -305,11 +311,39 @@ def test_an_error_inside_the_transaction_is_raised_as_the_plain_create_raises_it
         errors = []
         for wait in (0, 1):
             with kickq.Kickq(redis_url=pair.master_url, redis_namespace=ns, wait_replicas=wait) as each:
-                for call in (lambda: each.create("mail"), lambda: each.create_many([("mail",)] * 3)):
+                # One script call alone; then three in one MULTI, where the error is inside EXEC.
+                for call in (lambda: each.create("mail"), lambda: each.create_many([("mail",)] * 2500)):
                     with pytest.raises(redis.exceptions.ResponseError) as caught:
                         call()
                     errors.append(str(caught.value))
         assert len(errors) == 4 and all("WRONGTYPE" in text for text in errors), errors
+
+
+@pytest.mark.replicas
+def test_a_create_refused_at_maxmemory_writes_nothing_as_the_plain_create(pair, ns):
+    """Refused when queued (the create function has no allow-oom flag): EXEC aborts, nothing runs."""
+    with kickq.Kickq(redis_url=pair.master_url, redis_namespace=ns) as kq:
+        kq.create("warm")
+        written = pair.namespace_keys(pair.master, ns)
+        before = pair.waits()
+        clients = [kickq.Kickq(redis_url=pair.master_url, redis_namespace=ns, wait_replicas=wait)
+                   for wait in (0, 1)]
+        for each in clients:
+            _ = each.redis  # connected before maxmemory (connecting writes)
+        pair.master.config_set("maxmemory", "1")
+        try:
+            for each in clients:
+                with pytest.raises(kickq.KickqError, match="out of memory"):
+                    each.create("mail")
+                with pytest.raises(kickq.KickqError, match="out of memory"):
+                    each.create_many([("mail",)] * 2500)
+        finally:
+            pair.master.config_set("maxmemory", "0")
+            for each in clients:
+                each.close()
+        assert pair.namespace_keys(pair.master, ns) == written
+        assert kq.get("1").name == "warm" and pair.master.get(Keys(ns).id) == "1"
+        assert pair.waits() - before == 2  # the WAITs that followed the refused writes
 
 
 @pytest.mark.replicas
@@ -321,6 +355,32 @@ def test_scripts_lost_by_redis_are_loaded_again_and_the_write_confirmed(pair, kq
     assert job_fields(pair.replica, ns, job.id)["state"] == "new"
     pair.master.execute_command("FUNCTION", "FLUSH")
     assert kq.delete(job.id) is True
+
+
+@pytest.mark.cluster
+def test_on_a_cluster_the_namespaces_master_waits_for_its_replica(redis_cluster):
+    """Through the routed client (kickq.cluster): the WAIT goes to the namespace's master, on the
+    connection of its write."""
+    cluster = redis_cluster
+    master = cluster.masters()[0]
+    ns = cluster.namespace_on(master, "kt")
+    node = cluster.replica_of(master)
+    replica = redis.Redis(host=node.host, port=node.port, decode_responses=True, max_connections=1)
+    replica.execute_command("READONLY")  # reads of the master's slots, on its one connection
+    try:
+        with kickq.Kickq(redis_url=cluster.url, redis_namespace=ns, wait_replicas=1) as kq:
+            job = kq.create("mail")
+            assert job_fields(replica, ns, job.id)["state"] == "new"
+            many = kq.create_many([("mail",)] * 3)
+            assert all(job_fields(replica, ns, j.id)["state"] == "new" for j in many)
+            assert kq.delete(job.id) is True and job_fields(replica, ns, job.id) == {}
+        with kickq.Kickq(redis_url=cluster.url, redis_namespace=ns, wait_replicas=2,
+                         wait_replicas_timeout=TIMEOUT) as kq:
+            with pytest.raises(kickq.ReplicationTimeout) as caught:
+                kq.create("mail")
+            assert (caught.value.wanted, caught.value.confirmed) == (2, 1)
+    finally:
+        replica.close()
 
 
 # --- asyncio ----------------------------------------------------------------------------------------
@@ -359,7 +419,8 @@ def test_asyncio_shortfall_tells_each_caller_of_its_own_jobs(pair, on_pair, ns):
                 assert TIMEOUT <= time.monotonic() - started < TIMEOUT + LATE
                 assert all(isinstance(r, kickq.ReplicationTimeout) for r in results)
                 first, second = results
-                assert len(first.job_ids) == 1 and len(second.job_ids) == 2
+                assert (first.what, len(first.job_ids)) == ("create", 1)
+                assert (second.what, len(second.job_ids)) == ("create_many", 2)
                 assert not set(first.job_ids) & set(second.job_ids)
                 assert [(await kq.get(i)).name for i in first.job_ids + second.job_ids] == ["a", "b", "c"]
                 with pytest.raises(kickq.ReplicationTimeout) as caught:
@@ -405,6 +466,24 @@ def test_the_channel_sends_one_wait_per_settle_and_raises_a_shortfall_after_read
         assert pair.waits() == before + 2
         assert channel.settle() == []  # nothing in flight: no WAIT
         assert pair.waits() == before + 2
+    finally:
+        channel.reset()
+
+
+@pytest.mark.replicas
+def test_the_channel_makes_a_call_again_after_redis_lost_its_scripts_and_confirms_it(pair, kq, ns):
+    keys = Keys(ns)
+    job = kq.create("mail")
+    channel = Channel(kq.redis, acks.Acks(1, 1.0, False))
+    try:
+        pair.master.execute_command("FUNCTION", "FLUSH")
+        pair.master.script_flush()
+        before = pair.waits()
+        channel.send("claim", scripts.claim_args(keys, ["mail"], claimer="w1"))
+        [claimed] = channel.settle()  # made again on another connection, with a WAIT of its own there
+        assert scripts.parse_claim(claimed)[0] == job.id
+        assert pair.waits() == before + 2
+        assert job_fields(pair.replica, ns, job.id)["state"] == "processing"
     finally:
         channel.reset()
 
@@ -498,3 +577,71 @@ def test_the_worker_and_ghoster_refuse_a_wait_not_below_redis_timeout(redis_serv
     with pytest.raises(kickq.ConfigError, match="below redis_timeout"):
         Ghoster(settings)
     assert acks.wanted({**settings, "wait_replicas": 0}) is None
+
+
+# --- the fence: a replica promoted while the old master still takes writes ------------------------------
+
+def role_of(*replicas: tuple[str, int]) -> list[Any]:
+    """A master's ROLE reply listing `replicas`."""
+    return ["master", 100, [[host, str(port), "100"] for host, port in replicas]]
+
+
+def test_a_missing_replica_that_says_master_stops_confirmations_and_a_gone_one_does_not():
+    now = [0.0]
+    roles = {("10.0.0.2", 6379): "master", ("10.0.0.3", 6379): None}
+    asked: list[tuple[str, int]] = []
+
+    def probe(address: tuple[str, int], options: Any) -> str | None:
+        asked.append(address)
+        return roles[address]
+
+    fence = acks.Fence(probe=probe, clock=lambda: now[0])
+    master = acks.Master(("10.0.0.1", 6379), {})
+    a, b = ("10.0.0.2", 6379), ("10.0.0.3", 6379)
+    assert fence.promoted(master, role_of(a, b)) is None  # learns the replicas
+    assert fence.promoted(master, role_of(a, b)) is None and asked == []
+    # b is gone (unreachable): only missing, nothing stopped; asked once, then forgotten.
+    assert fence.promoted(master, role_of(a)) is None and asked == [b]
+    assert fence.promoted(master, role_of(a)) is None and asked == [b]
+    # a left and says master (REPLICAOF NO ONE): confirmations stop; its answer stands for a while.
+    assert not fence.suspects(master, role_of(a)) and fence.suspects(master, role_of())
+    assert fence.promoted(master, role_of()) == a and asked == [b, a]
+    now[0] += acks.VERDICT_SECONDS / 2
+    assert fence.promoted(master, role_of()) == a and asked == [b, a]
+    now[0] += acks.VERDICT_SECONDS
+    assert fence.promoted(master, role_of()) == a and asked == [b, a, a]  # asked again
+    # A replica detached for good stops mattering after SUSPECT_SECONDS.
+    now[0] += acks.SUSPECT_SECONDS
+    assert fence.promoted(master, role_of()) is None
+    # No fence without a master's address, or when ROLE was refused (ACL).
+    assert fence.promoted(None, role_of()) is None
+    assert fence.promoted(master, redis.exceptions.NoPermissionError("NOPERM")) is None and fence.refused
+
+
+@pytest.mark.replicas
+def test_a_write_a_replica_confirms_while_another_replica_was_promoted_raises(tmp_path, ns):
+    """The window of a planned Sentinel switch, made by hand: a master with replicas a and b; a is
+    made a master (REPLICAOF NO ONE, as Sentinel does first); b still follows the old master and
+    confirms its writes, which it would drop on moving to a. Such a write is not confirmed."""
+    master, master_port = start_redis(tmp_path / "m", host="127.0.0.1")
+    a, a_port = start_redis(tmp_path / "a", "--replicaof", "127.0.0.1", str(master_port), host="127.0.0.1")
+    b, b_port = start_redis(tmp_path / "b", "--replicaof", "127.0.0.1", str(master_port), host="127.0.0.1")
+    m = redis.Redis(port=master_port, decode_responses=True)
+    try:
+        poll_until(lambda: len(m.execute_command("ROLE")[2]) == 2, 30, "both replicas connected",
+                   lambda: "", AssertionError)
+        with kickq.Kickq(redis_url=f"redis://127.0.0.1:{master_port}", redis_namespace=ns,
+                         wait_replicas=1) as kq:
+            kq.create("mail")  # confirmed; the fence learns both replicas
+            redis.Redis(port=a_port).execute_command("REPLICAOF", "NO", "ONE")
+            poll_until(lambda: len(m.execute_command("ROLE")[2]) == 1, 10, "a left the master",
+                       lambda: "", AssertionError)
+            promoted = f"127.0.0.1:{a_port} has been promoted"
+            with pytest.raises(kickq.ReplicationTimeout, match=promoted) as caught:
+                kq.create("mail")
+            assert caught.value.promoted == f"127.0.0.1:{a_port}" and caught.value.job_ids == ["2"]
+            assert m.wait(1, 1000) == 1  # b did confirm it
+    finally:
+        m.close()
+        for proc in (b, a, master):
+            stop_redis(proc)

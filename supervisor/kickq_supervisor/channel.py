@@ -78,7 +78,7 @@ class Channel:
         try:
             if waiting:
                 assert self.acks is not None
-                self.conn.send_packed_command(packed(self.conn, [self.acks.command()], self.by_hiredis))
+                self.conn.send_packed_command(packed(self.conn, acks.after(self.acks), self.by_hiredis))
             while self.sent:
                 name, keys_and_args = self.sent[0]
                 try:
@@ -95,11 +95,13 @@ class Channel:
                         shortfall = shortfall or self._shortfall(waited)
                 self.sent.pop(0)
             if waiting:
-                try:
-                    waited = self.conn.read_response()
-                except redis.exceptions.ResponseError as exc:
-                    waited = exc
-                shortfall = self._shortfall(waited) or shortfall
+                after = []
+                for _ in range(2):  # the WAIT's reply, ROLE's
+                    try:
+                        after.append(self.conn.read_response())
+                    except redis.exceptions.ResponseError as exc:
+                        after.append(exc)
+                shortfall = self._shortfall(acks.Waited(*after)) or shortfall
         except BaseException:
             self.reset()
             raise
@@ -112,7 +114,8 @@ class Channel:
         confirms."""
         assert self.acks is not None
         try:
-            acks.confirm(self.acks, waited, "a worker's saves", [])
+            acks.confirm(self.acks, waited, "a worker's saves", [], acks.where(self.client.connection_pool,
+                                                                              self.conn))
         except KickqError as exc:
             return exc
         except redis.exceptions.ResponseError as exc:

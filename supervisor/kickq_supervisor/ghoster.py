@@ -89,7 +89,7 @@ class Ghoster:
             if wanted is None:
                 return scr.run(name, keys_and_args)
             (reply,), waited = acks.run(client, scr, [(name, keys_and_args)], wanted)
-            acks.confirm(wanted, waited, f"the master's {name}", job_ids)
+            acks.confirm(wanted, waited, f"the master's {name}", job_ids, acks.where(client.connection_pool))
             return reply
 
         while True:
@@ -103,6 +103,7 @@ class Ghoster:
                     outage.ok()
                     break
                 except ReplicationTimeout as exc:
+                    outage.ok()  # Redis answered
                     log.warning("settling %s: saved on the master, but %d of %d replicas confirmed it "
                                 "within %gs; should a failover lose it, lease recovery (the reaper) "
                                 "settles the runs", about, exc.confirmed, exc.wanted, exc.timeout)

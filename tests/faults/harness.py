@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -713,7 +715,10 @@ def read_pid(path: Path, timeout: float = 10.0) -> int:
 
 def namespace_client(url: str, ns: str, timeout: float = 5) -> redis.Redis:
     """A redis-py client for one namespace's keys: a plain one for a single server; for a
-    redis+cluster:// URL, kickq's own client of the namespace (routed to the master of its slot)."""
+    redis+cluster:// URL, kickq's own client of the namespace (routed to the master of its slot); for
+    a redis+sentinel:// URL, redis-py's own client of the master the sentinels name (sentinel_client)."""
+    if is_sentinel_url(url):
+        return sentinel_client(url, timeout)
     if is_cluster_url(url):
         return connect(kickq.Kickq(redis_url=url, redis_namespace=ns, redis_timeout=timeout).settings())
     return redis.Redis.from_url(
@@ -730,3 +735,226 @@ def sizes(quick: Any, full: Any) -> list[Any]:
     import pytest
 
     return [pytest.param(quick, id="quick"), pytest.param(full, id="full", marks=pytest.mark.fault)]
+
+
+# --- Redis Sentinel ---------------------------------------------------------------------------------------
+
+
+def is_sentinel_url(url: str) -> bool:
+    return url.partition("://")[0] in ("redis+sentinel", "rediss+sentinel")
+
+
+def sentinel_client(url: str, timeout: float = 5) -> redis.Redis:
+    """A redis-py client (decoded replies) of the master the sentinels of a
+    `redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/DB]` URL name: redis-py's own
+    Sentinel support, not kickq's, so a case checks kickq with a client kickq did not make. It asks
+    the sentinels again after a connection error, and after a write refused by a demoted master."""
+    from urllib.parse import unquote
+
+    from redis.sentinel import Sentinel
+
+    scheme, _, rest = url.partition("://")
+    credentials, _, rest = rest.rpartition("@")
+    hosts, _, path = rest.partition("/")
+    service, _, db = path.partition("/")
+    user, _, password = credentials.partition(":")
+    addresses = [(host, int(port)) for host, _, port in (a.rpartition(":") for a in hosts.split(","))]
+    options: dict[str, Any] = {
+        "decode_responses": True, "encoding_errors": "replace", "socket_timeout": timeout,
+        "socket_connect_timeout": timeout, "db": int(db or 0),
+        "username": unquote(user) or None, "password": unquote(password) or None,
+    }
+    if scheme.startswith("rediss"):
+        options["ssl"] = True
+    sentinels = Sentinel(
+        addresses, sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    )
+    master: redis.Redis = sentinels.master_for(service, **options)
+    return master
+
+
+# --- a producer in a process of its own -------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+PRODUCER_SCRIPT = r"""
+import json, logging, signal, sys, threading, time
+import kickq
+
+spec = json.loads(sys.argv[1])
+logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                    format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+stopping = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+kq = kickq.Kickq(**spec["settings"])
+with open(spec["path"], "a", buffering=1) as out:
+    i, next_at = 0, time.monotonic()
+    while not stopping.is_set():
+        ref = spec["prefix"] + str(i)
+        i += 1
+        sent = time.monotonic()
+        try:
+            outcome = kq.create(spec["name"], {"ref": ref, **spec["data"]}, spec["opts"]).id
+        except kickq.KickqError as exc:
+            outcome = "!" + type(exc).__name__
+        out.write(f"{ref} {outcome} {sent:.6f} {time.monotonic():.6f}\n")
+        next_at += 1 / spec["rate"]
+        if next_at > time.monotonic():
+            stopping.wait(next_at - time.monotonic())  # the load's pace
+        else:
+            next_at = time.monotonic()
+kq.close()
+"""
+
+
+class ProducerProcess:
+    """`Producer`'s load from a process of its own, so that its CPU time and its log are its own.
+    It appends one line per create to a file, `<ref> <job id or !ErrorName> <sent> <returned>`
+    (time.monotonic(), one clock for every process on Linux); `read()` fills the same fields as
+    Producer's from it. SIGTERM stops it after the create in progress."""
+
+    def __init__(self, directory: Path, name: str, rate: float, settings: dict[str, Any],
+                 prefix: str = "q", data: dict[str, Any] | None = None, opts: dict[str, Any] | None = None):
+        self.prefix = prefix
+        self.path = Path(directory) / f"producer-{prefix}.txt"
+        self.log_path = Path(directory) / f"producer-{prefix}.log"
+        self.spec = {"settings": settings, "name": name, "rate": rate, "prefix": prefix,
+                     "data": dict(data or {}), "opts": opts, "path": str(self.path)}
+        self.proc: subprocess.Popen | None = None
+        self.process: psutil.Process | None = None
+        self.acked: dict[str, str] = {}
+        self.acked_at: dict[str, float] = {}
+        self.sent_at: dict[str, float] = {}
+        self.failed: dict[str, str] = {}
+        self.calls: list[tuple[float, float, bool]] = []
+        self.errors: Counter[str] = Counter()
+
+    def __enter__(self) -> "ProducerProcess":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def start(self) -> None:
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(REPO))
+        env.pop("KICKQ_EMBEDDED_REDIS", None)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", PRODUCER_SCRIPT, json.dumps(self.spec)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+            )
+        self.process = psutil.Process(self.proc.pid)
+
+    def read(self) -> "ProducerProcess":
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        self.acked, self.acked_at, self.sent_at, self.failed = {}, {}, {}, {}
+        self.calls, self.errors = [], Counter()
+        for line in lines:
+            parts = line.split(" ")
+            if len(parts) != 4:
+                continue  # a line being written
+            ref, outcome, sent, returned = parts[0], parts[1], float(parts[2]), float(parts[3])
+            self.sent_at[ref] = sent
+            ok = not outcome.startswith("!")
+            if ok:
+                self.acked[ref], self.acked_at[ref] = outcome, returned
+            else:
+                self.failed[ref] = outcome[1:]
+                self.errors[outcome[1:]] += 1
+            self.calls.append((sent, returned - sent, ok))
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def longest(self) -> float:
+        return max((seconds for _, seconds, _ in self.calls), default=0.0)
+
+    def sent_after(self, moment: float) -> list[str]:
+        """The acknowledged creates called after `moment` (monotonic), in order (read afresh)."""
+        self.read()
+        refs = [ref for ref in self.acked if self.sent_at[ref] > moment]
+        return sorted(refs, key=lambda ref: int(ref[len(self.prefix):]))
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            raise AssertionError(f"the producer process hangs:\n{self.log()[-3000:]}") from None
+        assert code == 0, f"the producer process exited with {code}:\n{self.log()[-3000:]}"
+        self.read()
+
+
+# --- logs -------------------------------------------------------------------------------------------------
+
+#: A line of the supervisor's log format (and ProducerProcess'): time, level, [pid], logger, message.
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([A-Z]+) \[(\d+)\] ")
+
+
+def log_lines_by_pid(text: str, about: str | None = None) -> Counter[int]:
+    """How many log records each process wrote in `text` (a traceback's lines count with its record);
+    with `about`, only the records in which that regular expression is found."""
+    wanted = re.compile(about) if about else None
+    return Counter(int(m.group(2)) for line in text.splitlines()
+                   if (m := LOG_LINE.match(line)) and (wanted is None or wanted.search(line)))
+
+
+class LedgerWatcher(threading.Thread):
+    """Reads the ledger's new lines every `interval` seconds while a case runs and keeps when each
+    ref first appeared in it: when a worker first ran that job, to within `interval`."""
+
+    def __init__(self, ledger: Ledger, interval: float = 0.02) -> None:
+        super().__init__(name="ledger-watcher", daemon=True)
+        self.ledger, self.interval = ledger, interval
+        self.first_run: dict[str, float] = {}  # ref -> when its first execution was seen (monotonic)
+        self._offset = 0
+        self.stopping = threading.Event()
+
+    def __enter__(self) -> "LedgerWatcher":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _read_new(self) -> None:
+        try:
+            with open(self.ledger.path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        now = time.monotonic()
+        for line in complete.decode().splitlines():
+            self.first_run.setdefault(line.split(" ")[3], now)
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.interval):
+            self._read_new()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.is_alive():
+            self.join(timeout=10)
+        self._read_new()
+
+    def first_run_after(self, refs: Iterable[str]) -> float | None:
+        """When the first of `refs` was first seen run (None: none was yet)."""
+        seen = [self.first_run[ref] for ref in refs if ref in self.first_run]
+        return min(seen, default=None)
