@@ -19,7 +19,8 @@ machine busy but not saturated):
 - a failover every 2 minutes (every fifth of the run when that is shorter; none in the last 20 s),
   alternately a SIGKILL of the master followed by a restart of that node (Sentinel makes it a
   replica) and a planned SENTINEL FAILOVER;
-- harness.Monitor's invariant snapshots every 5 s, through a client of the master the sentinels name.
+- harness.Monitor's invariant snapshots every 5 s (in a process of its own, see RSS below), through a
+  client of the master the sentinels name.
 
 Every create carries a unique `ref` (stream letter + sequence number). A create that returned is
 acknowledged; one that raised (ReplicationTimeout, RedisUnavailable) is indeterminate: it may or may
@@ -33,26 +34,27 @@ A job absent (or its id holding another job) at two passes 3 s apart is lost, un
 purged (last seen not terminal more than purge_timeout - 10 s before): then it is unverifiable, a
 missed target too. ROLE is checked before each pass (a connection to a demoted master is dropped).
 After the load, every job still pending gets SETTLE_SECONDS to end; one still not terminal then is
-stranded. The report groups the lost creates by send time, to set them against the failovers.
+stranded. The report groups the lost and the indeterminate creates by send time, to set them against
+the failovers.
 
 RSS is sampled at the start (load not started), after a warm-up (half the run, at most 2 minutes: the
 job population reaches its steady size, connection pools and caches fill) and at the end of the load.
-A long-lived kickq process (the supervisor master, its reaper, this process with its producers) must
-not grow by more than 5 MB from the warm-up sample to the end. This process is measured twice: as is,
-and after gc.collect() and malloc_trim(0), which give back the freed pages its allocators keep; the
-target applies to the second figure, as the Monitor's snapshots (the whole namespace parsed every
-5 s) leave freed pages behind that are no leak (2026-12-08, 2-core dev machine, two runs of
-`python -m tests.faults.soak --minutes 8`: +5.7 and +2.6 MB as is, the second +0.5 MB trimmed).
-The redis-servers and sentinels are shown as context (they hold the data; a killed master is a new
-process after its restart). Exit status 0 when every target is met, 1 when one is missed (the report
-says which), 2 when the run could not be carried out.
+A long-lived kickq process (the supervisor master, its reaper, this process with its producers and
+its verifier) must not grow by more than 5 MB from the warm-up sample to the end. The invariant
+monitor runs in a process of its own: its snapshots parse the whole namespace every 5 s, and in this
+process they left freed pages resident that made its RSS wander by several MB (2026-12-08, 2-core dev
+machine, `python -m tests.faults.soak --minutes 8`: +5.7 and +2.6 MB after the warm-up in two runs
+with the monitor in this process, +0.4 MB in one with it apart). The monitor, the redis-servers and
+the sentinels are shown as context (the servers hold the data; a killed master is a new process
+after its restart). Exit status 0 when every target is met, 1 when one is missed (the report says
+which), 2 when the run could not be carried out.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import gc
+import json
 import os
 import platform
 import random
@@ -77,7 +79,6 @@ import kickq
 from kickq import payload
 from kickq.job import TERMINAL_STATES, queue_reads, read_fields
 from kickq.keys import Keys
-from kickq_supervisor.osapi import release_free_heap
 from tests.faults.harness import Checker, Monitor, Snapshot, handler_module
 from tests.sentinel_topology import SentinelSetup, start_sentinel_setup
 from tests.supervisor.conftest import REPO, Supervisor
@@ -154,7 +155,9 @@ class Book:
     ledger_offset: int = 0
     ledger_partial: bytes = b""
     started: float = 0.0  # when the load started (monotonic)
-    lost_sent: list[float] = field(default_factory=list)  # seconds into the load of each lost create
+    # creates by the second of the load they were sent in (bounded by the run's length)
+    lost_sent: Counter[int] = field(default_factory=Counter)
+    indeterminate_sent: Counter[int] = field(default_factory=Counter)
 
     def send(self, stream: str) -> str:
         with self.lock:
@@ -167,10 +170,11 @@ class Book:
             self.status[ref[0]][int(ref[1:])] = ACKED
             self.pending[ref] = Pending(job_id, sent_at, sent_at)
 
-    def indeterminate(self, ref: str, exc: BaseException) -> None:
+    def indeterminate(self, ref: str, exc: BaseException, sent_at: float) -> None:
         with self.lock:
             self.status[ref[0]][int(ref[1:])] = INDETERMINATE
             self.errors[type(exc).__name__] += 1
+            self.indeterminate_sent[int(sent_at - self.started)] += 1
 
     def count(self, code: int) -> int:
         with self.lock:
@@ -237,7 +241,7 @@ class Book:
                         why = f"id {p.job_id} " + (f"holds {holder}" if holder else "absent")
                         (self.unverifiable if purgeable else self.lost).append(f"{ref} ({why})")
                         if not purgeable:
-                            self.lost_sent.append(p.sent_at - self.started)
+                            self.lost_sent[int(p.sent_at - self.started)] += 1
                         del self.pending[ref]
                 elif state in TERMINAL_STATES:
                     self.final[state] += 1
@@ -308,9 +312,9 @@ class Load(threading.Thread):
             try:
                 job = self.kq.create(self.job_name, {"ref": ref, "ms": self.rng.randint(1, 15)}, self.opts())
             except kickq.KickqError as exc:
-                self.book.indeterminate(ref, exc)
+                self.book.indeterminate(ref, exc, sent_at)
             except Exception as exc:  # a kickq bug: every failure should be a KickqError
-                self.book.indeterminate(ref, exc)
+                self.book.indeterminate(ref, exc, sent_at)
                 self.untyped[type(exc).__name__] += 1
             else:
                 assert job is not None  # create() without a callback returns the job
@@ -493,16 +497,71 @@ def start_supervisor(module: Path, url: str, workdir: Path, workers: int, wait_r
     return sup
 
 
-def master_client(setup: SentinelSetup) -> redis.Redis:
-    """A redis-py client of the master the sentinels name (it asks them again on reconnecting)."""
-    sentinel = redis.sentinel.Sentinel(
-        [n.addr for n in setup.sentinels], socket_timeout=2, socket_connect_timeout=2
-    )
+def master_client(url: str) -> redis.Redis:
+    """A redis-py client of the master that the sentinels of a redis+sentinel://host:port,.../SERVICE
+    URL name (it asks them again on reconnecting)."""
+    hosts, service = url.split("://", 1)[1].split("/")[:2]
+    addrs = [(host, int(port)) for host, port in (a.rsplit(":", 1) for a in hosts.split(","))]
+    sentinel = redis.sentinel.Sentinel(addrs, socket_timeout=2, socket_connect_timeout=2)
     client: redis.Redis = sentinel.master_for(
-        setup.service, decode_responses=True, encoding_errors="replace", socket_timeout=5,
+        service, decode_responses=True, encoding_errors="replace", socket_timeout=5,
         socket_connect_timeout=2,
     )
     return client
+
+
+def run_monitor(url: str, out: Path) -> int:
+    """The invariant monitor, in a process of its own so that its snapshots (the whole namespace
+    parsed every MONITOR_EVERY seconds) weigh on neither the producers' CPU nor their RSS: it runs
+    until its stdin says stop or closes (the soak ended, or died), looks once more, and writes its
+    counts to `out` as JSON."""
+    client = master_client(url)
+    host, port = client.connection_pool.get_master_address()  # type: ignore[attr-defined]
+    monitor = Monitor(f"redis://{host}:{port}/0", NAMESPACE, interval=MONITOR_EVERY)
+    # Its plain client would stay on this node; the sentinel one follows the master.
+    monitor.client.close()
+    monitor.client = client
+    checker = monitor.checker = PruningChecker()
+    with monitor:
+        sys.stdin.readline()
+    monitor.check_now("final: ")
+    result = {"snapshots": checker.snapshots, "skipped": monitor.skipped, "single": checker.single,
+              "across": checker.across, "found": checker.found}
+    out.write_text(json.dumps(result))
+    return 0
+
+
+def start_monitor(url: str, workdir: Path) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(REPO))
+    with open(workdir / "monitor.log", "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.faults.soak", "--monitor", url, "--monitor-out",
+             str(workdir / "monitor.json")],
+            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, text=True,
+        )
+
+
+def stop_monitor(proc: subprocess.Popen[str], workdir: Path, run: "Run") -> None:
+    """Tell the monitor to stop; its counts go into `run.monitor`."""
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write("stop\n")
+        proc.stdin.close()
+    except (BrokenPipeError, OSError):
+        pass
+    try:
+        code = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait(timeout=10)
+    log = (workdir / "monitor.log").read_text(errors="replace")[-2000:]
+    try:
+        result = json.loads((workdir / "monitor.json").read_text())
+    except (OSError, ValueError):
+        run.problems.append(f"the invariant monitor ended with status {code} and no counts: {log}")
+        return
+    run.monitor = (result["snapshots"], result["skipped"], result["single"], result["across"],
+                   list(result["found"]))
 
 
 @dataclass
@@ -519,9 +578,6 @@ class Tracked:
         return (self.rss["end"] or 0) - (self.rss["baseline"] or 0)
 
 
-TRIMMED = "soak process, after gc + malloc_trim"
-
-
 def rss(pid: int | None) -> int | None:
     if pid is None:
         return None
@@ -535,8 +591,8 @@ class Processes:
     """The long-lived processes whose RSS the report shows, found afresh at each sample (a reaper or
     a redis-server may have been replaced)."""
 
-    def __init__(self, sup: Supervisor, setup: SentinelSetup) -> None:
-        self.sup, self.setup = sup, setup
+    def __init__(self, sup: Supervisor, setup: SentinelSetup, monitor: int) -> None:
+        self.sup, self.setup, self.monitor = sup, setup, monitor
         self.tracked: dict[str, Tracked] = {}
 
     def current(self) -> dict[str, tuple[bool, int | None]]:
@@ -544,9 +600,9 @@ class Processes:
         out: dict[str, tuple[bool, int | None]] = {
             "supervisor master": (True, self.sup.pid),
             "supervisor reaper": (True, reapers[0].pid if reapers else None),
-            # As context: it counts the freed pages its allocators keep (see TRIMMED).
-            "soak process (producers)": (False, os.getpid()),
+            "soak process (producers)": (True, os.getpid()),
         }
+        out["invariant monitor (harness)"] = (False, self.monitor)
         for node in self.setup.data_nodes + self.setup.sentinels:
             running = node.running() and node.process is not None
             kind = "redis-server" if node.kind == "data" else "redis-sentinel"
@@ -558,13 +614,6 @@ class Processes:
             tracked = self.tracked.setdefault(label, Tracked(label, target))
             tracked.pids[name] = pid
             tracked.rss[name] = rss(pid)
-        # The same process once its free memory is given back: what it holds, without the freed
-        # pages its allocators keep resident (the Monitor's snapshots parse the whole namespace).
-        gc.collect()
-        release_free_heap()
-        tracked = self.tracked.setdefault(TRIMMED, Tracked(TRIMMED, True))
-        tracked.pids[name] = os.getpid()
-        tracked.rss[name] = rss(os.getpid())
 
     def short(self) -> str:
         now = self.current()
@@ -615,6 +664,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--wait-replicas", type=int, choices=range(3), default=1, metavar="{0,1,2}",
                         help="wait_replicas of the producers and the supervisor (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory even on success")
+    parser.add_argument("--monitor", metavar="URL", help=argparse.SUPPRESS)  # the monitor process
+    parser.add_argument("--monitor-out", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.minutes is None:
         try:
@@ -657,6 +708,7 @@ def soak(args: argparse.Namespace, workdir: Path) -> Run:
     setup = start_sentinel_setup(workdir / "sentinel")
     sup: Supervisor | None = None
     client: redis.Redis | None = None
+    monitor: subprocess.Popen[str] | None = None
     try:
         module = handler_module(
             workdir, ledger, [(["hot", "work"], WORKERS["hot_work"])], name="soak_handlers"
@@ -665,15 +717,10 @@ def soak(args: argparse.Namespace, workdir: Path) -> Run:
             f.write(FLAKY_HANDLER % WORKERS["flaky"])
         sup = start_supervisor(module, setup.url, workdir, sum(WORKERS.values()), args.wait_replicas)
         reaper = sup.reapers()[0].pid
-        client = master_client(setup)
-        processes = run.processes = Processes(sup, setup)
+        client = master_client(setup.url)
+        monitor = start_monitor(setup.url, workdir)
+        processes = run.processes = Processes(sup, setup, monitor.pid)
         processes.sample("start")
-        master = setup.master()
-        monitor = Monitor(f"redis://{master.host}:{master.port}/0", NAMESPACE, interval=MONITOR_EVERY)
-        # Its plain client would stay on this node; the sentinel one follows the master.
-        monitor.client.close()
-        monitor.client = client
-        checker = monitor.checker = PruningChecker()
         stopping = threading.Event()
         run.loads = [
             Load(book, stream, setup.url, stopping, args.seed + i, args.wait_replicas)
@@ -686,49 +733,48 @@ def soak(args: argparse.Namespace, workdir: Path) -> Run:
         # None starts in the last FAILOVER_QUIET seconds: its effects happen under load.
         failovers = Failovers(setup, failover_every, started, started + seconds - FAILOVER_QUIET)
         threads: list[Any] = [*run.loads, verifier, killer, failovers]
-        with monitor:
-            for thread in threads:
-                thread.start()
-            end = started + seconds
-            baseline_at = started + run.warmup
-            next_progress = started + PROGRESS_EVERY
-            sampled_baseline = False
-            while True:
-                now = time.monotonic()
-                if now >= end:
-                    break
-                if not sampled_baseline and now >= baseline_at:
-                    processes.sample("baseline")
-                    sampled_baseline = True
-                if now >= next_progress:
-                    progress(now - started, book, killer, failovers, processes)
-                    next_progress += PROGRESS_EVERY
-                wake = min(end, next_progress, baseline_at if not sampled_baseline else end)
-                time.sleep(max(0.0, wake - time.monotonic()))  # the run's pace
-            processes.sample("end")
-            run.load_seconds = time.monotonic() - started
-            stopping.set()
-            for load in run.loads:
-                load.stop()
-            killer.stop()
-            failovers.stop()
-            verifier.stop()
-            run.kills = killer.kills
-            run.failovers = failovers.done
-            if failovers.is_alive():
-                run.problems.append("a failover was still in progress 180 s after the load stopped")
-            settle_from = time.monotonic()
-            settle(book, client, ledger, run)
-            run.settle_seconds = time.monotonic() - settle_from
-            monitor.check_now("final: ")
-        run.monitor = (
-            checker.snapshots, monitor.skipped, checker.single, checker.across, list(checker.found)
-        )
+        for thread in threads:
+            thread.start()
+        end = started + seconds
+        baseline_at = started + run.warmup
+        next_progress = started + PROGRESS_EVERY
+        sampled_baseline = False
+        while True:
+            now = time.monotonic()
+            if now >= end:
+                break
+            if not sampled_baseline and now >= baseline_at:
+                processes.sample("baseline")
+                sampled_baseline = True
+            if now >= next_progress:
+                progress(now - started, book, killer, failovers, processes)
+                next_progress += PROGRESS_EVERY
+            wake = min(end, next_progress, baseline_at if not sampled_baseline else end)
+            time.sleep(max(0.0, wake - time.monotonic()))  # the run's pace
+        processes.sample("end")
+        run.load_seconds = time.monotonic() - started
+        stopping.set()
+        for load in run.loads:
+            load.stop()
+        killer.stop()
+        failovers.stop()
+        verifier.stop()
+        run.kills = killer.kills
+        run.failovers = failovers.done
+        if failovers.is_alive():
+            run.problems.append("a failover was still in progress 180 s after the load stopped")
+        settle_from = time.monotonic()
+        settle(book, client, ledger, run)
+        run.settle_seconds = time.monotonic() - settle_from
+        stop_monitor(monitor, workdir, run)
         run.supervisor_alive = sup.proc.poll() is None
         reapers = sup.reapers()
         run.reaper_same = bool(reapers) and reapers[0].pid == reaper
         return run
     finally:
+        if monitor is not None and monitor.poll() is None:
+            monitor.kill()
+            monitor.wait(timeout=10)
         if sup is not None:
             left = sup.destroy()
             if left:
@@ -776,15 +822,17 @@ def progress(
 # --- the report ------------------------------------------------------------------------------------------
 
 
-def clusters(times: list[float], gap: float = 5.0) -> str:
-    """Seconds into the load, as ranges of times less than `gap` apart: "48.6-50.7s (269), ..."."""
-    groups: list[list[float]] = []
-    for t in sorted(times):
-        if groups and t - groups[-1][-1] < gap:
-            groups[-1].append(t)
+def clusters(by_second: Counter[int], gap: int = 5) -> str:
+    """Counts by second of the load, as ranges of seconds less than `gap` apart:
+    "48-50s (269), 97-98s (139)" (a range's end is the start of its last second)."""
+    groups: list[list[int]] = []  # [first second, last second, count]
+    for second in sorted(by_second):
+        if groups and second - groups[-1][1] < gap:
+            groups[-1][1] = second
+            groups[-1][2] += by_second[second]
         else:
-            groups.append([t])
-    return ", ".join(f"{g[0]:.1f}-{g[-1]:.1f}s ({len(g)})" for g in groups)
+            groups.append([second, second, by_second[second]])
+    return ", ".join(f"{first}-{last}s ({count})" for first, last, count in groups)
 
 
 def report(run: Run) -> list[str]:
@@ -812,6 +860,8 @@ def report(run: Run) -> list[str]:
         f"creates     sent {sent} ({sent / max(run.load_seconds, 1e-9):.0f}/s), acknowledged {acked}, "
         f"indeterminate {indeterminate} (executed {book.indeterminate_executed()}) {dict(book.errors)}"
         + (f"; untyped errors {dict(untyped)}" if untyped else ""),
+        *([f"    indeterminate creates by send time: {clusters(book.indeterminate_sent)}"]
+          if book.indeterminate_sent else []),
         f"executions  {book.executions} (ledger lines); final states of acknowledged jobs {dict(book.final)}",
         f"hotjobs     {dict(book.hotjobs)}",
         f"worker kills {run.kills} (one every {WORKER_KILL_EVERY:g}s)",
@@ -876,6 +926,8 @@ def report(run: Run) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.monitor:
+        return run_monitor(args.monitor, Path(args.monitor_out))
     workdir = Path(tempfile.mkdtemp(prefix="kickq-soak-"))
     try:
         run = soak(args, workdir)
