@@ -824,7 +824,7 @@ def progress(
 
 def clusters(by_second: Counter[int], gap: int = 5) -> str:
     """Counts by second of the load, as ranges of seconds less than `gap` apart:
-    "48-50s (269), 97-98s (139)" (a range's end is the start of its last second)."""
+    "48-50s (269), 97s (139)" (a range's end is the start of its last second)."""
     groups: list[list[int]] = []  # [first second, last second, count]
     for second in sorted(by_second):
         if groups and second - groups[-1][1] < gap:
@@ -832,7 +832,7 @@ def clusters(by_second: Counter[int], gap: int = 5) -> str:
             groups[-1][2] += by_second[second]
         else:
             groups.append([second, second, by_second[second]])
-    return ", ".join(f"{first}-{last}s ({count})" for first, last, count in groups)
+    return ", ".join(f"{first}{f'-{last}' if last != first else ''}s ({count})" for first, last, count in groups)
 
 
 def report(run: Run) -> list[str]:
