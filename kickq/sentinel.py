@@ -161,10 +161,11 @@ class SentinelDiscovery:
         up (redis-py's Sentinel.check_master_state), the one of the newest configuration (the
         highest config-epoch). After a switch the sentinels learn of it one after the other, over
         about a second: the first that did is believed at once."""
-        from .cluster import CommandNotRun  # kickq.cluster imports this module when it routes
+        from .cluster import CommandNotRun, MasterBeingReplaced  # kickq.cluster imports this module
 
         with self._lock:
             newest: tuple[int, str, int] | None = None
+            replaced: set[tuple[str, int]] = set()  # masters a sentinel is failing over
             for client in self._sentinel.sentinels:
                 try:
                     masters = client.sentinel_masters()
@@ -174,10 +175,18 @@ class SentinelDiscovery:
                     where = client.connection_pool.connection_kwargs
                     raise self._not_a_sentinel(exc, f"{where['host']}:{where['port']}") from None
                 state = masters.get(self.service) if isinstance(masters, dict) else None
-                if state and self._sentinel.check_master_state(state, self.service):
+                if state and "failover_in_progress" in str(state.get("flags", "")).split(","):
+                    replaced.add((str(state["ip"]), int(state["port"])))
+                elif state and self._sentinel.check_master_state(state, self.service):
                     named = (int(state.get("config-epoch") or 0), str(state["ip"]), int(state["port"]))
                     if newest is None or named[0] > newest[0]:
                         newest = named
+            if newest is not None and newest[1:] in replaced:
+                # The sentinel leading a switch says so first (the others name the old master
+                # until it ends): its replicas may drop what it takes from now on.
+                raise MasterBeingReplaced(f"a sentinel of {self.startup()} is failing over the master of "
+                                          f"service {self.service!r} ({newest[1]}:{newest[2]}): wait for "
+                                          "the new one")
             if newest is None:
                 missing = MasterNotFoundError(f"No master found for {self.service!r}")
                 unreachable = self._check_service_known(missing)
