@@ -95,6 +95,11 @@ class CommandNotRun(redis.exceptions.ConnectionError):
     now (the slot moved, is migrating, or its master failed): the command did not run."""
 
 
+class MasterBeingReplaced(CommandNotRun):
+    """A sentinel is failing over the master (Sentinel): no command is sent to it, even while the
+    other sentinels still name it."""
+
+
 def is_cluster_url(url: str | None) -> bool:
     return bool(url) and url.partition("://")[0].lower() in CLUSTER_SCHEMES  # type: ignore[union-attr]
 
@@ -264,6 +269,9 @@ class Route:
                 self._checked()
                 try:
                     self._address = self.discovery.owner(self.slot, True)
+                except MasterBeingReplaced:
+                    self._address = None  # asked again at the next connect
+                    raise
                 except CommandNotRun:
                     pass  # no sentinel to ask, or none names a master: keep the one known
             return self._address

@@ -2,8 +2,11 @@
 
 A `redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/DB]` URL names the sentinels
 and the service (Sentinel's name for one master and its replicas). Which node is the master comes
-from redis-py's Sentinel support (`redis.sentinel.Sentinel.discover_master`: the first sentinel
-that names a master it does not consider down). Commands are sent over the same routed connections
+from the sentinels through redis-py's Sentinel support (its clients of the sentinels and its
+check_master_state): of the masters they name and consider up, the one of the newest configuration
+(config-epoch), since the sentinels learn of a switch one after the other. (redis-py's own
+discover_master believes the first sentinel that answers, which may not have learnt of a switch
+yet for about a second.) Commands are sent over the same routed connections
 as on a Redis Cluster (kickq.cluster: RoutedConnection, RoutedRedis), whose Route asks a
 SentinelDiscovery instead of the slot map:
 
@@ -154,19 +157,42 @@ class SentinelDiscovery:
         return f"service {self.service!r}"
 
     def owner(self, slot: int, stale: bool) -> tuple[str, int]:
-        """The (host, port) of the service's master, as the first sentinel that names one says."""
-        from .cluster import CommandNotRun  # kickq.cluster imports this module when it routes
+        """The (host, port) of the service's master: of the masters the sentinels name and consider
+        up (redis-py's Sentinel.check_master_state), the one of the newest configuration (the
+        highest config-epoch). After a switch the sentinels learn of it one after the other, over
+        about a second: the first that did is believed at once."""
+        from .cluster import CommandNotRun, MasterBeingReplaced  # kickq.cluster imports this module
 
         with self._lock:
-            try:
-                host, port = self._sentinel.discover_master(self.service)
-            except redis.exceptions.ResponseError as exc:  # redis-py < 6: SENTINEL unknown there
-                raise self._not_a_sentinel(exc) from None
-            except MasterNotFoundError as exc:
-                unreachable = self._check_service_known(exc)
+            newest: tuple[int, str, int] | None = None
+            replaced: set[tuple[str, int]] = set()  # masters a sentinel is failing over
+            for client in self._sentinel.sentinels:
+                try:
+                    masters = client.sentinel_masters()
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                    continue
+                except redis.exceptions.ResponseError as exc:  # SENTINEL is an unknown command there
+                    where = client.connection_pool.connection_kwargs
+                    raise self._not_a_sentinel(exc, f"{where['host']}:{where['port']}") from None
+                state = masters.get(self.service) if isinstance(masters, dict) else None
+                if state and "failover_in_progress" in str(state.get("flags", "")).split(","):
+                    replaced.add((str(state["ip"]), int(state["port"])))
+                elif state and self._sentinel.check_master_state(state, self.service):
+                    named = (int(state.get("config-epoch") or 0), str(state["ip"]), int(state["port"]))
+                    if newest is None or named[0] > newest[0]:
+                        newest = named
+            if newest is not None and newest[1:] in replaced:
+                # The sentinel leading a switch says so first (the others name the old master
+                # until it ends): its replicas may drop what it takes from now on.
+                raise MasterBeingReplaced(f"a sentinel of {self.startup()} is failing over the master of "
+                                          f"service {self.service!r} ({newest[1]}:{newest[2]}): wait for "
+                                          "the new one")
+            if newest is None:
+                missing = MasterNotFoundError(f"No master found for {self.service!r}")
+                unreachable = self._check_service_known(missing)
                 raise CommandNotRun(f"no sentinel of {self.startup()} names a master for service "
-                                    f"{self.service!r} now: {unreachable or exc}") from exc
-        return str(host), int(port)
+                                    f"{self.service!r} now{': ' + unreachable if unreachable else ''}")
+        return newest[1], newest[2]
 
     def _check_service_known(self, exc: MasterNotFoundError) -> str | None:
         """No master found: a ConfigError when every sentinel answered and none monitors the

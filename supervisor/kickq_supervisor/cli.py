@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Signals: TERM/INT graceful stop (a second INT: quick), HUP reload handlers, "
                "QUIT quick stop. Config from kickq.config() in MODULE applies; flags win.")
     p.add_argument("modules", nargs="+", metavar="MODULE", help="handler module or .py file")
-    p.add_argument("--redis-url", help="redis://, rediss://, unix:// or redis+cluster://host:port,host:port "
-                                       "URL (default: config, then $KICKQ_REDIS_URL, then 127.0.0.1:6379)")
+    p.add_argument("--redis-url", help="redis://, rediss://, unix://, redis+cluster://host:port,host:port or "
+                                       "redis+sentinel://host:port,host:port/SERVICE URL (default: config, "
+                                       "then $KICKQ_REDIS_URL, then 127.0.0.1:6379)")
     p.add_argument("--redis-namespace", help="key namespace (default: config, 'kickq')")
     p.add_argument("--wait-replicas", type=_whole_number, metavar="N",
                    help="a finished run counts as saved once N replicas have it (Redis WAIT after each "
