@@ -832,7 +832,8 @@ def clusters(by_second: Counter[int], gap: int = 5) -> str:
             groups[-1][2] += by_second[second]
         else:
             groups.append([second, second, by_second[second]])
-    return ", ".join(f"{first}{f'-{last}' if last != first else ''}s ({count})" for first, last, count in groups)
+    spans = [(str(first) if first == last else f"{first}-{last}", count) for first, last, count in groups]
+    return ", ".join(f"{span}s ({count})" for span, count in spans)
 
 
 def report(run: Run) -> list[str]:
