@@ -252,6 +252,10 @@ def probe_role(address: Address, options: Mapping[str, Any]) -> str | None:
 PROBE_TIMEOUT = 0.25
 VERDICT_SECONDS = 0.5
 SUSPECT_SECONDS = 10.0
+#: A replica counts as one the master had only if a ROLE listed it this recently: after a switch
+#: back to a node that was master before, the replicas it had then (among them the old master,
+#: a master until Sentinel demotes it) must not count.
+KNOWN_SECONDS = 5.0
 
 
 class Fence:
@@ -266,7 +270,8 @@ class Fence:
     after each WAIT, ROLE lists the replicas still connected; a replica that was there before and
     is missing now is asked for its role (at most every VERDICT_SECONDS while it stays missing,
     for SUSPECT_SECONDS), and if it says "master", the write is not confirmed. A replica that is
-    gone or restarting is only missing: nothing is stopped.
+    gone or restarting is only missing: nothing is stopped. "Was there before" means listed within
+    KNOWN_SECONDS: a client that writes to a master less often than that is not fenced.
 
     What remains: a write a replica confirmed before the promotion, which the promoted replica had
     not received yet at that moment (its replication lag, well under a millisecond on a LAN), and
@@ -278,7 +283,7 @@ class Fence:
         self.probe = probe
         self.clock = clock
         self._lock = threading.Lock()
-        self._known: dict[Address, set[Address]] = {}  # master -> replicas it had
+        self._known: dict[Address, dict[Address, float]] = {}  # master -> {replica: when last listed}
         self._missing_since: dict[tuple[Address, Address], float] = {}
         self._promoted_until: dict[Address, float] = {}
         self.refused = False  # ROLE was refused (an ACL user without @dangerous)
@@ -295,7 +300,10 @@ class Fence:
         if master is None:
             return False
         connected = self.replicas(role)
-        return connected is not None and bool(self._known.get(master.address, set()) - connected)
+        return connected is not None and bool(self._recent(master.address, self.clock()) - connected)
+
+    def _recent(self, master: Address, now: float) -> set[Address]:
+        return {r for r, at in self._known.get(master, {}).items() if now - at <= KNOWN_SECONDS}
 
     def promoted(self, master: Master | None, role: Any) -> Address | None:
         """A replica `master` had that is missing from its ROLE reply `role` and says it is a
@@ -313,18 +321,20 @@ class Fence:
             return None
         now = self.clock()
         with self._lock:
-            known = self._known.get(master.address, set())
-            missing = known - connected
+            known = self._known.setdefault(master.address, {})
+            missing = self._recent(master.address, now) - connected
             for replica in connected:
+                known[replica] = now
                 self._missing_since.pop((master.address, replica), None)
             still: set[Address] = set()
             for replica in missing:
                 since = self._missing_since.setdefault((master.address, replica), now)
                 if now - since < SUSPECT_SECONDS:
                     still.add(replica)
+                    known[replica] = now  # stays suspect while missing, up to SUSPECT_SECONDS
                 else:
                     del self._missing_since[(master.address, replica)]
-            self._known[master.address] = connected | still
+                    known.pop(replica, None)
             due = [r for r in still if self._promoted_until.get(r, 0.0) <= now]
         for replica in due:  # asked without the lock: a probe may take PROBE_TIMEOUT
             if self.probe(replica, master.options) == "master":
@@ -332,7 +342,7 @@ class Fence:
             else:
                 self._promoted_until.pop(replica, None)
                 with self._lock:
-                    self._known.get(master.address, set()).discard(replica)
+                    self._known.get(master.address, {}).pop(replica, None)
                     self._missing_since.pop((master.address, replica), None)
         for replica in sorted(still):
             if self._promoted_until.get(replica, 0.0) > now:

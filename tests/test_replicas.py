@@ -613,6 +613,14 @@ def test_a_missing_replica_that_says_master_stops_confirmations_and_a_gone_one_d
     # A replica detached for good stops mattering after SUSPECT_SECONDS.
     now[0] += acks.SUSPECT_SECONDS
     assert fence.promoted(master, role_of()) is None
+    # Replicas listed longer ago than KNOWN_SECONDS do not count: a node that is master again after
+    # a switch back had the old master (a master until Sentinel demotes it) among them.
+    again = acks.Master(("10.0.0.9", 6379), {})
+    assert fence.promoted(again, role_of(a, b)) is None
+    now[0] += acks.KNOWN_SECONDS + 1
+    probes = len(asked)
+    assert not fence.suspects(again, role_of(b))
+    assert fence.promoted(again, role_of(b)) is None and len(asked) == probes  # a is not even asked
     # No fence without a master's address, or when ROLE was refused (ACL).
     assert fence.promoted(None, role_of()) is None
     assert fence.promoted(master, redis.exceptions.NoPermissionError("NOPERM")) is None and fence.refused
