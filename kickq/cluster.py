@@ -35,7 +35,6 @@ import threading
 import time
 import weakref
 from typing import Any, Callable, Mapping, TypeVar
-from urllib.parse import unquote
 
 import redis
 import redis.asyncio as aioredis
@@ -48,6 +47,7 @@ from redis.crc import key_slot
 
 from .backoff import Backoff
 from .errors import ConfigError, RedisModeError
+from .multihost import bracketed, parse_multihost
 from .sentinel import SentinelDiscovery, is_sentinel_url
 from .sentinel import check_url as sentinel_check_url
 
@@ -107,31 +107,10 @@ def is_cluster_url(url: str | None) -> bool:
 def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str]:
     """`redis+cluster://[user:password@]host:port[,host:port...][/0][?options]` -> (the startup
     nodes, a URL of the first node with the same credentials and options). Raises ConfigError."""
-    scheme, _, rest = url.partition("://")
-    node_scheme = CLUSTER_SCHEMES.get(scheme.lower())
-    if node_scheme is None:
-        raise ConfigError(f"not a cluster URL (redis+cluster:// or rediss+cluster://): {scheme}://...")
-    # The query first: its values may hold a "/" (?ssl_ca_certs=/etc/ca.crt), the nodes cannot.
-    rest, _, options = rest.partition("?")
-    authority, _, path = rest.partition("/")
-    credentials, at, hosts = authority.rpartition("@")
-    nodes: list[tuple[str, int]] = []
-    for part in hosts.split(","):
-        host, colon, port = part.strip().rpartition(":")
-        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"{scheme}:// URL: each node must be host:port, got {part!r}")
-        nodes.append((unquote(host.strip("[]")), int(port)))
-    if path not in ("", "0"):
-        raise ConfigError(f"{scheme}:// URL: a Redis Cluster has database 0 only, got /{path}")
-    first_host, first_port = nodes[0]
-    node_url = f"{node_scheme}://{credentials}{at}{_bracketed(first_host)}:{first_port}/0"
-    if options:
-        node_url += "?" + options
-    return nodes, node_url
-
-
-def _bracketed(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
+    parts, node_scheme = parse_multihost(url, CLUSTER_SCHEMES, "cluster", "node")
+    if parts.path not in ("", "0"):
+        raise ConfigError(f"{parts.scheme}:// URL: a Redis Cluster has database 0 only, got /{parts.path}")
+    return parts.hosts, parts.node_url(node_scheme, "0")
 
 
 def check_url(url: str) -> None:
@@ -184,7 +163,7 @@ class Discovery:
     recheck_interval: float | None = None
 
     def startup(self) -> str:
-        return ",".join(f"{_bracketed(h)}:{p}" for h, p in self._nodes)
+        return ",".join(f"{bracketed(h)}:{p}" for h, p in self._nodes)
 
     def label(self, namespace: str, slot: int) -> str:
         return f"namespace {namespace!r} (slot {slot})"

@@ -38,6 +38,7 @@ from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel
 
 from .errors import ConfigError, RedisModeError
+from .multihost import bracketed, parse_multihost
 
 #: URL schemes of a Sentinel deployment, and the scheme of one data node's URL with the same options.
 SENTINEL_SCHEMES = {"redis+sentinel": "redis", "rediss+sentinel": "rediss"}
@@ -71,33 +72,16 @@ class SentinelURL:
 def parse_sentinel_url(url: str) -> SentinelURL:
     """`redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/DB][?options]`. Raises
     ConfigError."""
-    scheme, _, rest = url.partition("://")
-    node_scheme = SENTINEL_SCHEMES.get(scheme.lower())
-    if node_scheme is None:
-        raise ConfigError(f"not a Sentinel URL (redis+sentinel:// or rediss+sentinel://): {scheme}://...")
-    # The query first: its values may hold a "/" (?ssl_ca_certs=/etc/ca.crt), the hosts cannot.
-    rest, _, options = rest.partition("?")
-    authority, _, path = rest.partition("/")
-    credentials, at, hosts = authority.rpartition("@")
-    sentinels: list[tuple[str, int]] = []
-    for part in hosts.split(","):
-        host, colon, port = part.strip().rpartition(":")
-        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"{scheme}:// URL: each sentinel must be host:port, got {part!r}")
-        sentinels.append((unquote(host.strip("[]")), int(port)))
-    service, _, db = path.partition("/")
+    parts, node_scheme = parse_multihost(url, SENTINEL_SCHEMES, "Sentinel", "sentinel")
+    scheme = parts.scheme
+    service, _, db = parts.path.partition("/")
     service = unquote(service)
     if not service:
         raise ConfigError(f"{scheme}:// URL: the service (Sentinel's master name) is missing: "
                           f"{scheme}://host:port[,host:port...]/SERVICE[/DB]")
     if db and not db.isdigit():
         raise ConfigError(f"{scheme}:// URL: the database must be a number, got /{db}")
-    first_host, first_port = sentinels[0]
-    bracketed = f"[{first_host}]" if ":" in first_host else first_host
-    node_url = f"{node_scheme}://{credentials}{at}{bracketed}:{first_port}/{db or 0}"
-    if options:
-        node_url += "?" + options
-    return SentinelURL(sentinels, service, int(db or 0), node_url)
+    return SentinelURL(parts.hosts, service, int(db or 0), parts.node_url(node_scheme, db or "0"))
 
 
 def check_url(url: str) -> None:
@@ -151,7 +135,7 @@ class SentinelDiscovery:
         self._lock = threading.Lock()
 
     def startup(self) -> str:
-        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self._sentinels)
+        return ",".join(f"{bracketed(h)}:{p}" for h, p in self._sentinels)
 
     def label(self, namespace: str, slot: int) -> str:
         return f"service {self.service!r}"
