@@ -6,9 +6,9 @@ from the sentinels through redis-py's Sentinel support (its clients of the senti
 check_master_state): of the masters they name and consider up, the one of the newest configuration
 (config-epoch), since the sentinels learn of a switch one after the other. (redis-py's own
 discover_master believes the first sentinel that answers, which may not have learnt of a switch
-yet for about a second.) Commands are sent over the same routed connections
-as on a Redis Cluster (kickq.cluster: RoutedConnection, RoutedRedis), whose Route asks a
-SentinelDiscovery instead of the slot map:
+yet for about a second.) Commands are sent over the same routed connections as on a Redis Cluster
+(kickq.cluster: RoutedConnection, RoutedRedis), whose Route asks a SentinelDiscovery instead of the
+slot map:
 
 - a connection connects to the master named now; one still open to the old master moves at its
   next use once the route learnt of the new one;
@@ -19,7 +19,10 @@ SentinelDiscovery instead of the slot map:
 - the route asks the sentinels again at most every RECHECK_INTERVAL while it is used, so that
   connections leave an old master that Sentinel replaced but has not reconfigured yet (after a
   planned SENTINEL FAILOVER it accepts writes for about 10 s, which are lost when it becomes a
-  replica). A sentinel that cannot be asked then leaves the known master in use.
+  replica). A sentinel that cannot be asked then leaves the known master in use;
+- no command goes to a master that a sentinel says it is failing over (the sentinel leading a
+  switch says so at once, the others name the old master until the switch ends): calls wait for
+  the new one (MasterBeingReplaced, a CommandNotRun).
 
 The credentials and options of the URL (and redis_options) are the data nodes'. Sentinels get the
 same TLS settings and timeouts, and no password unless the URL's query gives `sentinel_password`
@@ -46,8 +49,6 @@ SENTINEL_SCHEMES = {"redis+sentinel": "redis", "rediss+sentinel": "rediss"}
 #: How often (at most, in seconds) a route in use asks the sentinels whether the master changed.
 RECHECK_INTERVAL = 1.0
 
-#: Replies by which a node says it is no longer the master (see module docstring).
-DEMOTED_UNBLOCKED = "UNBLOCKED"
 
 #: Query options of the URL for the sentinels themselves.
 SENTINEL_AUTH_OPTIONS = ("sentinel_username", "sentinel_password")
