@@ -248,7 +248,8 @@ class Book:
                     self.status[ref[0]][int(ref[1:])] = DONE
                     del self.pending[ref]
                     if state == "success" and not self.runs_of(ref):
-                        self.phantom.append(ref)
+                        self.phantom.append(f"{ref} (id {p.job_id}, acknowledged at "
+                                            f"{p.sent_at - self.started:.1f}s)")
                 else:
                     p.seen_at, p.missing_since = now, None
         return True
