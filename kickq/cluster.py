@@ -348,7 +348,8 @@ def left_behind(pubsub: Any) -> bool:
 
 
 async def async_left_behind(pubsub: Any) -> bool:
-    """left_behind() for redis.asyncio: asking the sentinels runs in the loop's default executor."""
+    """left_behind() for redis.asyncio: when the route must ask the sentinels, in the loop's default
+    executor."""
     import asyncio
     conn = getattr(pubsub, "connection", pubsub)
     route = getattr(conn, "route", None)
@@ -356,10 +357,7 @@ async def async_left_behind(pubsub: Any) -> bool:
         return False
     address = route.known_address()
     if address is None:
-        try:
-            address = await asyncio.get_running_loop().run_in_executor(None, route.address)
-        except CommandNotRun:
-            return False
+        return await asyncio.get_running_loop().run_in_executor(None, left_behind, pubsub)
     return bool(address != (conn.host, conn.port))
 
 

@@ -38,7 +38,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.connection import parse_url, to_bool
 from redis.retry import Retry
-from redis.sentinel import MasterNotFoundError, Sentinel
+from redis.sentinel import Sentinel
 
 from .errors import ConfigError, RedisModeError
 from .multihost import bracketed, parse_multihost
@@ -151,14 +151,20 @@ class SentinelDiscovery:
         with self._lock:
             newest: tuple[int, str, int] | None = None
             replaced: set[tuple[str, int]] = set()  # masters a sentinel is failing over
+            monitored: set[str] = set()  # the services the sentinels that answered monitor
+            unreachable = ""  # why the first sentinel that could not be asked could not
             for client in self._sentinel.sentinels:
+                where = client.connection_pool.connection_kwargs
                 try:
                     masters = client.sentinel_masters()
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                    # Its own words: redis-py's MasterNotFoundError has them only after each
+                    # client's repr (a few thousand characters).
+                    unreachable = unreachable or f"sentinel {where['host']}:{where['port']}: {exc}"
                     continue
                 except redis.exceptions.ResponseError as exc:  # SENTINEL is an unknown command there
-                    where = client.connection_pool.connection_kwargs
                     raise self._not_a_sentinel(exc, f"{where['host']}:{where['port']}") from None
+                monitored.update(masters if isinstance(masters, dict) else ())
                 state = masters.get(self.service) if isinstance(masters, dict) else None
                 if state and "failover_in_progress" in str(state.get("flags", "")).split(","):
                     replaced.add((str(state["ip"]), int(state["port"])))
@@ -173,32 +179,12 @@ class SentinelDiscovery:
                                           f"service {self.service!r} ({newest[1]}:{newest[2]}): wait for "
                                           "the new one")
             if newest is None:
-                missing = MasterNotFoundError(f"No master found for {self.service!r}")
-                unreachable = self._check_service_known(missing)
+                if not unreachable and self.service not in monitored:  # a wrong name, not an outage
+                    raise ConfigError(f"no sentinel of {self.startup()} monitors a service {self.service!r} "
+                                      f"(they monitor: {', '.join(sorted(monitored)) or 'none'})")
                 raise CommandNotRun(f"no sentinel of {self.startup()} names a master for service "
                                     f"{self.service!r} now{': ' + unreachable if unreachable else ''}")
         return newest[1], newest[2]
-
-    def _check_service_known(self, exc: MasterNotFoundError) -> str | None:
-        """No master found: a ConfigError when every sentinel answered and none monitors the
-        service (a wrong name) or a node is no sentinel at all, else the outage it is. Returns
-        why a sentinel could not be asked (e.g. its TLS certificate is not trusted), if one could
-        not: redis-py's own message has it only after each client's repr (a few thousand characters)."""
-        known: set[str] = set()
-        for client in self._sentinel.sentinels:
-            try:
-                masters = client.sentinel_masters()
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as unreachable:
-                where = client.connection_pool.connection_kwargs
-                return f"sentinel {where['host']}:{where['port']}: {unreachable}"
-            except redis.exceptions.ResponseError as refused:  # SENTINEL is an unknown command there
-                where = client.connection_pool.connection_kwargs
-                raise self._not_a_sentinel(refused, f"{where['host']}:{where['port']}") from None
-            if self.service in masters:
-                return None
-            known.update(masters if isinstance(masters, dict) else ())
-        raise ConfigError(f"no sentinel of {self.startup()} monitors a service {self.service!r} "
-                          f"(they monitor: {', '.join(sorted(known)) or 'none'})") from exc
 
     def _not_a_sentinel(self, refused: Exception, where: str | None = None) -> RedisModeError:
         return RedisModeError(f"{where or self.startup()} is not a Redis Sentinel ({refused}): a "

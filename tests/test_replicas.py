@@ -488,15 +488,22 @@ def test_the_channel_makes_a_call_again_after_redis_lost_its_scripts_and_confirm
         channel.reset()
 
 
-@pytest.mark.replicas
-def test_a_worker_counts_an_unconfirmed_settle_as_lost_and_runs_each_job_once(pair, kq, ns):
+def confirmed_worker(kq: kickq.Kickq, ns: str, ran: list[str], timeout: float) -> Any:
+    """tests.supervisor.test_worker_io's Live worker "w1" of job name "w", its saves confirmed by one
+    replica within `timeout`."""
     from tests.supervisor.test_worker_io import Live
 
-    ran: list[str] = []
     live = Live(kq, ran)
     live.io.close()
     live.io = WorkerIO(kq.redis, Keys(ns), ["w"], "w1", live.io.runner, live.write_fd,
-                       wanted=acks.Acks(1, TIMEOUT, False))
+                       wanted=acks.Acks(1, timeout, False))
+    return live
+
+
+@pytest.mark.replicas
+def test_a_worker_counts_an_unconfirmed_settle_as_lost_and_runs_each_job_once(pair, kq, ns):
+    ran: list[str] = []
+    live = confirmed_worker(kq, ns, ran, TIMEOUT)
     try:
         jobs = [kq.create("w") for _ in range(9)]
         live.until(lambda command: isinstance(command, Settle) and len(ran) == 5)
@@ -522,13 +529,8 @@ def test_a_worker_counts_an_unconfirmed_settle_as_lost_and_runs_each_job_once(pa
 
 @pytest.mark.replicas
 def test_a_confirmed_worker_sends_one_wait_per_settle(pair, kq, ns):
-    from tests.supervisor.test_worker_io import Live
-
     ran: list[str] = []
-    live = Live(kq, ran)
-    live.io.close()
-    live.io = WorkerIO(kq.redis, Keys(ns), ["w"], "w1", live.io.runner, live.write_fd,
-                       wanted=acks.Acks(1, 1.0, False))
+    live = confirmed_worker(kq, ns, ran, 1.0)
     try:
         jobs = [kq.create("w") for _ in range(9)]
         settles = 0
