@@ -5,9 +5,9 @@
 
 The runner (python -m bench) calls this once per (case, peer, variant, run), so peers never share a
 process and each one's imports, connections and memory stay its own. Every case starts with FLUSHDB.
-Cases: enqueue-one, enqueue-bulk, drain, latency, memory; kickq only: deadline, orphan (see
-bench/kickq_cases.py), shards (a Redis Cluster URL, see bench/shards.py). enqueue and drain read the
-Redis server's INFO cpu before and after the timed part (bench/redis_cpu.py).
+Cases: enqueue-one, enqueue-bulk, drain, sleep (I/O-bound jobs), latency, memory; kickq only:
+deadline, orphan (see bench/kickq_cases.py), shards (a Redis Cluster URL, see bench/shards.py).
+enqueue and drain read the Redis server's INFO cpu before and after the timed part (bench/redis_cpu.py).
 """
 from __future__ import annotations
 
@@ -234,6 +234,36 @@ def case_drain(ad: Any, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+IO_IN_FLIGHT = 16  # jobs in flight in every setup of the sleep case (the adapters' io_variants)
+
+
+def case_sleep(ad: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Drain args.jobs pre-enqueued jobs that each sleep args.sleep s, with 16 in flight in one of the
+    peer's I/O setups; the steady rate runs from 10 % to 90 % of the completions (start-up and the
+    last jobs' tail left out), the PSS of the worker tree is taken after the last completion."""
+    from bench.peers.base import stop, tree_memory
+    logdir = Path(args.workdir)
+    ad.fill(args.jobs)
+    queued = ad.queued()
+    if queued != args.jobs:
+        raise RuntimeError(f"{ad.name}: {queued} jobs queued before the workers start, expected {args.jobs}")
+    marks = (max(1, args.jobs // 10), max(1, args.jobs * 9 // 10))
+    started = time.perf_counter()
+    roots = ad.start_io_workers(args.variant, logdir)
+    try:
+        times = ad.wait_done(args.jobs, roots, args.timeout, logdir, marks=marks)
+        memory = tree_memory(roots)  # the whole tree, before it is stopped
+    finally:
+        stop(roots)
+    (n10, t10), (n90, t90) = times["marks"]
+    steady = (n90 - n10) / max(1e-9, t90 - t10)
+    ideal = IO_IN_FLIGHT / args.sleep
+    elapsed = times["last"] - started
+    return {"seconds": elapsed, "rate": args.jobs / elapsed, "first_completion": times["first"] - started,
+            "steady_rate": steady, "ideal_rate": ideal, "to_ideal": steady / ideal,
+            "memory": memory, "per_100mib_pss": steady / (memory["pss"] / (100 * 2**20))}
+
+
 def case_latency(ad: Any, args: argparse.Namespace) -> dict[str, Any]:
     from bench.peers import body
     from bench.peers.base import stop, tree_memory
@@ -315,6 +345,8 @@ def run_case(ad: Any, args: argparse.Namespace) -> dict[str, Any]:
         return case_enqueue(ad, args, bulk=args.case == "enqueue-bulk")
     if args.case == "drain":
         return case_drain(ad, args)
+    if args.case == "sleep":
+        return case_sleep(ad, args)
     if args.case == "latency":
         return case_latency(ad, args)
     if args.case == "memory":
@@ -335,20 +367,22 @@ def info(ad: Any) -> dict[str, Any]:
             return None
     return {"label": ad.label, "version": version(ad.package), "redis_py": version("redis"),
             "hiredis": version("hiredis"), "python": platform.python_version(), "executable": sys.executable,
-            "variants": ad.variants, "bulk_label": ad.bulk_label, "notes": ad.notes}
+            "variants": ad.variants, "io_variants": ad.io_variants, "bulk_label": ad.bulk_label,
+            "notes": ad.notes}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--peer", required=True)
     p.add_argument("--case", required=True,
-                   choices=["info", "enqueue-one", "enqueue-bulk", "drain", "latency", "memory", "deadline",
-                            "orphan", "shards"])
+                   choices=["info", "enqueue-one", "enqueue-bulk", "drain", "sleep", "latency", "memory",
+                            "deadline", "orphan", "shards"])
     p.add_argument("--variant", default="default")
     p.add_argument("--jobs", type=int, default=2000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--body", choices=["noop", "incr"], default="noop",
                    help="drain: how a no-op job marks its completion (bench/peers/body.py)")
+    p.add_argument("--sleep", type=float, default=0.05, help="sleep case: seconds each job sleeps (0.05)")
     p.add_argument("--supervisors", type=int, default=1)
     p.add_argument("--count", type=int, default=500, help="latency probes / deadline or orphan trials")
     p.add_argument("--gap", type=float, default=0.005, help="idle time before each latency probe (s)")
@@ -363,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     bench_procs.become_subreaper()
     os.environ["BENCH_REDIS_URL"] = args.url
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    os.environ["BENCH_BODY"] = args.body
+    os.environ["BENCH_BODY"] = "sleep" if args.case == "sleep" else args.body
+    os.environ["BENCH_SLEEP"] = repr(args.sleep)
     os.environ["BENCH_DONE_FILE"] = str(Path(args.workdir) / "done")
     Path(os.environ["BENCH_DONE_FILE"]).write_bytes(b"")
     if args.profile:

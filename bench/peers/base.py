@@ -10,6 +10,8 @@ An adapter is made with the Redis URL in the producer (the driver process) and o
 - ``start_workers(n, variant, logdir)``: start n worker processes (``variants`` lists the kinds of
   worker a peer has) and return the root processes; each root leads its own process group;
 - ``wait_done(n, procs, timeout)``: wait until ``n`` no-op jobs ran (body.done_count);
+- ``start_io_workers(variant, logdir)``: the sleep case's workers, 16 jobs in flight in the peer's
+  documented setup for I/O-bound jobs (``io_variants`` lists them);
 - ``roundtrip(t0)``: the latency probe: enqueue one job carrying ``t0`` and wait for its result
   through the queue's own result API;
 - ``memory_probe(count)``: Redis used_memory per queued no-op job.
@@ -85,11 +87,13 @@ def stop(procs: list[subprocess.Popen], grace: float = 2.0) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    for member in alive + tree(procs):
+    killed = alive + tree(procs)
+    for member in killed:
         try:
             member.kill()
         except psutil.NoSuchProcess:
             pass
+    psutil.wait_procs(killed, timeout=5)  # SIGKILL is not instant: gone before anyone looks again
     for proc in procs:
         try:
             proc.wait(timeout=10)
@@ -124,27 +128,33 @@ def log_tail(logdir: Path, lines: int = 30) -> str:
 
 
 def wait_done(name: str, n: int, procs: list[subprocess.Popen], timeout: float,
-              logdir: Path | None = None) -> dict[str, float]:
+              logdir: Path | None = None, marks: tuple[int, ...] = ()) -> dict[str, Any]:
     """Poll the completions (body.done_count: a file's size, no Redis command) every 2 ms until they
-    reach n; perf_counter times of the first completion seen and of the last."""
+    reach n; perf_counter times of the first completion seen and of the last, and for each count in
+    marks the (count seen, time) of the first poll that reached it."""
     deadline = time.perf_counter() + timeout
     first = None
     first_count = 0
     polls = 0
+    reached: list[tuple[int, float]] = []
     while True:
         done = body.done_count()
         now = time.perf_counter()
         if done and first is None:
             first = now
             first_count = done
+        while len(reached) < len(marks) and done >= marks[len(reached)]:
+            reached.append((done, now))
         if done >= n:
             return {"first": first if first is not None else now, "first_count": first_count,
-                    "last": now, "done": done}
+                    "last": now, "done": done, "marks": reached}
         polls += 1
         if polls % 50 == 0:
             if all(p.poll() is not None for p in procs):
-                raise BenchError(f"{name}: every worker exited after {done} of {n} jobs\n"
-                                 + (log_tail(logdir) if logdir else ""))
+                tail = log_tail(logdir) if logdir else ""
+                last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
+                raise BenchError(f"{name}: every worker exited after {done} of {n} jobs"
+                                 + (f"; last log line: {last.strip()}" if last else "") + "\n" + tail)
         if now > deadline:
             raise BenchError(f"{name}: only {done} of {n} jobs done after {timeout:.0f} s\n"
                              + (log_tail(logdir) if logdir else ""))
@@ -156,6 +166,7 @@ class Adapter:
     label = ""
     package = ""  # distribution whose version is reported
     variants: dict[str, str] = {"default": ""}  # worker kind -> how its workers are started
+    io_variants: dict[str, str] = {}  # the sleep case: setup -> how its workers are started
     bulk_label: str | None = None
     notes = ""  # settings that differ from the peer's defaults, shown under the tables
 
@@ -202,9 +213,12 @@ class Adapter:
     def start_workers(self, n: int, variant: str, logdir: Path, **kw: Any) -> list[subprocess.Popen]:
         raise NotImplementedError
 
+    def start_io_workers(self, variant: str, logdir: Path) -> list[subprocess.Popen]:
+        raise NotImplementedError
+
     def wait_done(self, n: int, procs: list[subprocess.Popen], timeout: float,
-                  logdir: Path | None = None) -> dict[str, float]:
-        return wait_done(self.name, n, procs, timeout, logdir)
+                  logdir: Path | None = None, marks: tuple[int, ...] = ()) -> dict[str, Any]:
+        return wait_done(self.name, n, procs, timeout, logdir, marks)
 
     def close(self) -> None:
         self.redis.close()

@@ -5,7 +5,8 @@
   polls. With BENCH_BODY=incr (the drain-io case) it first increments ``bench:done`` in Redis: a
   job that makes one round trip to the Redis its queue lives on, which that queue's work competes
   with. Its completion is still counted in the file, so the harness' polls never reach that Redis
-  (its CPU per job is the queue's and the bodies' alone).
+  (its CPU per job is the queue's and the bodies' alone). With BENCH_BODY=sleep (the sleep case) it
+  first sleeps BENCH_SLEEP seconds instead: a job that waits on I/O (``run_async``: asyncio.sleep).
 - ``run(t0)``: a latency probe; ``t0`` is the producer's time.time() just before it enqueued the job.
   The body takes time.time() first thing and appends "t0 start" to ``bench:starts``, then returns 1
   (a result to wait for).
@@ -25,6 +26,9 @@ import redis
 DONE = "bench:done"
 STARTS = "bench:starts"
 ORPHAN = "bench:orphan"  # kickq orphan case: "pid start" per run
+
+# Read once at import (workers are started with it set): the no-op drain's hot path stays as it was.
+SLEEP = float(os.environ.get("BENCH_SLEEP") or 0) if os.environ.get("BENCH_BODY") == "sleep" else 0.0
 
 _sync: tuple[int, redis.Redis] | None = None
 _async: dict[tuple[int, int], Any] = {}
@@ -69,6 +73,8 @@ def done_count() -> int:
 def run(t0: float | None = None) -> int | None:
     now = time.time()
     if t0 is None:
+        if SLEEP:
+            time.sleep(SLEEP)
         mark_done()
         return None
     client().rpush(STARTS, f"{t0!r} {now!r}")
@@ -77,6 +83,10 @@ def run(t0: float | None = None) -> int | None:
 
 async def run_async(t0: float | None = None) -> int | None:
     now = time.time()
+    if t0 is None and SLEEP:
+        await asyncio.sleep(SLEEP)
+        append_done()
+        return None
     key = (os.getpid(), id(asyncio.get_running_loop()))
     conn = _async.get(key)
     if conn is None:
