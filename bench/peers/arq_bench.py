@@ -8,7 +8,7 @@ from arq import create_pool
 from arq.connections import RedisSettings
 
 from .arq_jobs import POLL_DELAY
-from .base import AsyncAdapter, module_cmd, spawn
+from .base import AsyncAdapter, module_cmd, spawn, worker_env
 
 
 class ArqAdapter(AsyncAdapter):
@@ -16,6 +16,7 @@ class ArqAdapter(AsyncAdapter):
     label = "arq"
     package = "arq"
     variants = {"default": "n arq worker processes (max_jobs 10 each)"}
+    io_variants = {"2 × 8": "2 arq worker processes, max_jobs 8 each"}
     bulk_label = None
     notes = (f"worker poll_delay {POLL_DELAY:g} s (default 0.5 s); Job.result(poll_delay=0.001); "
              "its own interpreter (arq needs redis-py < 6)")
@@ -45,6 +46,12 @@ class ArqAdapter(AsyncAdapter):
         cmd = module_cmd("arq", "--custom-log-dict", "bench.peers.arq_jobs.LOG_CONFIG",
                          "bench.peers.arq_jobs.WorkerSettings")
         return [spawn(cmd, logdir / f"arq-{i}.log") for i in range(n)]
+
+    def start_io_workers(self, variant: str, logdir: Path) -> list:
+        cmd = module_cmd("arq", "--custom-log-dict", "bench.peers.arq_jobs.LOG_CONFIG",
+                         "bench.peers.arq_jobs.WorkerSettings")
+        env = worker_env({"BENCH_ARQ_MAX_JOBS": "8"})
+        return [spawn(cmd, logdir / f"arq-{i}.log", env) for i in range(2)]
 
     def close(self) -> None:
         self.run(self.pool.aclose())

@@ -29,3 +29,4 @@ class WorkerSettings:
     functions = [noop, lat]
     redis_settings = RedisSettings.from_dsn(os.environ["BENCH_REDIS_URL"])
     poll_delay = POLL_DELAY
+    max_jobs = int(os.environ.get("BENCH_ARQ_MAX_JOBS", "10"))  # arq's default 10; the sleep case 8

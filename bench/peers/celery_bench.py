@@ -15,6 +15,8 @@ class CeleryAdapter(Adapter):
     label = "Celery"
     package = "celery"
     variants = {"default": "celery worker -P prefork -c n"}
+    io_variants = {"prefork 16": "celery worker -P prefork -c 16",
+                   "threads 16": "celery worker -P threads -c 16"}
     bulk_label = "group(...).apply_async()"
     notes = ("worker --without-heartbeat --without-gossip --without-mingle; the no-op task has "
              "ignore_result=True, the latency task stores its result in the Redis backend")
@@ -35,7 +37,10 @@ class CeleryAdapter(Adapter):
         if celery_jobs.lat.delay(t0).get(timeout=10) != 1:
             raise RuntimeError("Celery latency task returned something else")
 
-    def start_workers(self, n: int, variant: str, logdir: Path, **kw: Any) -> list:
-        cmd = module_cmd("celery", "-A", "bench.peers.celery_jobs", "worker", "-P", "prefork", "-c", str(n),
+    def start_workers(self, n: int, variant: str, logdir: Path, pool: str = "prefork", **kw: Any) -> list:
+        cmd = module_cmd("celery", "-A", "bench.peers.celery_jobs", "worker", "-P", pool, "-c", str(n),
                          "-l", "WARNING", "--without-heartbeat", "--without-gossip", "--without-mingle")
         return [spawn(cmd, logdir / "celery.log")]
+
+    def start_io_workers(self, variant: str, logdir: Path) -> list:
+        return self.start_workers(16, variant, logdir, pool=variant.split()[0])

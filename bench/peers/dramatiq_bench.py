@@ -20,6 +20,7 @@ class DramatiqAdapter(Adapter):
     package = "dramatiq"
     variants = {"8 threads": "dramatiq -p n (its default: 8 threads per process)",
                 "1 thread": "dramatiq -p n -t 1"}
+    io_variants = {"2 × 8 threads": "dramatiq -p 2 -t 8"}
     bulk_label = "group(...).run()"
     notes = "Results middleware with the Redis backend (the latency actor stores results)"
 
@@ -43,3 +44,7 @@ class DramatiqAdapter(Adapter):
         cmd = module_cmd("dramatiq", "bench.peers.dramatiq_jobs", "-p", str(n), *THREADS[variant],
                          "-Q", "bench")
         return [spawn(cmd, logdir / f"dramatiq-{variant.replace(' ', '-')}.log")]
+
+    def start_io_workers(self, variant: str, logdir: Path) -> list:
+        cmd = module_cmd("dramatiq", "bench.peers.dramatiq_jobs", "-p", "2", "-t", "8", "-Q", "bench")
+        return [spawn(cmd, logdir / "dramatiq-io.log")]

@@ -13,6 +13,7 @@ class HueyAdapter(Adapter):
     label = "Huey"
     package = "huey"
     variants = {"default": "huey_consumer -w n -k process -q"}
+    io_variants = {"16 threads": "huey_consumer -w 16 -k thread -q (one process)"}
     bulk_label = None
     notes = "RedisHuey(notify_result=True) so a result waiter blocks on Redis instead of polling"
 
@@ -31,4 +32,9 @@ class HueyAdapter(Adapter):
     def start_workers(self, n: int, variant: str, logdir: Path, **kw: Any) -> list:
         cmd = module_cmd("huey.bin.huey_consumer", "bench.peers.huey_jobs.huey",
                          "-w", str(n), "-k", "process", "-q")
+        return [spawn(cmd, logdir / "huey.log")]
+
+    def start_io_workers(self, variant: str, logdir: Path) -> list:
+        cmd = module_cmd("huey.bin.huey_consumer", "bench.peers.huey_jobs.huey",
+                         "-w", "16", "-k", "thread", "-q")
         return [spawn(cmd, logdir / "huey.log")]

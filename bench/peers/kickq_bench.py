@@ -17,6 +17,12 @@ class KickqAdapter(Adapter):
     label = "kickq"
     package = "kickq"
     variants = {"default": "kickq-supervisor, one registration with concurrent_jobs n"}
+    io_variants = {
+        "16 processes": "kickq-supervisor, concurrent_jobs 16, sync handler (time.sleep)",
+        "dense async": "kickq-supervisor, concurrent_jobs 2, jobs_per_worker 8, async handler "
+                       "(asyncio.sleep)",
+        "dense sync": "kickq-supervisor, concurrent_jobs 2, jobs_per_worker 8, sync handler (time.sleep)",
+    }
     bulk_label = "create_many"
     notes = "kickq-supervisor --log-level WARNING; hotjob round trip for enqueue-to-result"
 
@@ -49,6 +55,11 @@ class KickqAdapter(Adapter):
         cmd = module_cmd("kickq_supervisor", "--redis-url", self.url, "--redis-namespace", NAMESPACE,
                          "--log-level", "WARNING", "bench.peers.kickq_jobs")
         return [spawn(cmd, logdir / f"kickq-supervisor-{i}.log", env) for i in range(supervisors)]
+
+    def start_io_workers(self, variant: str, logdir: Path) -> list:
+        mode, workers = {"16 processes": ("bench", 16), "dense async": ("dense-async", 2),
+                         "dense sync": ("dense-sync", 2)}[variant]
+        return self.start_workers(workers, variant, logdir, mode=mode)
 
     def close(self) -> None:
         self.client.close()

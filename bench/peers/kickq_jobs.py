@@ -2,7 +2,9 @@
 
 BENCH_KICKQ_MODE picks what this supervisor serves, so it forks only the workers a case needs:
 "bench" (default): the name "bench" with concurrent_jobs = BENCH_KICKQ_WORKERS (2);
-"orphan": the name "orphan" with one worker (the orphan-recovery case).
+"orphan": the name "orphan" with one worker (the orphan-recovery case);
+"dense-async" / "dense-sync": the name "bench" with 2 worker processes of 8 jobs in flight each
+(jobs_per_worker), an async handler (asyncio.sleep in the sleep case) or a sync one (time.sleep).
 BENCH_PROFILE_DIR (optional): each worker profiles itself with cProfile from its first job on and
 dumps its stats there (worker-<pid>.prof) at most once a second.
 """
@@ -39,6 +41,10 @@ def bench(job, data):
     return body.run(data.get("t0") if data else None)
 
 
+async def bench_async(job, data):
+    return await body.run_async(data.get("t0") if data else None)
+
+
 def orphan(job, data):
     """Logs each run ("pid time"); the first run then hangs until its supervisor is killed."""
     runs = body.client().rpush(body.ORPHAN, f"{os.getpid()} {time.time()!r}")
@@ -50,6 +56,9 @@ def orphan(job, data):
 MODE = os.environ.get("BENCH_KICKQ_MODE", "bench")
 if MODE == "orphan":
     kickq.Kickq().process("orphan", {"concurrent_jobs": 1}, orphan)
+elif MODE in ("dense-async", "dense-sync"):
+    kickq.Kickq().process("bench", {"concurrent_jobs": 2, "jobs_per_worker": 8},
+                          bench_async if MODE == "dense-async" else bench)
 else:
     workers = int(os.environ.get("BENCH_KICKQ_WORKERS", "2"))
     kickq.Kickq().process("bench", {"concurrent_jobs": workers}, bench)

@@ -6,6 +6,12 @@ from typing import Any
 
 from rq import Queue
 
+try:  # `rq worker-pool`, the CLI's way to run several workers (rq >= 1.14)
+    import rq.worker_pool  # noqa: F401
+    HAS_POOL = True
+except ImportError:
+    HAS_POOL = False
+
 from . import rq_jobs
 from .base import Adapter, module_cmd, spawn
 
@@ -15,6 +21,8 @@ class RQAdapter(Adapter):
     label = "RQ"
     package = "rq"
     variants = {"fork": "rq worker (default Worker: a fork per job)", "simple": "rq worker -w SimpleWorker"}
+    io_variants = ({"worker-pool 16": "rq worker-pool -n 16 (a fork per job)"} if HAS_POOL
+                   else {"16 workers": "16 rq worker processes (a fork per job)"})
     bulk_label = "Queue.enqueue_many"
     notes = "enqueue-to-result: Job.latest_result(timeout) (XREAD on the result stream)"
 
@@ -46,3 +54,9 @@ class RQAdapter(Adapter):
         if variant == "simple":
             cmd += ["-w", "rq.worker.SimpleWorker"]
         return [spawn(cmd, logdir / f"rq-{variant}-{i}.log") for i in range(n)]
+
+    def start_io_workers(self, variant: str, logdir: Path) -> list:
+        if not HAS_POOL:
+            return self.start_workers(16, "fork", logdir)
+        cmd = module_cmd("rq.cli", "worker-pool", "-u", self.url, "-l", "WARNING", "-n", "16", "bench")
+        return [spawn(cmd, logdir / "rq-worker-pool.log")]

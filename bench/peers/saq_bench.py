@@ -9,7 +9,7 @@ from typing import Any
 from saq import Queue
 from saq.job import TERMINAL_STATUSES
 
-from .base import AsyncAdapter, module_cmd, spawn
+from .base import AsyncAdapter, module_cmd, spawn, worker_env
 
 GATHER = 1000  # enqueues in flight at once in the bulk case
 
@@ -19,6 +19,7 @@ class SaqAdapter(AsyncAdapter):
     label = "SAQ"
     package = "saq"
     variants = {"default": "n saq processes (concurrency 10 each)"}
+    io_variants = {"2 × 8": "2 saq processes, concurrency 8 each"}
     bulk_label = f"asyncio.gather(enqueue), {GATHER} at a time (as Queue.map enqueues)"
     notes = ("enqueue-to-result: Queue.listen (pub/sub) subscribed before the enqueue, then Queue.job; "
              "not Queue.apply (a 0.5 s poll) nor Job.refresh(until_complete), which can miss a job that "
@@ -67,6 +68,11 @@ class SaqAdapter(AsyncAdapter):
     def start_workers(self, n: int, variant: str, logdir: Path, **kw: Any) -> list:
         cmd = module_cmd("saq", "bench.peers.saq_jobs.settings")
         return [spawn(cmd, logdir / f"saq-{i}.log") for i in range(n)]
+
+    def start_io_workers(self, variant: str, logdir: Path) -> list:
+        cmd = module_cmd("saq", "bench.peers.saq_jobs.settings")
+        env = worker_env({"BENCH_SAQ_CONCURRENCY": "8"})
+        return [spawn(cmd, logdir / f"saq-{i}.log", env) for i in range(2)]
 
     def close(self) -> None:
         self.run(self.queue.disconnect())

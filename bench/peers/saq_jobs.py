@@ -16,4 +16,6 @@ async def lat(ctx, *, t0):
     return await body.run_async(t0)
 
 
-settings = {"queue": queue, "functions": [noop, lat], "concurrency": 10}
+# jobs in flight per process: SAQ's default 10, the sleep case 8 (BENCH_SAQ_CONCURRENCY)
+settings = {"queue": queue, "functions": [noop, lat],
+            "concurrency": int(os.environ.get("BENCH_SAQ_CONCURRENCY", "10"))}
