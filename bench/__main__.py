@@ -7,7 +7,8 @@ Starts its own redis-server on a free port (no persistence), then runs every cas
 each (case, queue, run) in a fresh driver process of that queue's interpreter (bench/driver.py),
 bounded in time, with FLUSHDB before each. Cases: enqueue one by one and in bulk; drain N
 pre-enqueued no-op jobs with 2 worker processes (and drain-io: the same with a Redis round trip in
-each job); idle-pool latency (enqueue-to-start, enqueue-to-result) and the worker tree's memory at
+each job); sleep: drain jobs that each sleep 50 ms with 16 in flight in each queue's I/O setup, with
+the worker tree's PSS; idle-pool latency (enqueue-to-start, enqueue-to-result) and the worker tree's memory at
 rest; Redis memory per queued job; kickq only: deadline precision, orphan recovery after SIGKILL of
 a whole supervisor, scaling with 1/2/4 workers and 1/2 supervisors, shards: one namespace against
 three on a 3-master Redis Cluster. Enqueue and drain also give Redis' CPU per job (INFO cpu before
@@ -38,13 +39,16 @@ if str(REPO) not in sys.path:
 from bench import procs, redis_cpu  # noqa: E402
 from bench.peers import PEERS  # noqa: E402
 
-ALL_CASES = ["enqueue", "drain", "drain-io", "latency", "memory", "kickq", "scaling", "shards"]
+ALL_CASES = ["enqueue", "drain", "drain-io", "sleep", "latency", "memory", "kickq", "scaling", "shards"]
 SCALING = [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2)]  # (supervisors, workers per supervisor)
+IO_SLEEP = 0.05  # seconds each job of the sleep case sleeps (16 in flight: 320 jobs/s at best)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=20_000, help="jobs per enqueue / drain run (20000)")
+    p.add_argument("--sleep-jobs", type=int, default=2000,
+                   help="jobs per sleep-case run, each sleeping 50 ms (2000)")
     p.add_argument("--runs", type=int, default=3, help="runs per case; tables show the median (3)")
     p.add_argument("--only", default="", help="comma-separated queues (default: all): " + ",".join(PEERS))
     p.add_argument("--cases", default=",".join(ALL_CASES), help="comma-separated: " + ",".join(ALL_CASES))
@@ -241,6 +245,13 @@ class Runner:
                         rec = self.drive(peer, "drain", (60 + a.jobs / 30) * scale, jobs=a.jobs, workers=2,
                                          variant=variant, body=body)
                         self.record(case, peer, variant, {}, rec)
+        if "sleep" in a.case_list:  # every setup of every queue, 16 jobs in flight in each
+            for _ in range(a.runs):
+                for peer in peers:
+                    for variant in info[peer].get("io_variants", {}):
+                        rec = self.drive(peer, "sleep", (60 + a.sleep_jobs * IO_SLEEP) * scale,
+                                         jobs=a.sleep_jobs, variant=variant, sleep=IO_SLEEP)
+                        self.record("sleep", peer, variant, {}, rec)
         if "latency" in a.case_list:
             for _ in range(a.runs):
                 for peer in peers:

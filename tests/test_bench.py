@@ -47,6 +47,11 @@ def test_kickq_adapter_end_to_end(redis_server: Any, tmp_path: Path, monkeypatch
     drain_io = drive(url, tmp_path, "drain", "--jobs", "50", "--workers", "2", "--body", "incr")
     # counted in the file too, so the harness never polls the queue's Redis (the driver checks the INCRs)
     assert drain_io["rate"] > 0 and (tmp_path / "drain" / "done").stat().st_size == 50
+    # I/O-bound jobs, 16 in flight: 16 worker processes, each job sleeping 50 ms
+    sleep = drive(url, tmp_path, "sleep", "--jobs", "64", "--variant", "16 processes", "--sleep", "0.05")
+    assert (tmp_path / "sleep" / "done").stat().st_size == 64
+    assert sleep["memory"]["processes"] == 18  # master, 16 workers, reaper; measured before the stop
+    assert 0 < sleep["steady_rate"] and sleep["ideal_rate"] == 320 and sleep["per_100mib_pss"] > 0
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     latency = drive(url, tmp_path, "latency", "--count", "5", "--profile", str(profiles))
@@ -210,6 +215,41 @@ def test_report_gives_redis_cpu_per_job_and_its_ratio() -> None:
     # enqueue: the median of kickq's two runs, each beside it; RQ's runs have no figure
     assert "| kickq | 90.0 (80.0, 100.0) | 1.00× | — | — |" in text
     assert "| RQ | — | — | — | — |" in text
+
+
+def test_report_gives_the_sleep_case_and_a_failed_dense_row() -> None:
+    """Section 2c: each setup's steady rate, PSS and rate per 100 MiB; a setup whose workers did not
+    start shows its error in its own row, and the summary under the targets compares kickq's dense
+    setups with the densest peer setup."""
+    results = fake_results()
+    results["config"]["sleep_jobs"] = 2000
+    results["peers"]["kickq"]["io_variants"] = {"16 processes": "concurrent_jobs 16",
+                                                "dense async": "jobs_per_worker 8 | async"}
+    results["peers"]["rq"]["io_variants"] = {"worker-pool 16": "rq worker-pool -n 16"}
+
+    def run(steady: float, pss_mib: float) -> dict[str, Any]:
+        return {"rate": steady * 0.8, "seconds": 8.0, "steady_rate": steady, "to_ideal": steady / 320,
+                "per_100mib_pss": steady / (pss_mib / 100),
+                "memory": {"pss": pss_mib * 2**20, "rss": 3 * pss_mib * 2**20, "processes": 18}}
+    failed = ("BenchError: kickq: every worker exited after 0 of 2000 jobs; last log line: "
+              "ConfigError: unknown process option 'jobs_per_worker'\n--- kickq-supervisor-0.log")
+    for peer, variant, runs, errors in (
+            ("kickq", "16 processes", [run(310.0, 200.0), run(300.0, 200.0)], []),
+            ("kickq", "dense async", [], [failed]),
+            ("rq", "worker-pool 16", [run(80.0, 160.0)], [])):
+        results["tasks"].append({"case": "sleep", "peer": peer, "variant": variant, "params": {},
+                                 "runs": runs, "errors": errors, "summary": report.summarize(runs)})
+    text = report.render(results)
+    assert "### 2c. I/O-bound jobs: drain 2,000 jobs that each sleep 50 ms, 16 in flight" in text
+    assert ("| kickq (16 processes) | concurrent_jobs 16 | 18 | 244 | 305 | 0.95× | 200.0 | 152 "
+            "| 310, 300 |") in text
+    assert ("| kickq (dense async) | jobs_per_worker 8 / async | — | failed: BenchError: kickq: every worker "
+            "exited after 0 of 2000 jobs; last log line: ConfigError: unknown process option "
+            "'jobs_per_worker' | — |") in text
+    assert "| RQ (worker-pool 16) | rq worker-pool -n 16 | 18 | 64 | 80 | 0.25× | 160.0 | 50 | 80 |" in text
+    assert ("I/O-bound jobs, dense workers (issue 29, section 2c), steady jobs/s per 100 MiB of the worker "
+            "tree's PSS: kickq (dense async) failed (section 2c); the best peer setup, RQ (worker-pool 16): "
+            "50.") in text
 
 
 def test_namespaces_are_picked_one_per_master() -> None:
