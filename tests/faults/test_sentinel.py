@@ -693,6 +693,12 @@ def test_case14d_a_schedule_across_a_failover(size, make_sentinel, ledger, start
     expected = set(range(ticks[0], ticks[-1] + 1, every_ms)) if ticks else set()
     skipped = sorted(expected - set(ticks))
     off_grid = sorted(set(ticks) - expected)
+    # A tick fires twice when two jobs run for it. One job run twice is a run the old master claimed
+    # (its claim or its outcome lost with it) and the new master gave out again: the re-run a
+    # failover may cause under the delivery guarantee, and only for a run that began before the
+    # promotion.
+    fired_twice = {tick: sorted({e.job_id for e in execs}) for tick, execs in runs.items()
+                   if len({e.job_id for e in execs}) > 1}
     twice = {tick: [(e.job_id, e.attempt) for e in execs] for tick, execs in runs.items() if len(execs) > 1}
     kill_ms = int(killed_wall * 1000)
     missed = [t for t in ticks if kill_ms <= t <= kill_ms + times.promoted_seconds * 1000]
@@ -701,6 +707,9 @@ def test_case14d_a_schedule_across_a_failover(size, make_sentinel, ledger, start
     late = {t: watcher.first_run[f"tick{t}"] + wall - t / 1000
             for t in ticks if f"tick{t}" in watcher.first_run}
     usual = sorted(v for t, v in late.items() if t not in missed)
+    promoted_wall = killed_wall + times.promoted_seconds
+    late_reruns = {t: execs for t, execs in twice.items() if t not in fired_twice
+                   and watcher.first_run.get(f"tick{t}", float("inf")) + wall > promoted_wall + 0.05}
     alive_now = supervisor_pids(sup)
     strays = purge_and_find_strays(r, namespace, ["tick"])
     r.close()
@@ -710,12 +719,14 @@ def test_case14d_a_schedule_across_a_failover(size, make_sentinel, ledger, start
         f"{times.promoted_seconds:.2f}s later, ran {max((late.get(t, 0) for t in missed), default=0):.2f}s "
         f"late at most; the others ran {usual[len(usual) // 2] if usual else 0:.2f}s late (median), "
         f"{max(usual, default=0):.2f}s at most); executions {sum(len(e) for e in runs.values())}; ticks run "
-        f"more than once {twice}; skipped {skipped[:10]}"
+        f"more than once {twice} (fired twice: {fired_twice}); skipped {skipped[:10]}"
     )
     case.check("ticks ran on both masters (before the kill and after the promotion)",
                bool(ticks) and ticks[0] < kill_ms and ticks[-1] > kill_ms + times.settled_seconds * 1000,
                f"{len(ticks)} ticks")
-    case.check("no tick fires twice: each tick runs once", not twice, twice)
+    case.check("no tick fires twice: one job per tick", not fired_twice, fired_twice)
+    case.check("a tick's job runs once, but for a run begun on the old master before the promotion",
+               not late_reruns, late_reruns)
     case.check("no tick between the first and the last is skipped", not skipped and not off_grid,
                f"skipped {skipped[:10]}, off the grid {off_grid[:10]}")
     end_case(case, pids, alive_now, monitor, strays)
