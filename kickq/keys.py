@@ -63,8 +63,8 @@ class Keys:
         return self.prefix + layout.JOURNAL + claimer
 
     def claim(self, claimer: str) -> str:
-        """The last job a worker claimed ("<id> <attempt>"), for recovery after a lost reply.
-        `claimer` is a worker's own generated hex id, never user input."""
+        """The last jobs a worker claimed ("<id> <token> ...", attempt tokens), for recovery after a
+        lost reply. `claimer` is a worker's own generated hex id, never user input."""
         return self.prefix + layout.CLAIM + claimer
 
     def inbox(self, claimer: str) -> str:

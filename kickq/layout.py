@@ -68,7 +68,7 @@ KEY_FAMILIES = {
     JOB: "hash",  # + job id: the job
     QUEUE: "list",  # + job name: ids of its new / queued jobs, FIFO
     WAKE: "list",  # + job name: one token per id in its queue
-    CLAIM: "string",  # + claimer id: "<id> <attempt> ..." of the jobs it claimed
+    CLAIM: "string",  # + claimer id: "<id> <token> ..." of the jobs it claimed
     IDLE: "zset",  # + job name: idle workers -> registration expiry (ms)
     IDLER: "string",  # + claimer id: the names it registered as idle under (JSON)
     INBOX: "list",  # + claimer id: jobs claimed for it by their create (JSON claim replies)

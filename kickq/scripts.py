@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import redis
 
@@ -271,7 +271,7 @@ def claim_args(keys: Keys, names: Sequence[str], now: int | None = None,
     return keys.script_keys, [keys.prefix, _now(now), claimer, int(idle_ms), *names]
 
 
-def finish_args(keys: Keys, job_id: str, token: int | str, outcome: str, payload: str = "",
+def finish_args(keys: Keys, job_id: str, token: str, outcome: str, payload: str = "",
                 claim_names: Sequence[str] = (), now: int | None = None,
                 claimer: str = "", run_ms: int | None = None) -> tuple[list[str], list[Any]]:
     if outcome not in ("success", "fail", "ghost"):
@@ -281,7 +281,7 @@ def finish_args(keys: Keys, job_id: str, token: int | str, outcome: str, payload
 
 
 #: One finished run for finish_many / abandon: (id, token, outcome, payload, run ms, ms since it ended).
-RunOutcome = tuple[str, "int | str", str, str, int, int]
+RunOutcome = tuple[str, str, str, str, int, int]
 
 
 def _runs_args(runs: Sequence[RunOutcome]) -> list[Any]:
@@ -293,7 +293,7 @@ def _runs_args(runs: Sequence[RunOutcome]) -> list[Any]:
     return args
 
 
-def journal_entry(job_id: str, token: int | str, outcome: str, payload: str, run_ms: int,
+def journal_entry(job_id: str, token: str, outcome: str, payload: str, run_ms: int,
                   ended_mono_ms: float) -> str:
     """One run for a worker's journal (apply_journal in lua/_lib_journal.lua): ended_mono_ms is the end on
     time.monotonic() in ms, which every process of one host shares."""
@@ -306,7 +306,7 @@ def journal_entry(job_id: str, token: int | str, outcome: str, payload: str, run
     return json.dumps([job_id, token, outcome, payload, int(run_ms), round(ended_mono_ms, 3)])
 
 
-_PLAIN_WORD = re.compile(r"[A-Za-z0-9_]+\Z")
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_:]+\Z")
 
 
 def _mono(mono_ms: float | None) -> str:
@@ -314,7 +314,7 @@ def _mono(mono_ms: float | None) -> str:
 
 
 def finish_many_args(keys: Keys, claimer: str, runs: Sequence[RunOutcome] = (),
-                     give_back: Sequence[tuple[str, "int | str"]] = (), claim: int = 0,
+                     give_back: Sequence[tuple[str, str]] = (), claim: int = 0,
                      claim_names: Sequence[str] = (), now: int | None = None,
                      mono_ms: float | None = None, idle_ms: int = 0) -> tuple[list[str], list[Any]]:
     if not claimer:
@@ -363,14 +363,21 @@ def parse_create(reply: Sequence[Any]) -> list[tuple[str, int]]:
     return [(str(reply[i]), int(reply[i + 1])) for i in range(0, len(reply), 2)]
 
 
-def parse_claim(reply: Any) -> tuple[str, int, dict[str, str]] | None:
+def parse_claim(reply: Any) -> tuple[str, str, dict[str, str]] | None:
     """(job id, attempt token, job hash) or None."""
     if not reply:
         return None
-    return str(reply[0]), int(reply[1]), pairs(reply[2:])
+    return str(reply[0]), str(reply[1]), pairs(reply[2:])
 
 
-def parse_handoff(raw: str | bytes) -> tuple[str, int, dict[str, str]] | None:
+def run_token(fields: Mapping[str, str]) -> str:
+    """The attempt token of a job's current run, from its hash (run_token in lua/_lib_claim.lua): its
+    attempt number and its create time, so that a job whose id Redis handed out again after losing
+    the first one (a failover) never matches a token of the lost job's runs."""
+    return f"{fields.get('attempt', '')}:{fields.get('create_time', '')}"
+
+
+def parse_handoff(raw: str | bytes) -> tuple[str, str, dict[str, str]] | None:
     """An inbox entry (see hand_off in lua/_lib_handoff.lua): the claim made for the worker, as JSON."""
     try:
         reply = json.loads(raw)
@@ -379,12 +386,12 @@ def parse_handoff(raw: str | bytes) -> tuple[str, int, dict[str, str]] | None:
         return None
 
 
-def parse_finish(reply: Sequence[Any]) -> tuple[str, str, tuple[str, int, dict[str, str]] | None]:
+def parse_finish(reply: Sequence[Any]) -> tuple[str, str, tuple[str, str, dict[str, str]] | None]:
     """(status, new state, next claim or None); status is ok | stale | missing."""
     return str(reply[0]), str(reply[1]), parse_claim(reply[2])
 
 
-Claim = tuple[str, int, dict[str, str]]
+Claim = tuple[str, str, dict[str, str]]
 
 
 def parse_finish_many(reply: Sequence[Any]
@@ -398,7 +405,7 @@ def parse_finish_many(reply: Sequence[Any]
 
 
 def parse_claim_record(record: str | None) -> list[tuple[str, str]]:
-    """P.."claim:"..claimer: "id attempt id attempt ..." (one pair after a single claim)."""
+    """P.."claim:"..claimer: "id token id token ..." (one pair after a single claim)."""
     words = (record or "").split()
     return list(zip(words[0::2], words[1::2], strict=False))  # a torn pair is dropped
 
@@ -465,17 +472,17 @@ class Scripts:
 
     # Convenience wrappers used by the supervisor, the reaper and tests (time moved by argument).
     def claim(self, keys: Keys, names: Iterable[str], now: int | None = None,
-              claimer: str = "", idle_ms: int = 0) -> tuple[str, int, dict[str, str]] | None:
+              claimer: str = "", idle_ms: int = 0) -> tuple[str, str, dict[str, str]] | None:
         return parse_claim(self.run("claim", claim_args(keys, list(names), now, claimer, idle_ms)))
 
-    def finish(self, keys: Keys, job_id: str, token: int | str, outcome: str, payload: str = "",
+    def finish(self, keys: Keys, job_id: str, token: str, outcome: str, payload: str = "",
                claim_names: Sequence[str] = (), now: int | None = None, claimer: str = "",
-               run_ms: int | None = None) -> tuple[str, str, tuple[str, int, dict[str, str]] | None]:
+               run_ms: int | None = None) -> tuple[str, str, tuple[str, str, dict[str, str]] | None]:
         return parse_finish(self.run("finish", finish_args(keys, job_id, token, outcome, payload,
                                                            claim_names, now, claimer, run_ms)))
 
     def finish_many(self, keys: Keys, claimer: str, runs: Sequence[RunOutcome] = (),
-                    give_back: Sequence[tuple[str, int | str]] = (), claim: int = 0,
+                    give_back: Sequence[tuple[str, str]] = (), claim: int = 0,
                     claim_names: Sequence[str] = (), now: int | None = None, mono_ms: float | None = None,
                     idle_ms: int = 0
                     ) -> tuple[list[tuple[str, str]], list[Claim], list[tuple[str, str, str, str]]]:

@@ -10,6 +10,11 @@ import pytest
 from kickq_supervisor.arbiter import BLAST, QUICK_STOP, TIMED_OUT, Arbiter, Slot
 
 
+def token(attempt: int) -> str:
+    """A run's attempt token (scripts.run_token) for a job created at a fixed time."""
+    return f"{attempt}:1700000000000"
+
+
 def exited(code: int) -> int:
     return code << 8  # a waitpid status for a normal exit
 
@@ -59,8 +64,8 @@ class Harness:
         self.next_pid += 1
         return self.next_pid
 
-    def start(self, slot: Slot, job_id: str, token: str = "1", timeout: float = 1.0) -> None:
-        self.arbiter.on_data(slot, f"S {job_id} {token} {self.ops.now:.6f} {timeout}\n".encode())
+    def start(self, slot: Slot, job_id: str, run: str = token(1), timeout: float = 1.0) -> None:
+        self.arbiter.on_data(slot, f"S {job_id} {run} {self.ops.now:.6f} {timeout}\n".encode())
 
     def die(self, pid: int, status: int) -> None:
         self.ops.exits.append((pid, status))
@@ -94,7 +99,7 @@ def test_a_job_is_killed_at_its_deadline_not_before(h):
 def test_term_escalates_to_kill_after_the_grace_and_the_run_is_ghosted_as_timed_out(h):
     slot = h.arbiter.slots[0]
     pid = slot.pid
-    h.start(slot, "7", token="3", timeout=1.0)
+    h.start(slot, "7", run=token(3), timeout=1.0)
     h.ops.now += 1.0
     h.arbiter.tick()
     h.ops.now += 0.29
@@ -105,7 +110,7 @@ def test_term_escalates_to_kill_after_the_grace_and_the_run_is_ghosted_as_timed_
     h.arbiter.tick()
     assert h.ops.sent[-1] == ("group", pid, signal.SIGKILL)
     h.die(pid, signalled(signal.SIGKILL))
-    assert h.lost == [(1, "7", "3", TIMED_OUT)]
+    assert h.lost == [(1, "7", token(3), TIMED_OUT)]
     assert slot.pid not in (None, pid)  # replaced in the same tick
 
 
@@ -121,11 +126,11 @@ def test_a_job_that_returned_is_not_killed_while_its_outcome_is_saved(h):
 def test_worker_death_mid_job_is_ghosted_at_once_naming_the_signal(h):
     slot = h.arbiter.slots[1]
     pid = slot.pid
-    h.start(slot, "9", token="2")
+    h.start(slot, "9", run=token(2))
     h.die(pid, signalled(signal.SIGKILL))
     assert len(h.lost) == 1
-    number, job_id, token, error = h.lost[0]
-    assert (number, job_id, token) == (2, "9", "2")
+    number, job_id, run, error = h.lost[0]
+    assert (number, job_id, run) == (2, "9", token(2))
     assert "SIGKILL" in error and error.startswith("worker died")
     assert slot.pid is not None and slot.pid != pid
     assert h.closed == [pid + 50000]
@@ -148,15 +153,15 @@ def test_clean_exit_after_a_finished_job_loses_nothing(h):
 
 def test_death_after_the_handler_returned_is_ghosted_in_case_the_outcome_was_not_saved(h):
     slot = h.arbiter.slots[0]
-    h.start(slot, "4", token="5")
+    h.start(slot, "4", run=token(5))
     h.arbiter.on_data(slot, b"F 4\n")
     h.die(slot.pid, signalled(signal.SIGKILL))
-    assert h.lost and h.lost[0][1:3] == ("4", "5") and "saving the outcome" in h.lost[0][3]
+    assert h.lost and h.lost[0][1:3] == ("4", token(5)) and "saving the outcome" in h.lost[0][3]
 
 
 def test_messages_split_across_reads_are_reassembled(h):
     slot = h.arbiter.slots[0]
-    h.arbiter.on_data(slot, b"S 12 1 ")
+    h.arbiter.on_data(slot, f"S 12 {token(1)} ".encode())
     assert slot.runs == {}
     h.arbiter.on_data(slot, f"{h.ops.now:.6f} 2.5\nF 1".encode())
     run = slot.runs["12"]
@@ -210,7 +215,7 @@ def test_graceful_stop_still_kills_a_job_past_its_deadline(h):
 
 def test_second_int_is_a_quick_stop_that_kills_and_ghosts_and_exits_nonzero(h):
     slot = h.arbiter.slots[0]
-    h.start(slot, "1", token="4")
+    h.start(slot, "1", run=token(4))
     h.arbiter.handle_int()
     assert h.arbiter.stopping and not h.arbiter.quick
     h.arbiter.handle_int()
@@ -220,7 +225,7 @@ def test_second_int_is_a_quick_stop_that_kills_and_ghosts_and_exits_nonzero(h):
         h.ops.exits.append((s.pid, signalled(signal.SIGKILL)))
     h.ops.exits.append((h.arbiter.reapers[0].pid, signalled(signal.SIGTERM)))
     h.arbiter.tick()
-    assert h.lost == [(1, "1", "4", QUICK_STOP)]
+    assert h.lost == [(1, "1", token(4), QUICK_STOP)]
     assert h.arbiter.exit_code == 1
 
 
@@ -255,7 +260,7 @@ def test_hup_drains_the_workers_for_a_reload_once_the_check_passes(h):
 
 def test_exit_code_3_is_a_death_like_any_other(h):
     slot = h.arbiter.slots[0]
-    h.start(slot, "8", token="2")
+    h.start(slot, "8", run=token(2))
     h.die(slot.pid, exited(3))
     assert not h.arbiter.stopping
     assert h.lost and "exited with code 3" in h.lost[0][3]
@@ -282,7 +287,7 @@ def test_an_outcome_reported_with_the_f_message_is_saved_not_ghosted(h):
     h.arbiter.on_message(slot, 'F 7 success 0.002 "{\\"n\\": 1}"')
     h.die(pid, signalled(signal.SIGKILL))
     assert h.lost == []  # its outcome came with the F message: saved by lost_claim, not ghosted
-    assert settled[0]["7"][:3] == ("1", "success", '{"n": 1}')
+    assert settled[0]["7"][:3] == (token(1), "success", '{"n": 1}')
 
 
 def test_a_finished_run_whose_outcome_the_master_does_not_hold_is_ghosted(h):
@@ -304,10 +309,10 @@ def test_a_run_whose_big_outcome_was_not_saved_is_ghosted_after_the_next_start_r
     slot = h.arbiter.slots[0]
     pid = slot.pid
     h.start(slot, "7", timeout=5.0)
-    h.arbiter.on_data(slot, f"F 7 success 0.002\nS 8 1 {h.ops.now:.6f} 5.0 w\n".encode())
+    h.arbiter.on_data(slot, f"F 7 success 0.002\nS 8 {token(1)} {h.ops.now:.6f} 5.0 w\n".encode())
     h.die(pid, signalled(signal.SIGKILL))
     assert [item[1] for item in h.lost] == ["8"]  # told started: ghosted by the master
-    assert settled[0]["7"][:3] == ("1", "ghost", "worker died while saving the outcome")
+    assert settled[0]["7"][:3] == (token(1), "ghost", "worker died while saving the outcome")
 
 
 def test_a_grandchild_group_still_gets_the_kill_when_the_worker_died_of_the_term(h):
@@ -401,7 +406,7 @@ def test_a_death_after_the_handler_returned_also_ghosts_the_chained_claim(h):
     claims = []
     h.arbiter.lost_claim = lambda slot, error: claims.append(slot.number)
     slot = h.arbiter.slots[0]
-    h.start(slot, "4", token="5")
+    h.start(slot, "4", run=token(5))
     h.arbiter.on_data(slot, b"F 4\n")
     h.die(slot.pid, signalled(signal.SIGKILL))
     assert h.lost and h.lost[0][1] == "4" and claims == [1]

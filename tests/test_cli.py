@@ -422,11 +422,13 @@ def test_purge_shows_progress_on_a_terminal(redis_url, kq, r, namespace):
     kq.create_many([("bulk",)] * 1200)
     s, keys = Scripts(r), Keys(namespace)
     now = redis_now(r)
-    while s.claim(keys, ["bulk"], now=now - 10_000) is not None:
-        pass
+    claimed = []
+    while (got := s.claim(keys, ["bulk"], now=now - 10_000)) is not None:
+        claimed.append(got[:2])
+    assert [job_id for job_id, _ in claimed] == [str(i) for i in range(1, 1201)]
     pipe = r.pipeline(transaction=False)
-    for job_id in range(1, 1201):
-        s.run("finish", scripts.finish_args(keys, str(job_id), 1, "fail", "x", now=now - 9000), client=pipe)
+    for job_id, token in claimed:
+        s.run("finish", scripts.finish_args(keys, job_id, token, "fail", "x", now=now - 9000), client=pipe)
     pipe.execute()
     code, stdout, tty = run_on_a_terminal(redis_url, namespace, "purge", "--state", "fail",
                                           "--older-than", "5")

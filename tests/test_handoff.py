@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from kickq.scripts import LEASE_GRACE_MS, journal_entry, parse_claim_record, parse_handoff
-from tests.test_scripts import T0, Machine
+from kickq.scripts import LEASE_GRACE_MS, journal_entry, parse_claim_record, parse_handoff, run_token
+from tests.test_scripts import T0, Machine, token
 
 IDLE_MS = 3000
 
@@ -47,8 +47,8 @@ def test_a_create_claims_its_job_for_an_idle_worker_and_hands_it_over(m):
     assert fields["state"] == "processing" and fields["owner"] == "w1" and fields["attempt"] == "1"
     assert "run_start" not in fields  # claimed ahead, as a batch is: its start is the worker's to tell
     assert m.r.zscore(m.keys.processing, job_id) == T0 + 10 + 2000 + LEASE_GRACE_MS
-    assert inbox(m) == [(job_id, 1, fields)]
-    assert parse_claim_record(m.r.get(m.keys.claim("w1"))) == [(job_id, "1")]
+    assert inbox(m) == [(job_id, token(1, T0 + 10), fields)] and run_token(fields) == token(1, T0 + 10)
+    assert parse_claim_record(m.r.get(m.keys.claim("w1"))) == [(job_id, token(1, T0 + 10))]
     assert m.r.llen(m.keys.queue("b")) == m.r.llen(m.keys.wake("b")) == 0
     # handed one job, the worker is no longer idle under any of its names
     assert m.r.zcard(m.keys.idle("a")) == m.r.zcard(m.keys.idle("b")) == 0
@@ -97,13 +97,15 @@ def test_registering_as_idle_drops_the_ended_jobs_from_the_claim_record(m):
     ids = m.create_many([("a", None, None, None)] * 3, now=T0)
     _, claimed, _ = m.s.finish_many(m.keys, "w1", claim=3, claim_names=["a"], now=T0 + 1)
     assert len(parse_claim_record(m.r.get(m.keys.claim("w1")))) == 3
-    runs = [(job_id, token, "success", "", 1, 0) for job_id, token, _ in claimed]
+    runs = [(job_id, got_token, "success", "", 1, 0) for job_id, got_token, _ in claimed]
     m.s.finish_many(m.keys, "w1", runs, claim=4, claim_names=["a"], now=T0 + 2, idle_ms=IDLE_MS)
     m.check()
     assert [m.state(i) for i in ids] == ["success"] * 3
     assert not m.r.exists(m.keys.claim("w1"))  # nothing held: a hand-off has nothing to look over
     job_id = m.create("a", now=T0 + 3)
-    assert parse_claim_record(m.r.get(m.keys.claim("w1"))) == [(job_id, "1")]
+    [(_, handed_token, _)] = inbox(m)
+    assert parse_claim_record(m.r.get(m.keys.claim("w1"))) == [(job_id, handed_token)] == [
+        (job_id, token(1, T0 + 3))]
 
 
 def test_a_lapsed_registration_is_not_used_and_is_dropped(m):
@@ -119,9 +121,9 @@ def test_the_workers_claim_takes_a_job_handed_over_first_and_ends_its_registrati
     queued = m.create("b", now=T0 + 2)
     # it woke on b's token before looking at its inbox: it gets the handed job, b keeps its token
     m.r.lpop(m.keys.wake("b"))
-    job_id, token, fields = m.s.claim(m.keys, ["a", "b"], now=T0 + 3, claimer="w1", idle_ms=IDLE_MS)
+    job_id, got_token, fields = m.s.claim(m.keys, ["a", "b"], now=T0 + 3, claimer="w1", idle_ms=IDLE_MS)
     m.check()
-    assert (job_id, token, fields["state"]) == (handed, 1, "processing")
+    assert (job_id, got_token, fields["state"]) == (handed, token(1, T0 + 1), "processing")
     assert m.r.llen(m.keys.inbox("w1")) == 0 and m.r.llen(m.keys.wake("b")) == 1
     assert m.r.zcard(m.keys.idle("a")) == 0
     # the next claim is an ordinary one
@@ -143,7 +145,7 @@ def test_finish_many_returns_what_was_handed_over_and_registers_only_when_it_got
     _, claimed, _ = m.s.finish_many(m.keys, "w1", claim=4, claim_names=["a"], now=T0 + 2, idle_ms=IDLE_MS)
     m.check()
     assert [c[0] for c in claimed] == [handed] and m.r.zcard(m.keys.idle("a")) == 0
-    run = (handed, 1, "success", "", 1, 0)
+    run = (handed, claimed[0][1], "success", "", 1, 0)
     statuses, claimed, _ = m.s.finish_many(m.keys, "w1", [run], claim=4, claim_names=["a"], now=T0 + 3,
                                            idle_ms=IDLE_MS)
     m.check()
@@ -198,8 +200,8 @@ def test_recover_ghosts_a_taken_job_whose_start_was_marked_and_gives_back_one_th
     known to have started only by the mark its worker journals before running it."""
     wait_idle(m, "w1")
     marked = m.create("a", opts={"process_timeout": 1}, now=T0 + 1)
-    m.r.lpop(m.keys.inbox("w1"))
-    m.r.rpush(m.keys.journal("w1"), journal_entry(marked, 1, "start", "", 0, 5000.0))
+    _, marked_token, _ = parse_handoff(m.r.lpop(m.keys.inbox("w1")))
+    m.r.rpush(m.keys.journal("w1"), journal_entry(marked, marked_token, "start", "", 0, 5000.0))
     wait_idle(m, "w2")
     unmarked = m.create("a", opts={"process_timeout": 1, "ghost_retry": False}, now=T0 + 2)
     m.r.lpop(m.keys.inbox("w2"))
@@ -214,19 +216,22 @@ def test_recover_ghosts_a_taken_job_whose_start_was_marked_and_gives_back_one_th
 def test_a_start_mark_is_token_checked_and_its_time_comes_from_the_workers_clock(m):
     wait_idle(m, "w1")
     job_id = m.create("a", now=T0 + 1)
-    m.r.lpop(m.keys.inbox("w1"))
-    m.r.rpush(m.keys.journal("w1"), journal_entry(job_id, 7, "start", "", 0, 5000.0))  # stale token
-    m.r.rpush(m.keys.journal("w2"), journal_entry(job_id, 1, "start", "", 0, 5000.0))  # not the owner
+    _, handed_token, _ = parse_handoff(m.r.lpop(m.keys.inbox("w1")))
+    assert handed_token == token(1, T0 + 1)
+    stale = token(7, T0 + 1)
+    m.r.rpush(m.keys.journal("w1"), journal_entry(job_id, stale, "start", "", 0, 5000.0))  # stale token
+    not_the_owner = journal_entry(job_id, handed_token, "start", "", 0, 5000.0)
+    m.r.rpush(m.keys.journal("w2"), not_the_owner)
     m.s.finish_many(m.keys, "w2", now=T0 + 50, mono_ms=5020.0)
     m.s.finish_many(m.keys, "w1", now=T0 + 50, mono_ms=5020.0)
     m.check()
     assert "run_start" not in m.hash(job_id)
-    m.r.rpush(m.keys.journal("w1"), journal_entry(job_id, 1, "start", "", 0, 5000.0))
+    m.r.rpush(m.keys.journal("w1"), journal_entry(job_id, handed_token, "start", "", 0, 5000.0))
     m.s.finish_many(m.keys, "w1", now=T0 + 50, mono_ms=5020.0)
     m.check()
     assert m.hash(job_id)["run_start"] == str(T0 + 30)  # 20 ms before now, by the worker's clock
     # the run's end then takes its own measured time, and the mark is gone with the run
-    m.r.rpush(m.keys.journal("w1"), journal_entry(job_id, 1, "success", "", 12, 5040.0))
+    m.r.rpush(m.keys.journal("w1"), journal_entry(job_id, handed_token, "success", "", 12, 5040.0))
     m.s.finish_many(m.keys, "w1", now=T0 + 70, mono_ms=5040.0)
     job = m.job(job_id)
     assert job.state == "success" and job.runs[0]["start"] == T0 + 58 and "run_start" not in m.hash(job_id)

@@ -23,6 +23,11 @@ from tests.structures import (assert_consistent, assert_gone, assert_one_structu
 T0 = 1_700_000_000_000  # epoch ms; every test moves time by argument from here
 
 
+def token(attempt, created=T0):
+    """The attempt token of a job created at `created` (epoch ms), at its `attempt`-th claim."""
+    return f"{attempt}:{created}"
+
+
 class Machine:
     """The scripts on one namespace, with the invariants checked after every call."""
 
@@ -131,10 +136,10 @@ def test_a_new_job_is_packed_without_a_key_until_its_first_claim(m):
         "new", "mail: señor ✓", data, 7, T0)
     assert m.job(empty_id).data is None
     got = m.claim("mail: señor ✓", now=T0 + 5)
-    assert got[:2] == (job_id, 1)
+    assert got[:2] == (job_id, token(1))
     assert not m.r.hexists(m.keys.new_jobs, job_id) and m.r.hexists(m.keys.new_jobs, empty_id)
     fields = m.r.hgetall(m.keys.job(job_id))
-    assert got[2] == fields
+    assert got[2] == fields and got[1] == scripts.run_token(fields)
     assert {k: fields[k] for k in ("state", "attempt", "update_time", "run_start")} == {
         "state": "processing", "attempt": "1", "update_time": str(T0 + 5), "run_start": str(T0 + 5)}
     claimed = m.job(job_id)
@@ -145,7 +150,7 @@ def test_a_new_job_is_packed_without_a_key_until_its_first_claim(m):
 
 def test_a_packed_new_job_answers_every_script_as_a_new_job(m):
     job_id = m.create("a")
-    assert m.finish(job_id, "1", "success") == ("stale", "new", None)  # never claimed: not its run
+    assert m.finish(job_id, token(1), "success") == ("stale", "new", None)  # never claimed: not its run
     assert m.s.run("requeue", ([m.keys.id], [m.keys.prefix, T0, job_id])) == ["not_failed", "new"]
     assert m.r.hexists(m.keys.new_jobs, job_id)  # neither wrote anything
     assert m.delete(job_id) == 1
@@ -212,8 +217,8 @@ def test_claim_follows_the_priority_order_of_names(m):
 
 def test_claim_sets_lease_token_and_a_processing_run(m):
     job_id = m.create("a", opts={"process_timeout": 2.5})
-    got_id, token, fields = m.claim("a", now=T0 + 7)
-    assert got_id == job_id and token == 1
+    got_id, got_token, fields = m.claim("a", now=T0 + 7)
+    assert got_id == job_id and got_token == token(1) == scripts.run_token(fields)
     assert m.r.zscore(m.keys.processing, job_id) == T0 + 7 + 2500 + LEASE_GRACE_MS
     assert fields["state"] == "processing"
     job = Job.from_fields(job_id, fields)
@@ -230,9 +235,9 @@ def test_claim_lease_uses_the_default_process_timeout(m):
 @pytest.mark.parametrize("seconds", [0.2, 1.001, 4.35, 0.007])
 def test_fractional_seconds_become_whole_milliseconds_like_in_python(m, seconds):
     job_id = m.create("a", opts={"process_timeout": seconds, "purge_timeout": seconds})
-    m.claim("a", now=T0)
+    _, got_token, _ = m.claim("a", now=T0)
     assert m.r.zscore(m.keys.processing, job_id) == T0 + round(seconds * 1000) + LEASE_GRACE_MS
-    m.finish(job_id, 1, "success", now=T0 + 1)
+    m.finish(job_id, got_token, "success", now=T0 + 1)
     assert m.r.zscore(m.keys.finished, job_id) == T0 + 1 + round(seconds * 1000)
 
 
@@ -263,7 +268,7 @@ def test_attempt_token_grows_with_every_claim(m):
         tokens.append(got[1])
         m.finish(job_id, got[1], "fail", "x", now=T0 + i * 100 + 1)
         m.promote(now=T0 + i * 100 + 1)
-    assert tokens == [1, 2, 3]
+    assert tokens == [token(1), token(2), token(3)]
 
 
 # --- finish: success and fail -----------------------------------------------------------------------
@@ -404,7 +409,7 @@ def test_stale_token_is_rejected_and_changes_nothing(m):
     assert m.recover(now=lease) == (1, -1)  # the lease expired: ghost
     m.promote(now=lease)
     _, new, _ = m.claim("a", now=lease + 1)
-    assert new == old + 1
+    assert (old, new) == (token(1), token(2))
     before = m.hash(job_id)
     assert m.finish(job_id, old, "success", '"late"', now=lease + 2) == ("stale", "processing", None)
     assert m.hash(job_id) == before
@@ -420,7 +425,7 @@ def test_stale_token_is_rejected_and_changes_nothing(m):
 
 def test_finish_of_a_job_that_is_not_processing_is_stale(m):
     job_id = m.create("a")
-    assert m.finish(job_id, 1, "success") == ("stale", "new", None)
+    assert m.finish(job_id, token(1), "success") == ("stale", "new", None)
     assert m.job(job_id).state == "new"
     assert m.finish(job_id, "", "success") == ("stale", "new", None)
 
@@ -447,18 +452,18 @@ def test_finish_after_purge_is_missing(m):
 
 def test_finish_rejects_an_unknown_outcome():
     with pytest.raises(ValueError):
-        finish_args(Keys("x"), "1", 1, "maybe")
+        finish_args(Keys("x"), "1", token(1), "maybe")
 
 
 # --- finish and claim the next job in one call ---------------------------------------------------
 
 def test_finish_with_claim_names_claims_the_next_job(m):
     first, second = m.create("a"), m.create("a")
-    _, token, _ = m.claim("a", now=T0)
-    status, state, nxt = m.finish(first, token, "success", claim_names=["a"], now=T0 + 5)
+    _, first_token, _ = m.claim("a", now=T0)
+    status, state, nxt = m.finish(first, first_token, "success", claim_names=["a"], now=T0 + 5)
     assert (status, state) == ("ok", "success")
     next_id, next_token, fields = nxt
-    assert (next_id, next_token, fields["state"]) == (second, 1, "processing")
+    assert (next_id, next_token, fields["state"]) == (second, token(1), "processing")
     assert m.r.zscore(m.keys.processing, second) == T0 + 5 + 10_000 + LEASE_GRACE_MS
     assert m.r.llen(m.keys.wake("a")) == 0
     assert m.finish(second, next_token, "success", claim_names=["a"], now=T0 + 6) == ("ok", "success", None)
@@ -467,7 +472,7 @@ def test_finish_with_claim_names_claims_the_next_job(m):
 def test_stale_finish_still_claims_the_next_job(m):
     first, second = m.create("a"), m.create("b")
     m.claim("a")
-    status, state, nxt = m.finish(first, 99, "success", claim_names=["b"])
+    status, state, nxt = m.finish(first, token(99), "success", claim_names=["b"])
     assert (status, state, nxt[0]) == ("stale", "processing", second)
 
 
@@ -594,7 +599,7 @@ def test_claim_reconciles_lost_and_extra_wake_tokens(m):
 def test_random_walk_keeps_every_job_in_exactly_one_structure(m):
     rng = random.Random(20240607)
     now = T0
-    tokens: dict[str, int] = {}
+    tokens: dict[str, str] = {}
     names = ["a", "b", "job name"]
     for _ in range(500):
         now += rng.randint(0, 3000)
@@ -610,8 +615,9 @@ def test_random_walk_keeps_every_job_in_exactly_one_structure(m):
                 tokens[got[0]] = got[1]
         elif op == "finish" and tokens:
             job_id = rng.choice(sorted(tokens))
-            token = tokens[job_id] - rng.choice([0, 0, 0, 1])  # sometimes a superseded attempt
-            m.finish(job_id, token, rng.choice(["success", "fail", "ghost"]), "x", now=now,
+            attempt, created = tokens[job_id].split(":")
+            run = f"{int(attempt) - rng.choice([0, 0, 0, 1])}:{created}"  # sometimes a superseded attempt
+            m.finish(job_id, run, rng.choice(["success", "fail", "ghost"]), "x", now=now,
                      claim_names=rng.choice([(), ("a",)]))
         elif op == "promote":
             m.promote(now=now)

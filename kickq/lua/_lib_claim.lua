@@ -5,6 +5,14 @@
   Keys:
     P.."queue:"..name  P.."wake:"..name  P.."job:"..id  P.."processing"  P.."claim:"..claimer
 ]]
+-- A run's attempt token: the job's attempt number and its create time. After a failover that lost
+-- creates, the new master hands the same ids out again, and their attempts start at 1 again; the
+-- create time tells the new job from the lost one, so an outcome, a ghost or a give-back meant for
+-- the lost job's run can never end a run of the new one, whoever claimed it.
+local function run_token(attempt, created)
+  return attempt .. ':' .. (created or '')
+end
+
 -- Make the wake tokens of each name equal the number of jobs waiting in its queue.
 -- Tokens are only hints for blocked workers: a token lost with a dying worker, or one left by a
 -- deleted job, is mended here at the next claim, so a waiting job is never left without one.
@@ -32,8 +40,12 @@ local function claim_job(P, id, name, now, claimer, prefetched, packed)
   local writes, raw_opts
   if packed then writes, raw_opts = unpack_new(packed) else writes, raw_opts = unpack_if_new(P, id) end
   local fresh = writes ~= nil  -- then its new hash is exactly `writes`: no need to read it back
-  local state = 'new'
-  if not writes then state, raw_opts = unpack(rcall('HMGET', jk, 'state', 'opts')) end
+  local state, created = 'new', nil
+  if writes then
+    created = writes[4]  -- unpack_new's fields start with name, create_time
+  else
+    state, raw_opts, created = unpack(rcall('HMGET', jk, 'state', 'opts', 'create_time'))
+  end
   if state ~= 'new' and state ~= 'queued' then return nil end
   local timeout = raw_opts and cjson.decode(raw_opts).process_timeout or DEFAULTS.process_timeout
   local attempt = 1
@@ -43,14 +55,15 @@ local function claim_job(P, id, name, now, claimer, prefetched, packed)
     writes = {}
     attempt = rcall('HINCRBY', jk, 'attempt', 1)
   end
+  local token = run_token(attempt, created)
   local n = #writes
   writes[n + 1] = 'state'; writes[n + 2] = 'processing'; writes[n + 3] = 'update_time'; writes[n + 4] = int_text(now)
   if prefetched then
     writes[n + 5] = 'owner'; writes[n + 6] = claimer
   elseif claimer ~= '' then
-    -- The claimer owns the run: after Redis lost its data, ids and attempts start again at 1,
-    -- and only the owner tells a new job 1 from the old one a late finish was for. 'at_once' tells
-    -- abandon this run_start from one a start mark wrote (a claim ahead).
+    -- The claimer owns the run: a late finish from another worker is rejected even when Redis
+    -- lost its data and handed the id and attempt out again. 'at_once' tells abandon this
+    -- run_start from one a start mark wrote (a claim ahead).
     writes[n + 5] = 'run_start'; writes[n + 6] = now; writes[n + 7] = 'owner'; writes[n + 8] = claimer
     writes[n + 9] = 'at_once'; writes[n + 10] = '1'
   else
@@ -60,9 +73,9 @@ local function claim_job(P, id, name, now, claimer, prefetched, packed)
   note(P, id, name, state, 'processing', 'processing', now)
   rcall('ZADD', P .. 'processing', string.format('%d', now + ms(timeout) + LEASE_GRACE_MS), id)
   if claimer ~= '' and not prefetched then
-    rcall('SET', P .. 'claim:' .. claimer, id .. ' ' .. attempt, 'EX', 86400)
+    rcall('SET', P .. 'claim:' .. claimer, id .. ' ' .. token, 'EX', 86400)
   end
-  local reply = {id, attempt}
+  local reply = {id, token}
   local fields = fresh and writes or rcall('HGETALL', jk)
   -- tostring: a number read back from the hash would be the string HSET stored (%.14g)
   for i = 1, #fields do reply[#reply + 1] = tostring(fields[i]) end
@@ -100,25 +113,26 @@ local function claim(P, names, now, claimer, chained, prefetched)
   return nil
 end
 
--- Is job `id` processing under this attempt `token`, and (when it names one) run by `claimer`?
--- Returns its state (false: no such job), whether the caller may end the run, and the values of
--- the `more` fields (a list, optional) read in the same call.
+-- Is job `id` processing under this attempt `token` (run_token), and (when it names one) run by
+-- `claimer`? Returns its state (false: no such job), whether the caller may end the run, and the
+-- values of the `more` fields (a list, optional) read in the same call.
 local function owns(P, id, token, claimer, more)
-  local got = rcall('HMGET', P .. 'job:' .. id, 'state', 'attempt', 'owner', unpack(more or {}))
+  local got = rcall('HMGET', P .. 'job:' .. id, 'state', 'attempt', 'owner', 'create_time', unpack(more or {}))
   local state, attempt, owner = got[1], got[2], got[3]
   if not state then
     if is_packed(P, id) then return 'new', false end  -- never claimed
     return false, false
   end
   local values = {}
-  for i = 4, #got do values[i - 3] = got[i] end
-  return state, state == 'processing' and attempt == token and not (claimer ~= '' and owner and owner ~= claimer),
-         values
+  for i = 5, #got do values[i - 4] = got[i] end
+  local mine = state == 'processing' and attempt and run_token(attempt, got[4]) == token
+               and not (claimer ~= '' and owner and owner ~= claimer)
+  return state, mine or false, values
 end
 
--- Add `pairs` ("id attempt" each) to the claim record P.."claim:"..claimer, keeping the jobs it
+-- Add `pairs` ("id token" each) to the claim record P.."claim:"..claimer, keeping the jobs it
 -- names that the claimer still holds, so that whoever cleans up after it finds them all.
--- `ended` (optional): a set of "id attempt" known to be ended already (no need to look).
+-- `ended` (optional): a set of "id token" known to be ended already (no need to look).
 local function record_claims(P, claimer, pairs, ended)
   local ck = P .. 'claim:' .. claimer
   local held = {}
@@ -138,7 +152,7 @@ local function record_claims(P, claimer, pairs, ended)
 end
 
 -- Give a claimed job that never started back to the front of its queue (processing -> queued).
--- Its attempt stays counted, so a late finish from the claim given back cannot match a new one.
+-- Its attempt stays counted, so a late finish from the claim given back cannot match a new claim.
 local function release(P, id, now)
   local jk = P .. 'job:' .. id
   local name = rcall('HGET', jk, 'name')

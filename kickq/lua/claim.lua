@@ -8,7 +8,7 @@
            caller is registered as idle for that long, and new jobs are handed over to its inbox
            (see hand_off in _lib_handoff.lua)
   ARGV[5..] job names in priority order
-  Returns  {id, attempt, field, value, ...} of the claimed job, or nil when every queue is empty.
+  Returns  {id, attempt token, field, value, ...} of the claimed job, or nil when every queue is empty.
   A claimer's registration ends here, and a job handed over to it meanwhile is returned first.
   The lease (score in P.."processing") is now + process_timeout + a grace; the supervisor kills the
   run at process_timeout, the grace leaves that first move to it and the reaper recovers the rest.

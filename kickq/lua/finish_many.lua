@@ -17,11 +17,11 @@
   ones.
   Returns  {statuses, states, claimed, rejected}: per finished run, its status (ok | stale | missing,
            as in finish.lua) and the job's state after this ('' = gone); up to k claims, each
-           {id, attempt, field, value, ...}; the journal's runs not saved, {id, token, status, state}
+           {id, attempt token, field, value, ...}; the journal's runs not saved, {id, token, status, state}
            each. A job given back that is not the caller's is left alone.
   The claimed jobs are processing with a lease from now (process_timeout + grace each) and no
   'run_start': the worker starts them one after the other. P.."claim:"..claimer names them
-  ("id attempt id attempt ...", with the jobs of earlier batches it still holds), so the master can
+  ("id token id token ...", with the jobs of earlier batches it still holds), so the master can
   give back what a dead worker never started.
 ]]
 local P = ARGV[1]

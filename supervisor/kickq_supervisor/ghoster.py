@@ -50,7 +50,7 @@ class Ghoster:
             call = scripts.finish_args(Keys(namespace), job_id, token, "ghost", error, claimer=claimer,
                                        run_ms=run_ms)
             status, state, _ = scripts.parse_finish(save("finish", call, [job_id]))
-            log.info("job %s attempt %s: %s -> %s", job_id, token, error,
+            log.info("job %s (token %s): %s -> %s", job_id, token, error,
                      state if status == "ok" else f"unchanged ({status})")
         self.pending.put((ghost, f"job {job_id}"))
 

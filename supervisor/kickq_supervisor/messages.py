@@ -7,7 +7,7 @@ S: a run starts now; the master's deadline for it is start + process_timeout (mo
 are shared by every process of a host). The name goes last because it may hold spaces.
 F: the handler returned. With the outcome, the master counts the run (metrics); with the payload
 (short ones only: RETAINED_PAYLOAD in worker_core.py), it can save the outcome itself should the
-worker die before Redis has it. Job ids and tokens never hold spaces (Redis INCR, and a number).
+worker die before Redis has it. Job ids and tokens never hold spaces (Redis INCR; "attempt:create time").
 """
 from __future__ import annotations
 

@@ -249,7 +249,8 @@ class WorkerIO:
             pipe.time()
             record, (seconds, micros) = pipe.execute()[-2:]
             jobs = [(job_id, token, self.client.hgetall(self.keys.job(job_id)))
-                    for job_id, token in scripts.parse_claim_record(record) if job_id not in command.held]
+                    for job_id, token in scripts.parse_claim_record(record)
+                    if (job_id, token) not in command.held]
         except _UNAVAILABLE as exc:
             return Lost(exc)
         return ClaimRecord(jobs, seconds * 1000 + micros // 1000)

@@ -70,7 +70,7 @@ JOURNAL_TTL = 86400
 class HeldJob(NamedTuple):
     """A job claimed for this worker and not started."""
     job_id: str
-    token: int
+    token: str  # attempt token (scripts.run_token)
     fields: dict[str, str]
     # clock time: for a job claimed ahead, when the call that claimed it was sent (Redis claimed it
     # after that), so its wait is never counted short; for a hand-off, when it was taken
@@ -87,7 +87,7 @@ class Running(NamedTuple):
 class FinishedRun(NamedTuple):
     """A run's outcome, until Redis has ended the run."""
     job_id: str
-    token: int
+    token: str
     outcome: str  # success | fail
     payload: str
     run_ms: int
@@ -104,7 +104,7 @@ class FinishMany(NamedTuple):
     back, claims `want` jobs ahead. Back: None, or Lost."""
     keys_and_args: tuple[list[str], list[Any]]
     runs: list[FinishedRun]
-    give_back: list[tuple[str, int]]
+    give_back: list[tuple[str, str]]
     want: int
     idle_ms: int  # registers as idle for that long when it claims nothing (0: not)
     journal_ends: int  # how many of Journal.ids it ends (those pushed before it)
@@ -170,8 +170,8 @@ class ShrinkHeap(NamedTuple):
 
 class ReadClaimRecord(NamedTuple):
     """End any idle registration, drop the inbox, and read the claim record with the fields of the
-    jobs it names that are not in `held`. Back: ClaimRecord, or Lost."""
-    held: frozenset[str]
+    jobs it names that are not in `held` (id, token pairs). Back: ClaimRecord, or Lost."""
+    held: frozenset[tuple[str, str]]
 
 
 class Pause(NamedTuple):
@@ -254,7 +254,7 @@ class Journal:
         self.key = key
         self.fresh = True  # nothing pushed since the last finish_many: the next push sets the TTL
         self.pending = 0  # runs pushed since the last finish_many (the next one ends them)
-        self.ids: list[str] = []  # jobs whose runs were pushed and may not be ended yet, in order
+        self.ids: list[tuple[str, str]] = []  # runs pushed (id, token) that may not be ended yet, in order
         self.marked: set[str] = set()  # jobs claimed ahead whose start mark was pushed
 
     def push(self, entries: list[str], runs: list[FinishedRun], marks: tuple[str, ...]) -> JournalPush:
@@ -303,7 +303,7 @@ class WorkerCore:
         self.running: dict[str, Running] = {}
         self.inflight: list[Call] = []  # sent, their replies not read yet, in order
         self.unsaved: list[FinishedRun] = []  # outcomes to send (again: their call failed)
-        self.give_back: list[tuple[str, int]] = []  # claimed jobs to give back with the next call
+        self.give_back: list[tuple[str, str]] = []  # claimed jobs to give back with the next call
         # The job whose start the master was told of ahead, and when: it is the next one to run.
         self.announced: tuple[str, float] | None = None
         self.registered = False  # as idle, by the last claim or finish_many (every call ends it)
@@ -389,7 +389,7 @@ class WorkerCore:
 
     @staticmethod
     def _started(job: HeldJob, started: float) -> Started:
-        return Started(job.job_id, str(job.token), started, _process_timeout(_options(job.fields)),
+        return Started(job.job_id, job.token, started, _process_timeout(_options(job.fields)),
                        job.fields.get("name", ""))
 
     # --- saving outcomes ---------------------------------------------------------------------------------
@@ -421,7 +421,7 @@ class WorkerCore:
             entry = scripts.journal_entry(done.job_id, done.token, done.outcome, done.payload, done.run_ms,
                                           done.ended_at * 1000)
             if (yield from self._push_journal([entry, *marks], [done], marked)):
-                self.journal.ids.append(done.job_id)
+                self.journal.ids.append((done.job_id, done.token))
                 self.journal.pending += 1
 
     def _start_mark(self, job: HeldJob) -> str:
@@ -520,7 +520,7 @@ class WorkerCore:
                  for d, (status, state) in zip(call.runs, statuses, strict=True)]
         for job_id, token, status, state in lines + rejected:
             if status != "ok":
-                log.warning("worker %d: finish of job %s attempt %s rejected (%s, job is %s): a "
+                log.warning("worker %d: finish of job %s (token %s) rejected (%s, job is %s): a "
                             "newer attempt owns it or it was deleted", self.number, job_id, token,
                             status, state or "gone")
         self.hand.extend(HeldJob(job_id, token, fields, call.sent_at, True)
@@ -566,7 +566,7 @@ class WorkerCore:
             if self.inflight:
                 yield from self._settle()
 
-    def _next_job(self) -> Generator[Command, Any, tuple[str, int, dict[str, str]] | None]:
+    def _next_job(self) -> Generator[Command, Any, tuple[str, str, dict[str, str]] | None]:
         """Block until a job is handed over or a wake token arrives (or a wait times out); claim
         after a token or a timeout (registering as idle again when there is nothing)."""
         if not self.registered:  # claim (and register) before blocking, or hand-offs miss us
@@ -612,8 +612,11 @@ class WorkerCore:
         """After a lost reply that carried claims: take the jobs of our claim record that are still
         ours and that we do not hold already (to run, or ran and not yet ended), as jobs to run.
         Called with nothing in flight (a reply still to be read would bring its jobs again)."""
-        held = frozenset({j.job_id for j in self.hand} | {d.job_id for d in self.unsaved}
-                         | set(self.journal.ids) | set(self.running))
+        # By (id, token): after a failover that lost creates, a job of the record may reuse the id
+        # of a lost one whose outcome is still held; that is another job, to run.
+        jobs = [*self.hand, *(run.job for run in self.running.values())]
+        held = frozenset([(j.job_id, j.token) for j in jobs] + [(d.job_id, d.token) for d in self.unsaved]
+                         + self.journal.ids)
         stamp = self.clock()
         record = yield ReadClaimRecord(held)
         if isinstance(record, Lost):
@@ -621,14 +624,14 @@ class WorkerCore:
             return
         self.registered = False
         for job_id, token, fields in record.jobs:
-            if job_id in held:
+            if (job_id, token) in held:
                 continue
-            if fields.get("state") == "processing" and fields.get("attempt") == token \
+            if fields.get("state") == "processing" and scripts.run_token(fields) == token \
                     and fields.get("owner") in (None, self.claimer):
                 # Claimed who knows how long ago (the reply was lost): its wait counts from the
                 # claim, by Redis' clock (update_time), as if the reply had come at once.
                 claimed_at = stamp - _age_seconds(fields.get("update_time"), record.redis_ms)
-                self.hand.append(HeldJob(job_id, int(token), fields, claimed_at, "run_start" not in fields))
+                self.hand.append(HeldJob(job_id, token, fields, claimed_at, "run_start" not in fields))
         self.claims_lost = False
 
     # --- leaving -----------------------------------------------------------------------------------------

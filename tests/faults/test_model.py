@@ -69,6 +69,11 @@ class MJob:
     finish_time: int | None = None
     total_process_time: int | None = None
 
+    @property
+    def token(self) -> str:
+        """Its current run's attempt token (run_token in lua/_lib_claim.lua)."""
+        return f"{self.attempt}:{self.create_time}"
+
 
 class Model:
     def __init__(self) -> None:
@@ -119,7 +124,7 @@ class Model:
             self._schedule(job, "delayed", now + delay, now)
         return job_id
 
-    def claim(self, names: list[str], now: int) -> tuple[str, int] | None:
+    def claim(self, names: list[str], now: int) -> tuple[str, str] | None:
         for name in names:
             if self.queues[name]:
                 job = self.jobs[self.queues[name].pop(0)]
@@ -135,7 +140,7 @@ class Model:
                     }
                 )
                 self.processing[job.id] = now + ms(job.opts["process_timeout"]) + LEASE_GRACE_MS
-                return job.id, job.attempt
+                return job.id, job.token
         return None
 
     def end_run(self, job: MJob, now: int, outcome: str, payload: str) -> str:
@@ -165,11 +170,11 @@ class Model:
                 self._finalise(job, "fail", now)
         return job.state
 
-    def finish(self, job_id: str, token: int, outcome: str, payload: str, now: int) -> tuple[str, str]:
+    def finish(self, job_id: str, token: str, outcome: str, payload: str, now: int) -> tuple[str, str]:
         job = self.jobs.get(job_id)
         if job is None:
             return "missing", ""
-        if job.state != "processing" or job.attempt != token:
+        if job.state != "processing" or job.token != token:
             return "stale", job.state
         return "ok", self.end_run(job, now, outcome, payload)
 
@@ -222,7 +227,7 @@ class LuaMachine(RuleBasedStateMachine):
         self.s = Scripts(self.r)
         self.model = Model()
         self.now = T0
-        self.tokens: dict[str, list[int]] = {}  # every attempt token handed out, per job
+        self.tokens: dict[str, list[str]] = {}  # every attempt token handed out, per job
         self.checker = Checker()
         self.steps = 0
 

@@ -67,6 +67,7 @@ from kickq.scripts import (
     journal_entry,
     parse_claim_record,
     parse_handoff,
+    run_token,
 )
 from tests.faults.harness import Case, Checker, snapshot, sizes
 from tests.structures import assert_consistent
@@ -98,7 +99,7 @@ def ago_ms(ago: float) -> int:
     return math.floor(min(max(ago, 0), 60000) + 0.5)  # as finish_one and mark_started clamp it
 
 
-Attempt = tuple[str, int]  # (job id, attempt token): one claim of a job
+Attempt = tuple[str, str]  # (job id, attempt token): one claim of a job
 
 
 @dataclass
@@ -138,6 +139,11 @@ class MJob:
             out["runs"] = self.runs
         return out
 
+    @property
+    def token(self) -> str | None:
+        """Its current attempt token (run_token in lua/_lib_claim.lua); None: never claimed."""
+        return None if self.attempt is None else f"{self.attempt}:{self.create_time}"
+
 
 @dataclass
 class End:
@@ -160,7 +166,7 @@ class Model:
         self.finished: dict[str, int] = {}
         self.records: dict[str, list[tuple[str, str]]] = {}  # P.."claim:"..claimer
         self.journals: dict[str, list[list[Any]]] = {}  # P.."done:"..claimer, decoded
-        self.inboxes: dict[str, list[tuple[str, int]]] = {}  # P.."inbox:"..claimer: (id, token)
+        self.inboxes: dict[str, list[tuple[str, str]]] = {}  # P.."inbox:"..claimer: (id, token)
         self.idle: dict[str, dict[str, int]] = {n: {} for n in NAMES}  # name -> claimer -> expiry
         self.idlers: dict[str, list[str]] = {}  # P.."idler:"..claimer
         self.next_id = 1
@@ -172,7 +178,8 @@ class Model:
 
     # --- helpers ---------------------------------------------------------------------------------
     def _ended(self, job: MJob, how: str) -> None:
-        attempt = (job.id, job.attempt or 0)
+        assert job.token is not None, f"job {job.id} ends an attempt it never had"
+        attempt = (job.id, job.token)
         assert attempt not in self.ends, f"attempt {attempt} ends twice: {self.ends[attempt]}, then {how}"
         self.ends[attempt] = End(how, self.by, job.lost or 0)
         self.new_ends.append(attempt)
@@ -223,12 +230,12 @@ class Model:
             return None, False
         if job.packed:
             return "new", False
-        mine = (job.state == "processing" and str(job.attempt) == str(token)
+        mine = (job.state == "processing" and job.token is not None and job.token == str(token)
                 and not (claimer and job.owner and job.owner != claimer))
         return job.state, mine
 
     # --- runs -------------------------------------------------------------------------------------
-    def claim_job(self, job_id: str, now: int, claimer: str, prefetched: bool) -> tuple[str, int] | None:
+    def claim_job(self, job_id: str, now: int, claimer: str, prefetched: bool) -> tuple[str, str] | None:
         job = self.jobs[job_id]
         if job.state not in ("new", "queued"):
             return None
@@ -242,13 +249,15 @@ class Model:
             if claimer:
                 job.owner, job.at_once = claimer, "1"
         self.processing[job_id] = now + ms(job.opts["process_timeout"]) + LEASE_GRACE_MS
+        token = job.token
+        assert token is not None
         if claimer and not prefetched:
-            self.records[claimer] = [(job_id, str(job.attempt))]
-        self.claims.append(((job_id, job.attempt), prefetched))
-        return job_id, job.attempt
+            self.records[claimer] = [(job_id, token)]
+        self.claims.append(((job_id, token), prefetched))
+        return job_id, token
 
     def claim(self, names: list[str], now: int, claimer: str, chained: bool = False,
-              prefetched: bool = False) -> tuple[str, int] | None:
+              prefetched: bool = False) -> tuple[str, str] | None:
         for name in names:
             queue = self.queues[name]
             while queue:
@@ -366,7 +375,7 @@ class Model:
             self.idle[name][claimer] = now + ttl_ms
         self.idlers[claimer] = list(names)
 
-    def take_inbox(self, claimer: str, limit: int) -> list[tuple[str, int]]:
+    def take_inbox(self, claimer: str, limit: int) -> list[tuple[str, str]]:
         box = self.inboxes.get(claimer, [])
         taken = []
         while len(taken) < limit and box:
@@ -401,7 +410,7 @@ class Model:
             got = self.claim([job.name], now, claimer, prefetched=True)
             self.older_handed += 1
         assert got is not None
-        self.record_claims(claimer, [(got[0], str(got[1]))])
+        self.record_claims(claimer, [got])
         self.inboxes.setdefault(claimer, []).append(got)
 
     # --- the scripts --------------------------------------------------------------------------------
@@ -420,7 +429,7 @@ class Model:
             self.delayed[job_id] = now + delay
         return job_id
 
-    def claim_script(self, claimer: str, idle_ms: int, names: list[str], now: int) -> tuple[str, int] | None:
+    def claim_script(self, claimer: str, idle_ms: int, names: list[str], now: int) -> tuple[str, str] | None:
         self.by = "claim"
         if claimer:
             self.unidle(claimer)
@@ -434,8 +443,8 @@ class Model:
         return got
 
     def finish_many(self, claimer: str, now: int, mono_now: float, runs: list[tuple[Any, ...]],
-                    give_back: list[tuple[str, int]], wanted: int, idle_ms: int, names: list[str]
-                    ) -> tuple[list[tuple[str, str]], list[tuple[str, int]], list[tuple[str, str, str, str]]]:
+                    give_back: list[tuple[str, str]], wanted: int, idle_ms: int, names: list[str]
+                    ) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[tuple[str, str, str, str]]]:
         self.by = "finish_many"
         self.unidle(claimer)
         ending = {(str(r[0]), str(r[1])) for r in runs}
@@ -451,14 +460,14 @@ class Model:
             if not got:
                 break
             claimed.append(got)
-            record.append((got[0], str(got[1])))
+            record.append(got)
         if record:
             self.record_claims(claimer, record, ended)
         if wanted > 0 and not claimed and idle_ms > 0:
             self.register_idle(claimer, names, now, idle_ms)
         return statuses, claimed, rejected
 
-    def finish(self, job_id: str, token: int, outcome: str, payload: str, claimer: str, run_ms: int | None,
+    def finish(self, job_id: str, token: str, outcome: str, payload: str, claimer: str, run_ms: int | None,
                now: int) -> tuple[str, str]:
         self.by = "master"
         return self.finish_one(now, claimer, job_id, token, outcome, payload, run_ms, 0)
@@ -542,7 +551,7 @@ class Held:
     """A job in a worker's hands, not started yet."""
 
     id: str
-    token: int
+    token: str
     prefetched: bool  # claimed ahead (a batch, a hand-off): no run_start until its start mark
     marked: bool = False  # its start mark went to the journal
 
@@ -552,7 +561,7 @@ class Done:
     """An outcome the handler gave, not yet sent to Redis."""
 
     id: str
-    token: int
+    token: str
     outcome: str
     payload: str
     run_ms: int
@@ -565,7 +574,7 @@ class Seen:
     """The master's view of its worker's current run, from the S and F messages."""
 
     id: str
-    token: int
+    token: str
     started: int
     returned: bool = False
     retained: bool = False
@@ -580,10 +589,10 @@ class Worker:
     running: Held | None = None
     started: int = 0
     unsent: list[Done] = field(default_factory=list)
-    give_back: list[tuple[str, int]] = field(default_factory=list)
+    give_back: list[tuple[str, str]] = field(default_factory=list)
     journaled: int = 0  # outcomes journaled since its last finish_many (which ends their runs)
     seen: Seen | None = None  # the master's
-    unsaved: dict[str, tuple[int, str, str, int, int]] = field(default_factory=dict)  # the master's
+    unsaved: dict[str, tuple[str, str, str, int, int]] = field(default_factory=dict)  # the master's
 
     def idle(self) -> bool:
         return not (self.ready or self.running or self.unsent or self.give_back or self.journaled)
@@ -633,8 +642,8 @@ class WorkersMachine(RuleBasedStateMachine):
         self.claimers.append(claimer)
         return Worker(slot, WORKER_NAMES[slot], claimer)
 
-    def _attempt(self, job_id: str, token: int) -> Truth | None:
-        return self.truth.get((job_id, int(token)))
+    def _attempt(self, job_id: str, token: str) -> Truth | None:
+        return self.truth.get((job_id, token))
 
     # --- one step: what happens next, drawn among what can happen ------------------------------------
     @rule(data=st.data())
@@ -867,7 +876,7 @@ class WorkersMachine(RuleBasedStateMachine):
         with_mark = data.draw(st.booleans(), label="a mark first")
         w.ready += [Held(job_id, token, True) for job_id, token in self._send(w, wanted, with_mark)]
 
-    def _send(self, w: Worker, wanted: int, with_mark: bool) -> list[tuple[str, int]]:
+    def _send(self, w: Worker, wanted: int, with_mark: bool) -> list[tuple[str, str]]:
         held = self._to_mark(w) if with_mark else None
         if held is not None:
             self._push(w, [self._mark_entry(w, held)])
@@ -1116,17 +1125,19 @@ def test_abandon_gives_back_a_job_claimed_ahead_whose_start_mark_a_finish_many_a
     first, upcoming = m.create("a"), m.create("a", opts={"ghost_retry": False})
     _, claimed, _ = m.s.finish_many(m.keys, "w1", claim=2, claim_names=["a"], now=T0, mono_ms=1000.0)
     assert [c[0] for c in claimed] == [first, upcoming]
-    m.r.rpush(m.keys.journal("w1"), journal_entry(upcoming, 1, "start", "", 0, 1015.0))
-    statuses, _, _ = m.s.finish_many(m.keys, "w1", [(first, 1, "success", "", 5, 0)], claim=1,
+    [(_, first_token, _), (_, upcoming_token, _)] = claimed
+    m.r.rpush(m.keys.journal("w1"), journal_entry(upcoming, upcoming_token, "start", "", 0, 1015.0))
+    statuses, _, _ = m.s.finish_many(m.keys, "w1", [(first, first_token, "success", "", 5, 0)], claim=1,
                                      claim_names=["a"], now=T0 + 20, mono_ms=1020.0)
     assert statuses == [("ok", "success")]
     assert m.hash(upcoming)["run_start"] == str(T0 + 15)  # the mark, applied
     # the master holds the first run's outcome (its F message) and saw no other start
-    assert m.s.abandon(m.keys, "w1", ABANDONED, [(first, 1, "success", "", 5, 10)], now=T0 + 30) == (0, 1, 0)
+    retained = (first, first_token, "success", "", 5, 10)
+    assert m.s.abandon(m.keys, "w1", ABANDONED, [retained], now=T0 + 30) == (0, 1, 0)
     m.check()
     assert m.state(upcoming) == "queued" and m.job(upcoming).runs == []
     assert m.r.lrange(m.keys.queue("a"), 0, -1) == [upcoming]
     # a job claimed to start at once that the master never heard of is still ghosted
     _, token, _ = m.s.claim(m.keys, ["a"], now=T0 + 40, claimer="w1")
     assert m.s.abandon(m.keys, "w1", ABANDONED, now=T0 + 50) == (0, 0, 1)
-    assert m.state(upcoming) == "fail" and m.job(upcoming).attempt == token
+    assert m.state(upcoming) == "fail" and run_token(m.hash(upcoming)) == token

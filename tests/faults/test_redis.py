@@ -167,7 +167,7 @@ def test_case05b_redis_restart_without_persistence(
         )
         new = kq.create_many([("work", {"ref": f"after{i}", "ms": 5}) for i in range(50)])
         release.touch()  # the long job, still running from before the loss, now ends
-        late = f"finish of job {long.id} attempt 1 rejected (missing, job is gone)"
+        late = f"finish of job {long.id} (token 1:{long.create_time}) rejected (missing, job is gone)"
         wait_until(lambda: late in sup.log(), timeout=10, message="the late finish is rejected")
         wait_settled(r, namespace, [job.id for job in new], timeout=30)
         resumed = time.monotonic() - restarted
@@ -240,7 +240,7 @@ def test_case05c_a_late_finish_from_before_a_data_loss_is_not_taken_for_a_new_jo
         message="the new job running",
     )
     old_release.touch()  # the run from before the loss finishes now
-    rejected = f"finish of job {old.id} attempt 1 rejected"
+    rejected = f"finish of job {old.id} (token 1:{old.create_time}) rejected"
     wait_until(
         lambda: rejected in sup.log() or kq.get(new.id).state != "processing",
         timeout=10,

@@ -11,7 +11,7 @@ import re
 import threading
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +104,6 @@ class Fates:
     id_reused: list[str]  # its id names another job (never ran or ran)
     stranded: list[str]  # its job is there and not terminal
     failed: list[str]  # its job ended in fail
-    # Never ran, though the final master has it `success`: its id was run for an indeterminate create
-    # the old master lost, and that run's outcome was recorded on it (a known defect: the new master
-    # hands the lost create's id out again; docs/failover.md). Counted apart from `lost`.
-    outcome_of_lost_create: list[str] = field(default_factory=list)
 
     @property
     def lost(self) -> list[str]:
@@ -116,15 +112,10 @@ class Fates:
 
 def fates(out: Outcomes, acked: dict[str, str]) -> Fates:
     never_ran, record_lost, id_reused, stranded, failed = [], [], [], [], []
-    outcome_of_lost_create: list[str] = []
-    run_for_others = {e.job_id for ref, runs in out.by_ref.items() if ref not in acked for e in runs}
     for ref in acked:
         job = out.final.get(ref)
         own = job is not None and isinstance(job.data, dict) and job.data.get("ref") == ref
-        if ref not in out.by_ref and own and job is not None and job.state == "success" \
-                and acked[ref] in run_for_others:
-            outcome_of_lost_create.append(ref)
-        elif ref not in out.by_ref:
+        if ref not in out.by_ref:  # even if its job says success: a run of another job's was saved on it
             never_ran.append(ref)
         elif not own:
             record_lost.append(ref)
@@ -134,7 +125,7 @@ def fates(out: Outcomes, acked: dict[str, str]) -> Fates:
             stranded.append(ref)
         elif job is not None and job.state == "fail":
             failed.append(ref)
-    return Fates(never_ran, record_lost, id_reused, stranded, failed, outcome_of_lost_create)
+    return Fates(never_ran, record_lost, id_reused, stranded, failed)
 
 
 HISTORY = re.compile(r"^(?:final: )?job (\S+): (?:terminal .* changed|attempt went back)")
@@ -368,8 +359,6 @@ def describe(run: FailoverRun, case: Case) -> list[float]:
         + (f" {sorted(run.fates.lost, key=_ref_order)[:6]}..., acknowledged {min(lost_at):+.3f}s.."
            f"{max(lost_at):+.3f}s relative to the promotion" if lost_at else "")
         + f"; id handed out again {len(run.fates.id_reused)}"
-        + (f"; recorded with the run of an indeterminate create the old master lost, never run itself "
-           f"(known defect) {run.fates.outcome_of_lost_create}" if run.fates.outcome_of_lost_create else "")
         + (f" (acknowledged {min(reused_at):+.2f}s..{max(reused_at):+.2f}s relative to the promotion)"
            if reused_at else "")
         + f"; in processing when the fault began "

@@ -209,7 +209,8 @@ def test_case04_stale_owner_frozen_past_its_lease(
             workers = [pid for pid in frozen if pid in a_workers]
             for pid in workers:  # the workers first: their finish must reach Redis before A's master runs
                 os.kill(pid, signal.SIGCONT)
-            rejected = [f"finish of job {j.id} attempt 1 rejected (stale, job is success)" for j in jobs]
+            rejected = [f"finish of job {j.id} (token 1:{j.create_time}) rejected (stale, job is success)"
+                        for j in jobs]
             wait_until(
                 lambda a=a, rejected=rejected: all(line in a.log() for line in rejected),
                 timeout=10,

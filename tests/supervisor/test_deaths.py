@@ -204,7 +204,7 @@ def test_a_late_finish_from_a_superseded_attempt_is_rejected(supervisor, kq, red
     assert int(r.lindex(worker_key, 1)) != first_worker
 
     r.rpush(release, "go")  # attempt 1 now answers "first attempt"
-    rejected = f"finish of job {job.id} attempt 1 rejected (stale, job is success)"
+    rejected = f"finish of job {job.id} (token 1:{done.create_time}) rejected (stale, job is success)"
     wait_until(lambda: rejected in supervisor.log(), message="the late finish is logged as rejected")
     assert kq.get(job.id) == done  # one outcome, untouched
     assert alive(psutil.Process(first_worker))  # and the worker that answered late carries on

@@ -10,6 +10,7 @@ import time
 import pytest
 
 import kickq
+from kickq.scripts import run_token
 from tests.helpers import ping, redis_server_binary, side_key, start_redis, stop_redis, wait_until
 from tests.supervisor import handlers
 from tests.supervisor.conftest import alive, wait_job
@@ -82,9 +83,11 @@ def test_a_job_that_must_not_run_twice_is_not_rerun_after_its_supervisor_is_lost
                     {"process_timeout": 1.0, "ghost_retry": False})
     first.wait_running(job.id)
     wait_until(lambda: kq.redis.llen(pids) == 1, timeout=10, interval=0.01, message="the handler ran")
-    owner = kq.redis.hget(keys.job(job.id), "owner")
-    journal = [json.loads(e)[:3] for e in kq.redis.lrange(keys.journal(owner), 0, -1)]
-    assert journal == [[job.id, "1", "start"]]  # the start mark was in Redis before the run began
+    fields = kq.redis.hgetall(keys.job(job.id))
+    journal = [json.loads(e)[:3] for e in kq.redis.lrange(keys.journal(fields["owner"]), 0, -1)]
+    run = f"1:{fields['create_time']}"  # attempt 1 (scripts.run_token)
+    assert run == run_token(fields)
+    assert journal == [[job.id, run, "start"]]  # the start mark was in Redis before the run began
     os.killpg(first.pid, signal.SIGKILL)
     first.proc.wait(timeout=5)
 

@@ -7,9 +7,9 @@ from kickq_supervisor.messages import Finished, Started, decode, encode, encode_
 
 
 @pytest.mark.parametrize("message", [
-    Started("12", "3", 1234.5, 7.0, "email:send"),
-    Started("12", "3", 1234.5, 0.25, "a name with  spaces"),
-    Started("12", "3", 1234.5, 10.0, ""),
+    Started("12", "3:1700000000000", 1234.5, 7.0, "email:send"),
+    Started("12", "3:1700000000000", 1234.5, 0.25, "a name with  spaces"),
+    Started("12", "3:1700000000000", 1234.5, 10.0, ""),
     Finished("12"),
     Finished("12", "success", 0.5, None),
     Finished("12", "fail", 0.5, 'ValueError: bad "quote"\nand a newline'),
@@ -23,8 +23,8 @@ def test_every_message_comes_back_as_it_was_sent(message):
 
 
 def test_several_messages_go_in_one_write_of_lines():
-    data = encode_lines([Finished("1", "success", 0.25, ""), Started("2", "1", 5.0, 10.0, "w")])
-    assert data == b'F 1 success 0.250000 ""\nS 2 1 5.000000 10.0 w\n'
+    data = encode_lines([Finished("1", "success", 0.25, ""), Started("2", "1:1700000000000", 5.0, 10.0, "w")])
+    assert data == b'F 1 success 0.250000 ""\nS 2 1:1700000000000 5.000000 10.0 w\n'
 
 
 @pytest.mark.parametrize("line", ["", "X 1", "S 1 2", "S 1 2 notanumber 10", "F", "F 1 success x",

@@ -39,6 +39,12 @@ from kickq_supervisor.worker_core import (
 KEYS = Keys("t")
 Send = (FinishMany, JournalPush)  # the two calls sent without waiting
 RUN_TIME = 2 ** -10  # every handler takes about 1 ms of the fake clock (exact in binary): batches of 4
+CREATED = 1699999990000  # the create time (epoch ms) of every job of a fake claim
+
+
+def token(attempt: int = 1) -> str:
+    """The attempt token of a fake claim's job at its `attempt`-th claim (scripts.run_token)."""
+    return f"{attempt}:{CREATED}"
 
 
 class Clock:
@@ -131,16 +137,17 @@ class Steps:
         return messages
 
 
-def claim(job_id: str, token: int = 1, *, ahead: bool = False, opts: dict[str, Any] | None = None
+def claim(job_id: str, attempt: int = 1, *, ahead: bool = False, opts: dict[str, Any] | None = None
           ) -> list[Any]:
     """A claim reply (the claim script's, or one entry of finish_many's): id, token, the job's fields.
     A job claimed ahead (a batch, a hand-off) has no run_start."""
-    fields = ["name", "w", "state", "processing", "attempt", str(token), "update_time", "1700000000000"]
+    fields = ["name", "w", "state", "processing", "attempt", str(attempt), "create_time", str(CREATED),
+              "update_time", "1700000000000"]
     if not ahead:
         fields += ["run_start", "1700000000000"]
     if opts:
         fields += ["opts", json.dumps(opts)]
-    return [job_id, token, *fields]
+    return [job_id, token(attempt), *fields]
 
 
 def finish_many_reply(runs: int, claimed: list[list[Any]] = ()) -> list[Any]:  # type: ignore[assignment]
@@ -160,7 +167,7 @@ def first_job(s: Steps, opts: dict[str, Any] | None = None) -> None:
     s.step(ClaimOne, tuple_claim(claim("1", opts=opts)))
 
 
-def tuple_claim(reply: list[Any]) -> tuple[str, int, dict[str, str]]:
+def tuple_claim(reply: list[Any]) -> tuple[str, str, dict[str, str]]:
     from kickq import scripts
 
     parsed = scripts.parse_claim(reply)
@@ -189,7 +196,7 @@ def test_an_idle_worker_claims_then_waits_registered_for_hand_offs():
     s.step(ShrinkHeap)  # a whole wait idle: the heap may shrink
     s.step(ClaimOne, tuple_claim(claim("1")))  # after a timeout it claims again: a lost token
     (started,) = s.tell()
-    assert started == Started("1", "1", s.clock.now, 10.0, "w")
+    assert started == Started("1", token(), s.clock.now, 10.0, "w")
     assert s.step(Start).job.job_id == "1"  # a run still going: its end comes by AwaitEnd
     s.expect(AwaitEnd)
 
@@ -201,7 +208,7 @@ def test_a_job_handed_over_starts_without_a_claim_after_its_start_mark():
     handed = json.dumps(claim("7", ahead=True))
     s.step(WaitForWork, Woke(handed, False))
     push = s.step(Send)
-    assert isinstance(push, JournalPush) and journal(push) == [["7", "1", "start"]]
+    assert isinstance(push, JournalPush) and journal(push) == [["7", token(), "start"]]
     assert push.commands[1] == ("EXPIRE", KEYS.journal("me"), 86400)  # a fresh journal gets its TTL
     assert s.tell()[0].job_id == "7"
     assert s.step(Start).job.job_id == "7"
@@ -232,7 +239,7 @@ def test_a_stop_during_the_wait_leaves_at_once():
     assert isinstance(leaving, FinishMany) and leaving.want == 0 and not leaving.runs
     s.step(Settle, [finish_many_reply(0, [claim("9", ahead=True)])])
     back = s.step(Send)  # a job handed over meanwhile goes back
-    assert back.give_back == [("9", 1)]
+    assert back.give_back == [("9", token())]
     s.step(Settle, [finish_many_reply(0)])
     assert s.command is None
 
@@ -242,7 +249,7 @@ def test_a_run_whose_end_comes_apart_from_its_start_is_saved_the_same():
     batch(s, ["2", "3", "4", "5"])
     s.run_job(awaited=True)  # Start answered None: the run went on, its end came by AwaitEnd
     assert [m.job_id for m in s.tell()] == ["2", "3"]
-    assert journal(s.sends()[0]) == [["2", "1", "success"], ["3", "1", "start"]]
+    assert journal(s.sends()[0]) == [["2", token(), "success"], ["3", token(), "start"]]
 
 
 # --- busy: batches, the journal, start marks ------------------------------------------------------
@@ -258,11 +265,11 @@ def test_the_next_jobs_start_mark_rides_with_the_previous_outcome():
     s = Steps()
     batch(s, ["2", "3", "4", "5"])
     first = s.step(Send)  # the first of a batch: a write of its own
-    assert journal(first) == [["2", "1", "start"]]
+    assert journal(first) == [["2", token(), "start"]]
     assert s.run_job() == "2"
     assert [type(m) for m in s.tell()] == [Finished, Started]
     push = s.step(Send)
-    assert journal(push) == [["2", "1", "success"], ["3", "1", "start"]]
+    assert journal(push) == [["2", token(), "success"], ["3", token(), "start"]]
     assert len(push.commands) == 1  # the journal has its TTL already
     # Job 3 was marked and announced with job 2's end: it starts with no write at all.
     assert s.step(Start).job.job_id == "3"
@@ -282,7 +289,7 @@ def test_the_next_start_goes_to_the_master_in_the_same_write_as_the_last_end():
         [("F", "3"), ("S", "4")],
         [("F", "4"), ("S", "5")],
         [("F", "5")]]  # nothing left in hand
-    assert s.told[1][1].token == "1" and s.told[1][1].timeout == 7.0
+    assert s.told[1][1].token == token() and s.told[1][1].timeout == 7.0
 
 
 def test_a_start_told_ahead_is_told_again_when_the_job_starts_late():
@@ -293,7 +300,7 @@ def test_a_start_told_ahead_is_told_again_when_the_job_starts_late():
     s.clock.advance(1.0)  # e.g. the save waited on Redis
     s.step(Send)
     (again,) = s.tell()  # its deadline runs from its real start
-    assert again == Started("3", "1", s.clock.now, 10.0, "w")
+    assert again == Started("3", token(), s.clock.now, 10.0, "w")
     assert s.step(Start).job.job_id == "3"  # an announced job runs however long it waited
 
 
@@ -324,8 +331,8 @@ def test_a_job_told_ahead_runs_even_if_a_stop_comes_before_it_starts():
     s.step(AwaitEnd, Ended("3", Outcome(True)))
     assert s.tell() == (Finished("3", "success", RUN_TIME, ""),)
     outcome, leaving = s.sends()  # its outcome, then the two jobs never started go back
-    assert journal(outcome) == [["3", "1", "success"]]  # no start mark for a job that will not start
-    assert isinstance(leaving, FinishMany) and leaving.give_back == [("4", 1), ("5", 1)]
+    assert journal(outcome) == [["3", token(), "success"]]  # no start mark for a job that will not start
+    assert isinstance(leaving, FinishMany) and leaving.give_back == [("4", token()), ("5", token())]
     assert leaving.want == 0 and leaving.journal_ends == 2  # it ends jobs 2 and 3 of the journal
 
 
@@ -341,7 +348,7 @@ def test_a_hotjobs_outcome_goes_alone_when_nothing_else_is_in_hand():
     refill = s.step(Send)  # the worker was busy a moment ago: it claims at once
     assert isinstance(refill, FinishMany) and refill.want == 4 and not refill.runs
     s.step(Settle, [finish_many_reply(0, [claim("2", ahead=True)])])
-    assert journal(s.step(Send)) == [["2", "1", "start"]]
+    assert journal(s.step(Send)) == [["2", token(), "start"]]
 
 
 def test_a_large_outcome_is_saved_at_once_and_not_given_to_the_master():
@@ -351,7 +358,7 @@ def test_a_large_outcome_is_saved_at_once_and_not_given_to_the_master():
     (finished, _) = s.tell()
     assert finished.payload is None  # too big for the pipe: should the worker die, it is ghosted
     call = s.step(Send)  # the mark of job 3
-    assert isinstance(call, JournalPush) and journal(call) == [["3", "1", "start"]]
+    assert isinstance(call, JournalPush) and journal(call) == [["3", token(), "start"]]
     call = s.step(Send)  # and the outcome, in a finish_many at once
     assert isinstance(call, FinishMany) and [d.job_id for d in call.runs] == ["2"] and call.want == 0
 
@@ -378,7 +385,7 @@ def test_a_batch_read_late_counts_its_wait_from_the_claim():
     s.sends()
     s.settle(claimed=[claim(i, ahead=True) for i in "6789"])
     back = s.step(Send)  # the four claimed: given back unstarted
-    assert isinstance(back, FinishMany) and back.give_back == [(i, 1) for i in "6789"]
+    assert isinstance(back, FinishMany) and back.give_back == [(i, token()) for i in "6789"]
     assert s.started == ["1", "2", "3", "4", "5"]
 
 
@@ -388,10 +395,10 @@ def test_no_start_mark_goes_for_a_job_that_waited_too_long_to_start():
     s.run_job(seconds=MAX_PREFETCH_WAIT + 0.05)  # job 2 is slow: the rest of the batch is too old
     assert [m.job_id for m in s.tell()] == ["2"]  # no start told ahead
     (push,) = s.sends()
-    assert journal(push) == [["2", "1", "success"]]  # and no start mark: job 3 will not start
+    assert journal(push) == [["2", token(), "success"]]  # and no start mark: job 3 will not start
     s.settle()
     back = s.step(Send)
-    assert isinstance(back, FinishMany) and back.give_back == [(i, 1) for i in "345"]
+    assert isinstance(back, FinishMany) and back.give_back == [(i, token()) for i in "345"]
 
 
 def test_a_lost_claim_found_again_counts_its_wait_from_the_claim():
@@ -400,12 +407,13 @@ def test_a_lost_claim_found_again_counts_its_wait_from_the_claim():
     s.step(ClaimOne, Lost(redis.exceptions.ConnectionError("reply lost")))
     s.step(Pause)
     read = s.step(ReadClaimRecord, ClaimRecord(
-        [("1", "1", {"state": "processing", "attempt": "1", "owner": "me", "name": "w",
-                     "update_time": str(1700000000000 - 60_000)})], 1700000000000))
+        [("1", token(), {"state": "processing", "attempt": "1", "owner": "me", "name": "w",
+                         "create_time": str(CREATED), "update_time": str(1700000000000 - 60_000)})],
+        1700000000000))
     assert read.held == frozenset()
     # Claimed a minute ago by Redis' clock: too old to start, so it goes back at once.
     back = s.step(Send)
-    assert isinstance(back, FinishMany) and back.give_back == [("1", 1)] and s.started == []
+    assert isinstance(back, FinishMany) and back.give_back == [("1", token())] and s.started == []
 
 
 def test_a_claim_record_is_read_only_once_nothing_is_in_flight_and_takes_each_job_once():
@@ -429,11 +437,11 @@ def test_a_claim_record_is_read_only_once_nothing_is_in_flight_and_takes_each_jo
     # The lost finish_many claimed 6-9 and this one 10-13; its reply is read first, then the record.
     s.settle(claimed=[claim(i, ahead=True) for i in ("10", "11", "12", "13")])
     read = s.expect(ReadClaimRecord)
-    assert read.held >= {"10", "11", "12", "13"}
+    assert read.held >= {(i, token()) for i in ("10", "11", "12", "13")}
     fields = {"state": "processing", "attempt": "1", "owner": "me", "name": "w",
-              "update_time": "1700000000000"}
-    s.answer(ClaimRecord([(i, "1", fields) for i in ("6", "7", "8", "9")], 1700000000000))
-    assert journal(s.expect(Send)) == [["10", "1", "start"]]  # the first in hand starts
+              "create_time": str(CREATED), "update_time": "1700000000000"}
+    s.answer(ClaimRecord([(i, token(), fields) for i in ("6", "7", "8", "9")], 1700000000000))
+    assert journal(s.expect(Send)) == [["10", token(), "start"]]  # the first in hand starts
     assert [j.job_id for j in s.core.hand] == ["11", "12", "13", "6", "7", "8", "9"]  # each once
 
 
@@ -445,7 +453,7 @@ def test_outcomes_refused_at_maxmemory_are_sent_again():
         s.run_job()
         s.tell()
         pushes.append(s.sends())
-    assert journal(pushes[0][0]) == [["2", "1", "success"], ["3", "1", "start"]]
+    assert journal(pushes[0][0]) == [["2", token(), "success"], ["3", token(), "start"]]
     oom = redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'")
     s.settle(refuse={1: oom})  # in flight: job 2's mark, then job 2's outcome (refused), ...
     assert s.step(Pause).seconds == 0.05
@@ -466,7 +474,7 @@ def test_a_job_that_must_not_run_twice_is_given_back_when_its_mark_is_refused():
     assert s.started == ["1", "3"]
     s.tell()
     call = s.step(Send)  # job 3's outcome, and job 2 given back
-    assert isinstance(call, FinishMany) and call.give_back == [("2", 1)]
+    assert isinstance(call, FinishMany) and call.give_back == [("2", token())]
     assert [d.job_id for d in call.runs] == ["3"]
 
 
@@ -486,7 +494,7 @@ def test_a_job_that_must_not_run_twice_is_given_back_when_redis_cannot_be_reache
     s.step(Pause)
     s.step(ReadClaimRecord, ClaimRecord([], 1700000000000))  # what the lost finish_many claimed
     call = s.step(Send)  # job 3 is not started but given back, with job 2's outcome again
-    assert isinstance(call, FinishMany) and call.give_back == [("3", 1)]
+    assert isinstance(call, FinishMany) and call.give_back == [("3", token())]
     assert [d.job_id for d in call.runs] == ["2"] and s.started == ["1", "2"]
 
 
@@ -499,7 +507,7 @@ def test_a_worker_past_its_limit_retires_after_the_job_and_claims_nothing(limit)
     s.run_job()
     assert s.tell() == (Finished("1", "success", RUN_TIME, '"ok 1"'),)
     outcome, leaving = s.sends()  # the outcome to the journal, then a finish_many that ends it
-    assert journal(outcome) == [["1", "1", "success"]]
+    assert journal(outcome) == [["1", token(), "success"]]
     assert isinstance(leaving, FinishMany) and leaving.journal_ends == 1 and leaving.want == 0
     s.settle()
     assert s.command is None
