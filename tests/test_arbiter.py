@@ -433,7 +433,7 @@ def test_a_dense_worker_gets_the_kill_grace_to_cancel_a_job_itself(dense):
     dense.arbiter.on_data(slot, b'F 1 ghost 1.000000 "processing timed out"\n')
     dense.ops.now += 0.3
     dense.arbiter.tick()
-    assert dense.ops.sent == [] and slot.unsaved["1"][:3] == ("1", "ghost", TIMED_OUT)
+    assert dense.ops.sent == [] and slot.unsaved["1"][:3] == (token(1), "ghost", TIMED_OUT)
     assert [r.job_id for r in slot.running()] == ["2"]
 
 
@@ -441,7 +441,7 @@ def test_a_dense_worker_whose_job_ignores_its_deadline_is_killed_and_every_job_i
     slot = dense.arbiter.slots[0]
     pid = slot.pid
     for job_id, timeout in (("1", 1.0), ("2", 5.0), ("3", 5.0), ("4", 5.0)):
-        dense.start(slot, job_id, token=f"1:{job_id}", timeout=timeout)
+        dense.start(slot, job_id, run=f"1:{job_id}", timeout=timeout)
     dense.arbiter.on_data(slot, b'F 4 success 0.010000 ""\n')  # returned, its outcome retained
     dense.ops.now += 1.0 + 0.29
     dense.arbiter.tick()
@@ -464,7 +464,7 @@ def test_a_quick_stop_ghosts_every_job_of_a_dense_worker(dense):
     dense.start(slot, "2")
     dense.arbiter.handle_quit()
     dense.die(slot.pid, signalled(signal.SIGKILL))
-    assert sorted(dense.lost) == [(1, "1", "1", QUICK_STOP), (1, "2", "1", QUICK_STOP)]
+    assert sorted(dense.lost) == [(1, "1", token(1), QUICK_STOP), (1, "2", token(1), QUICK_STOP)]
 
 
 def test_a_dense_worker_that_dies_ghosts_each_job_it_was_running(dense):
