@@ -432,7 +432,8 @@ class WorkerCore:
         yield from self._save(done, claim=not last)
         return not last
 
-    def _ended(self, run: Running, outcome: Outcome, ghost: str | None = None) -> tuple[FinishedRun, Finished]:
+    def _ended(self, run: Running, outcome: Outcome,
+               ghost: str | None = None) -> tuple[FinishedRun, Finished]:
         """The run's outcome to save, and the F message (sent before the outcome leaves for Redis:
         the master then always knows at least what the journal does, so it never ghosts a run whose
         outcome the journal holds). `ghost`: the run ends as a ghost, for that reason, whatever
@@ -510,7 +511,8 @@ class WorkerCore:
         self.journal.marked.discard(job.job_id)
         return True
 
-    def _send(self, runs: list[FinishedRun], want: int, idle: bool | None = None) -> Generator[Command, Any, None]:
+    def _send(self, runs: list[FinishedRun], want: int,
+              idle: bool | None = None) -> Generator[Command, Any, None]:
         """finish_many without waiting: the journal, these runs, the give-backs, `want` claims.
         `idle`: whether to register for hand-offs should it claim nothing (None: when the hand is empty)."""
         now = self.clock()
@@ -791,7 +793,8 @@ class WorkerCore:
                 starting.append(job)
                 job = None
                 if self.max_jobs and self.pace.jobs_done + len(self.running) + len(starting) >= self.max_jobs:
-                    log.info("worker %d retiring after %d jobs (max_jobs_per_worker)", self.number, self.max_jobs)
+                    log.info("worker %d retiring after %d jobs (max_jobs_per_worker)", self.number,
+                             self.max_jobs)
                     self.retiring = True
             marks = [j for j in starting if j.prefetched and not _must_not_run_twice(j)]
             if marks:
@@ -930,7 +933,8 @@ class WorkerCore:
         if told:
             yield Tell(tuple(told))
             if not self.retiring and self.max_memory and self.memory() > self.max_memory:
-                log.info("worker %d retiring: RSS %d bytes > max_memory_per_worker", self.number, self.memory())
+                log.info("worker %d retiring: RSS %d bytes > max_memory_per_worker", self.number,
+                         self.memory())
                 self.retiring = True
         if woke is not None and not self._leaving():
             # Claimed at once, the token's job among them; a claim also takes a token per job, so
@@ -949,8 +953,8 @@ class WorkerCore:
         elif self.unsaved or self.give_back or any(d.urgent for d in dones):
             yield from self._send_now(dones)
         else:
-            entries = [scripts.journal_entry(d.job_id, d.token, d.outcome, d.payload, d.run_ms, d.ended_at * 1000)
-                       for d in dones]
+            entries = [scripts.journal_entry(d.job_id, d.token, d.outcome, d.payload, d.run_ms,
+                                             d.ended_at * 1000) for d in dones]
             if (yield from self._push_journal(entries, dones, ())):
                 self.journal.ids += [(d.job_id, d.token) for d in dones]
                 self.journal.pending += len(dones)
