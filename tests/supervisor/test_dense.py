@@ -53,14 +53,15 @@ def test_the_slots_of_one_worker_run_at_once(dense, kq, redis_url, namespace, na
 
 
 def test_more_parties_than_slots_never_meet(dense, kq, redis_url, namespace):
-    # The control for the test above: with one more party than slots, the first SLOTS jobs wait
-    # for one that cannot start until a slot is free.
+    # The control for the test above: with one more party than slots, the jobs running wait for
+    # one that cannot start until a slot is free, so the first of them to give up fails (the last
+    # one then meets those still waiting).
     barrier = side_key(namespace, "barrier")
     data = {"redis": redis_url, "key": barrier, "parties": SLOTS + 1, "timeout": 0.5}
     jobs = [kq.create("dense.async", data) for _ in range(SLOTS + 1)]
     done = [wait_job(kq, job.id) for job in jobs]
     failed = [job for job in done if job.state == "fail"]
-    assert len(failed) >= SLOTS and "barrier not reached" in failed[0].last_error
+    assert failed and "barrier not reached" in failed[0].last_error
 
 
 def test_the_title_shows_the_slots_in_use(dense, kq):
