@@ -750,6 +750,12 @@ class WorkerCore:
                 yield from self._recover_claims()
         yield from self._expire_deadlines()
         self._expire_hand()
+        if self._leaving() and (self.hand or self.registered):
+            # Nothing more starts here: what is in hand goes back now, not once the runs end, and
+            # no hand-off comes any more.
+            self.give_back += [(j.job_id, j.token) for j in self.hand]
+            self.hand.clear()
+            yield from self._send_now([])
         if not self._leaving():
             yield from self._fill()
         if not self.running:
@@ -858,7 +864,7 @@ class WorkerCore:
         for job in self.hand:
             if job.prefetched:
                 until = min(until, job.claimed_at + MAX_PREFETCH_WAIT)
-        if self.registered and self._free() > 0:
+        if self.registered and self._free() > 0 and not self._leaving():
             until = min(until, self.registered_at + self.wait_timeout)
         return max(0.0, until - now)
 
@@ -948,9 +954,11 @@ class WorkerCore:
             yield ReturnToken(woke)
         if not dones:
             return
-        if self._needs_claim():
+        # The journal only while jobs are in hand: a claim that ends it follows soon. Registered
+        # (no claim until the renewal) or leaving (none at all), the outcomes go in a call now.
+        if not self._leaving() and (self.registered or self._needs_claim()):
             yield from self._claim(dones)
-        elif self.unsaved or self.give_back or any(d.urgent for d in dones):
+        elif self._leaving() or self.unsaved or self.give_back or any(d.urgent for d in dones):
             yield from self._send_now(dones)
         else:
             entries = [scripts.journal_entry(d.job_id, d.token, d.outcome, d.payload, d.run_ms,

@@ -10,6 +10,7 @@ from collections import Counter
 
 import pytest
 
+from kickq.keys import Keys
 from tests.helpers import side_key, wait_until
 from tests.supervisor import handlers_dense
 from tests.supervisor.conftest import wait_job
@@ -72,6 +73,35 @@ def test_the_title_shows_the_slots_in_use(dense, kq):
     for job in jobs:
         assert wait_job(kq, job.id).state == "success"
     wait_until(lambda: dense.worker_titles().get(number, "").endswith("[idle]"), message="idle again")
+
+
+def test_a_worker_with_a_free_slot_is_handed_new_jobs_while_its_others_run(dense, kq, namespace):
+    keys = Keys(namespace)
+    busy = [kq.create("dense.sync", {"sleep": 3.0}) for _ in range(2)]
+    wait_until(lambda: all(kq.get(job.id).state == "processing" for job in busy), message="busy")
+    for _ in range(5):
+        # Six slots free: the worker registers for hand-offs as an idle one does.
+        wait_until(lambda: kq.redis.zcard(keys.idle("dense.sync")) == 1, message="registered")
+        job = kq.create("dense.sync", {"sleep": 0.01})
+        assert kq.get(job.id).state in ("processing", "success")  # claimed by its create
+        assert wait_job(kq, job.id).state == "success"
+    assert [kq.get(job.id).state for job in busy] == ["processing", "processing"]
+
+
+def test_a_queued_job_wakes_a_worker_whose_slots_are_partly_busy(dense, kq):
+    # A delayed job is queued (with a wake token) when due, not handed over: the worker's feed
+    # takes the token and claims it at once, not at its next poll.
+    busy = kq.create("dense.async", {"sleep": 3.0})
+    wait_until(lambda: kq.get(busy.id).state == "processing", message="busy")
+    job = kq.create("dense.async", None, {"delay": 0.3})
+    done = wait_job(kq, job.id)
+    assert 0 <= done.runs[0]["start"] - done.create_time - 300 < 300, (done.create_time, done.runs)
+    assert kq.get(busy.id).state == "processing"
+
+
+def test_an_idle_dense_worker_stops_at_once(dense):
+    dense.send(signal.SIGTERM)
+    assert dense.wait_exit(5) == 0
 
 
 def test_an_async_job_past_its_deadline_is_cancelled_and_ghosted_while_the_others_finish(

@@ -110,14 +110,32 @@ def test_ends_are_told_in_one_write_and_saved_with_the_claim_for_the_free_slots(
     assert set(s.core.running) == {"1", "4", "5"}
 
 
-def test_with_the_registration_in_place_an_outcome_goes_to_the_journal():
+def test_registered_an_outcome_goes_at_once_in_a_claim_that_registers_again():
     s = dense()
     first_wave(s, [])  # nothing came: registered as idle with three free slots
     assert s.core.registered
     s.step(WaitForEvent, [ended("1")])
     s.tell()
-    push = s.step(JournalPush)
-    assert journal(push) == [["1", token(), "success"]]
+    call = s.step(FinishMany)  # not to the journal: no finish_many would end it before the renewal
+    assert [d.job_id for d in call.runs] == ["1"] and call.want and call.idle_ms > 0
+
+
+def test_with_jobs_in_hand_an_outcome_goes_to_the_journal():
+    s = dense(slots=2)
+    first_wave(s, ["2"])
+    s.clock.advance(0.01)  # runs take 10 ms: claims go about 50 ms of work ahead
+    s.step(WaitForEvent, [ended("1")])
+    s.tell()
+    call = s.step(FinishMany)
+    assert call.want == 1 + 10
+    s.settle(claimed=[claim(i, ahead=True) for i in "345"])
+    assert start_all(s) == ["3"]
+    assert [j.job_id for j in s.core.hand] == ["4", "5"]
+    s.expect(WaitForEvent)
+    s.answer([ended("2")])
+    s.tell()
+    push = s.step(JournalPush)  # the next claim ends it
+    assert journal(push)[0] == ["2", token(), "success"]
 
 
 def test_a_wake_token_claims_at_once_and_goes_back_when_the_claim_got_all_it_asked():
@@ -202,16 +220,17 @@ def test_a_graceful_stop_lets_the_runs_finish_claims_nothing_and_gives_back_the_
     s.core.request_stop()
     wait = s.step(WaitForEvent, [ended("1")])
     s.tell()
-    assert journal(s.step(JournalPush)) == [["1", token(), "success"]]  # no claim
+    saved = s.step(FinishMany)  # at once, claiming nothing: the other run may take long
+    assert [d.job_id for d in saved.runs] == ["1"] and saved.want == 0
     wait = s.expect(WaitForEvent)
     assert not wait.want_work
     s.answer([ended("2")])
     s.tell()
-    s.step(JournalPush)
+    s.step(FinishMany)
     handed = json.dumps(claim("7", ahead=True))
     s.step(TakeArrived, [handed])  # a hand-off the feed took before the stop
     leaving = s.step(FinishMany)
-    assert leaving.want == 0 and leaving.journal_ends == 2 and leaving.give_back == [("7", token())]
+    assert leaving.want == 0 and leaving.give_back == [("7", token())]
     s.settle()
     assert s.command is None
 
@@ -237,10 +256,11 @@ def test_a_dense_worker_past_max_jobs_starts_no_more_and_leaves_once_its_runs_en
     assert s.core.retiring
     s.step(WaitForEvent, [ended("1"), ended("2"), ended("3")])
     s.tell()
-    s.step(JournalPush)
+    saved = s.step(FinishMany)
+    assert [d.job_id for d in saved.runs] == ["1", "2", "3"] and saved.want == 0
     s.step(TakeArrived, [])
     leaving = s.step(FinishMany)
-    assert leaving.want == 0 and leaving.journal_ends == 3
+    assert leaving.want == 0
     s.settle()
     assert s.command is None and s.started == ["1", "2", "3"]
 
@@ -266,3 +286,15 @@ def test_one_slot_keeps_the_one_job_loop():
     steps = core.steps()
     assert isinstance(next(steps), ShowIdle)
     assert isinstance(steps.send(None), ClaimOne)
+
+
+def test_a_stop_ends_the_idle_registration_and_gives_back_the_hand_at_once():
+    s = dense(slots=3)
+    first_wave(s, [])  # registered as idle, two slots free
+    s.core.request_stop()
+    s.step(WaitForEvent, [Arrived(handoff=json.dumps(claim("9", ahead=True)))])  # raced the stop
+    back = s.step(FinishMany)  # not when the run ends: now
+    assert back.give_back == [("9", token())] and back.want == 0 and back.idle_ms == 0
+    assert not s.core.registered and not s.core.hand
+    wait = s.expect(WaitForEvent)
+    assert not wait.want_work and wait.timeout > 0.5  # no renewal to wait for: no busy loop
