@@ -5,6 +5,7 @@ job it ran ghosted); a graceful stop lets the jobs in flight finish; workers rec
 and memory; one job per worker is unchanged."""
 from __future__ import annotations
 
+import os
 import signal
 from collections import Counter
 
@@ -184,3 +185,23 @@ def test_one_job_per_worker_runs_one_job_at_a_time(dense, kq, redis_url, namespa
     first, second = (kq.create("one.sync", data) for _ in range(2))
     assert wait_job(kq, first.id).state == "fail"  # the second could not start alongside it
     assert wait_job(kq, second.id).state == "success"
+
+
+def test_a_dense_worker_killed_with_jobs_in_flight_loses_none_and_reruns_only_those(
+        dense, kq, redis_url, namespace):
+    log = side_key(namespace, "log")
+    pid = worker_pid(dense, "dense.async")
+    options = {"ghost_interval": 0}
+    running = [kq.create("dense.async", {"redis": redis_url, "log": log, "sleep": 1.0}, options)
+               for _ in range(SLOTS)]
+    wait_until(lambda: sum(1 for what, *_ in events(kq, log) if what == "start") == SLOTS,
+               message="every slot busy")
+    waiting = [kq.create("dense.async", {"redis": redis_url, "log": log, "sleep": 0.01}, options)
+               for _ in range(4)]
+    os.kill(pid, signal.SIGKILL)
+    for job in running:  # each ghosted once by the master, then run again
+        done = wait_job(kq, job.id, timeout=15)
+        assert done.state == "success" and [run["state"] for run in done.runs] == ["ghost", "success"]
+    for job in waiting:  # never started before the kill: run once
+        done = wait_job(kq, job.id, timeout=15)
+        assert done.state == "success" and [run["state"] for run in done.runs] == ["success"]
