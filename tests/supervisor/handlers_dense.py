@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from typing import Any
 
@@ -35,6 +36,8 @@ async def async_handler(job: Any, data: dict[str, Any]) -> Any:
                 await asyncio.sleep(0.01)
         if data.get("sleep"):
             await asyncio.sleep(data["sleep"])
+        if data.get("block"):  # blocks the loop: no cancellation can land
+            time.sleep(data["block"])
         if "raise" in data:
             raise ValueError(data["raise"])
     except asyncio.CancelledError:
@@ -63,11 +66,33 @@ def sync_handler(job: Any, data: dict[str, Any]) -> Any:
     return os.getpid()
 
 
+def callback_handler(job: Any, data: dict[str, Any], cb: Any) -> None:
+    """Reports from a thread of its own, a moment later."""
+    def report() -> None:
+        time.sleep(data.get("sleep", 0.01))
+        cb(data.get("err"))
+    threading.Thread(target=report).start()
+
+
+def promise_handler(job: Any, data: dict[str, Any]) -> Any:
+    """A plain function that returns a coroutine: it runs as a task, so it can be cancelled."""
+    async def later() -> Any:
+        try:
+            await asyncio.sleep(data.get("sleep", 0.01))
+        except asyncio.CancelledError:
+            _record(data, "cancelled", job)
+            raise
+        return {"promised": job.id}
+    return later()
+
+
 #: (names, concurrent_jobs, jobs_per_worker, handler)
 LAYOUT: list[tuple[list[str], int, int, Any]] = [
     (["dense.async"], 1, SLOTS, async_handler),
     (["dense.sync"], 1, SLOTS, sync_handler),
     (["one.sync"], 1, 1, sync_handler),
+    (["dense.callback"], 1, 2, callback_handler),
+    (["dense.promise"], 1, 2, promise_handler),
 ]
 WORKERS = sum(n for _, n, _, _ in LAYOUT)
 

@@ -205,3 +205,39 @@ def test_a_dense_worker_killed_with_jobs_in_flight_loses_none_and_reruns_only_th
     for job in waiting:  # never started before the kill: run once
         done = wait_job(kq, job.id, timeout=15)
         assert done.state == "success" and [run["state"] for run in done.runs] == ["success"]
+
+
+def test_an_async_job_that_blocks_the_loop_past_its_deadline_gets_its_worker_killed(dense, kq):
+    pid = worker_pid(dense, "dense.async")
+    options = {"ghost_retry": False}
+    late = kq.create("dense.async", {"block": 30}, {**options, "process_timeout": 0.5})
+    other = kq.create("dense.async", {"sleep": 30}, options)
+    assert wait_job(kq, late.id).last_error == TIMED_OUT  # the cancellation could not land
+    assert wait_job(kq, other.id).last_error == f"worker killed: job {late.id} passed its deadline"
+    wait_until(lambda: worker_pid(dense, "dense.async") != pid, message="a fresh worker")
+
+
+def test_one_jobs_failure_does_not_disturb_the_others(dense, kq, redis_url, namespace):
+    barrier = side_key(namespace, "barrier")
+    data = {"redis": redis_url, "key": barrier, "parties": 4}
+    jobs = [kq.create(name, {**data, "raise": "no"} if i == 0 else data)
+            for name in ("dense.async", "dense.sync") for i in range(4)]
+    done = [wait_job(kq, job.id) for job in jobs]
+    assert [job.state for job in done] == ["fail", "success", "success", "success"] * 2
+    assert done[0].last_error == done[4].last_error == "ValueError: no"
+
+
+def test_callback_and_promise_handlers_in_dense_workers(dense, kq, redis_url, namespace):
+    ok = [kq.create("dense.callback", {"sleep": 0.2}) for _ in range(2)]
+    failed = kq.create("dense.callback", {"err": "bad"})
+    promised = [kq.create("dense.promise", {"sleep": 0.2}) for _ in range(2)]
+    assert [wait_job(kq, job.id).state for job in ok] == ["success", "success"]
+    assert wait_job(kq, failed.id).last_error == "bad"
+    assert [wait_job(kq, job.id).result for job in promised] == [{"promised": job.id} for job in promised]
+    # A promise is a task: cancelled at its deadline, not left to the master.
+    log = side_key(namespace, "log")
+    late = kq.create("dense.promise", {"redis": redis_url, "log": log, "sleep": 30},
+                     {"process_timeout": 0.3, "ghost_retry": False})
+    assert wait_job(kq, late.id).last_error == TIMED_OUT
+    assert ("cancelled", late.id) in [(what, job_id) for what, job_id, _, _ in events(kq, log)]
+    assert "killing" not in dense.log()
