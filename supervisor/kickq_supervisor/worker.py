@@ -376,7 +376,10 @@ class Feed:
         if self.conn is None:
             self.conn = checkout(self.client.connection_pool)
             self.conn.send_command("CLIENT", "ID")
-            self.conn_id = int(self.conn.read_response())
+            try:
+                self.conn_id = int(self.conn.read_response())
+            except redis.exceptions.ResponseError:  # not allowed (an ACL): a stop waits for the timeout
+                self.conn_id = None
         self.blocking = True
         try:
             if self.closing:

@@ -99,7 +99,7 @@ class FinishedRun(NamedTuple):
     """A run's outcome, until Redis has ended the run."""
     job_id: str
     token: str
-    outcome: str  # success | fail
+    outcome: str  # success | fail | ghost (a dense worker cancelled it at its deadline)
     payload: str
     run_ms: int
     ended_at: float  # clock time
