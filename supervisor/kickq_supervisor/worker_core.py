@@ -954,9 +954,10 @@ class WorkerCore:
             yield ReturnToken(woke)
         if not dones:
             return
-        # The journal only while jobs are in hand: a claim that ends it follows soon. Registered
-        # (no claim until the renewal) or leaving (none at all), the outcomes go in a call now.
-        if not self._leaving() and (self.registered or self._needs_claim()):
+        # The journal only while jobs are in hand: a claim that ends it follows soon (after they
+        # start: they need not wait for its reply). Registered (no claim until the renewal) or
+        # leaving (none at all), the outcomes go in a call now.
+        if not self._leaving() and not self.hand and (self.registered or self._needs_claim()):
             yield from self._claim(dones)
         elif self._leaving() or self.unsaved or self.give_back or any(d.urgent for d in dones):
             yield from self._send_now(dones)
