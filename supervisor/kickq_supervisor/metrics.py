@@ -123,7 +123,8 @@ class Metrics:
             ["namespace", "name"], buckets=PROCESSING_BUCKETS, registry=r)
         self.ghosts = prometheus_client.Counter(
             "kickq_ghosts", "Runs ghosted by this supervisor, by reason: timeout (past process_timeout), "
-            "worker_killed (another job of its worker passed its deadline), worker_died, quick_stop", ["namespace", "name", "reason"], registry=r)
+            "worker_killed (another job of its worker passed its deadline), worker_died, quick_stop",
+            ["namespace", "name", "reason"], registry=r)
         self.restarts = prometheus_client.Counter(
             "kickq_worker_restarts", "Workers replaced, by reason: timeout (killed at a job's "
             "process_timeout), crash (died or exited non-zero), retired (max jobs or memory)",
