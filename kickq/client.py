@@ -530,7 +530,10 @@ class Kickq:
                 handler: Callable[..., Any] | None = None) -> Any:
         """Register `handler` for `names` (priority order). Without a handler, returns a decorator.
 
-        options: {"concurrent_jobs": N} (alias concurrentJobs): N worker processes for these names.
+        options: {"concurrent_jobs": N} (alias concurrentJobs): N worker processes for these names;
+        {"jobs_per_worker": M} (alias jobsPerWorker, default 1): each runs up to M jobs at once, an
+        `async def` handler as tasks on the worker's event loop, any other in a pool of M threads
+        (docs/supervisor.md says when to choose it).
         """
         if handler is None and callable(options):
             handler, options = options, None
@@ -541,7 +544,7 @@ class Kickq:
             if not callable(func):
                 raise TypeError("process() needs a callable handler")
             registry.register(registry.Registration(job_names, opts["concurrent_jobs"], func,
-                                                    dict(self._overrides)))
+                                                    dict(self._overrides), opts["jobs_per_worker"]))
             return func
 
         if handler is None:

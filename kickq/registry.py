@@ -9,16 +9,25 @@ from .config import snake_case
 from .errors import ConfigError
 from .keys import validate_name
 
-PROCESS_OPTIONS = {"concurrent_jobs"}
+#: Each: (default, largest value). jobs_per_worker's bound keeps one worker's threads or tasks, and
+#: the jobs a kill of it re-runs, within reason.
+PROCESS_OPTIONS = {"concurrent_jobs": (1, 10_000), "jobs_per_worker": (1, 1_000)}
 
 
 @dataclass(frozen=True)
 class Registration:
-    """`names` in priority order, served by `concurrent_jobs` worker processes running `handler`."""
+    """`names` in priority order, served by `concurrent_jobs` worker processes running `handler`,
+    each running up to `jobs_per_worker` jobs at once."""
     names: tuple[str, ...]
     concurrent_jobs: int
     handler: Callable[..., Any]
     overrides: Mapping[str, Any]  # the registering client's config overrides (namespace, Redis, ...)
+    jobs_per_worker: int = 1
+
+    @property
+    def slots(self) -> int:
+        """Jobs this registration can run at once."""
+        return self.concurrent_jobs * self.jobs_per_worker
 
 
 _lock = threading.Lock()
@@ -39,13 +48,14 @@ def normalise_names(names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]
 
 
 def normalise_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"concurrent_jobs": 1}
+    out: dict[str, Any] = {key: default for key, (default, _) in PROCESS_OPTIONS.items()}
     for raw_key, value in (options or {}).items():
         key = snake_case(raw_key)
         if key not in PROCESS_OPTIONS:
-            raise ConfigError(f"unknown process option {raw_key!r}; known: concurrent_jobs")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"concurrent_jobs must be an int >= 1, got {value!r}")
+            raise ConfigError(f"unknown process option {raw_key!r}; known: {', '.join(PROCESS_OPTIONS)}")
+        largest = PROCESS_OPTIONS[key][1]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= largest:
+            raise ConfigError(f"{key} must be an int from 1 to {largest}, got {value!r}")
         out[key] = value
     return out
 

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from kickq_supervisor.arbiter import QUICK_STOP, TIMED_OUT, Arbiter, Slot
+from kickq_supervisor.arbiter import BLAST, QUICK_STOP, TIMED_OUT, Arbiter, Slot
 
 
 def token(attempt: int) -> str:
@@ -44,7 +44,7 @@ class FakeOps:
 
 
 class Harness:
-    def __init__(self, slots: int = 2, reaper: bool = True, kill_grace: float = 0.3) -> None:
+    def __init__(self, slots: int = 2, reaper: bool = True, kill_grace: float = 0.3, jobs: int = 1) -> None:
         self.ops = FakeOps()
         self.next_pid = 1000
         self.lost: list[tuple[int, str, str, str]] = []
@@ -53,7 +53,7 @@ class Harness:
         self.arbiter = Arbiter(
             [0] * slots, self.ops, self.spawn_worker, [self.spawn_reaper] if reaper else [],
             lost_job=lambda slot, job_id, token, error: self.lost.append((slot.number, job_id, token, error)),
-            kill_grace=kill_grace, close_fd=self.closed.append)
+            kill_grace=kill_grace, close_fd=self.closed.append, spec_jobs=[jobs])
 
     def spawn_worker(self, slot: Slot) -> tuple[int, int]:
         self.next_pid += 1
@@ -162,10 +162,10 @@ def test_death_after_the_handler_returned_is_ghosted_in_case_the_outcome_was_not
 def test_messages_split_across_reads_are_reassembled(h):
     slot = h.arbiter.slots[0]
     h.arbiter.on_data(slot, f"S 12 {token(1)} ".encode())
-    assert slot.run is None
+    assert slot.runs == {}
     h.arbiter.on_data(slot, f"{h.ops.now:.6f} 2.5\nF 1".encode())
-    assert slot.run is not None and slot.run.job_id == "12" and slot.run.deadline == h.ops.now + 2.5
-    assert not slot.run.handler_returned
+    run = slot.runs["12"]
+    assert list(slot.runs) == ["12"] and run.deadline == h.ops.now + 2.5 and not run.handler_returned
 
 
 def test_a_worker_dying_young_again_and_again_is_respawned_with_growing_backoff(h):
@@ -410,3 +410,76 @@ def test_a_death_after_the_handler_returned_also_ghosts_the_chained_claim(h):
     h.arbiter.on_data(slot, b"F 4\n")
     h.die(slot.pid, signalled(signal.SIGKILL))
     assert h.lost and h.lost[0][1] == "4" and claims == [1]
+
+
+# --- dense workers (jobs_per_worker > 1) --------------------------------------------------------------
+
+@pytest.fixture
+def dense() -> Harness:
+    harness = Harness(slots=1, reaper=False, jobs=8)
+    harness.arbiter.tick()
+    return harness
+
+
+def test_a_dense_worker_gets_the_kill_grace_to_cancel_a_job_itself(dense):
+    slot = dense.arbiter.slots[0]
+    assert slot.jobs == 8
+    dense.start(slot, "1", timeout=1.0)
+    dense.start(slot, "2", timeout=5.0)
+    dense.ops.now += 1.0  # job 1's deadline: the worker cancels its task now
+    dense.arbiter.tick()
+    assert dense.ops.sent == []
+    assert dense.arbiter.next_wakeup() == pytest.approx(0.3)
+    dense.arbiter.on_data(slot, b'F 1 ghost 1.000000 "processing timed out"\n')
+    dense.ops.now += 0.3
+    dense.arbiter.tick()
+    assert dense.ops.sent == [] and slot.unsaved["1"][:3] == (token(1), "ghost", TIMED_OUT)
+    assert [r.job_id for r in slot.running()] == ["2"]
+
+
+def test_a_dense_worker_whose_job_ignores_its_deadline_is_killed_and_every_job_in_it_ghosted(dense):
+    slot = dense.arbiter.slots[0]
+    pid = slot.pid
+    for job_id, timeout in (("1", 1.0), ("2", 5.0), ("3", 5.0), ("4", 5.0)):
+        dense.start(slot, job_id, run=f"1:{job_id}", timeout=timeout)
+    dense.arbiter.on_data(slot, b'F 4 success 0.010000 ""\n')  # returned, its outcome retained
+    dense.ops.now += 1.0 + 0.29
+    dense.arbiter.tick()
+    assert dense.ops.sent == []  # not before the deadline and the grace
+    dense.ops.now += 0.01
+    dense.arbiter.tick()
+    assert dense.ops.sent == [("group", pid, signal.SIGTERM)]
+    dense.ops.now += 0.3
+    dense.arbiter.tick()
+    assert dense.ops.sent[-1] == ("group", pid, signal.SIGKILL)
+    dense.die(pid, signalled(signal.SIGKILL))
+    assert sorted(dense.lost) == [(1, "1", "1:1", TIMED_OUT), (1, "2", "1:2", BLAST.format("1")),
+                                  (1, "3", "1:3", BLAST.format("1"))]
+    assert BLAST.format("1") == "worker killed: job 1 passed its deadline"
+
+
+def test_a_quick_stop_ghosts_every_job_of_a_dense_worker(dense):
+    slot = dense.arbiter.slots[0]
+    dense.start(slot, "1")
+    dense.start(slot, "2")
+    dense.arbiter.handle_quit()
+    dense.die(slot.pid, signalled(signal.SIGKILL))
+    assert sorted(dense.lost) == [(1, "1", token(1), QUICK_STOP), (1, "2", token(1), QUICK_STOP)]
+
+
+def test_a_dense_worker_that_dies_ghosts_each_job_it_was_running(dense):
+    slot = dense.arbiter.slots[0]
+    dense.start(slot, "1")
+    dense.start(slot, "2")
+    dense.arbiter.on_data(slot, b'F 1 fail 0.100000 "boom"\n')
+    dense.die(slot.pid, signalled(signal.SIGSEGV))
+    assert [lost[1] for lost in dense.lost] == ["2"] and "worker died" in dense.lost[0][3]
+
+
+def test_a_one_job_worker_is_still_killed_at_the_deadline_itself(h):
+    slot = h.arbiter.slots[0]
+    assert slot.jobs == 1
+    h.start(slot, "1", timeout=1.0)
+    h.ops.now += 1.0
+    h.arbiter.tick()
+    assert ("group", slot.pid, signal.SIGTERM) in h.ops.sent

@@ -762,9 +762,13 @@ def test_process_with_a_str_or_a_list_of_names(kq, r, namespace):
     kq.process(["b", "c"], {"concurrentJobs": 3}, handler)
     kq.process("d", {"concurrent_jobs": 2}, handler)
     kq.process("e", handler)  # handler in the options slot
+    kq.process("f", {"concurrent_jobs": 2, "jobsPerWorker": 8}, handler)
     regs = {reg.names: reg for reg in registry.registrations()}
-    assert set(regs) == {("a",), ("b", "c"), ("d",), ("e",)}
-    assert [regs[n].concurrent_jobs for n in [("a",), ("b", "c"), ("d",), ("e",)]] == [1, 3, 2, 1]
+    assert set(regs) == {("a",), ("b", "c"), ("d",), ("e",), ("f",)}
+    names = [("a",), ("b", "c"), ("d",), ("e",), ("f",)]
+    assert [regs[n].concurrent_jobs for n in names] == [1, 3, 2, 1, 2]
+    assert [regs[n].jobs_per_worker for n in names] == [1, 1, 1, 1, 8]
+    assert regs[("f",)].slots == 16
     assert all(reg.handler is handler for reg in regs.values())
     assert snapshot(r, namespace) == {}  # registration touches no Redis
 
@@ -789,6 +793,9 @@ def test_process_as_a_decorator(kq):
     (("a", {"concurrent_jobs": 0}, handler), kickq.ConfigError),
     (("a", {"concurrent_jobs": 1.5}, handler), kickq.ConfigError),
     (("a", {"concurrent_jobs": True}, handler), kickq.ConfigError),
+    (("a", {"jobs_per_worker": 0}, handler), kickq.ConfigError),
+    (("a", {"jobs_per_worker": 1001}, handler), kickq.ConfigError),
+    (("a", {"jobs_per_worker": "8"}, handler), kickq.ConfigError),
     (("a", None, "not callable"), TypeError),
     ((5, None, handler), TypeError),
     (([5], None, handler), TypeError),

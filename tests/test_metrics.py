@@ -195,6 +195,8 @@ def test_metrics_over_http(supervisor, kq, namespace):
     wait_until(lambda: len(sup.titled("worker")) == WORKERS, timeout=10)
     s = sup.scrape()
     assert value(s, "kickq_workers", state="idle") + value(s, "kickq_workers", state="busy") == WORKERS
+    # one job each (jobs_per_worker 1): as many job slots as workers
+    assert value(s, "kickq_job_slots", state="free") + value(s, "kickq_job_slots", state="busy") == WORKERS
 
     # The reaper killed: started again, and counted.
     sup.titled("reaper")[0].kill()

@@ -21,6 +21,7 @@ from .osapi import describe_exit
 log = logging.getLogger("kickq.master")
 
 TIMED_OUT = "processing timed out"
+BLAST = "worker killed: job {} passed its deadline"  # the other jobs of a dense worker killed at a deadline
 QUICK_STOP = "supervisor stopped quickly (second INT) while the job ran"
 OUTCOME_LOST = "worker died while saving the outcome"
 POLL_INTERVAL = 0.01  # how often the master reads the workers' pipes while any worker runs
@@ -48,14 +49,19 @@ class Run:
 
 @dataclass
 class Slot:
+    """One worker process of the pool, running up to `jobs` jobs at once (jobs_per_worker)."""
     number: int  # 1-based, shown in titles and logs
     spec: int  # index of the registration it serves
+    jobs: int = 1
     pid: int | None = None
     fd: int | None = None
-    run: Run | None = None
+    # The runs the worker told of (S), by job id, in start order: those still in a handler, and the
+    # last ones whose handler returned (kept until the next start, for the outcome they may still save).
+    runs: dict[str, Run] = field(default_factory=dict)
     term_at: float | None = None
     kill_sent: bool = False
     kill_reason: str = ""
+    kill_job: str = ""  # the job whose deadline got the worker killed
     spawned_at: float = 0.0
     claimer: str = ""  # the worker's claim record id (see claim in lua/_lib_claim.lua)
     failures: int = 0  # consecutive early deaths
@@ -65,6 +71,20 @@ class Slot:
     # saves in batches): job id -> (token, outcome, payload, seconds, reported at). The most recent
     # UNSAVED_KEPT only: a worker saves them within a batch, and saving twice is token-checked.
     unsaved: dict[str, tuple[str, str, str, float, float]] = field(default_factory=dict)
+
+    def running(self) -> list[Run]:
+        """The runs in a handler now."""
+        return [run for run in self.runs.values() if not run.handler_returned]
+
+    def deadline(self, grace: float) -> tuple[float, Run] | None:
+        """When the master kills this worker for a deadline, and for which run: at the deadline for a
+        one-job worker; a dense worker cancels an async job itself at its deadline, so the master
+        waits `grace` more (a thread, or a loop that blocks, cannot be cancelled)."""
+        running = self.running()
+        if not running:
+            return None
+        run = min(running, key=lambda r: r.deadline)
+        return run.deadline + (grace if self.jobs > 1 else 0.0), run
 
 
 UNSAVED_KEPT = 64
@@ -89,7 +109,7 @@ class Arbiter:
     blocking, that the handler modules still import, and returns something whose `poll()` gives
     None (still checking) or the answer."""
 
-    slot_specs: Sequence[int]
+    slot_specs: Sequence[int]  # per worker process: the index of the registration it serves
     ops: Ops
     spawn_worker: Callable[[Slot], tuple[int, int | None]]
     spawn_reapers: Sequence[Callable[[], int]]
@@ -103,6 +123,7 @@ class Arbiter:
     # observe(kind, slot, **fields): what the metrics count ("run", "ghost", "restart",
     # "reaper_restart"). It must not block: the metrics thread does the work (see metrics.py).
     observe: Callable[..., None] | None = None
+    spec_jobs: Sequence[int] = ()  # jobs_per_worker of each registration (default 1)
     slots: list[Slot] = field(default_factory=list)
     reapers: list[ReaperProc] = field(default_factory=list)
     # Process groups of workers that died of the TERM before their KILL was due: the rest of the
@@ -115,7 +136,8 @@ class Arbiter:
 
     def __post_init__(self) -> None:
         if not self.slots:
-            self.slots = [Slot(number=i + 1, spec=spec) for i, spec in enumerate(self.slot_specs)]
+            self.slots = [Slot(number=i + 1, spec=spec, jobs=self.spec_jobs[spec] if self.spec_jobs else 1)
+                          for i, spec in enumerate(self.slot_specs)]
         if not self.reapers:
             self.reapers = [ReaperProc(spawn) for spawn in self.spawn_reapers]
 
@@ -178,7 +200,7 @@ class Arbiter:
         self.reload_requested = False
         for slot in self.slots:
             if slot.pid is not None:
-                if slot.run is not None and not slot.kill_reason:
+                if slot.running() and not slot.kill_reason:
                     slot.kill_reason = QUICK_STOP
                 self.ops.kill_group(slot.pid, signal.SIGKILL)
                 slot.kill_sent = True
@@ -200,15 +222,19 @@ class Arbiter:
     def on_message(self, slot: Slot, line: str) -> None:
         message = messages.decode(line)
         if isinstance(message, messages.Started):
-            slot.run = Run(message.job_id, message.token, message.started + message.timeout,
-                           name=message.name, started=message.started)
-        elif isinstance(message, messages.Finished) and slot.run is not None \
-                and slot.run.job_id == message.job_id:
-            run = slot.run
+            for job_id in [r.job_id for r in slot.runs.values() if r.handler_returned]:
+                del slot.runs[job_id]  # its outcome, if retained, waits in slot.unsaved
+            slot.runs[message.job_id] = Run(message.job_id, message.token, message.started + message.timeout,
+                                            name=message.name, started=message.started)
+        elif isinstance(message, messages.Finished) and message.job_id in slot.runs:
+            run = slot.runs[message.job_id]
             run.handler_returned = True
             if message.outcome is None or message.seconds is None:
                 return
-            self._observe("run", slot, name=run.name, outcome=message.outcome, seconds=message.seconds)
+            if message.outcome == "ghost":  # a dense worker cancelled the job at its deadline
+                self._observe("ghost", slot, name=run.name, reason="timeout")
+            else:
+                self._observe("run", slot, name=run.name, outcome=message.outcome, seconds=message.seconds)
             if message.payload is None:
                 # Its outcome was too big for the pipe and leaves in the worker's next call. Should the
                 # worker die before Redis has it, the run is ghosted, not taken for one that never began:
@@ -248,23 +274,22 @@ class Arbiter:
         if self.drain is not None and slot.fd is not None:
             self.drain(slot)
         clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        run = slot.run
         exit_text = describe_exit(status, hint=False)
-        if run is not None and not run.handler_returned:
-            error = slot.kill_reason or f"worker died: {exit_text}"
+        told = False
+        for run in slot.runs.values():
+            if not run.handler_returned:
+                error, reason = self._why_lost(slot, run, exit_text)
+            elif not run.retained and not clean:
+                # Its outcome was too big to come with the F message, and the worker died saving it.
+                error, reason = f"{OUTCOME_LOST}: {exit_text}", "worker_died"
+            else:
+                continue
             log.warning("worker %d (pid %d) %s during job %s: %s", slot.number, pid,
                         describe_exit(status), run.job_id, error)
+            told = True
             self.lost_job(slot, run.job_id, run.token, error)
-            reason = {TIMED_OUT: "timeout", QUICK_STOP: "quick_stop"}.get(slot.kill_reason, "worker_died")
             self._observe("ghost", slot, name=run.name, reason=reason)
-        elif run is not None and not run.retained and not clean:
-            # Its outcome was too big to come with the F message, and the worker died saving it.
-            error = f"{OUTCOME_LOST}: {exit_text}"
-            log.warning("worker %d (pid %d) %s during job %s: %s", slot.number, pid,
-                        describe_exit(status), run.job_id, error)
-            self.lost_job(slot, run.job_id, run.token, error)
-            self._observe("ghost", slot, name=run.name, reason="worker_died")
-        elif not clean:
+        if not clean and not told:
             log.warning("worker %d (pid %d) %s", slot.number, pid, describe_exit(status))
         if self.lost_claim is not None:
             # Whatever it held and had not settled: outcomes it reported but may not have saved
@@ -273,7 +298,7 @@ class Arbiter:
             self.lost_claim(slot, "worker died right after claiming the job: " + exit_text)
         # Only a worker that dies young *between* jobs is crash-looping; deaths during a job are
         # the job's doing, and its ghost_count already bounds how often it can do that.
-        young = now - slot.spawned_at < CRASH_WINDOW and not clean and run is None
+        young = now - slot.spawned_at < CRASH_WINDOW and not clean and not slot.runs
         slot.failures = slot.failures + 1 if young else 0
         slot.respawn_at = now + _backoff(slot.failures)
         if not self.stopping:
@@ -283,9 +308,20 @@ class Arbiter:
             self.pending_kills[pid] = slot.term_at + self.kill_grace
         if slot.fd is not None:
             self.close_fd(slot.fd)
-        slot.pid = slot.fd = slot.run = slot.term_at = None
-        slot.kill_sent, slot.kill_reason, slot.buffer = False, "", b""
-        slot.unsaved = {}
+        slot.pid = slot.fd = slot.term_at = None
+        slot.kill_sent, slot.kill_reason, slot.kill_job, slot.buffer = False, "", "", b""
+        slot.runs, slot.unsaved = {}, {}
+
+    @staticmethod
+    def _why_lost(slot: Slot, run: Run, exit_text: str) -> tuple[str, str]:
+        """The ghost's error and the metrics reason of a run its worker's end cut short."""
+        if slot.kill_reason == TIMED_OUT:
+            if run.job_id == slot.kill_job:
+                return TIMED_OUT, "timeout"
+            return BLAST.format(slot.kill_job), "worker_killed"
+        if slot.kill_reason == QUICK_STOP:
+            return QUICK_STOP, "quick_stop"
+        return slot.kill_reason or f"worker died: {exit_text}", "worker_died"
 
     # --- deadlines --------------------------------------------------------------------------------------
 
@@ -298,12 +334,14 @@ class Arbiter:
         for slot in self.slots:
             if slot.pid is None:
                 continue
-            run = slot.run
-            if (run is not None and not run.handler_returned and slot.term_at is None
-                    and now >= run.deadline):
-                log.warning("worker %d (pid %d): job %s passed its process_timeout by %.3fs; killing it",
-                            slot.number, slot.pid, run.job_id, now - run.deadline)
-                slot.kill_reason = TIMED_OUT
+            due = slot.deadline(self.kill_grace) if slot.term_at is None else None
+            if due is not None and now >= due[0]:
+                run = due[1]
+                others = len(slot.running()) - 1
+                log.warning("worker %d (pid %d): job %s passed its process_timeout by %.3fs; killing it%s",
+                            slot.number, slot.pid, run.job_id, now - run.deadline,
+                            f" and the {others} other job(s) it runs (ghosted)" if others else "")
+                slot.kill_reason, slot.kill_job = TIMED_OUT, run.job_id
                 slot.term_at = now
                 self.ops.kill_group(slot.pid, signal.SIGTERM)
             if slot.term_at is not None and not slot.kill_sent and now >= slot.term_at + self.kill_grace:
@@ -319,8 +357,9 @@ class Arbiter:
                 if not self.stopping:
                     times.append(slot.respawn_at)
                 continue
-            if slot.run is not None and not slot.run.handler_returned and slot.term_at is None:
-                times.append(slot.run.deadline)
+            due = slot.deadline(self.kill_grace) if slot.term_at is None else None
+            if due is not None:
+                times.append(due[0])
             if slot.term_at is not None and not slot.kill_sent:
                 times.append(slot.term_at + self.kill_grace)
         if not self.stopping:

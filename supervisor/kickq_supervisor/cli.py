@@ -227,8 +227,8 @@ def run_master(args: argparse.Namespace, registrations: list[registry.Registrati
 
     def lost_job(slot: Slot, job_id: str, token: str, error: str) -> None:
         settings = per_registration[slot.spec]
-        run = slot.run
-        started = run.started if run is not None and run.job_id == job_id and run.started else None
+        run = slot.runs.get(job_id)
+        started = run.started if run is not None and run.started else None
         ghosters[client_scope(settings)].submit(settings["redis_namespace"], job_id, token, error,
                                                 slot.claimer, started)
 
@@ -253,7 +253,8 @@ def run_master(args: argparse.Namespace, registrations: list[registry.Registrati
         pid = ops.spawn(target)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
-        log.info("worker %d (pid %d) serving %s", slot.number, pid, ", ".join(registration.names))
+        log.info("worker %d (pid %d) serving %s%s", slot.number, pid, ", ".join(registration.names),
+                 f" ({slot.jobs} jobs at once)" if slot.jobs > 1 else "")
         return pid, read_fd
 
     def reaper_spawner(settings: dict[str, Any], served: list[str]) -> Callable[[], int]:
@@ -276,6 +277,7 @@ def run_master(args: argparse.Namespace, registrations: list[registry.Registrati
                                                for settings, served in by_redis.values()]
 
     slot_specs = [index for index, reg in enumerate(registrations) for _ in range(reg.concurrent_jobs)]
+    spec_jobs = [reg.jobs_per_worker for reg in registrations]
     exporter = None
     if args.metrics_port is not None:
         from .metrics import MetricsError, start_metrics
@@ -287,11 +289,12 @@ def run_master(args: argparse.Namespace, registrations: list[registry.Registrati
     arbiter = Arbiter(slot_specs, ops, spawn_worker, spawn_reapers,
                       lost_job=lost_job, lost_claim=lost_claim, kill_grace=args.kill_grace,
                       start_reload_check=lambda: ImportCheck(args.modules),
-                      observe=exporter.observe if exporter else None)
+                      observe=exporter.observe if exporter else None, spec_jobs=spec_jobs)
     if exporter:
         exporter.watch(arbiter.slots)
-    log.info("kickq-supervisor %s: %d worker(s) for %s on %s", kickq.__version__, len(slot_specs),
-             ", ".join(namespaces), ", ".join(by_redis))
+    slots = sum(reg.slots for reg in registrations)
+    log.info("kickq-supervisor %s: %d worker(s), %d job slot(s) for %s on %s", kickq.__version__,
+             len(slot_specs), slots, ", ".join(namespaces), ", ".join(by_redis))
     code = MasterLoop(arbiter).run()
     for ghoster in ghosters.values():
         ghoster.flush(timeout=2.0)

@@ -2,12 +2,15 @@
 
     S <job id> <attempt token> <start, monotonic s> <process_timeout s> <job name>
     F <job id> [<success|fail> <run seconds> [<outcome payload as a JSON string>]]
+    F <job id> ghost <run seconds> "<reason>"
 
 S: a run starts now; the master's deadline for it is start + process_timeout (monotonic clocks
 are shared by every process of a host). The name goes last because it may hold spaces.
 F: the handler returned. With the outcome, the master counts the run (metrics); with the payload
 (short ones only: RETAINED_PAYLOAD in worker_core.py), it can save the outcome itself should the
-worker die before Redis has it. Job ids and tokens never hold spaces (Redis INCR; "attempt:create time").
+worker die before Redis has it. A dense worker (jobs_per_worker > 1) that ended a run itself as a
+ghost (it cancelled the job at its process_timeout) says so with the outcome "ghost" and the reason
+as the payload. Job ids and tokens never hold spaces (Redis INCR; "attempt:create time").
 """
 from __future__ import annotations
 
@@ -25,9 +28,9 @@ class Started(NamedTuple):
 
 class Finished(NamedTuple):
     job_id: str
-    outcome: str | None = None  # success | fail
+    outcome: str | None = None  # success | fail | ghost
     seconds: float | None = None  # the handler's run time
-    payload: str | None = None  # the result JSON or the error text, when short enough to retain
+    payload: str | None = None  # the result JSON or the error text (a ghost's reason), when short enough
 
 
 Message = Union[Started, Finished]

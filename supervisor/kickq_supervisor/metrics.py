@@ -123,7 +123,8 @@ class Metrics:
             ["namespace", "name"], buckets=PROCESSING_BUCKETS, registry=r)
         self.ghosts = prometheus_client.Counter(
             "kickq_ghosts", "Runs ghosted by this supervisor, by reason: timeout (past process_timeout), "
-            "worker_died, quick_stop", ["namespace", "name", "reason"], registry=r)
+            "worker_killed (another job of its worker passed its deadline), worker_died, quick_stop",
+            ["namespace", "name", "reason"], registry=r)
         self.restarts = prometheus_client.Counter(
             "kickq_worker_restarts", "Workers replaced, by reason: timeout (killed at a job's "
             "process_timeout), crash (died or exited non-zero), retired (max jobs or memory)",
@@ -198,25 +199,30 @@ class Metrics:
 
 
 class _WorkerCollector:
-    """kickq_workers{state}: this supervisor's worker processes, busy (in a handler) or idle."""
+    """kickq_workers{state}: this supervisor's worker processes, busy (a handler running) or idle; and
+    kickq_job_slots{state}: the jobs they can run at once (jobs_per_worker each), busy or free."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Any]:
         family = GaugeMetricFamily("kickq_workers", "Worker processes of this supervisor", labels=["state"])
-        busy = idle = 0
+        slots = GaugeMetricFamily("kickq_job_slots", "Jobs this supervisor's workers can run at once",
+                                  labels=["state"])
+        busy = idle = busy_slots = free_slots = 0
         for slot in list(self.metrics.slots):
             if slot.pid is None:
                 continue
-            run = slot.run
-            if run is not None and not run.handler_returned:
-                busy += 1
-            else:
-                idle += 1
+            running = len(slot.running())
+            busy, idle = (busy + 1, idle) if running else (busy, idle + 1)
+            busy_slots += running
+            free_slots += max(0, slot.jobs - running)
         family.add_metric(["busy"], busy)
         family.add_metric(["idle"], idle)
+        slots.add_metric(["busy"], busy_slots)
+        slots.add_metric(["free"], free_slots)
         yield family
+        yield slots
 
 
 def start_metrics(port: int, per_registration: Sequence[Mapping[str, Any]]) -> Metrics:

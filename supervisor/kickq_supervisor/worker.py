@@ -7,11 +7,17 @@ handler, and sends each result back into the core. It does nothing else.
 Signals: TERM kills (default action, also for the job's own children through the process group);
 USR1 asks for a graceful stop after the current job. The handler only notes the request (and leaves
 a blocking wait at once); the loop hands it to the core before its next command.
+
+A dense worker (jobs_per_worker > 1, `DenseIO`) runs its jobs in `runner.Slots` and waits on one
+queue of events: runs that ended (put by the threads that end them) and work that arrived (put by
+its `Feed`, a thread that BLPOPs the inbox and the wake tokens on a connection of its own while the
+core wants work). A stop puts a mark on that queue.
 """
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -21,7 +27,7 @@ from typing import Any, Callable, Mapping
 import redis
 
 from kickq import acks, scripts
-from kickq.connection import connect
+from kickq.connection import checkout, connect
 from kickq.errors import KickqError
 from kickq.job import Job
 from kickq.keys import Keys
@@ -30,9 +36,11 @@ from kickq.registry import Registration
 from . import messages
 from .channel import Channel
 from .osapi import current_rss, die_with_parent, release_free_heap, set_title
-from .runner import Outcome, Runner
+from .runner import Outcome, Runner, Slots
 from .worker_core import (
+    Arrived,
     AwaitEnd,
+    Cancel,
     ClaimOne,
     ClaimRecord,
     Command,
@@ -45,11 +53,14 @@ from .worker_core import (
     Pause,
     ReadClaimRecord,
     Refused,
+    ReturnToken,
     Settle,
     ShowIdle,
     ShrinkHeap,
     Start,
+    TakeArrived,
     Tell,
+    WaitForEvent,
     WaitForWork,
     Woke,
     WorkerCore,
@@ -75,6 +86,7 @@ class StopRequest:
         self.interruptible = False  # in a blocking wait that a stop may cut short
         self.parent = parent  # the master's pid (None: not watched)
         self.orphaned = False
+        self.wake: Callable[[], None] | None = None  # a dense worker's: marks its event queue
 
     def check_parent(self) -> None:
         if self.parent is not None and os.getppid() != self.parent:
@@ -82,6 +94,8 @@ class StopRequest:
 
     def on_signal(self, signum: int, frame: Any) -> None:
         self.requested = True
+        if self.wake is not None:
+            self.wake()
         if self.interruptible:
             raise _Stop()
 
@@ -106,6 +120,13 @@ class Titles:
     def idle(self) -> None:
         self._busy = None
         set_title(f"kickq-supervisor: worker {self.number} [idle]")
+
+    def slots(self, name: str, used: int, total: int) -> None:
+        """A dense worker: how many of its slots run jobs."""
+        if used == 0:
+            self.idle()
+        else:
+            set_title(f"kickq-supervisor: worker {self.number} [{name} {used}/{total} jobs]")
 
     def _refresh(self) -> None:
         while True:
@@ -271,6 +292,238 @@ class WorkerIO:
             self.titles.idle()
 
 
+_WOKEN = object()  # on a dense worker's event queue: a stop was asked
+
+
+class Feed:
+    """Takes work for a dense worker while its core wants some: a thread that BLPOPs the worker's
+    inbox and the wake tokens of its names on a connection of its own, and puts what it takes on
+    the worker's event queue (Arrived). It stops after each arrival until armed again; a wake token
+    it takes when no longer armed goes back to its list."""
+
+    def __init__(self, client: Any, keys: Keys, names: list[str], claimer: str, events: Any,
+                 timeout: float) -> None:
+        self.client = client
+        self.inbox = keys.inbox(claimer)
+        self.wakes = {keys.wake(name): name for name in names}
+        self.lists = [self.inbox, *self.wakes]
+        self.events = events
+        self.timeout = timeout
+        self.armed = threading.Event()
+        self.closing = False
+        self.conn: Any = None
+        self.conn_id: int | None = None
+        self.blocking = False  # in a BLPOP (then conn_id can unblock it)
+        self._thread: threading.Thread | None = None
+
+    def arm(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="kickq-feed", daemon=True)
+            self._thread.start()
+        self.armed.set()
+
+    def disarm(self) -> None:
+        self.armed.clear()
+
+    def stop(self) -> None:
+        """No more BLPOP: the one in progress is cut short (CLIENT UNBLOCK) and waited for."""
+        self.closing = True
+        self.armed.set()
+        thread = self._thread
+        if thread is None:
+            return
+        if self.blocking and self.conn_id is not None:
+            try:
+                self.client.client_unblock(self.conn_id)
+            except redis.exceptions.RedisError:
+                pass  # it ends at its own timeout
+        thread.join(self.timeout + 2.0)
+
+    def _run(self) -> None:
+        pause = 0.05
+        while True:
+            self.armed.wait()
+            if self.closing:
+                break
+            try:
+                got = self._blpop()
+            except (redis.exceptions.RedisError, OSError) as exc:
+                self._drop()
+                if self.closing:
+                    break
+                log.debug("feed: %s; retrying in %.2fs", exc, pause)
+                time.sleep(pause)
+                pause = min(1.0, pause * 2)
+                continue
+            pause = 0.05
+            if got is None:
+                continue
+            key, value = got
+            if key == self.inbox:
+                self.armed.clear()  # before the put: the core arms again once it has the event
+                self.events.put(Arrived(handoff=value))
+            elif self.armed.is_set() and not self.closing:
+                self.armed.clear()
+                self.events.put(Arrived(wake=self.wakes.get(key, key)))
+            else:
+                try:
+                    self.client.rpush(key, value)
+                except redis.exceptions.RedisError:
+                    pass  # the next plain claim mends the tokens
+        self._drop()
+
+    def _blpop(self) -> Any:
+        if self.conn is None:
+            self.conn = checkout(self.client.connection_pool)
+            self.conn.send_command("CLIENT", "ID")
+            try:
+                self.conn_id = int(self.conn.read_response())
+            except redis.exceptions.ResponseError:  # not allowed (an ACL): a stop waits for the timeout
+                self.conn_id = None
+        self.blocking = True
+        try:
+            if self.closing:
+                return None
+            self.conn.send_command("BLPOP", *self.lists, self.timeout)
+            return self.conn.read_response()
+        finally:
+            self.blocking = False
+
+    def _drop(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.disconnect()
+                self.client.connection_pool.release(self.conn)
+            except Exception:  # a pool reset in between; the connection is closed anyway
+                pass
+            self.conn = self.conn_id = None
+
+
+class DenseIO(WorkerIO):
+    """Performs a dense worker's commands: runs go to `Slots`, waits are on one event queue."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, names: list[str], claimer: str,
+                 handler: Callable[..., Any], notify_fd: int, *, slots: int, wait_timeout: float,
+                 titles: Titles | None = None, stop: StopRequest | None = None,
+                 wanted: acks.Acks | None = None) -> None:
+        super().__init__(client, keys, names, claimer, Runner(handler), notify_fd, titles=titles, stop=stop,
+                         wanted=wanted)
+        self.events: queue.SimpleQueue[Any] = queue.SimpleQueue()  # put() may be called from a signal handler
+        self.slots = Slots(handler, slots, self._ended)
+        self.total = slots
+        self.feed = Feed(client, keys, names, claimer, self.events, wait_timeout)
+        self.used = 0  # runs going, for the title
+        self.title_name = names[0] if names else "?"
+        self.stop.wake = self.wake
+        self.handlers.update({
+            Start: self._start, WaitForEvent: self._wait_for_event, WaitForWork: self._wait_for_work,
+            Cancel: self._cancel, ReturnToken: self._return_token, TakeArrived: self._take_arrived,
+        })
+
+    def wake(self) -> None:
+        self.events.put(_WOKEN)
+
+    def _ended(self, job_id: str, outcome: Outcome) -> None:
+        self.events.put(Ended(job_id, outcome))
+
+    def close(self) -> None:
+        self.feed.stop()
+        self.slots.close()
+        super().close()
+
+    def _start(self, command: Start) -> None:  # type: ignore[override]
+        held = command.job
+        fields = held.fields
+        if "run_start" not in fields:  # claimed ahead: its run starts now, as the handler sees it
+            fields = {**fields, "run_start": str(int(time.time() * 1000))}
+        try:
+            job = Job.from_fields(held.job_id, fields)
+        except Exception as exc:  # hostile or corrupt record: fail this job only
+            self._ended(held.job_id, Outcome(False, error=f"cannot decode job {held.job_id}: {exc}"))
+            return None
+        self.used += 1
+        if self.titles is not None:
+            self.titles.slots(self.title_name, self.used, self.total)
+        self.slots.start(held.job_id, job, job.data)
+        return None
+
+    def _wait_for_event(self, command: WaitForEvent) -> list[Any] | Interrupted:
+        if command.want_work:
+            self.feed.arm()
+        else:
+            self.feed.disarm()
+        try:
+            first = self.events.get(timeout=command.timeout) if command.timeout > 0 \
+                else self.events.get_nowait()
+        except queue.Empty:
+            self.stop.check_parent()
+            return []
+        if first is _WOKEN:
+            return Interrupted()
+        got = [first]
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                break
+            if event is not _WOKEN:  # the stop is noted (StopRequest.requested) all the same
+                got.append(event)
+        ended = sum(1 for event in got if isinstance(event, Ended))
+        if ended:
+            self.used -= ended
+            if self.titles is not None:
+                self.titles.slots(self.title_name, self.used, self.total)
+        self.stop.check_parent()
+        return got
+
+    def _wait_for_work(self, command: WaitForWork) -> Woke | Lost | Refused | Interrupted:
+        """Nothing runs: wait for a hand-off or a wake token, taken by the feed."""
+        if self.stop.requested:
+            return Interrupted()
+        self.feed.arm()
+        try:
+            event = self.events.get(timeout=command.timeout)
+        except queue.Empty:
+            return Woke(None, True)
+        finally:
+            self.stop.check_parent()
+        if event is _WOKEN:
+            return Interrupted()
+        if isinstance(event, Arrived):
+            return Woke(event.handoff, False)
+        self.events.put(event)  # not expected with nothing running: kept for the next wait
+        return Woke(None, False)
+
+    def _cancel(self, command: Cancel) -> bool:
+        return self.slots.cancel(command.job_id)
+
+    def _return_token(self, command: ReturnToken) -> None:
+        try:
+            self.client.rpush(self.keys.wake(command.name), "1")
+        except redis.exceptions.RedisError:
+            pass  # the next plain claim mends the tokens
+
+    def _take_arrived(self, command: TakeArrived) -> list[str]:
+        self.feed.stop()
+        handed: list[str] = []
+        kept: list[Any] = []
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(event, Arrived):
+                if event.handoff is not None:
+                    handed.append(event.handoff)
+                if event.wake is not None:
+                    self._return_token(ReturnToken(event.wake))
+            elif event is not _WOKEN:
+                kept.append(event)
+        for event in kept:
+            self.events.put(event)
+        return handed
+
+
 class Worker:
     """A worker process: its signals, its title, its core and the loop that performs the core's
     commands."""
@@ -286,9 +539,11 @@ class Worker:
         self.claimer = claimer or uuid.uuid4().hex
         self.acks = acks.wanted(self.settings)
         wait_timeout = max(0.05, min(1.0, float(settings["redis_timeout"]) / 2))
+        self.slots = registration.jobs_per_worker
+        self.wait_timeout = wait_timeout
         self.core = WorkerCore(number, registration.names, self.keys, self.claimer, clock=time.monotonic,
                                memory=current_rss, prefetch=prefetch, wait_timeout=wait_timeout,
-                               max_jobs=max_jobs, max_memory=max_memory)
+                               max_jobs=max_jobs, max_memory=max_memory, slots=self.slots)
         self.stop = StopRequest(parent=os.getppid())
         self.titles = Titles(number)
 
@@ -303,9 +558,15 @@ class Worker:
     def run(self) -> int:
         self._install_signals()
         self.titles.start()
-        io = WorkerIO(connect(self.settings), self.keys, list(self.registration.names), self.claimer,
-                      Runner(self.registration.handler), self.notify_fd, titles=self.titles, stop=self.stop,
-                      wanted=self.acks)
+        io: WorkerIO
+        if self.slots > 1:
+            io = DenseIO(connect(self.settings), self.keys, list(self.registration.names), self.claimer,
+                         self.registration.handler, self.notify_fd, slots=self.slots,
+                         wait_timeout=self.wait_timeout, titles=self.titles, stop=self.stop, wanted=self.acks)
+        else:
+            io = WorkerIO(connect(self.settings), self.keys, list(self.registration.names), self.claimer,
+                          Runner(self.registration.handler), self.notify_fd, titles=self.titles,
+                          stop=self.stop, wanted=self.acks)
         try:
             drive(self.core, io.handlers, self.stop)
         finally:

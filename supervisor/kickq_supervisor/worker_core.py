@@ -23,9 +23,18 @@ Where a finished run's outcome is, until Redis has ended the run: in hand (`unsa
 call in flight (`Call.runs`), or in the journal (`Journal.ids`: pushed, ended by the next
 finish_many). The master holds short outcomes too (the F message), to save them should the worker die.
 
-The core tracks its running jobs by id (`running`) and starts one at a time; `Start` may come back
-before the run ends (its end then comes by `AwaitEnd`), so that a worker can hold several runs at
-once. The process loop here runs the handler within `Start`, which then brings its end back at once.
+The core tracks its running jobs by id (`running`). With one slot (jobs_per_worker 1) it starts one
+at a time; `Start` may come back before the run ends (its end then comes by `AwaitEnd`); the process
+loop runs the handler within `Start`, which then brings its end back at once.
+
+With several slots (a dense worker, jobs_per_worker > 1) the core keeps up to `slots` runs going:
+`Start` comes back at once, and the core waits for the next event (`WaitForEvent`: runs that ended,
+work that arrived, up to a timeout). It starts jobs from its hand while a slot is free, claims for
+the free slots and about PREFETCH_WINDOW of work ahead for the whole worker, registers for hand-offs
+while a slot is free and nothing is in hand (the process loop then takes inbox entries and wake
+tokens for it), and cancels a run at its process_timeout (an async job: its run ends as a ghost,
+"processing timed out"; a thread job cannot be cancelled, the master kills the worker). Each run's
+end is saved as with one slot: the F message first, then the journal or a finish_many.
 """
 from __future__ import annotations
 
@@ -60,6 +69,8 @@ RETAINED_PAYLOAD = 512
 ANNOUNCED_STALE = 0.005
 #: A run ended less than this ago: jobs are likely waiting, so an empty hand claims at once.
 BUSY_WINDOW = 0.05
+#: Why a dense worker ends a run it cancelled at the job's process_timeout (the master's words too).
+TIMED_OUT = "processing timed out"
 #: A journal's TTL, set at its first push after each finish_many: bounded, should its worker and
 #: supervisor vanish (abandon and recover empty it otherwise).
 JOURNAL_TTL = 86400
@@ -88,7 +99,7 @@ class FinishedRun(NamedTuple):
     """A run's outcome, until Redis has ended the run."""
     job_id: str
     token: str
-    outcome: str  # success | fail
+    outcome: str  # success | fail | ghost (a dense worker cancelled it at its deadline)
     payload: str
     run_ms: int
     ended_at: float  # clock time
@@ -183,8 +194,33 @@ class ShowIdle(NamedTuple):
     """Nothing in hand: the process title says idle. Back: None."""
 
 
+class WaitForEvent(NamedTuple):
+    """A dense worker with runs going: wait up to `timeout` seconds for runs to end or work to arrive.
+    `want_work`: a slot is free and nothing is in hand, so hand-offs and wake tokens are taken for
+    the worker meanwhile. Back: the list of what happened (Ended, Arrived; empty: timed out), or
+    Interrupted (a stop was asked)."""
+    timeout: float
+    want_work: bool
+
+
+class Cancel(NamedTuple):
+    """Cancel a run that passed its deadline. Back: True when it ends by the cancellation (an async
+    job: its end comes as any end), False when it cannot be cancelled (a thread)."""
+    job_id: str
+
+
+class ReturnToken(NamedTuple):
+    """Put back a wake token of `name` that was taken for the worker and not used up. Back: None."""
+    name: str
+
+
+class TakeArrived(NamedTuple):
+    """Leaving: take no more work for the worker. Back: the hand-offs taken for it meanwhile (inbox
+    entries, a list)."""
+
+
 Command = Union[FinishMany, JournalPush, Settle, Tell, Start, AwaitEnd, ClaimOne, WaitForWork, ShrinkHeap,
-                ReadClaimRecord, Pause, ShowIdle]
+                ReadClaimRecord, Pause, ShowIdle, WaitForEvent, Cancel, ReturnToken, TakeArrived]
 
 
 class Lost(NamedTuple):
@@ -210,6 +246,12 @@ class Woke(NamedTuple):
 class Ended(NamedTuple):
     job_id: str
     outcome: Outcome
+
+
+class Arrived(NamedTuple):
+    """Work for a dense worker: an inbox entry (a hand-off), or the name whose wake token was taken."""
+    handoff: str | None = None
+    wake: str | None = None
 
 
 class ClaimRecord(NamedTuple):
@@ -242,6 +284,13 @@ class Pace:
         if self.prefetch <= 1 or self.run_seconds <= 0:
             return 1
         return max(1, min(self.prefetch, int(PREFETCH_WINDOW / self.run_seconds)))
+
+    def ahead(self, slots: int) -> int:
+        """A dense worker: the jobs to claim ahead of its free slots, about PREFETCH_WINDOW of work at
+        the rate its `slots` runs go (0 until a run has ended)."""
+        if self.prefetch <= 1 or self.run_seconds <= 0:
+            return 0
+        return min(self.prefetch, int(PREFETCH_WINDOW * slots / self.run_seconds))
 
     def busy(self, now: float) -> bool:
         return self.jobs_done > 0 and now - self.last_busy < BUSY_WINDOW
@@ -282,8 +331,9 @@ class WorkerCore:
     def __init__(self, number: int, names: Iterable[str], keys: Keys, claimer: str, *,
                  clock: Callable[[], float], memory: Callable[[], int] = lambda: 0,
                  prefetch: int = 16, wait_timeout: float = 1.0, max_jobs: int = 0, max_memory: int = 0,
-                 backoff: Backoff | None = None) -> None:
+                 backoff: Backoff | None = None, slots: int = 1) -> None:
         self.number = number  # for logs
+        self.slots = max(1, slots)  # runs at once (jobs_per_worker)
         self.names = list(names)
         self.keys = keys
         self.claimer = claimer
@@ -310,6 +360,13 @@ class WorkerCore:
         self.claims_lost = False  # a claim's reply was lost: the claim record says what it took
         self.stopping = False
         self.orphaned = False
+        # a dense worker's (slots > 1)
+        self.retiring = False  # past max_jobs or max_memory: no new job, the running ones finish
+        self.dry = False  # the last claim got fewer jobs than it asked: claim ahead no more for now
+        self.registered_at = 0.0  # clock time of the claim that registered as idle
+        self.cancelled: set[str] = set()  # runs cancelled at their deadline: they end as ghosts
+        self.left_to_master: set[str] = set()  # runs past their deadline that cannot be cancelled
+        self.deadlines: dict[str, float] = {}  # running job id -> its deadline (clock time)
 
     # --- from outside ----------------------------------------------------------------------------------
 
@@ -323,6 +380,9 @@ class WorkerCore:
     # --- the loop ----------------------------------------------------------------------------------------
 
     def steps(self) -> Generator[Command, Any, None]:
+        if self.slots > 1:
+            yield from self._dense_steps()
+            return
         try:
             # A job announced to the master runs even if a stop was asked meanwhile: it is current.
             while (not self.stopping or self.announced) and not self.orphaned:
@@ -372,14 +432,19 @@ class WorkerCore:
         yield from self._save(done, claim=not last)
         return not last
 
-    def _ended(self, run: Running, outcome: Outcome) -> tuple[FinishedRun, Finished]:
+    def _ended(self, run: Running, outcome: Outcome,
+               ghost: str | None = None) -> tuple[FinishedRun, Finished]:
         """The run's outcome to save, and the F message (sent before the outcome leaves for Redis:
         the master then always knows at least what the journal does, so it never ghosts a run whose
-        outcome the journal holds)."""
+        outcome the journal holds). `ghost`: the run ends as a ghost, for that reason, whatever
+        the handler did."""
         ended = self.clock()
         ran = ended - run.started
-        kind = "success" if outcome.success else "fail"
-        body = (outcome.result_json if outcome.success else outcome.error) or ""
+        if ghost is not None:
+            kind, body = "ghost", ghost
+        else:
+            kind = "success" if outcome.success else "fail"
+            body = (outcome.result_json if outcome.success else outcome.error) or ""
         retained = len(body) <= RETAINED_PAYLOAD
         self.pace.ran(ran, ended)
         job = run.job
@@ -446,11 +511,13 @@ class WorkerCore:
         self.journal.marked.discard(job.job_id)
         return True
 
-    def _send(self, runs: list[FinishedRun], want: int) -> Generator[Command, Any, None]:
-        """finish_many without waiting: the journal, these runs, the give-backs, `want` claims."""
+    def _send(self, runs: list[FinishedRun], want: int,
+              idle: bool | None = None) -> Generator[Command, Any, None]:
+        """finish_many without waiting: the journal, these runs, the give-backs, `want` claims.
+        `idle`: whether to register for hand-offs should it claim nothing (None: when the hand is empty)."""
         now = self.clock()
         # Holding nothing else, the worker is idle if no job comes back: it registers for hand-offs.
-        idle_ms = self.idle_ms if want and not self.hand else 0
+        idle_ms = self.idle_ms if want and (not self.hand if idle is None else idle) else 0
         args = scripts.finish_many_args(self.keys, self.claimer, [d.as_args(now) for d in runs],
                                         self.give_back, want, self.names, mono_ms=now * 1000, idle_ms=idle_ms)
         call = FinishMany(args, runs, self.give_back, want, idle_ms, len(self.journal.ids), now)
@@ -656,6 +723,289 @@ class WorkerCore:
         self.give_back += [(first.job_id, first.token)] + [(j.job_id, j.token) for j in self.hand]
         self.hand.clear()
         self.journal.marked.clear()
+
+    # --- a dense worker (slots > 1) ------------------------------------------------------------------
+
+    def _dense_steps(self) -> Generator[Command, Any, None]:
+        """Up to `slots` runs at once: start what the hand holds while a slot is free, claim for the
+        free slots (and ahead), wait for the next event; once a stop or a limit is reached, claim
+        nothing more, let the runs finish, give back the hand and leave."""
+        while True:
+            try:
+                if (yield from self._dense_round()):
+                    break
+            except _Interrupted:
+                self.stopping = True  # a stop cut a wait short: the runs still finish
+        yield from self._dense_leave()
+
+    def _leaving(self) -> bool:
+        return self.stopping or self.orphaned or self.retiring
+
+    def _dense_round(self) -> Generator[Command, Any, bool]:
+        """One round of the dense loop. True: nothing runs and the worker leaves."""
+        if self._leaving() and not self.running:
+            return True
+        if self.claims_lost:  # with nothing in flight: a reply still to be read brings its jobs
+            if not self.inflight or (yield from self._settle()):
+                yield from self._recover_claims()
+        yield from self._expire_deadlines()
+        self._expire_hand()
+        if self._leaving() and (self.hand or self.registered):
+            # Nothing more starts here: what is in hand goes back now, not once the runs end, and
+            # no hand-off comes any more.
+            self.give_back += [(j.job_id, j.token) for j in self.hand]
+            self.hand.clear()
+            yield from self._send_now([])
+        if not self._leaving():
+            yield from self._fill()
+        if not self.running:
+            if not self._leaving() and not self.hand:
+                yield from self._dense_idle()
+            return False
+        if self._needs_claim():
+            yield from self._claim()
+            if self.hand:
+                return False
+        elif self.give_back or self.unsaved:
+            yield from self._send_now([])
+        events = yield WaitForEvent(self._event_timeout(), self._wants_work())
+        if isinstance(events, Interrupted):
+            self.stopping = True
+            return False
+        yield from self._on_events(events)
+        return False
+
+    def _free(self) -> int:
+        """Slots free for jobs not in hand yet."""
+        return self.slots - len(self.running) - len(self.hand)
+
+    def _wants_work(self) -> bool:
+        return not self._leaving() and self._free() > 0
+
+    def _fill(self) -> Generator[Command, Any, None]:
+        """Start jobs from the hand while a slot is free (a job that waited too long is given back):
+        their start marks in one write, their starts told to the master in one write."""
+        starting: list[HeldJob] = []
+        job: HeldJob | None = None
+        try:
+            while self.hand and len(self.running) + len(starting) < self.slots and not self.retiring:
+                job = self.hand.popleft()
+                if self._waited_too_long(job):
+                    self.give_back.append((job.job_id, job.token))
+                    continue
+                # A job that must not run twice starts once Redis has its mark; given back if not.
+                if job.prefetched and _must_not_run_twice(job) and not (yield from self._mark_start(job)):
+                    continue
+                starting.append(job)
+                job = None
+                if self.max_jobs and self.pace.jobs_done + len(self.running) + len(starting) >= self.max_jobs:
+                    log.info("worker %d retiring after %d jobs (max_jobs_per_worker)", self.number,
+                             self.max_jobs)
+                    self.retiring = True
+            marks = [j for j in starting if j.prefetched and not _must_not_run_twice(j)]
+            if marks:
+                yield from self._push_journal([self._start_mark(j) for j in marks], [], ())
+        except _Interrupted:
+            # A stop cut a backoff short before these started: they go back.
+            self.stopping = True
+            held = starting + ([job] if job is not None else [])
+            self.give_back += [(j.job_id, j.token) for j in held]
+            return
+        if not starting:
+            return
+        now = self.clock()
+        yield Tell(tuple(self._started(j, now) for j in starting))
+        ended = []
+        for job in starting:
+            self.running[job.job_id] = Running(job, now, _options(job.fields).get("hotjob") is True)
+            self.deadlines[job.job_id] = now + _process_timeout(_options(job.fields))
+            result = yield Start(job)
+            if result is not None:  # the handler ran to its end right there
+                ended.append(result)
+        if ended:
+            yield from self._on_events(ended)
+
+    def _expire_hand(self) -> None:
+        """Give back the jobs in hand that waited too long for a slot."""
+        if self.hand and any(self._waited_too_long(j) for j in self.hand):
+            kept: deque[HeldJob] = deque()
+            for j in self.hand:
+                if self._waited_too_long(j):
+                    self.give_back.append((j.job_id, j.token))
+                else:
+                    kept.append(j)
+            self.hand = kept
+
+    def _expire_deadlines(self) -> Generator[Command, Any, None]:
+        """Cancel the runs past their process_timeout; one that cannot be cancelled (a thread) is
+        left to the master, which kills the worker at the deadline and its kill grace."""
+        if not self.deadlines:
+            return
+        now = self.clock()
+        for job_id, deadline in list(self.deadlines.items()):
+            if deadline > now or job_id in self.cancelled or job_id in self.left_to_master:
+                continue
+            if (yield Cancel(job_id)):
+                log.warning("worker %d: job %s passed its process_timeout: cancelled", self.number, job_id)
+                self.cancelled.add(job_id)
+            else:
+                log.warning("worker %d: job %s passed its process_timeout and cannot be cancelled "
+                            "(a thread): the master kills the worker", self.number, job_id)
+                self.left_to_master.add(job_id)
+
+    def _event_timeout(self) -> float:
+        """How long to wait for an event: until the next deadline, the renewal of the idle
+        registration, or a job in hand waiting too long; at most wait_timeout."""
+        now = self.clock()
+        until = now + self.wait_timeout
+        for job_id, deadline in self.deadlines.items():
+            if deadline < until and job_id not in self.cancelled and job_id not in self.left_to_master:
+                until = deadline
+        for job in self.hand:
+            if job.prefetched:
+                until = min(until, job.claimed_at + MAX_PREFETCH_WAIT)
+        if self.registered and self._free() > 0 and not self._leaving():
+            until = min(until, self.registered_at + self.wait_timeout)
+        return max(0.0, until - now)
+
+    def _dense_want(self) -> int:
+        """Jobs to claim: the free slots, and about PREFETCH_WINDOW of work ahead (within max_jobs)."""
+        want = self._free() + self.pace.ahead(self.slots)
+        if self.max_jobs:
+            want = min(want, self.max_jobs - self.pace.jobs_done - len(self.running) - len(self.hand))
+        return max(0, want)
+
+    def _needs_claim(self) -> bool:
+        """A free slot and no idle registration (or one to renew); or every slot busy, few jobs in
+        hand and the last claim got all it asked."""
+        if self._leaving():
+            return False
+        if self._free() > 0:
+            return not self.registered or self.clock() - self.registered_at >= self.wait_timeout
+        ahead = self.pace.ahead(self.slots)
+        return not self.dry and ahead > 0 and len(self.hand) <= ahead // 2 and self._dense_want() > 0
+
+    def _claim(self, runs: list[FinishedRun] = ()) -> Generator[Command, Any, tuple[int, int]]:  # type: ignore[assignment]
+        """Claim (with the outcomes to send) and read the reply at once: free slots wait for it.
+        Registers for hand-offs should nothing come while a slot is free. Back: (wanted, got)."""
+        want = self._dense_want()
+        free = self._free() > 0
+        before = len(self.hand)
+        sent, self.unsaved = self.unsaved + list(runs), []
+        yield from self._send(sent, want, idle=free)
+        self.registered = False  # the call ends any registration; its reply says if it made one
+        if self.inflight:
+            yield from self._settle()
+        got = len(self.hand) - before
+        self.dry = got < want
+        if self.registered:
+            self.registered_at = self.clock()
+        return want, got
+
+    def _send_now(self, runs: list[FinishedRun]) -> Generator[Command, Any, None]:
+        """A finish_many that claims nothing: these outcomes, those to send again, the give-backs."""
+        sent, self.unsaved = self.unsaved + runs, []
+        yield from self._send(sent, 0, idle=False)
+        self.registered = False  # the call ends the idle registration
+
+    def _on_events(self, events: list[Any]) -> Generator[Command, Any, None]:
+        """Runs that ended (the F messages in one write, then their outcomes saved) and work that
+        arrived (a hand-off to start, a wake token: claim now)."""
+        dones: list[FinishedRun] = []
+        told: list[Message] = []
+        woke: str | None = None
+        for event in events:
+            if isinstance(event, Ended):
+                run = self.running.pop(event.job_id, None)
+                if run is None:
+                    continue
+                self.deadlines.pop(event.job_id, None)
+                self.left_to_master.discard(event.job_id)
+                ghost = TIMED_OUT if event.job_id in self.cancelled else None
+                self.cancelled.discard(event.job_id)
+                done, finished = self._ended(run, event.outcome, ghost)
+                dones.append(done)
+                told.append(finished)
+            elif isinstance(event, Arrived):
+                self.dry = False
+                if event.handoff is not None:
+                    self.registered = False  # the hand-off ended the registration
+                    handed = scripts.parse_handoff(event.handoff)
+                    if handed is not None:
+                        job_id, token, fields = handed
+                        self.hand.append(HeldJob(job_id, token, fields, self.clock(), True))
+                if event.wake is not None:
+                    woke = event.wake
+        if told:
+            yield Tell(tuple(told))
+            if not self.retiring and self.max_memory and self.memory() > self.max_memory:
+                log.info("worker %d retiring: RSS %d bytes > max_memory_per_worker", self.number,
+                         self.memory())
+                self.retiring = True
+        if woke is not None and not self._leaving():
+            # Claimed at once, the token's job among them; a claim also takes a token per job, so
+            # the one taken here goes back when the claim got all it asked (more may be waiting).
+            self.registered = False
+            want, got = yield from self._claim(dones)
+            if not want or got >= want:
+                yield ReturnToken(woke)
+            return
+        if woke is not None:
+            yield ReturnToken(woke)
+        if not dones:
+            return
+        # The journal only while jobs are in hand: a claim that ends it follows soon (after they
+        # start: they need not wait for its reply). Registered (no claim until the renewal) or
+        # leaving (none at all), the outcomes go in a call now.
+        if not self._leaving() and not self.hand and (self.registered or self._needs_claim()):
+            yield from self._claim(dones)
+        elif self._leaving() or self.unsaved or self.give_back or any(d.urgent for d in dones):
+            yield from self._send_now(dones)
+        else:
+            entries = [scripts.journal_entry(d.job_id, d.token, d.outcome, d.payload, d.run_ms,
+                                             d.ended_at * 1000) for d in dones]
+            if (yield from self._push_journal(entries, dones, ())):
+                self.journal.ids += [(d.job_id, d.token) for d in dones]
+                self.journal.pending += len(dones)
+
+    def _dense_idle(self) -> Generator[Command, Any, None]:
+        """Nothing runs and nothing is in hand: claim at once if runs ended a moment ago, else as a
+        one-job worker does (claim one, then block on the inbox and the wake tokens)."""
+        claimed_nothing = False
+        if self.inflight:
+            claimed_nothing = any(call.want for call in self.inflight if isinstance(call, FinishMany))
+            if not (yield from self._settle()):
+                return
+        if self.claims_lost or self.hand:
+            return  # the next round reads the claim record, or starts what came
+        if self.pace.busy(self.clock()) and not claimed_nothing and not self.dry:
+            yield from self._claim()
+            if self.hand:
+                return
+        elif self.unsaved or self.give_back or self.journal.pending:
+            yield from self._send_now([])
+            if self.inflight:
+                yield from self._settle()
+            if self.hand:
+                return
+        yield ShowIdle()
+        claimed = yield from self._next_job()
+        if claimed is not None:
+            job_id, token, fields = claimed
+            self.hand.append(HeldJob(job_id, token, fields, self.clock(), "run_start" not in fields))
+            self.dry = False
+
+    def _dense_leave(self) -> Generator[Command, Any, None]:
+        """No work is taken for the worker any more; what was taken goes back with the hand."""
+        try:
+            handed = yield TakeArrived()
+        except _Interrupted:
+            handed = []
+        for raw in handed or ():
+            got = scripts.parse_handoff(raw)
+            if got is not None:
+                self.hand.append(HeldJob(got[0], got[1], got[2], self.clock(), True))
+        yield from self._leave()
 
     # --- small decisions -------------------------------------------------------------------------------
 

@@ -135,18 +135,21 @@ class RedisProc:
 def handler_module(
     directory: Path,
     ledger: Path,
-    registrations: Sequence[tuple[Sequence[str], int]],
+    registrations: Sequence[tuple[Sequence[str], int] | tuple[Sequence[str], int, int]],
     config: dict[str, Any] | None = None,
     name: str = "fault_handlers",
+    handler: str = "work",
 ) -> Path:
-    """Write a module that points tests/faults/handlers.py at `ledger` and registers `work` for each
-    (names, concurrent_jobs); `config` goes to kickq.config() (the command line still wins)."""
+    """Write a module that points tests/faults/handlers.py at `ledger` and registers `handler` (a
+    function of that module: `work`, or `work_async`) for each (names, concurrent_jobs[,
+    jobs_per_worker]); `config` goes to kickq.config() (the command line still wins)."""
     lines = ["import kickq", "from tests.faults import handlers", f"handlers.LEDGER = {str(ledger)!r}"]
     if config:
         lines.append(f"kickq.config(**{config!r})")
     lines.append("kq = kickq.Kickq()")
-    for names, workers in registrations:
-        lines.append(f"kq.process({list(names)!r}, {{'concurrent_jobs': {workers}}}, handlers.work)")
+    for names, workers, *dense in registrations:
+        options = {"concurrent_jobs": workers, **({"jobs_per_worker": dense[0]} if dense else {})}
+        lines.append(f"kq.process({list(names)!r}, {options!r}, handlers.{handler})")
     path = Path(directory) / f"{name}.py"
     path.write_text("\n".join(lines) + "\n")
     return path

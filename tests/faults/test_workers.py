@@ -47,9 +47,9 @@ def zombies(sup):
         return []
 
 
-def storm(sup, r, queue, rng, every=0.2):
+def storm(sup, r, queue, rng, every=0.2, workers=STORM_WORKERS):
     """SIGKILL a random busy worker every `every` seconds while `queue` holds jobs; after each kill,
-    wait for the pool to be full again. Returns (kills, seconds each restore took)."""
+    wait for the pool (`workers` processes) to be full again. Returns (kills, seconds each restore took)."""
     kills, restores = 0, []
     while r.llen(queue) > 0:
         next_kill = time.monotonic() + every
@@ -61,8 +61,8 @@ def storm(sup, r, queue, rng, every=0.2):
             kills += 1
 
             def restored(number=number, old=victim.pid):
-                workers = sup.workers()
-                return len(workers) == STORM_WORKERS and workers.get(number) and workers[number].pid != old
+                now = sup.workers()
+                return len(now) == workers and now.get(number) and now[number].pid != old
 
             wait_until(restored, timeout=5.0, interval=0.005, message=f"worker {number} replaced")
             restores.append(time.monotonic() - killed)
@@ -141,6 +141,99 @@ def test_case01_worker_sigkill_storm(jobs, redis_procs, ledger, start_supervisor
         "ghost runs <= kills",
         not bad_attempts and total_ghosts <= kills,
         f"{len(bad_attempts)} mismatches, {total_ghosts} ghost runs",
+    )
+    case.check(
+        "pool size restored within 1 s of each kill",
+        kills > 0 and max(restores) <= 1.0,
+        f"max {max(restores, default=0):.3f}s over {kills} kills",
+    )
+    case.check("no zombie children of the master", not left_zombies, left_zombies)
+    case.check("invariants hold in every snapshot", not monitor.found, monitor.found[:5])
+    case.check("no stray keys after purge", not strays, strays)
+    case.done()
+
+
+DENSE_WORKERS, JOBS_PER_WORKER = 2, 8
+
+
+@pytest.mark.parametrize("jobs", sizes(2_000, 8_000))
+def test_case01c_sigkill_storm_over_dense_workers(
+    jobs, redis_procs, ledger, start_supervisor, namespace, tmp_path
+):
+    """Dense workers (jobs_per_worker 8, async jobs): a kill ghosts every job in flight in the killed
+    worker, and only those; nothing is lost or stranded."""
+    case = Case(
+        "1c",
+        "worker SIGKILL storm over dense workers",
+        f"{jobs} jobs of 20 ms (asyncio.sleep), {DENSE_WORKERS} workers x {JOBS_PER_WORKER} jobs at once, "
+        "a busy worker SIGKILLed every 300 ms",
+    )
+    rp = redis_procs()
+    r = rp.client()
+    module = handler_module(tmp_path, ledger.path, [(["work"], DENSE_WORKERS, JOBS_PER_WORKER)],
+                            handler="work_async")
+    sup = start_supervisor(
+        module, args=["--reaper-interval", "0.2"], workers=DENSE_WORKERS, url=rp.url, ns=namespace
+    )
+    kq = kickq.Kickq(redis_url=rp.url, redis_namespace=namespace)
+    ghost_count = 3
+    opts = {"ghost_interval": 0, "ghost_count": ghost_count, "process_timeout": 2}
+    refs = [f"d{i}" for i in range(jobs)]
+    rng = random.Random(11)
+    with Monitor(rp.url, namespace, interval=1.0) as monitor:
+        started = time.monotonic()
+        created = []
+        for start in range(0, jobs, 1000):
+            created += kq.create_many(
+                [("work", {"ref": ref, "ms": 20}, opts) for ref in refs[start : start + 1000]]
+            )
+        acked = {ref: job.id for ref, job in zip(refs, created, strict=True)}
+        kills, restores = storm(sup, r, Keys(namespace).queue("work"), rng, every=0.3, workers=DENSE_WORKERS)
+        settle = wait_settled(r, namespace, list(acked.values()), timeout=60)
+        elapsed = time.monotonic() - started
+        monitor.check_now("final: ")
+    out = outcomes(r, namespace, ledger, acked)
+    states = Counter(job.state for job in out.final.values())
+    ghost_runs = {ref: [run for run in job.runs if run["state"] == "ghost"] for ref, job in out.final.items()}
+    total_ghosts = sum(len(runs) for runs in ghost_runs.values())
+    bad_fails = [
+        ref for ref, job in out.final.items() if job.state == "fail" and len(ghost_runs[ref]) <= ghost_count
+    ]
+    bad_attempts = [
+        ref
+        for ref, job in out.final.items()
+        if len(job.runs) != 1 + len(ghost_runs[ref]) or len(out.by_ref.get(ref, [])) > len(job.runs)
+    ]
+    ghost_errors = Counter(run["error"].split(":")[0] for runs in ghost_runs.values() for run in runs)
+    left_zombies = zombies(sup)
+    strays = purge_and_find_strays(r, namespace, ["work"])
+
+    case.note(out.line())
+    case.note(
+        f"kills={kills} ghost runs={total_ghosts} ({dict(ghost_errors)}; "
+        f"{total_ghosts / max(kills, 1):.1f} per kill) final states={dict(states)} "
+        f"run {elapsed:.1f}s (settled {settle:.1f}s after the storm), "
+        f"{monitor.checker.snapshots} invariant snapshots"
+    )
+    case.check("lost = 0", not out.lost, len(out.lost))
+    case.check(
+        "stranded = 0 and unexpected = 0",
+        not out.stranded and not out.unexpected,
+        f"{len(out.stranded)}, {len(out.unexpected)}",
+    )
+    case.check(f"success + fail = {jobs}", states["success"] + states["fail"] == jobs, dict(states))
+    case.check(
+        f"fail only for jobs killed more than ghost_count={ghost_count} times", not bad_fails, bad_fails[:5]
+    )
+    case.check(
+        "a kill ghosts at most the jobs in flight in its worker: ghost runs <= kills x jobs_per_worker",
+        total_ghosts <= kills * JOBS_PER_WORKER,
+        f"{total_ghosts} <= {kills} x {JOBS_PER_WORKER}",
+    )
+    case.check(
+        "extra executions <= ghost runs (runs = 1 + ghost runs; executions <= runs)",
+        not bad_attempts and out.extra <= total_ghosts,
+        f"{len(bad_attempts)} mismatches, {out.extra} extra <= {total_ghosts}",
     )
     case.check(
         "pool size restored within 1 s of each kill",

@@ -15,6 +15,7 @@ from kickq_supervisor.messages import Finished, Started, decode, encode, encode_
     Finished("12", "fail", 0.5, 'ValueError: bad "quote"\nand a newline'),
     Finished("12", "success", 0.5, '{"n": 1}'),
     Finished("12", "success", 0.5, ""),
+    Finished("12", "ghost", 10.001, "processing timed out"),
 ])
 def test_every_message_comes_back_as_it_was_sent(message):
     line = encode(message)
@@ -35,3 +36,9 @@ def test_a_line_that_is_no_message_is_ignored(line):
 
 def test_an_undecodable_payload_still_says_the_handler_returned():
     assert decode("F 7 success 0.002 {not json") == Finished("7", "success", 0.002, None)
+
+
+def test_a_run_the_worker_ghosted_itself_carries_its_reason():
+    line = encode(Finished("7", "ghost", 2.5, "processing timed out"))
+    assert line == 'F 7 ghost 2.500000 "processing timed out"'
+    assert decode(line) == Finished("7", "ghost", 2.5, "processing timed out")
