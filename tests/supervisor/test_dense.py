@@ -2,7 +2,8 @@
 jobs in threads run at once in one worker process; an async job past its deadline is cancelled and
 ghosted while the others finish; a thread job past its deadline gets the worker killed (and every
 job it ran ghosted); a graceful stop lets the jobs in flight finish; workers recycle by job count
-and memory; one job per worker is unchanged."""
+and memory; a whole supervisor killed loses none of its jobs in flight; one job per worker is
+unchanged."""
 from __future__ import annotations
 
 import os
@@ -241,3 +242,36 @@ def test_callback_and_promise_handlers_in_dense_workers(dense, kq, redis_url, na
     assert wait_job(kq, late.id).last_error == TIMED_OUT
     assert ("cancelled", late.id) in [(what, job_id) for what, job_id, _, _ in events(kq, log)]
     assert "killing" not in dense.log()
+
+
+def test_a_whole_supervisor_killed_with_dense_workers_full_loses_no_job(start_supervisor, kq, redis_url,
+                                                                        namespace):
+    first = start_supervisor(DENSE, workers=handlers_dense.WORKERS)
+    workers = [w.pid for w in first.workers().values()]
+    log = side_key(namespace, "log")
+    options = {"ghost_interval": 0, "process_timeout": 2}
+    done_before = [kq.create("dense.async", {"sleep": 0.01}, options) for _ in range(5)]
+    for job in done_before:
+        assert wait_job(kq, job.id).state == "success"
+    running = [kq.create(name, {"redis": redis_url, "log": log, "sleep": 1.0}, options)
+               for name in ("dense.async", "dense.sync") for _ in range(SLOTS)]
+    wait_until(lambda: sum(1 for what, *_ in events(kq, log) if what == "start") == 2 * SLOTS,
+               message="every slot busy")
+    os.kill(first.pid, signal.SIGKILL)  # its workers die with it (PR_SET_PDEATHSIG)
+    wait_until(lambda: not any(_alive(pid) for pid in workers), message="the workers died with their master")
+    start_supervisor(DENSE, workers=handlers_dense.WORKERS)
+    for job in running:  # their leases expire; the new supervisor's reaper ghosts them and they run again
+        done = wait_job(kq, job.id, timeout=20)
+        assert done.state == "success" and [run["state"] for run in done.runs] == ["ghost", "success"], \
+            done.to_dict()
+        assert done.runs[0]["error"].startswith("lease expired")
+    for job in done_before:  # finished before the kill: not run again
+        assert [run["state"] for run in kq.get(job.id).runs] == ["success"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie until reaped is gone for our purpose
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
