@@ -601,7 +601,9 @@ class WorkerCore:
         self.registered = False
         self.journal.lost()
         claimed = claimed or any(call.want for call in self.inflight if isinstance(call, FinishMany))
-        self.unsaved = [d for call in self.inflight for d in call.runs] + self.unsaved + runs
+        # Each once: `runs` may hold the unsaved runs already (a call that sent them again).
+        in_flight = [d for call in self.inflight for d in call.runs]
+        self.unsaved = list(dict.fromkeys(in_flight + self.unsaved + runs))
         self.inflight = []
         self.claims_lost = self.claims_lost or claimed
         yield from self._pause(error)

@@ -523,3 +523,17 @@ def test_the_master_gone_ends_the_worker_once_the_running_job_is_saved():
     assert len(s.sends()) == 2  # saved, and nothing claimed
     s.settle()
     assert s.command is None
+
+
+def test_outcomes_sent_again_on_a_connection_that_fails_again_are_held_once():
+    s = Steps()
+    first_job(s)
+    s.run_job()
+    s.tell()
+    s.step(FinishMany, Lost(redis.exceptions.ConnectionError("gone")))  # job 1's outcome, and a claim
+    s.step(Pause)
+    s.step(ReadClaimRecord, ClaimRecord([], 1700000000000))
+    resend = s.step(FinishMany, Lost(redis.exceptions.ConnectionError("gone again")))
+    assert [d.job_id for d in resend.runs] == ["1"]
+    s.step(Pause)
+    assert [d.job_id for d in s.core.unsaved] == ["1"]  # once: it goes once with the next call
