@@ -52,6 +52,11 @@ def test_kickq_adapter_end_to_end(redis_server: Any, tmp_path: Path, monkeypatch
     assert (tmp_path / "sleep" / "done").stat().st_size == 64
     assert sleep["memory"]["processes"] == 18  # master, 16 workers, reaper; measured before the stop
     assert 0 < sleep["steady_rate"] and sleep["ideal_rate"] == 320 and sleep["per_100mib_pss"] > 0
+    # the same with one dense worker (jobs_per_worker 16, async): master, worker, reaper
+    (tmp_path / "dense").mkdir()
+    dense = drive(url, tmp_path / "dense", "sleep", "--jobs", "64", "--variant", "dense async 1 × 16",
+                  "--sleep", "0.05")
+    assert (tmp_path / "dense" / "sleep" / "done").stat().st_size == 64 and dense["memory"]["processes"] == 3
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     latency = drive(url, tmp_path, "latency", "--count", "5", "--profile", str(profiles))

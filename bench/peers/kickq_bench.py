@@ -22,6 +22,8 @@ class KickqAdapter(Adapter):
         "dense async": "kickq-supervisor, concurrent_jobs 2, jobs_per_worker 8, async handler "
                        "(asyncio.sleep)",
         "dense sync": "kickq-supervisor, concurrent_jobs 2, jobs_per_worker 8, sync handler (time.sleep)",
+        "dense async 1 × 16": "kickq-supervisor, concurrent_jobs 1, jobs_per_worker 16, async handler "
+                              "(asyncio.sleep)",
     }
     bulk_label = "create_many"
     notes = "kickq-supervisor --log-level WARNING; hotjob round trip for enqueue-to-result"
@@ -58,7 +60,7 @@ class KickqAdapter(Adapter):
 
     def start_io_workers(self, variant: str, logdir: Path) -> list:
         mode, workers = {"16 processes": ("bench", 16), "dense async": ("dense-async", 2),
-                         "dense sync": ("dense-sync", 2)}[variant]
+                         "dense sync": ("dense-sync", 2), "dense async 1 × 16": ("dense-async", 1)}[variant]
         return self.start_workers(workers, variant, logdir, mode=mode)
 
     def close(self) -> None:

@@ -3,8 +3,9 @@
 BENCH_KICKQ_MODE picks what this supervisor serves, so it forks only the workers a case needs:
 "bench" (default): the name "bench" with concurrent_jobs = BENCH_KICKQ_WORKERS (2);
 "orphan": the name "orphan" with one worker (the orphan-recovery case);
-"dense-async" / "dense-sync": the name "bench" with 2 worker processes of 8 jobs in flight each
-(jobs_per_worker), an async handler (asyncio.sleep in the sleep case) or a sync one (time.sleep).
+"dense-async" / "dense-sync": the name "bench" with BENCH_KICKQ_WORKERS worker processes sharing 16
+jobs in flight (jobs_per_worker 16 / workers), an async handler (asyncio.sleep in the sleep case) or a
+sync one (time.sleep).
 BENCH_PROFILE_DIR (optional): each worker profiles itself with cProfile from its first job on and
 dumps its stats there (worker-<pid>.prof) at most once a second.
 """
@@ -57,7 +58,8 @@ MODE = os.environ.get("BENCH_KICKQ_MODE", "bench")
 if MODE == "orphan":
     kickq.Kickq().process("orphan", {"concurrent_jobs": 1}, orphan)
 elif MODE in ("dense-async", "dense-sync"):
-    kickq.Kickq().process("bench", {"concurrent_jobs": 2, "jobs_per_worker": 8},
+    processes = int(os.environ.get("BENCH_KICKQ_WORKERS", "2"))
+    kickq.Kickq().process("bench", {"concurrent_jobs": processes, "jobs_per_worker": 16 // processes},
                           bench_async if MODE == "dense-async" else bench)
 else:
     workers = int(os.environ.get("BENCH_KICKQ_WORKERS", "2"))
