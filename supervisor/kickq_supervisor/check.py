@@ -60,8 +60,8 @@ _OPTIONAL: dict[str, str] = {
 }
 _NO_SCRIPT = "0" * 40
 #: Registrations whose settings differ only in other keys share one check of their Redis.
-SERVER_SETTINGS = ("redis_password", "redis_options", "redis_timeout", "wait_replicas", "wait_replicas_timeout",
-                   "wait_aof")
+SERVER_SETTINGS = ("redis_password", "redis_options", "redis_timeout", "wait_replicas",
+                   "wait_replicas_timeout", "wait_aof")
 
 
 class Checker:
@@ -202,7 +202,7 @@ class Checker:
             wanted = acks.wanted(settings)
             if wanted is not None:
                 acks.check_server(wanted, info, where)
-            mode = info.get("redis_mode", "standalone" if "redis_mode" not in info else "?")
+            mode = info.get("redis_mode", "INFO refused: version from HELLO")
             user = self.whoami(client)
             self.say(f"Redis at {where}: Redis {info.get('redis_version')} ({mode}), user {user or '?'}")
             for namespace in sorted(set(namespaces)):
