@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
+import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import redis
@@ -115,7 +117,6 @@ class Checker:
             except EmbeddedRedisError as exc:
                 self.problem(str(exc))
         if args.pidfile:
-            import os
             directory = os.path.dirname(os.path.abspath(args.pidfile))
             if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
                 self.problem(f"--pidfile {args.pidfile}: cannot create a file in {directory}")
@@ -336,7 +337,6 @@ class Checker:
         return text
 
     def emit(self) -> None:
-        import sys
         print(f"{PREFIX}: kickq {kickq.__version__}, modules {' '.join(self.args.modules)}")
         for line in self.lines:
             print(self.hide(line))
