@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pidfile", metavar="PATH")
     p.add_argument("--metrics-port", type=port_number, metavar="PORT",
                    help="serve Prometheus metrics on 127.0.0.1:PORT (needs the extra kickq[metrics])")
+    p.add_argument("--check", action="store_true",
+                   help="validate and exit, writing nothing to Redis: import the modules, check every "
+                        "registration and its settings, connect to each Redis (version, mode, what the "
+                        "ACL user may run), print what would run; exit 0, or 1 with each problem")
     p.add_argument("--check-import", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -112,6 +116,9 @@ def setup_logging(level: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
+    if args.check:
+        from . import check
+        return check.run(args)
     if args.metrics_port is not None:
         try:
             from . import metrics  # noqa: F401 - prometheus-client is an optional extra
