@@ -4,6 +4,7 @@ and agree with each other and with the supervisor's flags; every stop grace peri
 example's longest process_timeout plus the kill grace."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -118,3 +119,12 @@ def test_the_example_handlers_register_what_the_recipes_run():
     assert done.returncode == 0 and "('report',)" in done.stdout, done.stderr
     assert entrypoint()[-1] != "handlers"  # the module comes from CMD, so it can be changed at run time
     assert 'CMD ["handlers"]' in (CONTAINER / "Dockerfile").read_text()
+
+
+def test_the_recipes_check_passes_on_the_example_app(redis_url):
+    """What ExecStartPre runs, on the example app, against a real Redis: exit 0, the plan printed."""
+    done = subprocess.run([sys.executable, "-m", "kickq_supervisor", "--check", "--redis-url", redis_url,
+                           "handlers"], capture_output=True, text=True, timeout=60, cwd=CONTAINER,
+                          env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{CONTAINER}"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "report" in done.stdout and done.stdout.rstrip().endswith("kickq-supervisor --check: OK")
