@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from kickq_supervisor.arbiter import ReaperProc, Slot
+from kickq_supervisor.health import LOOP_MAX_AGE, Health
 from tests.helpers import free_port, ping, redis_server_binary, start_redis, stop_redis, wait_until
 from tests.supervisor import handlers_health
 from tests.supervisor.conftest import StartSupervisor
@@ -147,3 +149,50 @@ def test_one_port_with_two_hosts_is_refused(start_supervisor: StartSupervisor) -
                                            "--health-host", "0.0.0.0"], wait=False)
     assert sup.wait_exit(timeout=20) == 1
     assert "--health-host 0.0.0.0 differs" in sup.log()
+
+
+# --- the snapshot's rules, with a fake clock (no Redis configured, so only the pool counts) ----------
+
+class FakeArbiter:
+    def __init__(self, clock: list[float], workers: int = 2) -> None:
+        self.ops = type("Ops", (), {"monotonic": staticmethod(lambda: clock[0])})()
+        self.slots = [Slot(number=i + 1, spec=0, pid=100 + i, spawned_at=0.0) for i in range(workers)]
+        self.reapers = [ReaperProc(spawn=lambda: 0, pid=99)]
+        self.stopping = False
+
+
+def test_snapshot_rules() -> None:
+    clock = [0.0]
+    health = Health([], clock=lambda: clock[0])
+    assert health.healthz() == (503, {"status": "fail", "reasons": ["starting"], "redis": {}})
+    arbiter: Any = FakeArbiter(clock)
+    health.update(arbiter)
+    assert health.healthz()[0] == 200
+    assert health.readyz() == (503, {"status": "starting"})  # the pool is younger than the crash window
+    clock[0] = 1.5
+    health.update(arbiter)
+    assert health.readyz() == (200, {"status": "ready"})
+
+    # A worker being replaced within its backoff is fine; one left down past it is not.
+    slot = arbiter.slots[1]
+    slot.pid, slot.failures, slot.respawn_at = None, 1, 1.6
+    clock[0] = 1.8
+    health.update(arbiter)
+    assert health.healthz() == (200, {"status": "ok", "workers": 1, "pool": 2, "slots": 1, "redis": {}})
+    clock[0] = 3.0
+    health.update(arbiter)
+    assert health.healthz()[1]["reasons"] == ["worker 2 not running"]
+
+    # Three early deaths in a row: crash-looping, even while it is briefly alive again.
+    slot.pid, slot.failures, slot.spawned_at = 200, 3, 3.0
+    clock[0] = 3.5
+    health.update(arbiter)
+    assert health.healthz()[1]["reasons"] == ["worker 2 (3 early deaths) crash-looping"]
+    clock[0] = 4.5  # it outlived the crash window
+    health.update(arbiter)
+    assert health.healthz()[0] == 200
+
+    # The master loop stopped ticking.
+    clock[0] = 4.5 + LOOP_MAX_AGE + 1
+    code, body = health.healthz()
+    assert code == 503 and body["reasons"][0].startswith("master loop stalled")
