@@ -124,6 +124,8 @@ class Arbiter:
     # "reaper_restart"). It must not block: the metrics thread does the work (see metrics.py).
     observe: Callable[..., None] | None = None
     spec_jobs: Sequence[int] = ()  # jobs_per_worker of each registration (default 1)
+    # heartbeat(arbiter), after each tick: the health checks' snapshot (health.py). Must not block.
+    heartbeat: Callable[[Arbiter], None] | None = None
     slots: list[Slot] = field(default_factory=list)
     reapers: list[ReaperProc] = field(default_factory=list)
     # Process groups of workers that died of the TERM before their KILL was due: the rest of the
@@ -398,6 +400,11 @@ class Arbiter:
         self.reap()
         self.enforce_deadlines()
         self.manage()
+        if self.heartbeat is not None:
+            try:
+                self.heartbeat(self)
+            except Exception:  # health checks must never take the master down
+                log.exception("health: cannot update the snapshot")
 
 
 def _backoff(failures: int) -> float:

@@ -93,7 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reaper", action="store_true", help="run no reaper in this supervisor")
     p.add_argument("--pidfile", metavar="PATH")
     p.add_argument("--metrics-port", type=port_number, metavar="PORT",
-                   help="serve Prometheus metrics on 127.0.0.1:PORT (needs the extra kickq[metrics])")
+                   help="serve Prometheus metrics on --metrics-host:PORT, path /metrics (needs the extra "
+                        "kickq[metrics])")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address the metrics server binds, e.g. 0.0.0.0 or :: for every one "
+                        "(default: 127.0.0.1)")
+    p.add_argument("--health-port", type=port_number, metavar="PORT",
+                   help="serve GET /healthz (200: master loop running, pool full, Redis answered within 3 s; "
+                        "else 503 with the reasons) and GET /readyz (503 while starting or stopping) on "
+                        "--health-host:PORT; the same port as --metrics-port serves both on one server")
+    p.add_argument("--health-host", default="127.0.0.1", metavar="HOST",
+                   help="address the health server binds, e.g. 0.0.0.0 (default: 127.0.0.1)")
     p.add_argument("--check", action="store_true",
                    help="validate and exit, writing nothing to Redis: import the modules, check every "
                         "registration and its settings, connect to each Redis (version, mode, what the "
@@ -289,14 +299,26 @@ def run_master(args: argparse.Namespace, registrations: list[registry.Registrati
     if args.metrics_port is not None:
         from .metrics import MetricsError, start_metrics
         try:
-            exporter = start_metrics(args.metrics_port, per_registration)
+            exporter = start_metrics(args.metrics_port, per_registration, args.metrics_host)
         except MetricsError as exc:
             print(f"kickq-supervisor: {exc}", file=sys.stderr)
+            return EXIT_FAILURE, False
+    health = None
+    if args.health_port is not None:
+        from .health import HealthError, start_health
+        try:
+            health = start_health(args.health_host, args.health_port, per_registration,
+                                  exporter if args.health_port == args.metrics_port else None)
+        except HealthError as exc:
+            print(f"kickq-supervisor: {exc}", file=sys.stderr)
+            if exporter:
+                exporter.stop()
             return EXIT_FAILURE, False
     arbiter = Arbiter(slot_specs, ops, spawn_worker, spawn_reapers,
                       lost_job=lost_job, lost_claim=lost_claim, kill_grace=args.kill_grace,
                       start_reload_check=lambda: ImportCheck(args.modules),
-                      observe=exporter.observe if exporter else None, spec_jobs=spec_jobs)
+                      observe=exporter.observe if exporter else None, spec_jobs=spec_jobs,
+                      heartbeat=health.update if health else None)
     if exporter:
         exporter.watch(arbiter.slots)
     slots = sum(reg.slots for reg in registrations)
@@ -307,6 +329,8 @@ def run_master(args: argparse.Namespace, registrations: list[registry.Registrati
         ghoster.flush(timeout=2.0)
     if exporter:
         exporter.stop()
+    if health:
+        health.stop()
     log.info("supervisor exiting with code %d", code)
     return code, arbiter.reload_requested and not arbiter.quick
 

@@ -1,9 +1,10 @@
 """Prometheus metrics for `kickq-supervisor --metrics-port PORT` (needs the extra `kickq[metrics]`).
 
-Served on 127.0.0.1:PORT by a thread of the master. The master never waits for it: the arbiter's
-events (a run returned, a run was ghosted, a worker was replaced) are put on a SimpleQueue, and a
-thread of this module turns them into counters. What only Redis knows (jobs by state, reaper lag) is
-read when Prometheus scrapes, by a collector in the HTTP thread, with a one-second timeout.
+Served on 127.0.0.1:PORT (or `--metrics-host HOST`) by a thread of the master. The master never
+waits for it: the arbiter's events (a run returned, a run was ghosted, a worker was replaced) are
+put on a SimpleQueue, and a thread of this module turns them into counters. What only Redis knows
+(jobs by state, reaper lag) is read when Prometheus scrapes, by a collector in the HTTP thread, with
+a one-second timeout.
 
 Counters count this supervisor's own work; the gauges read from Redis are namespace-wide, the same
 from every supervisor of the namespace (aggregate them with max, not sum).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import threading
 from typing import Any, Iterator, Mapping, Sequence
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -50,6 +52,10 @@ class MetricsError(Exception):
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         pass
+
+
+class _ThreadingWSGIServer6(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
 
 
 class RedisCollector:
@@ -136,6 +142,8 @@ class Metrics:
         r.register(_WorkerCollector(self))
         prometheus_client.ProcessCollector(registry=r)
         self.server: Any = None
+        # Other WSGI apps served on the same port, by path (the health checks, when their port is this one).
+        self.routes: dict[str, Any] = {}
 
     # --- called by the master -------------------------------------------------------------------
 
@@ -148,11 +156,15 @@ class Metrics:
         self.slots = slots
 
     def start(self) -> None:
-        app = prometheus_client.make_wsgi_app(self.registry)
+        metrics_app = prometheus_client.make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Any) -> Any:
+            route = self.routes.get(environ.get("PATH_INFO", ""), metrics_app)
+            return route(environ, start_response)
+        server_class = _ThreadingWSGIServer6 if ":" in self.host else ThreadingWSGIServer  # :: is IPv6
         try:
-            self.server = make_server(self.host, self.port, app, ThreadingWSGIServer,
-                                      handler_class=_QuietHandler)
-        except OSError as exc:
+            self.server = make_server(self.host, self.port, app, server_class, handler_class=_QuietHandler)
+        except (OSError, ValueError) as exc:
             raise MetricsError(f"cannot serve metrics on {self.host}:{self.port}: {exc}") from exc
         server = self.server
         # Forked workers and the reaper must not keep the listening socket open.
@@ -225,7 +237,7 @@ class _WorkerCollector:
         yield slots
 
 
-def start_metrics(port: int, per_registration: Sequence[Mapping[str, Any]]) -> Metrics:
-    metrics = Metrics(port, per_registration)
+def start_metrics(port: int, per_registration: Sequence[Mapping[str, Any]], host: str = HOST) -> Metrics:
+    metrics = Metrics(port, per_registration, host)
     metrics.start()
     return metrics
