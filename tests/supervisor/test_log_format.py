@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from kickq import logformat
-from tests.helpers import wait_until
-from tests.supervisor import handlers_logs
+from kickq.keys import Keys
+from tests.helpers import side_key, wait_until
+from tests.supervisor import handlers, handlers_logs
 from tests.supervisor.conftest import REPO, wait_job
 
 HANDLERS = Path(handlers_logs.__file__).resolve()
@@ -81,6 +82,25 @@ def test_json_lines_from_every_process_carry_role_pid_and_job(start_supervisor, 
     assert [(g["job_id"], g["job_name"], g["role"]) for g in ghost] == [(hung.id, "logs.hang", "master")]
     # Lines about no job carry no job fields.
     assert not any("job_id" in line for line in lines if line["message"].startswith("kickq-supervisor "))
+
+
+def test_a_rejected_finish_names_its_job(start_supervisor, kq, redis_url, namespace):
+    # As in test_deaths: attempt 1 answers after the reaper recovered the job and attempt 2 ended it.
+    sup = start_supervisor(args=["--log-format", "json"], workers=handlers.WORKERS)
+    r = kq.redis
+    release, worker_key = side_key(namespace, "release"), side_key(namespace, "worker")
+    job = kq.create("chaos", {"do": "block_first", "redis": redis_url, "release": release, "key": worker_key},
+                    {"process_timeout": 30, "ghost_interval": 0})
+    wait_until(lambda: r.lindex(worker_key, 0), message="attempt 1 running")
+    r.zadd(Keys(namespace).processing, {job.id: 1})
+    assert wait_job(kq, job.id).result == "attempt 2"
+    r.rpush(release, "go")
+
+    def rejected() -> list[dict[str, Any]]:
+        return [line for line in records(sup.log()) if "rejected (stale" in line["message"]]
+    [line] = wait_until(rejected, message="the late finish logged as rejected")
+    assert (line["job_id"], line["job_name"], line["level"]) == (job.id, "chaos", "WARNING")
+    assert re.fullmatch(r"worker \d+", line["role"]) and line["pid"] == int(r.lindex(worker_key, 0))
 
 
 def test_text_lines_are_unchanged_by_default(start_supervisor):
