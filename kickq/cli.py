@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import sys
 import time
@@ -19,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TextIO,
 
 import redis
 
-from . import scripts
+from . import logformat, scripts
 from .client import Kickq
 from .config import current, validate_settings
 from .connection import connect, describe, redis_errors
@@ -620,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $KICKQ_REDIS_URL, else 127.0.0.1:6379)")
     p.add_argument("--redis-namespace", default=os.environ.get("KICKQ_NAMESPACE") or "kickq",
                    help="key namespace (default: $KICKQ_NAMESPACE, else 'kickq')")
+    p.add_argument("--log-format", default="text", choices=logformat.FORMATS,
+                   help="how warnings are written to stderr: text, or one JSON object per line "
+                        "(time, level, logger, pid, role, message, exc) (default: text)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("stats", help="jobs by state and recent activity, per job name",
@@ -693,6 +697,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.log_format == "json":  # text: Python's default, warnings and above as bare lines
+        logformat.setup(logging.WARNING, "json", role="admin")
     settings = current()
     try:
         settings.update(validate_settings({"redis_url": args.redis_url,

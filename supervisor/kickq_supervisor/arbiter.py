@@ -15,6 +15,8 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
+from kickq.logformat import job_extra
+
 from . import messages
 from .osapi import describe_exit
 
@@ -287,7 +289,7 @@ class Arbiter:
             else:
                 continue
             log.warning("worker %d (pid %d) %s during job %s: %s", slot.number, pid,
-                        describe_exit(status), run.job_id, error)
+                        describe_exit(status), run.job_id, error, extra=job_extra(run.job_id, run.name))
             told = True
             self.lost_job(slot, run.job_id, run.token, error)
             self._observe("ghost", slot, name=run.name, reason=reason)
@@ -342,7 +344,8 @@ class Arbiter:
                 others = len(slot.running()) - 1
                 log.warning("worker %d (pid %d): job %s passed its process_timeout by %.3fs; killing it%s",
                             slot.number, slot.pid, run.job_id, now - run.deadline,
-                            f" and the {others} other job(s) it runs (ghosted)" if others else "")
+                            f" and the {others} other job(s) it runs (ghosted)" if others else "",
+                            extra=job_extra(run.job_id, run.name))
                 slot.kill_reason, slot.kill_job = TIMED_OUT, run.job_id
                 slot.term_at = now
                 self.ops.kill_group(slot.pid, signal.SIGTERM)

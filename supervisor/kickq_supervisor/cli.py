@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import redis
 
 import kickq
-from kickq import acks, registry
+from kickq import acks, logformat, registry
 from kickq.config import current, merge_settings, validate_settings
 from kickq.connection import check_mode, check_version, client_scope, connect, describe, server_info
 
@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "batch of saves; config's wait_replicas_timeout bounds the wait); 0: no wait "
                         "(default: config, 0)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default="text", choices=logformat.FORMATS,
+                   help="text lines, or one JSON object per line (time, level, logger, pid, role, "
+                        "message, job_id/job_name about a job, exc) for journald and log shippers "
+                        "(default: text)")
     p.add_argument("--embedded-redis", metavar="DIR",
                    help="start and own a private redis-server with AOF in DIR (single host)")
     p.add_argument("--prefetch", type=_positive_int, default=16, metavar="N",
@@ -118,14 +122,13 @@ def port_number(text: str) -> int:
     return int(text)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+def setup_logging(level: str, log_format: str = "text") -> None:
+    logformat.setup(getattr(logging, level), log_format, role="master")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     if args.check:
         from . import check
         return check.run(args)
@@ -247,7 +250,7 @@ def run_master(args: argparse.Namespace, registrations: list[registry.Registrati
         run = slot.runs.get(job_id)
         started = run.started if run is not None and run.started else None
         ghosters[client_scope(settings)].submit(settings["redis_namespace"], job_id, token, error,
-                                                slot.claimer, started)
+                                                slot.claimer, started, name=run.name if run else "")
 
     def lost_claim(slot: Slot, error: str) -> None:
         settings = per_registration[slot.spec]

@@ -14,6 +14,7 @@ from kickq.backoff import Outage
 from kickq.connection import connect
 from kickq.errors import ReplicationTimeout
 from kickq.keys import Keys
+from kickq.logformat import job_extra
 
 log = logging.getLogger("kickq.master")
 
@@ -41,9 +42,10 @@ class Ghoster:
         self.thread.start()
 
     def submit(self, namespace: str, job_id: str, token: str, error: str, claimer: str = "",
-               started: float | None = None) -> None:
+               started: float | None = None, name: str = "") -> None:
         """`started`: the run's start on time.monotonic() (the worker's S message), which Redis
-        does not have for a job claimed ahead; the run then ended when this was submitted."""
+        does not have for a job claimed ahead; the run then ended when this was submitted.
+        `name`: the job's name, for the log."""
         run_ms = None if started is None else max(0, int(round((time.monotonic() - started) * 1000)))
 
         def ghost(save: Save) -> None:
@@ -51,7 +53,7 @@ class Ghoster:
                                        run_ms=run_ms)
             status, state, _ = scripts.parse_finish(save("finish", call, [job_id]))
             log.info("job %s (token %s): %s -> %s", job_id, token, error,
-                     state if status == "ok" else f"unchanged ({status})")
+                     state if status == "ok" else f"unchanged ({status})", extra=job_extra(job_id, name))
         self.pending.put((ghost, f"job {job_id}"))
 
     def submit_claimed(self, namespace: str, claimer: str, error: str,

@@ -23,6 +23,7 @@ from kickq.backoff import Outage
 from kickq.cluster import left_behind
 from kickq.connection import NOTIFICATION_TYPES, UNSUBSCRIBED_TYPES, connect, subscribe_notifications
 from kickq.keys import Keys
+from kickq.logformat import set_role
 
 from .osapi import die_with_parent, set_title
 from .vitals import Vitals
@@ -142,6 +143,7 @@ class Reaper:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         die_with_parent()
         set_title("kickq-supervisor: reaper")
+        set_role("reaper")
         self.client = connect(self.settings)
         self.scripts = scripts.Scripts(self.client)
         vitals = Vitals([k.namespace for k in self.keys], float(self.settings.get("vitals_interval", 300)))

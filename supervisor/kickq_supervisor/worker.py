@@ -31,6 +31,7 @@ from kickq.connection import checkout, connect
 from kickq.errors import KickqError
 from kickq.job import Job
 from kickq.keys import Keys
+from kickq.logformat import set_role
 from kickq.registry import Registration
 
 from . import messages
@@ -556,6 +557,7 @@ class Worker:
         die_with_parent()
 
     def run(self) -> int:
+        set_role(f"worker {self.number}")
         self._install_signals()
         self.titles.start()
         io: WorkerIO

@@ -50,6 +50,7 @@ from kickq import scripts
 from kickq.backoff import Backoff, Outage
 from kickq.config import JOB_OPTION_DEFAULTS
 from kickq.keys import Keys
+from kickq.logformat import job_extra
 
 from .messages import Finished, Message, Started
 from .runner import Outcome
@@ -104,6 +105,7 @@ class FinishedRun(NamedTuple):
     run_ms: int
     ended_at: float  # clock time
     urgent: bool  # a hotjob (a waiter wants the answer now), or an outcome the master does not hold
+    name: str = ""  # the job name, for the logs
 
     def as_args(self, now: float) -> scripts.RunOutcome:
         return (self.job_id, self.token, self.outcome, self.payload, self.run_ms,
@@ -449,7 +451,7 @@ class WorkerCore:
         self.pace.ran(ran, ended)
         job = run.job
         done = FinishedRun(job.job_id, job.token, kind, body, int(round(ran * 1000)), ended,
-                           run.hotjob or not retained)
+                           run.hotjob or not retained, job.fields.get("name", ""))
         return done, Finished(job.job_id, kind, ran, body if retained else None)
 
     @staticmethod
@@ -585,11 +587,12 @@ class WorkerCore:
         self.registered = call.idle_ms > 0 and not claimed
         lines = [(d.job_id, d.token, status, state)
                  for d, (status, state) in zip(call.runs, statuses, strict=True)]
+        names = {d.job_id: d.name for d in call.runs}  # a run applied from the journal has none here
         for job_id, token, status, state in lines + rejected:
             if status != "ok":
                 log.warning("worker %d: finish of job %s (token %s) rejected (%s, job is %s): a "
                             "newer attempt owns it or it was deleted", self.number, job_id, token,
-                            status, state or "gone")
+                            status, state or "gone", extra=job_extra(job_id, names.get(job_id)))
         self.hand.extend(HeldJob(job_id, token, fields, call.sent_at, True)
                          for job_id, token, fields in claimed)
 
@@ -847,12 +850,15 @@ class WorkerCore:
         for job_id, deadline in list(self.deadlines.items()):
             if deadline > now or job_id in self.cancelled or job_id in self.left_to_master:
                 continue
+            run = self.running.get(job_id)
+            about = job_extra(job_id, run.job.fields.get("name") if run is not None else None)
             if (yield Cancel(job_id)):
-                log.warning("worker %d: job %s passed its process_timeout: cancelled", self.number, job_id)
+                log.warning("worker %d: job %s passed its process_timeout: cancelled", self.number, job_id,
+                            extra=about)
                 self.cancelled.add(job_id)
             else:
                 log.warning("worker %d: job %s passed its process_timeout and cannot be cancelled "
-                            "(a thread): the master kills the worker", self.number, job_id)
+                            "(a thread): the master kills the worker", self.number, job_id, extra=about)
                 self.left_to_master.add(job_id)
 
     def _event_timeout(self) -> float:
