@@ -83,15 +83,9 @@ class Checker:
 
     def cli_settings(self) -> dict[str, Any]:
         """The flags that override the config, as the supervisor applies them."""
-        args, out = self.args, {}
-        if args.redis_url:
-            out["redis_url"] = args.redis_url
-        if args.redis_namespace:
-            out["redis_namespace"] = args.redis_namespace
-        if args.wait_replicas is not None:
-            out["wait_replicas"] = args.wait_replicas
+        from .cli import flag_settings  # cli imports this module when --check is given
         try:
-            return validate_settings(out)
+            return validate_settings(flag_settings(self.args))
         except kickq.ConfigError as exc:
             self.problem(f"command line: {exc}")
             return {}

@@ -116,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def flag_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the command line gives, which win over every registration's config."""
+    out: dict[str, Any] = {}
+    if args.redis_url:
+        out["redis_url"] = args.redis_url
+    if args.redis_namespace:
+        out["redis_namespace"] = args.redis_namespace
+    if args.wait_replicas is not None:
+        out["wait_replicas"] = args.wait_replicas
+    return out
+
+
 def port_number(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise argparse.ArgumentTypeError(f"not a TCP port: {text!r}")
@@ -151,13 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kickq-supervisor: no handlers registered by {' '.join(args.modules)} "
               "(call Kickq().process(names, handler) at import)", file=sys.stderr)
         return EXIT_USAGE
-    cli_settings: dict[str, Any] = {}
-    if args.redis_url:
-        cli_settings["redis_url"] = args.redis_url
-    if args.redis_namespace:
-        cli_settings["redis_namespace"] = args.redis_namespace
-    if args.wait_replicas is not None:
-        cli_settings["wait_replicas"] = args.wait_replicas
+    cli_settings = flag_settings(args)
     try:
         validate_settings(cli_settings)
     except kickq.ConfigError as exc:

@@ -142,6 +142,18 @@ class Titles:
             time.sleep(0.5)
 
 
+def job_to_run(held: HeldJob) -> Job | Outcome:
+    """The Job a handler gets for a held job, or the failed outcome of a record that cannot be
+    decoded (hostile or corrupt: it fails this job only)."""
+    fields = held.fields
+    if "run_start" not in fields:  # claimed ahead: its run starts now, as the handler sees it
+        fields = {**fields, "run_start": str(int(time.time() * 1000))}
+    try:
+        return Job.from_fields(held.job_id, fields)
+    except Exception as exc:
+        return Outcome(False, error=f"cannot decode job {held.job_id}: {exc}")
+
+
 class WorkerIO:
     """Performs the core's commands: Redis (`client` for a claim and the blocking wait, a Channel on
     its own connection for the calls that need not wait), the master's pipe, the handler."""
@@ -218,13 +230,9 @@ class WorkerIO:
         raise RuntimeError("no run in progress: Start runs each handler to its end")
 
     def _run(self, held: HeldJob) -> Outcome:
-        fields = held.fields
-        if "run_start" not in fields:  # claimed ahead: its run starts now, as the handler sees it
-            fields = {**fields, "run_start": str(int(time.time() * 1000))}
-        try:
-            job = Job.from_fields(held.job_id, fields)
-        except Exception as exc:  # hostile or corrupt record: fail this job only
-            return Outcome(False, error=f"cannot decode job {held.job_id}: {exc}")
+        job = job_to_run(held)
+        if isinstance(job, Outcome):
+            return job
         return self.runner.run(job, job.data)
 
     def _claim_one(self, command: ClaimOne) -> Any:
@@ -434,13 +442,9 @@ class DenseIO(WorkerIO):
 
     def _start(self, command: Start) -> None:  # type: ignore[override]
         held = command.job
-        fields = held.fields
-        if "run_start" not in fields:  # claimed ahead: its run starts now, as the handler sees it
-            fields = {**fields, "run_start": str(int(time.time() * 1000))}
-        try:
-            job = Job.from_fields(held.job_id, fields)
-        except Exception as exc:  # hostile or corrupt record: fail this job only
-            self._ended(held.job_id, Outcome(False, error=f"cannot decode job {held.job_id}: {exc}"))
+        job = job_to_run(held)
+        if isinstance(job, Outcome):
+            self._ended(held.job_id, job)
             return None
         self.used += 1
         if self.titles is not None:

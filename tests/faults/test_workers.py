@@ -70,6 +70,20 @@ def storm(sup, r, queue, rng, every=0.2, workers=STORM_WORKERS):
     return kills, restores
 
 
+def storm_runs(out, ghost_count):
+    """What a kill storm left in the jobs' runs: (ghost runs, their errors counted by kind, jobs that
+    failed without using up ghost_count, jobs whose runs are not 1 + their ghost runs or that ran
+    more often than they have runs)."""
+    ghost_runs = {ref: [run for run in job.runs if run["state"] == "ghost"] for ref, job in out.final.items()}
+    bad_fails = [ref for ref, job in out.final.items()
+                 if job.state == "fail" and len(ghost_runs[ref]) <= ghost_count]
+    bad_attempts = [ref for ref, job in out.final.items()
+                    if len(job.runs) != 1 + len(ghost_runs[ref])
+                    or len(out.by_ref.get(ref, [])) > len(job.runs)]
+    errors = Counter(run["error"].split(":")[0] for runs in ghost_runs.values() for run in runs)
+    return sum(len(runs) for runs in ghost_runs.values()), errors, bad_fails, bad_attempts
+
+
 # --- case 1 ---------------------------------------------------------------------------------------------
 
 
@@ -105,17 +119,7 @@ def test_case01_worker_sigkill_storm(jobs, redis_procs, ledger, start_supervisor
         monitor.check_now("final: ")
     out = outcomes(r, namespace, ledger, acked)
     states = Counter(job.state for job in out.final.values())
-    ghost_runs = {ref: [run for run in job.runs if run["state"] == "ghost"] for ref, job in out.final.items()}
-    total_ghosts = sum(len(runs) for runs in ghost_runs.values())
-    bad_fails = [
-        ref for ref, job in out.final.items() if job.state == "fail" and len(ghost_runs[ref]) <= ghost_count
-    ]
-    bad_attempts = [
-        ref
-        for ref, job in out.final.items()
-        if len(job.runs) != 1 + len(ghost_runs[ref]) or len(out.by_ref.get(ref, [])) > len(job.runs)
-    ]
-    ghost_errors = Counter(run["error"].split(":")[0] for runs in ghost_runs.values() for run in runs)
+    total_ghosts, ghost_errors, bad_fails, bad_attempts = storm_runs(out, ghost_count)
     left_zombies = zombies(sup)
     strays = purge_and_find_strays(r, namespace, ["work"])
 
@@ -194,17 +198,7 @@ def test_case01c_sigkill_storm_over_dense_workers(
         monitor.check_now("final: ")
     out = outcomes(r, namespace, ledger, acked)
     states = Counter(job.state for job in out.final.values())
-    ghost_runs = {ref: [run for run in job.runs if run["state"] == "ghost"] for ref, job in out.final.items()}
-    total_ghosts = sum(len(runs) for runs in ghost_runs.values())
-    bad_fails = [
-        ref for ref, job in out.final.items() if job.state == "fail" and len(ghost_runs[ref]) <= ghost_count
-    ]
-    bad_attempts = [
-        ref
-        for ref, job in out.final.items()
-        if len(job.runs) != 1 + len(ghost_runs[ref]) or len(out.by_ref.get(ref, [])) > len(job.runs)
-    ]
-    ghost_errors = Counter(run["error"].split(":")[0] for runs in ghost_runs.values() for run in runs)
+    total_ghosts, ghost_errors, bad_fails, bad_attempts = storm_runs(out, ghost_count)
     left_zombies = zombies(sup)
     strays = purge_and_find_strays(r, namespace, ["work"])
 
