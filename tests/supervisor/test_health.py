@@ -6,7 +6,6 @@ import signal
 import subprocess
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import pytest
 
 from kickq_supervisor.arbiter import ReaperProc, Slot
 from kickq_supervisor.health import LOOP_MAX_AGE, Health
-from tests.helpers import free_port, ping, redis_server_binary, start_redis, stop_redis, wait_until
+from tests.helpers import free_port, ping, redis_server_binary, side_key, start_redis, stop_redis, wait_until
 from tests.supervisor import handlers_health
 from tests.supervisor.conftest import StartSupervisor
 
@@ -87,14 +86,15 @@ def test_healthy_then_redis_down_then_back(start_supervisor: StartSupervisor, tm
         stop_redis(proc)
 
 
-def test_stopping_with_a_job_running(start_supervisor: StartSupervisor, kq: Any, redis_url: str) -> None:
+def test_stopping_with_a_job_running(start_supervisor: StartSupervisor, kq: Any, redis_url: str,
+                                     namespace: str) -> None:
     """After TERM, while a job finishes: both 503 "stopping". Bound to 0.0.0.0, reached on 127.0.0.1."""
     port = free_port()
     sup = start_supervisor(HANDLERS, args=["--health-port", str(port), "--health-host", "0.0.0.0"],
                            workers=handlers_health.WORKERS)
     assert wait_answer(port, "/healthz", 200)["status"] == "ok"
     wait_answer(port, "/readyz", 200)
-    release = f"health-release-{uuid.uuid4().hex}"
+    release = side_key(namespace, "release")  # in the namespace's slot: a Cluster too
     job = kq.create("health.wait", {"redis": redis_url, "release": release, "seconds": 30},
                     {"process_timeout": 60})
     sup.wait_running(job.id)
