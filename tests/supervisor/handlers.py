@@ -16,7 +16,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import redis
 
@@ -226,10 +226,11 @@ LAYOUT: list[tuple[list[str], int, Any]] = [
 WORKERS = sum(n for _, n, _ in LAYOUT)
 
 
-def worker_numbers(name: str) -> list[int]:
-    """The 1-based worker numbers (as in the titles) of the registration serving `name`."""
+def worker_numbers(name: str, layout: Sequence[Sequence[Any]] = ()) -> list[int]:
+    """The 1-based worker numbers (as in the titles) of the registration serving `name`, in
+    `layout` ((names, workers, ...) each; default this module's LAYOUT)."""
     first = 1
-    for names, n, _ in LAYOUT:
+    for names, n, *_ in layout or LAYOUT:
         if name in names:
             return list(range(first, first + n))
         first += n

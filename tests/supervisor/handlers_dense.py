@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import kickq
+from tests.supervisor import handlers
 from tests.supervisor.handlers import _redis
 
 SLOTS = 8
@@ -98,12 +99,7 @@ WORKERS = sum(n for _, n, _, _ in LAYOUT)
 
 
 def worker_numbers(name: str) -> list[int]:
-    first = 1
-    for names, n, _, _ in LAYOUT:
-        if name in names:
-            return list(range(first, first + n))
-        first += n
-    raise KeyError(name)
+    return handlers.worker_numbers(name, LAYOUT)
 
 
 def register() -> None:
